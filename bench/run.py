@@ -1,0 +1,879 @@
+"""Benchmark Raksha against restic, borg and qemu-img on generated VM disk images.
+
+Generates base.img, changed.img (+ changed.json extents) and clone.img with
+bench/imagegen.py, then runs every tool through the same phases on the same
+files, in the same order:
+
+  full         back up base.img into a fresh repository / vault
+  incremental  back up changed.img (Raksha: with --parent and --changed-extents;
+               the peers have no changed-block input and read the whole image)
+  restore      restore the full backup of base.img to a file and compare it
+  clone        back up clone.img (a second VM cloned from the same base)
+
+Per phase: wall seconds, peak RSS of the tool process (os.wait4), repository
+growth (disk usage = st_blocks * 512, and apparent size). Prints a table per
+phase, Raksha-vs-peer ratios against the targets, and writes a JSON report.
+
+    .venv/bin/python bench/run.py [--size 2G] [--tools raksha,restic,borg,qemu-img]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import imagegen
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RAKSHA_BIN = REPO_ROOT / ".venv" / "bin" / "raksha"
+PASSWORD = "bench"
+CHUNK_SIZE = 1 << 20  # Raksha's chunk size, for the incremental bytes_read allowance
+MB = 1_000_000  # all MB and MB/s figures are decimal
+ALL_TOOLS = ("raksha", "restic", "borg", "qemu-img")
+PHASES = ("full", "incremental", "restore", "clone")
+WORKDIR_MARKER = ".raksha-bench-workdir"
+COMPARE_BLOCK = 8 << 20
+
+NOTES = (
+    "Inputs are page-cache warm for all tools: the images are generated (and read once) just before "
+    "the runs, nothing is dropped from the page cache, and every tool runs the same phases in the "
+    "same order on the same files.",
+    "Encryption: every tool that supports it runs encrypted: Raksha --encrypt (AES-256-GCM), "
+    "restic (always encrypted), borg repokey-blake2. qemu-img's qcow2 output is not encrypted.",
+    "Incremental: Raksha gets --parent and --changed-extents. restic and borg back up changed.img "
+    "again and must read all of it; qemu-img has no incremental mode, so it converts changed.img in full.",
+    "Compression: Raksha zstd level 1 (vault default), restic auto (zstd, repository v2), "
+    "borg zstd,3, qemu-img qcow2 -c (zlib).",
+    "bytes = growth of the repository directory (sum of st_blocks * 512); apparent = sum of st_size. "
+    "For restore: the restored file (restic 0.14 cannot restore sparse). MB = 10^6 bytes.",
+)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class PhaseResult:
+    ok: bool = False
+    seconds: float | None = None
+    bytes: int | None = None
+    apparent_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    error: str | None = None
+    verified: bool | None = None  # restore: restored file equals base.img
+    bytes_read: int | None = None  # Raksha's own report, when it gives one
+    report: dict[str, Any] | None = None  # the tool's JSON output, when it prints one
+
+
+@dataclass
+class ToolResult:
+    name: str
+    version: str | None = None
+    error: str | None = None
+    phases: dict[str, PhaseResult] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and all(self.phase_ok(p) for p in PHASES)
+
+    def phase_ok(self, phase: str) -> bool:
+        result = self.phases.get(phase)
+        return result is not None and result.ok
+
+    def seconds(self, phase: str) -> float | None:
+        return self.phases[phase].seconds if self.phase_ok(phase) else None
+
+    def bytes(self, phase: str) -> int | None:
+        return self.phases[phase].bytes if self.phase_ok(phase) else None
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    seconds: float
+    peak_rss_bytes: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    cwd: Path | None = None
+
+
+@dataclass(frozen=True)
+class Input:
+    """One image the tools back up, with the ids Raksha uses for it."""
+
+    name: str
+    path: Path
+    raksha_id: str
+    parent_id: str | None = None
+    extents_json: Path | None = None
+
+
+@dataclass
+class Inputs:
+    size: int
+    seed: int
+    base: Input
+    changed: Input
+    clone: Input
+    changed_extents: list[list[int]]
+    clone_extents: list[list[int]]
+    generate_seconds: float
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(length for _, length in self.changed_extents)
+
+
+class PhaseError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def run_measured(cmd: Command, env: dict[str, str], timeout: float) -> CommandResult:
+    """Run ``cmd`` and return wall time and the child's peak RSS (``ru_maxrss``, KiB on Linux)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd.argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=cmd.cwd)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, rusage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        return CommandResult(
+            returncode=proc.returncode,
+            seconds=seconds,
+            peak_rss_bytes=rusage.ru_maxrss * 1024,
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+        )
+
+
+def checked(result: CommandResult, what: str) -> CommandResult:
+    if result.returncode != 0:
+        tail = (result.stderr.strip() or result.stdout.strip())[-800:]
+        raise PhaseError(f"{what} exited with {result.returncode}: {tail}")
+    return result
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    """(disk bytes = sum st_blocks*512, apparent bytes = sum st_size) of a file or tree."""
+    if not path.exists():
+        return 0, 0
+    if path.is_file():
+        st = path.stat()
+        return st.st_blocks * 512, st.st_size
+    disk = apparent = 0
+    seen: set[tuple[int, int]] = set()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                disk += st.st_blocks * 512
+                apparent += st.st_size
+    return disk, apparent
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    """Chunked byte comparison of two files."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with a.open("rb", buffering=0) as fa, b.open("rb", buffering=0) as fb:
+        while True:
+            block_a, block_b = fa.read(COMPARE_BLOCK), fb.read(COMPARE_BLOCK)
+            if block_a != block_b:
+                return False
+            if not block_a:
+                return True
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    """Read the allocated parts of each image once so every tool starts page-cache warm."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for start, end in imagegen.data_segments(fd, os.fstat(fd).st_size):
+                for offset in range(start, end, COMPARE_BLOCK):
+                    os.pread(fd, min(COMPARE_BLOCK, end - offset), offset)
+        finally:
+            os.close(fd)
+
+
+def find_key(data: Any, key: str) -> Any:
+    """First value of ``key`` anywhere in nested dicts/lists, or None."""
+    if isinstance(data, dict):
+        if key in data:
+            return data[key]
+        data = list(data.values())
+    if isinstance(data, list):
+        for item in data:
+            found = find_key(item, key)
+            if found is not None:
+                return found
+    return None
+
+
+def parse_json_output(stdout: str) -> dict[str, Any] | None:
+    """The tool's JSON object on stdout (the whole text, else its last JSON line)."""
+    candidates = [stdout, *reversed(stdout.strip().splitlines())]
+    for text in candidates:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+# ---------------------------------------------------------------- tools
+
+
+class Tool:
+    """A backup tool driven through its CLI. Subclasses build the commands."""
+
+    name = ""
+    executable = ""
+
+    def __init__(self, workdir: Path, timeout: float) -> None:
+        self.root = workdir / self.name
+        self.repo = self.root / "repo"
+        self.timeout = timeout
+
+    def missing(self) -> str | None:
+        if shutil.which(self.executable) is None:
+            return f"{self.executable} not found"
+        return None
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def version(self) -> str:
+        result = run_measured(Command([self.executable, "--version"]), self.env(), 60)
+        return (result.stdout or result.stderr).strip().splitlines()[0]
+
+    def report(self, stdout: str) -> dict[str, Any] | None:
+        """The tool's machine-readable report, for tools that print one."""
+        return None
+
+    def run(self, cmd: Command, what: str) -> CommandResult:
+        return checked(run_measured(cmd, self.env(), self.timeout), f"{self.name} {what}")
+
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def backup_command(self, image: Input) -> Command:
+        raise NotImplementedError
+
+    def restore_command(self, image: Input, target: Path) -> tuple[Command, Path]:
+        """The timed restore command and where it leaves the restored image."""
+        raise NotImplementedError
+
+
+class Raksha(Tool):
+    name = "raksha"
+    executable = str(RAKSHA_BIN)
+
+    def __init__(self, workdir: Path, timeout: float) -> None:
+        super().__init__(workdir, timeout)
+        self.repo = self.root / "vault"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RAKSHA_PASSWORD": PASSWORD}
+
+    def version(self) -> str:
+        result = run_measured(Command([self.executable, "--version"]), self.env(), 60)
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip().splitlines()[0]
+        return f"raksha {importlib.metadata.version('raksha')} (package metadata)"
+
+    def report(self, stdout: str) -> dict[str, Any] | None:
+        return parse_json_output(stdout)
+
+    def init(self) -> None:
+        super().init()
+        self.run(Command([self.executable, "vault", "init", str(self.repo), "--encrypt", "--json"]), "init")
+
+    def backup_command(self, image: Input) -> Command:
+        argv = [self.executable, "vault", "backup", str(self.repo), str(image.path), "--id", image.raksha_id]
+        if image.parent_id is not None:
+            argv += ["--parent", image.parent_id]
+        if image.extents_json is not None:
+            argv += ["--changed-extents", str(image.extents_json)]
+        return Command([*argv, "--json"])
+
+    def restore_command(self, image: Input, target: Path) -> tuple[Command, Path]:
+        out = target / image.path.name
+        argv = [self.executable, "vault", "restore", str(self.repo), image.raksha_id, str(out), "--json"]
+        return Command(argv), out
+
+
+class Restic(Tool):
+    name = "restic"
+    executable = "restic"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(self.root / "cache")}
+
+    def version(self) -> str:
+        result = run_measured(Command([self.executable, "version"]), self.env(), 60)
+        return result.stdout.strip()
+
+    def init(self) -> None:
+        super().init()
+        self.run(Command([self.executable, "init", "--repo", str(self.repo)]), "init")
+
+    def backup_command(self, image: Input) -> Command:
+        argv = [self.executable, "-r", str(self.repo), "backup", "--host", "bench", "--tag", image.name]
+        return Command([*argv, str(image.path)])
+
+    def snapshot_id(self, image: Input) -> str:
+        result = self.run(Command([self.executable, "-r", str(self.repo), "snapshots", "--json"]), "snapshots")
+        for snapshot in json.loads(result.stdout):
+            if image.name in (snapshot.get("tags") or []):
+                return str(snapshot["id"])
+        raise PhaseError(f"restic: no snapshot tagged {image.name}")
+
+    def restore_command(self, image: Input, target: Path) -> tuple[Command, Path]:
+        argv = [self.executable, "-r", str(self.repo), "restore", self.snapshot_id(image), "--target", str(target)]
+        return Command(argv), target / image.path.relative_to("/")
+
+
+class Borg(Tool):
+    name = "borg"
+    executable = "borg"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "BORG_PASSPHRASE": PASSWORD,
+            "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+            "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+            "BORG_BASE_DIR": str(self.root / "home"),
+        }
+
+    def init(self) -> None:
+        super().init()
+        self.run(Command([self.executable, "init", "--encryption=repokey-blake2", str(self.repo)]), "init")
+
+    def backup_command(self, image: Input) -> Command:
+        archive = f"{self.repo}::{image.name}"
+        return Command([self.executable, "create", "--compression", "zstd,3", archive, str(image.path)])
+
+    def restore_command(self, image: Input, target: Path) -> tuple[Command, Path]:
+        argv = [self.executable, "extract", "--sparse", f"{self.repo}::{image.name}"]
+        return Command(argv, cwd=target), target / image.path.relative_to("/")
+
+
+class QemuImg(Tool):
+    name = "qemu-img"
+    executable = "qemu-img"
+
+    def init(self) -> None:
+        self.repo.mkdir(parents=True, exist_ok=True)
+
+    def backup_command(self, image: Input) -> Command:
+        out = self.repo / f"{image.name}.qcow2"
+        return Command([self.executable, "convert", "-O", "qcow2", "-c", str(image.path), str(out)])
+
+    def restore_command(self, image: Input, target: Path) -> tuple[Command, Path]:
+        out = target / image.path.name
+        source = self.repo / f"{image.name}.qcow2"
+        return Command([self.executable, "convert", "-O", "raw", str(source), str(out)]), out
+
+
+TOOL_CLASSES: dict[str, type[Tool]] = {cls.name: cls for cls in (Raksha, Restic, Borg, QemuImg)}
+
+
+# ---------------------------------------------------------------- phases
+
+
+def backup_phase(tool: Tool, image: Input) -> PhaseResult:
+    before_disk, before_apparent = disk_usage(tool.repo)
+    result = tool.run(tool.backup_command(image), f"backup {image.path.name}")
+    after_disk, after_apparent = disk_usage(tool.repo)
+    report = tool.report(result.stdout)
+    bytes_read = find_key(report, "bytes_read")
+    return PhaseResult(
+        ok=True,
+        seconds=result.seconds,
+        bytes=after_disk - before_disk,
+        apparent_bytes=after_apparent - before_apparent,
+        peak_rss_bytes=result.peak_rss_bytes,
+        bytes_read=int(bytes_read) if isinstance(bytes_read, int | float) else None,
+        report=report,
+    )
+
+
+def restore_phase(tool: Tool, image: Input) -> PhaseResult:
+    target = tool.root / "restore"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    try:
+        cmd, restored = tool.restore_command(image, target)  # may run untimed lookups first
+        result = tool.run(cmd, f"restore {image.path.name}")
+        if not restored.is_file():
+            raise PhaseError(f"{tool.name} restore: {restored} was not written")
+        verified = files_equal(image.path, restored)
+        disk, apparent = disk_usage(restored)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    return PhaseResult(
+        ok=verified,
+        seconds=result.seconds,
+        bytes=disk,
+        apparent_bytes=apparent,
+        peak_rss_bytes=result.peak_rss_bytes,
+        verified=verified,
+        error=None if verified else "restored image differs from base.img",
+        report=tool.report(result.stdout),
+    )
+
+
+def guarded(phase: Callable[[], PhaseResult]) -> PhaseResult:
+    """Run a phase, turning any failure into a failed PhaseResult."""
+    try:
+        return phase()
+    except Exception as exc:  # a failing tool must never stop the benchmark
+        return PhaseResult(ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def run_tool(tool: Tool, inputs: Inputs) -> ToolResult:
+    result = ToolResult(tool.name)
+    result.error = tool.missing()
+    if result.error is not None:
+        return result
+    try:
+        result.version = tool.version()
+        tool.init()
+    except Exception as exc:
+        result.error = f"setup failed: {type(exc).__name__}: {exc}"
+        return result
+    phases: dict[str, Callable[[], PhaseResult]] = {
+        "full": lambda: backup_phase(tool, inputs.base),
+        "incremental": lambda: backup_phase(tool, inputs.changed),
+        "restore": lambda: restore_phase(tool, inputs.base),
+        "clone": lambda: backup_phase(tool, inputs.clone),
+    }
+    for name, phase in phases.items():
+        if name != "full" and not result.phase_ok("full"):
+            result.phases[name] = PhaseResult(ok=False, error="skipped: the full backup failed")
+            continue
+        print(f"  {tool.name}: {name} ...", flush=True)
+        result.phases[name] = guarded(phase)
+        if result.phases[name].error:
+            print(f"  {tool.name}: {name} FAILED: {result.phases[name].error}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Wipe and recreate ``workdir``; refuse to wipe a non-empty directory we did not create."""
+    if workdir.exists():
+        if any(workdir.iterdir()) and not (workdir / WORKDIR_MARKER).exists():
+            raise SystemExit(f"refusing to wipe {workdir}: not empty and not a bench workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / WORKDIR_MARKER).touch()
+
+
+def generate_inputs(workdir: Path, size: int, seed: int) -> Inputs:
+    images = workdir / "images"
+    images.mkdir()
+    base, changed, clone = images / "base.img", images / "changed.img", images / "clone.img"
+    start = time.perf_counter()
+    imagegen.generate_image(base, size, seed)
+    changed_extents = imagegen.make_changed_copy(base, changed, 0.01, seed)
+    changed_json = imagegen.write_extents(changed, changed_extents)
+    clone_extents = imagegen.make_clone(base, clone, 0.005, seed)
+    imagegen.write_extents(clone, clone_extents)
+    warm_page_cache([base, changed, clone])
+    return Inputs(
+        size=size,
+        seed=seed,
+        base=Input("base", base, "bench/run1/vm1/vda"),
+        changed=Input("changed", changed, "bench/run2/vm1/vda", "bench/run1/vm1/vda", changed_json),
+        clone=Input("clone", clone, "bench/run1/vm2/vda"),
+        changed_extents=changed_extents,
+        clone_extents=clone_extents,
+        generate_seconds=time.perf_counter() - start,
+    )
+
+
+# ---------------------------------------------------------------- ratios and targets
+
+
+@dataclass
+class Figure:
+    """One derived number, optionally checked against a target."""
+
+    key: str  # snake_case name in the JSON report
+    name: str
+    value: float | None
+    unit: str = ""
+    target: float | None = None
+    op: str = ""  # ">=" or "<="
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.target is None:
+            return ""
+        if self.value is None:
+            return "n/a"
+        passed = self.value >= self.target if self.op == ">=" else self.value <= self.target
+        return "PASS" if passed else "MISS"
+
+
+FULL_TARGETS = {"restic": 4.0, "borg": 2.0}  # peer seconds / raksha seconds
+RESTORE_TARGETS = {"restic": 2.0, "borg": 1.5}
+INCREMENTAL_MAX_PCT = 5.0
+CLONE_BYTES_PEER = "restic"  # raksha's clone bytes must not exceed this peer's
+PEAK_RSS_MAX_MB = 150.0
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _percent(numerator: float | None, denominator: float | None) -> float | None:
+    ratio = _ratio(numerator, denominator)
+    return None if ratio is None else 100 * ratio
+
+
+def _key(text: str) -> str:
+    return text.replace("-", "_")
+
+
+def _speed_figures(raksha: ToolResult, peers: list[ToolResult]) -> list[Figure]:
+    figures = []
+    for phase, label, targets in (
+        ("full", "full throughput", FULL_TARGETS),
+        ("restore", "restore speed", RESTORE_TARGETS),
+    ):
+        for peer in peers:
+            figures.append(
+                Figure(
+                    key=f"{phase}_speedup_vs_{_key(peer.name)}",
+                    name=f"{label} vs {peer.name}",
+                    value=_ratio(peer.seconds(phase), raksha.seconds(phase)),
+                    unit="x",
+                    target=targets.get(peer.name),
+                    op=">=",
+                    note=f"{peer.name} seconds / raksha seconds",
+                )
+            )
+    return figures
+
+
+def _incremental_figures(raksha: ToolResult, peers: list[ToolResult], inputs: Inputs) -> list[Figure]:
+    full = raksha.seconds("full")
+    figures = [
+        Figure(
+            key="incremental_pct_of_full",
+            name="raksha incremental time % of its full",
+            value=_percent(raksha.seconds("incremental"), full),
+            unit="%",
+            target=INCREMENTAL_MAX_PCT,
+            op="<=",
+        )
+    ]
+    for peer in peers:
+        figures.append(
+            Figure(
+                key=f"{_key(peer.name)}_incremental_pct_of_raksha_full",
+                name=f"{peer.name} incremental time % of raksha full",
+                value=_percent(peer.seconds("incremental"), full),
+                unit="%",
+                note="for comparison",
+            )
+        )
+    changed = inputs.changed_bytes
+    allowance = 1.1 * changed + CHUNK_SIZE * len(inputs.changed_extents)
+    phase = raksha.phases.get("incremental")
+    bytes_read = phase.bytes_read if phase and phase.ok else None
+    figures += [
+        Figure(
+            key="incremental_bytes_read_over_changed",
+            name="raksha incremental bytes_read / changed",
+            value=_ratio(bytes_read, changed),
+            unit="x",
+        ),
+        Figure(
+            key="incremental_bytes_read_mb",
+            name="raksha incremental bytes_read",
+            value=None if bytes_read is None else bytes_read / MB,
+            unit="MB",
+            target=allowance / MB,
+            op="<=",
+            note=f"1.1 x {changed / MB:.2f} MB changed + 1 MiB x {len(inputs.changed_extents)} extents",
+        ),
+    ]
+    return figures
+
+
+def _clone_figures(raksha: ToolResult, peers: list[ToolResult]) -> list[Figure]:
+    mine = raksha.bytes("clone")
+    return [
+        Figure(
+            key=f"clone_bytes_vs_{_key(peer.name)}",
+            name=f"clone bytes raksha / {peer.name}",
+            value=_ratio(mine, peer.bytes("clone")),
+            unit="x",
+            target=1.0 if peer.name == CLONE_BYTES_PEER else None,
+            op="<=",
+            note=f"raksha {_mb(mine)} MB vs {peer.name} {_mb(peer.bytes('clone'))} MB",
+        )
+        for peer in peers
+    ]
+
+
+def _peak_rss_mb(tool: ToolResult) -> float | None:
+    rss = [p.peak_rss_bytes for p in tool.phases.values() if p.peak_rss_bytes]
+    return max(rss) / MB if rss else None
+
+
+def _rss_figures(raksha: ToolResult, peers: list[ToolResult]) -> list[Figure]:
+    figures = [
+        Figure(
+            key="raksha_peak_rss_mb",
+            name="raksha peak RSS (max over phases)",
+            value=_peak_rss_mb(raksha),
+            unit="MB",
+            target=PEAK_RSS_MAX_MB,
+            op="<=",
+        )
+    ]
+    for peer in peers:
+        figures.append(
+            Figure(
+                key=f"{_key(peer.name)}_peak_rss_mb",
+                name=f"{peer.name} peak RSS (max over phases)",
+                value=_peak_rss_mb(peer),
+                unit="MB",
+                note="for comparison",
+            )
+        )
+    return figures
+
+
+def compute_figures(results: dict[str, ToolResult], inputs: Inputs) -> list[Figure]:
+    raksha = results.get("raksha") or ToolResult("raksha", error="not run")
+    peers = [r for name, r in results.items() if name != "raksha"]
+    return (
+        _speed_figures(raksha, peers)
+        + _incremental_figures(raksha, peers, inputs)
+        + _clone_figures(raksha, peers)
+        + _rss_figures(raksha, peers)
+    )
+
+
+# ---------------------------------------------------------------- output
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / MB:.1f}"
+
+
+def _summary(text: str, width: int = 110) -> str:
+    """One line of an error: its first line and, for tracebacks, its last."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    summary = lines[0] if len(lines) == 1 else f"{lines[0][:50]} ... {lines[-1]}"
+    return summary if len(summary) <= width else summary[: width - 3] + "..."
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+PHASE_TITLES = {
+    "full": "full: back up base.img into a fresh repository",
+    "incremental": "incremental: back up changed.img (Raksha: --parent + --changed-extents)",
+    "restore": "restore: restore the full backup of base.img and compare (time = tool command only)",
+    "clone": "clone: back up clone.img into the same repository (bytes added)",
+}
+
+
+def phase_table(phase: str, results: dict[str, ToolResult], size: int) -> Iterator[str]:
+    yield f"== {PHASE_TITLES[phase]}"
+    yield f"{'tool':<10} {'seconds':>9} {'MB/s':>8} {'MB disk':>9} {'MB appar.':>10} {'RSS MB':>7}  status"
+    for name, tool in results.items():
+        p = tool.phases.get(phase)
+        if p is None:
+            yield f"{name:<10} {'-':>9} {'-':>8} {'-':>9} {'-':>10} {'-':>7}  {_summary(tool.error or 'not run')}"
+            continue
+        speed = size / p.seconds / MB if p.seconds else None
+        status = "ok" if p.ok else f"FAILED: {_summary(p.error or '')}"
+        if phase == "restore" and p.verified is not None:
+            status = "ok, identical" if p.verified else "FAILED: restored image differs"
+        if p.bytes_read is not None:
+            status += f" (bytes_read {_mb(p.bytes_read)} MB)"
+        yield (
+            f"{name:<10} {_fmt(p.seconds, '9.2f')} {_fmt(speed, '8.1f')} {_mb(p.bytes):>9} "
+            f"{_mb(p.apparent_bytes):>10} {_mb(p.peak_rss_bytes):>7}  {status}"
+        )
+
+
+def figures_table(figures: list[Figure]) -> Iterator[str]:
+    yield "== Raksha vs peers"
+    yield f"{'figure':<44} {'value':>10}  {'target':>10}  status  note"
+    for f in figures:
+        value = _fmt(f.value, ".2f") + f.unit if f.value is not None else "-"
+        target = f"{f.op} {f.target:.4g}{f.unit}" if f.target is not None else ""
+        yield f"{f.name:<44} {value:>10}  {target:>10}  {f.status:<6}  {f.note}"
+
+
+def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure]) -> None:
+    print()
+    print(
+        f"image: {inputs.size / MB:.0f} MB virtual ({inputs.size} bytes), seed {inputs.seed}; "
+        f"changed {inputs.changed_bytes / MB:.2f} MB in {len(inputs.changed_extents)} extents; "
+        f"clone changes {sum(n for _, n in inputs.clone_extents) / MB:.2f} MB"
+    )
+    for note in NOTES:
+        print(f"note: {note}")
+    for phase in PHASES:
+        print()
+        print("\n".join(phase_table(phase, results, inputs.size)))
+    print()
+    print("\n".join(figures_table(figures)))
+    errors = {name: r.error for name, r in results.items() if r.error}
+    for name, error in errors.items():
+        print(f"error: {name}: {error}")
+
+
+def machine_info(results: dict[str, ToolResult]) -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text().split("\n", 1)[0] if Path("/proc/meminfo").exists() else ""
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory": meminfo.split(":", 1)[-1].strip(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "tool_versions": {name: r.version for name, r in results.items()},
+    }
+
+
+def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure]) -> dict[str, Any]:
+    return {
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(results),
+        "image": {
+            "size": inputs.size,
+            "seed": inputs.seed,
+            "changed_bytes": inputs.changed_bytes,
+            "extents": len(inputs.changed_extents),
+            "clone_changed_bytes": sum(n for _, n in inputs.clone_extents),
+            "clone_extents": len(inputs.clone_extents),
+            "generate_seconds": round(inputs.generate_seconds, 3),
+        },
+        "notes": list(NOTES),
+        "tools": {name: {p: asdict(r) for p, r in t.phases.items()} for name, t in results.items()},
+        "errors": {name: t.error for name, t in results.items() if t.error},
+        "ratios": {f.key: f.value for f in figures},
+        "targets": {
+            f.key: {
+                "value": f.value,
+                "unit": f.unit,
+                "op": f.op,
+                "target": f.target,
+                "status": f.status,
+                "note": f.note,
+            }
+            for f in figures
+            if f.target is not None
+        },
+    }
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_tools(text: str) -> list[str]:
+    tools = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(tools) - set(ALL_TOOLS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown tools: {', '.join(unknown)} (known: {', '.join(ALL_TOOLS)})")
+    return tools
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=imagegen.parse_size, default=imagegen.parse_size("2G"))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=BENCH_DIR / "work", help="scratch, wiped and recreated")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    parser.add_argument("--tools", type=parse_tools, default=list(ALL_TOOLS), help="comma-separated")
+    parser.add_argument("--json-out", type=Path, default=BENCH_DIR / "results" / "latest.json")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool command")
+    parser.add_argument("--raksha", type=Path, default=RAKSHA_BIN, help="the raksha executable to measure")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = args.workdir.resolve()
+    prepare_workdir(workdir)
+    print(f"generating {args.size} byte images (seed {args.seed}) in {workdir}/images ...", flush=True)
+    inputs = generate_inputs(workdir, args.size, args.seed)
+    print(f"  done in {inputs.generate_seconds:.1f}s", flush=True)
+    results: dict[str, ToolResult] = {}
+    Raksha.executable = str(args.raksha)
+    for name in args.tools:
+        print(f"running {name} ...", flush=True)
+        results[name] = run_tool(TOOL_CLASSES[name](workdir, args.timeout), inputs)
+    figures = compute_figures(results, inputs)
+    print_report(results, inputs, figures)
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(json_report(results, inputs, figures), indent=2) + "\n")
+    print(f"\nwrote {args.json_out}")
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if all(r.complete for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

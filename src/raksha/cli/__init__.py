@@ -1,0 +1,1 @@
+"""The ``raksha`` command line."""

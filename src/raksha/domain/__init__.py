@@ -1,0 +1,1 @@
+"""Entities, state machines and errors. No I/O, imports nothing else of Raksha."""

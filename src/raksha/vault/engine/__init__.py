@@ -1,0 +1,1 @@
+"""Moving disk data into and out of the vault: parallel, bounded in memory."""

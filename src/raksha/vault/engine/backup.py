@@ -1,0 +1,240 @@
+"""Back up one disk into the vault: full, or incremental from a parent and its changed extents.
+
+Plan first (which chunks to read, which ids to take from the parent), then
+read, hash, deduplicate, compress, seal and pack in parallel. The manifest is
+written last, so an interrupted backup leaves no backup, only packs that a
+rerun deduplicates against (or that gc removes after its grace period).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import zstandard
+
+from raksha.domain.errors import AlreadyExists, InvalidInput
+from raksha.vault.engine.packer import Packer
+from raksha.vault.engine.progress import Progress, ProgressCallback
+from raksha.vault.engine.workers import run_parallel
+from raksha.vault.format.blob import encode_blob
+from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.manifest import Manifest
+from raksha.vault.format.naming import BackupId
+from raksha.vault.locks import LockKind
+from raksha.vault.repository import Vault
+from raksha.vault.sources.base import DiskSource, Extent, merge_extents
+
+
+@dataclass
+class BackupStats:
+    virtual_size: int = 0
+    bytes_read: int = 0
+    bytes_stored: int = 0  # sealed blob bytes added to the vault
+    chunks_total: int = 0
+    chunks_read: int = 0
+    chunks_new: int = 0
+    chunks_deduplicated: int = 0  # read, but already in the vault
+    chunks_from_parent: int = 0  # not read: unchanged since the parent
+    chunks_zero: int = 0
+    packs_written: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class BackupResult:
+    id: BackupId
+    kind: str
+    parent: BackupId | None
+    stats: BackupStats
+    content_digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.stats
+        mb_s = s.bytes_read / s.seconds / 1e6 if s.seconds else 0.0
+        return {"id": str(self.id), "kind": self.kind, "parent": str(self.parent) if self.parent else None,
+                "content_digest": self.content_digest, **asdict(s), "read_mb_s": round(mb_s, 1)}
+
+
+def default_threads() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> list[int]:
+    """Indexes of the chunks that ``extents`` overlap, ascending, clipped to the disk."""
+    out: list[int] = []
+    last = -1
+    for off, length in merge_extents(extents):
+        end = min(off + length, virtual_size)
+        if end <= off:
+            continue
+        for i in range(max(off // chunk_size, last + 1), (end - 1) // chunk_size + 1):
+            out.append(i)
+            last = i
+    return out
+
+
+def backup_disk(
+    vault: Vault,
+    source: DiskSource,
+    backup_id: BackupId,
+    *,
+    parent: BackupId | None = None,
+    changed_extents: list[Extent] | None = None,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+    hints: dict[str, str] | None = None,
+) -> BackupResult:
+    if changed_extents is not None and parent is None:
+        raise InvalidInput("changed extents need a parent backup to apply to", code="PARENT_REQUIRED")
+    if vault.has_backup(backup_id):
+        raise AlreadyExists(f"backup {backup_id} already exists", code="BACKUP_EXISTS")
+    with vault.locks.acquire(LockKind.SHARED, f"backup {backup_id}"):
+        return _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints).run()
+
+
+class _Backup:
+    def __init__(
+        self,
+        vault: Vault,
+        source: DiskSource,
+        backup_id: BackupId,
+        parent: BackupId | None,
+        changed_extents: list[Extent] | None,
+        threads: int | None,
+        progress: ProgressCallback | None,
+        hints: dict[str, str] | None,
+    ) -> None:
+        self.vault = vault
+        self.source = source
+        self.id = backup_id
+        self.parent_id = parent
+        self.changed = changed_extents
+        self.threads = threads or default_threads()
+        self.callback = progress
+        self.hints = hints or {}
+        self.chunk_size = vault.config.chunk_size
+        self.size = source.virtual_size
+        self.stats = BackupStats(virtual_size=self.size)
+        self._lock = threading.Lock()
+        self._compressors = threading.local()
+        self._zero = bytes(self.chunk_size)
+        self._started = datetime.now(UTC)
+
+    def run(self) -> BackupResult:
+        start = time.monotonic()
+        # The lock is held before the index is read: a gc that condemned chunks earlier
+        # has published them, and a later gc waits for us (format.md §11).
+        index = self.vault.load_index()
+        condemned = self.vault.condemned_chunks()
+        self.known: set[bytes] = {cid for cid in index.locations if cid not in condemned}
+        n = -(-self.size // self.chunk_size)
+        self.ids: list[bytes] = [ZERO_ID] * n
+        to_read = self._plan(n)
+        self.stats.chunks_total = n
+        self.stats.chunks_zero = n - len(to_read) - self.stats.chunks_from_parent
+        self.packer = Packer(self.vault)
+        self.progress = Progress("backup", sum(self._length(i) for i in to_read), self.callback)
+        try:
+            run_parallel(to_read, self._one_chunk, self.threads)
+            self.packer.flush()
+        except BaseException:
+            self.packer.abort()
+            raise
+        self.progress.finish()
+        self.stats.packs_written = self.packer.packs_written
+        self.stats.seconds = time.monotonic() - start
+        return self._commit()
+
+    def _length(self, i: int) -> int:
+        return min(self.chunk_size, self.size - i * self.chunk_size)
+
+    def _plan(self, n: int) -> list[int]:
+        """Chunks to read; ids of the others are set here (zero, or the parent's)."""
+        if self.parent_id is None:
+            return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
+        parent = self.vault.read_manifest(self.parent_id)
+        if parent.chunk_size != self.chunk_size:
+            raise InvalidInput(f"parent {self.parent_id} has another chunk size", code="PARENT_MISMATCH")
+        self.parent = parent
+        if self.changed is None:  # no change tracking: read everything that holds data
+            return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
+        must = set(chunks_touching(self.changed, self.chunk_size, self.size))
+        for i in range(n):
+            if i in must:
+                continue
+            pid = parent.chunk_ids[i] if i < parent.chunk_count else None
+            # Reuse only what is provably intact: same chunk span, and stored (or zero).
+            if pid is not None and parent.chunk_length(i) == self._length(i) and (pid == ZERO_ID or pid in self.known):
+                self.ids[i] = pid
+                if pid != ZERO_ID:
+                    self.stats.chunks_from_parent += 1
+            else:
+                must.add(i)
+        # Chunks beyond what the parent covered hold data only where the source says so.
+        return sorted(must)
+
+    def _one_chunk(self, i: int) -> None:
+        length = self._length(i)
+        data = self.source.pread(i * self.chunk_size, length)
+        with self._lock:
+            self.stats.bytes_read += length
+            self.stats.chunks_read += 1
+        if data == (self._zero if length == self.chunk_size else bytes(length)):  # memcmp, not a loop
+            self.progress.add(length)
+            with self._lock:
+                self.stats.chunks_zero += 1
+            return
+        cid = self.vault.crypto.chunk_id(data)
+        self.ids[i] = cid
+        with self._lock:
+            new = cid not in self.known
+            if new:
+                self.known.add(cid)
+                self.stats.chunks_new += 1
+            else:
+                self.stats.chunks_deduplicated += 1
+        if new:
+            comp = getattr(self._compressors, "c", None)
+            if comp is None:  # zstandard objects are not thread-safe: one per thread
+                comp = self._compressors.c = zstandard.ZstdCompressor(level=self.vault.config.compression_level)
+            blob = encode_blob(data, cid, self.vault.crypto, comp)
+            self.packer.add(cid, blob, length)
+            with self._lock:
+                self.stats.bytes_stored += len(blob)
+        self.progress.add(length)
+
+    def _commit(self) -> BackupResult:
+        fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+        created, now = self._started.strftime(fmt), datetime.now(UTC).strftime(fmt)
+        manifest = Manifest(
+            id=self.id,
+            virtual_size=self.size,
+            chunk_size=self.chunk_size,
+            chunk_ids=self.ids,
+            source_format=self.source.format,
+            created=created,
+            parent=str(self.parent_id) if self.parent_id else None,
+        )
+        kind = "incremental" if self.changed is not None else "full"
+        digest = manifest.content_digest()
+        metadata = {
+            "created": created,
+            "completed": now,
+            "parent": manifest.parent,
+            "kind": kind,
+            "source": {"path": self.source.path, "format": self.source.format, "virtual_size": self.size},
+            "changed_extents": (
+                {"count": len(self.changed), "bytes": sum(e[1] for e in self.changed)}
+                if self.changed is not None else None
+            ),
+            "stats": asdict(self.stats),
+            "checksums": {"content_digest": digest},
+            "hints": self.hints,
+        }
+        self.vault.write_backup(manifest, metadata)
+        return BackupResult(self.id, kind, self.parent_id, self.stats, digest)

@@ -1,0 +1,60 @@
+"""Progress reporting shared by long operations (backup, restore, verify, gc)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    phase: str
+    done: int  # bytes (or items) done
+    total: int
+    elapsed: float
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.rate
+        return (self.total - self.done) / rate if rate > 0 else None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class Progress:
+    """Thread-safe counter that calls back at most every ``interval`` seconds (and at the end)."""
+
+    def __init__(self, phase: str, total: int, callback: ProgressCallback | None, interval: float = 0.2) -> None:
+        self.phase = phase
+        self.total = total
+        self.done = 0
+        self._callback = callback
+        self._interval = interval
+        self._start = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            if self._callback is None or now - self._last < self._interval:
+                return
+            self._last = now
+            event = ProgressEvent(self.phase, self.done, self.total, now - self._start)
+        self._callback(event)
+
+    def finish(self) -> None:
+        if self._callback is not None:
+            self._callback(ProgressEvent(self.phase, self.done, self.total, time.monotonic() - self._start))

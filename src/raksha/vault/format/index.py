@@ -1,0 +1,61 @@
+"""Index files (format.md §7): chunk id -> (pack, offset, lengths)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from raksha.domain.errors import VaultCorrupt
+from raksha.vault.format.constants import ID_SIZE, INDEX_MAGIC
+from raksha.vault.format.crypto import Crypto
+from raksha.vault.format.sealed import open_object, seal_object
+
+_ENTRY = struct.Struct("<32s32sIII")
+_COUNT = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack_id: bytes
+    offset: int
+    stored_length: int
+    raw_length: int
+
+
+@dataclass
+class IndexFile:
+    entries: dict[bytes, Location]
+    supersedes: list[bytes]
+
+
+def index_key(index_id: str) -> str:
+    return f"index/{index_id}"
+
+
+def encode_index(entries: dict[bytes, Location], crypto: Crypto, supersedes: list[bytes] | None = None) -> bytes:
+    supersedes = supersedes or []
+    parts = [_COUNT.pack(len(supersedes)), *supersedes, _COUNT.pack(len(entries))]
+    parts.extend(
+        _ENTRY.pack(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)
+        for cid, loc in entries.items()
+    )
+    return seal_object(INDEX_MAGIC, b"".join(parts), crypto)
+
+
+def decode_index(data: bytes, crypto: Crypto, *, what: str) -> IndexFile:
+    payload = open_object(data, INDEX_MAGIC, crypto, what=what)
+    try:
+        (n_sup,) = _COUNT.unpack_from(payload, 0)
+        pos = 4
+        supersedes = [payload[pos + i * ID_SIZE : pos + (i + 1) * ID_SIZE] for i in range(n_sup)]
+        pos += n_sup * ID_SIZE
+        (count,) = _COUNT.unpack_from(payload, pos)
+        pos += 4
+    except struct.error:
+        raise VaultCorrupt(f"{what}: truncated index", object=what) from None
+    if len(payload) != pos + count * _ENTRY.size:
+        raise VaultCorrupt(f"{what}: index size does not match its count", object=what)
+    entries = {}
+    for cid, pack_id, offset, stored, raw in _ENTRY.iter_unpack(payload[pos:]):
+        entries[cid] = Location(pack_id, offset, stored, raw)
+    return IndexFile(entries, supersedes)

@@ -1,0 +1,1 @@
+"""Whole-vault operations: list, verify, prune, gc."""

@@ -1,0 +1,175 @@
+"""Verify: re-read and re-hash everything the backups reference, and name each damaged backup.
+
+Damage is pinned to the smallest unit that shows it: a pack whose bytes no
+longer match its name is still opened entry by entry, so one flipped bit
+condemns one chunk (and the backups using it), not the whole pack.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import zstandard
+
+from raksha.domain.errors import NotFound, RakshaError
+from raksha.vault.engine.backup import default_threads
+from raksha.vault.engine.progress import Progress, ProgressCallback
+from raksha.vault.engine.workers import run_parallel
+from raksha.vault.format.blob import decode_blob
+from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.index import Location
+from raksha.vault.format.pack import decode_pack_header, pack_key
+from raksha.vault.locks import LockKind
+from raksha.vault.repository import INDEX_PREFIX, Vault
+
+
+@dataclass
+class VerifyReport:
+    backups_checked: int = 0
+    chunks_checked: int = 0
+    packs_checked: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    read_data: bool = True
+    damaged_objects: list[dict[str, str]] = field(default_factory=list)
+    damaged_backups: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged_objects and not self.damaged_backups
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "backups_checked": self.backups_checked, "chunks_checked": self.chunks_checked,
+                "packs_checked": self.packs_checked, "bytes_read": self.bytes_read, "read_data": self.read_data,
+                "seconds": round(self.seconds, 3), "damaged_objects": self.damaged_objects,
+                "damaged_backups": self.damaged_backups}
+
+    def summary(self) -> str:
+        head = (f"checked {self.backups_checked} backups, {self.chunks_checked} chunks in {self.packs_checked} "
+                f"packs ({self.bytes_read / 1e6:.1f} MB read) in {self.seconds:.1f} s")
+        if self.ok:
+            return head + ": no damage found"
+        lines = [head + ": DAMAGE FOUND"]
+        lines += [f"  damaged object {d['object']}: {d['error']}" for d in self.damaged_objects]
+        for bid, reasons in sorted(self.damaged_backups.items()):
+            lines.append(f"  damaged backup {bid}: {reasons[0]}" + (f" (+{len(reasons) - 1} more)"
+                                                                    if len(reasons) > 1 else ""))
+        return "\n".join(lines)
+
+
+def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = None,
+                 progress: ProgressCallback | None = None) -> VerifyReport:
+    with vault.locks.acquire(LockKind.SHARED, "verify"):
+        return _Verify(vault, read_data, threads or default_threads(), progress).run()
+
+
+class _Verify:
+    def __init__(self, vault: Vault, read_data: bool, threads: int, progress: ProgressCallback | None) -> None:
+        self.vault = vault
+        self.read_data = read_data
+        self.threads = threads
+        self.callback = progress
+        self.report = VerifyReport(read_data=read_data)
+        self.bad_chunks: dict[bytes, str] = {}
+        self.lock = threading.Lock()
+
+    def damaged(self, key: str, err: str) -> None:
+        with self.lock:
+            self.report.damaged_objects.append({"object": key, "error": err})
+
+    def run(self) -> VerifyReport:
+        start = time.monotonic()
+        locations = self._load_index()
+        users: dict[bytes, list[str]] = defaultdict(list)
+        for bid in self.vault.backup_ids():
+            self.report.backups_checked += 1
+            try:
+                manifest = self.vault.read_manifest(bid)
+                self.vault.read_metadata(bid)
+            except RakshaError as err:
+                self.report.damaged_backups.setdefault(str(bid), []).append(f"{err.code}: {err.message}")
+                continue
+            for cid in set(manifest.chunk_ids):
+                if cid != ZERO_ID:
+                    users[cid].append(str(bid))
+        for cid in users:
+            if cid not in locations:
+                self.bad_chunks[cid] = f"chunk {cid.hex()} is missing (no index entry)"
+        if self.read_data:
+            self._check_packs({cid: loc for cid, loc in locations.items() if cid in users})
+        for cid, why in self.bad_chunks.items():
+            for user in users.get(cid, []):
+                self.report.damaged_backups.setdefault(user, []).append(why)
+        self.report.seconds = time.monotonic() - start
+        return self.report
+
+    def _load_index(self) -> dict[bytes, Location]:
+        """Read each index on its own, so one damaged index is reported and the others still count."""
+        from raksha.vault.format.index import decode_index
+
+        files = {}
+        for info in self.vault.backend.list(INDEX_PREFIX):
+            try:
+                data = self.vault.backend.get(info.key)
+                if blake3.blake3(data).hexdigest() != info.key[len(INDEX_PREFIX):]:
+                    self.damaged(info.key, "content does not match its name (damaged)")
+                files[info.key[len(INDEX_PREFIX):]] = decode_index(data, self.vault.crypto, what=info.key)
+            except RakshaError as err:
+                self.damaged(info.key, f"{err.code}: {err.message}")
+        superseded = {s.hex() for f in files.values() for s in f.supersedes}
+        locations: dict[bytes, Location] = {}
+        for index_id, f in files.items():
+            if index_id not in superseded:
+                locations.update(f.entries)
+        return locations
+
+    def _check_packs(self, wanted: dict[bytes, Location]) -> None:
+        by_pack: dict[bytes, list[tuple[bytes, Location]]] = defaultdict(list)
+        for cid, loc in wanted.items():
+            by_pack[loc.pack_id].append((cid, loc))
+        meter = Progress("verify", sum(loc.stored_length for loc in wanted.values()), self.callback)
+        local = threading.local()
+
+        def check(item: tuple[bytes, list[tuple[bytes, Location]]]) -> None:
+            pack_id, entries = item
+            key = pack_key(pack_id.hex())
+            try:
+                data = self.vault.backend.get(key)
+            except NotFound:
+                for cid, _ in entries:
+                    self._bad(cid, f"chunk {cid.hex()}: its pack {key} is missing")
+                self.damaged(key, "missing")
+                return
+            with self.lock:
+                self.report.packs_checked += 1
+                self.report.bytes_read += len(data)
+            if blake3.blake3(data).hexdigest() != pack_id.hex():
+                self.damaged(key, "content does not match its name (damaged or truncated)")
+            try:
+                decode_pack_header(data, self.vault.crypto, what=key)
+            except RakshaError as err:
+                self.damaged(key, f"header: {err.code}: {err.message}")
+            dec = getattr(local, "d", None)
+            if dec is None:
+                dec = local.d = zstandard.ZstdDecompressor()
+            for cid, loc in entries:
+                blob = data[loc.offset: loc.offset + loc.stored_length]
+                try:
+                    decode_blob(blob, cid, loc.raw_length, self.vault.crypto, dec, what=f"{key}@{loc.offset}")
+                except RakshaError as err:
+                    self._bad(cid, f"chunk {cid.hex()} in {key}: {err.message}")
+                with self.lock:
+                    self.report.chunks_checked += 1
+                meter.add(loc.stored_length)
+
+        run_parallel(sorted(by_pack.items()), check, self.threads)
+        meter.finish()
+
+    def _bad(self, cid: bytes, why: str) -> None:
+        with self.lock:
+            self.bad_chunks.setdefault(cid, why)

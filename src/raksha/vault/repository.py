@@ -1,0 +1,254 @@
+"""A vault opened for use: config, keys, catalogue of backups and the chunk index.
+
+This is the one place that knows which object lives under which key; the
+engine and the operations go through it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from raksha.domain.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    VaultCorrupt,
+    VaultKeyError,
+)
+from raksha.vault.backends.base import Backend
+from raksha.vault.format.config import VaultConfig
+from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
+from raksha.vault.format.index import IndexFile, Location, decode_index, encode_index, index_key
+from raksha.vault.format.keys import KdfParams, Secret, key_file_id, unwrap_master_key, wrap_master_key
+from raksha.vault.format.manifest import (
+    Manifest,
+    decode_manifest,
+    decode_metadata,
+    encode_manifest,
+    encode_metadata,
+)
+from raksha.vault.format.naming import PREFIX, BackupId
+from raksha.vault.format.pack import pack_key
+from raksha.vault.locks import LockManager
+
+CONFIG_KEY = "config"
+KEYS_PREFIX = "keys/"
+INDEX_PREFIX = "index/"
+DATA_PREFIX = "data/"
+LOCKS_PREFIX = "locks/"
+CONDEMNED_SUFFIX = ".condemned"
+
+
+@dataclass
+class ChunkIndex:
+    """Every stored chunk's location, merged from the index objects read."""
+
+    locations: dict[bytes, Location] = field(default_factory=dict)
+    index_ids: set[str] = field(default_factory=set)  # the index objects this was built from
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return chunk_id in self.locations
+
+    def get(self, chunk_id: bytes) -> Location | None:
+        return self.locations.get(chunk_id)
+
+
+class Vault:
+    def __init__(self, backend: Backend, config: VaultConfig, crypto: Crypto, master: MasterKey | None) -> None:
+        self.backend = backend
+        self.config = config
+        self.crypto = crypto
+        self._master = master
+        self.locks = LockManager(backend)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        backend: Backend,
+        config: VaultConfig,
+        secret: Secret | None = None,
+        kdf: KdfParams | None = None,
+    ) -> Vault:
+        if config.encrypted and secret is None:
+            raise InvalidInput("an encrypted vault needs a passphrase or key file", code="VAULT_KEY_REQUIRED")
+        if any(True for _ in backend.list(CONFIG_KEY)):
+            raise AlreadyExists(f"{backend.url} already holds a vault", code="VAULT_EXISTS")
+        master = MasterKey.generate() if config.encrypted else None
+        if master is not None and secret is not None:
+            key_doc = wrap_master_key(master, secret, config.vault_id, kdf)
+            backend.put(KEYS_PREFIX + key_file_id(key_doc), key_doc)
+        # config last: a directory without it is not a vault, so a failed init can simply be redone.
+        try:
+            backend.put(CONFIG_KEY, config.to_json())
+        except AlreadyExists:
+            raise AlreadyExists(f"{backend.url} already holds a vault", code="VAULT_EXISTS") from None
+        crypto = EncryptedCrypto(master) if master is not None else Crypto()
+        return cls(backend, config, crypto, master)
+
+    @classmethod
+    def open(cls, backend: Backend, secret: Secret | None = None) -> Vault:
+        try:
+            config = VaultConfig.from_json(backend.get(CONFIG_KEY))
+        except NotFound:
+            raise NotFound(f"no vault at {backend.url} (no config object)", code="VAULT_NOT_FOUND") from None
+        if not config.encrypted:
+            return cls(backend, config, Crypto(), None)
+        if secret is None:
+            raise VaultKeyError(
+                f"the vault at {backend.url} is encrypted: give a passphrase or key file",
+                code="VAULT_KEY_REQUIRED",
+            )
+        for info in backend.list(KEYS_PREFIX):
+            try:
+                master = unwrap_master_key(backend.get(info.key), secret, config.vault_id)
+            except NotFound:
+                continue
+            if master is not None:
+                return cls(backend, config, EncryptedCrypto(master), master)
+        raise VaultKeyError("wrong passphrase or key file: no key of this vault opens with it")
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        out = []
+        for info in self.backend.list(KEYS_PREFIX):
+            doc = json.loads(self.backend.get(info.key))
+            out.append({"id": doc["id"], "created": doc["created"], "hostname": doc.get("hostname"),
+                        "kdf": doc["kdf"]["algorithm"]})
+        return sorted(out, key=lambda d: str(d["created"]))
+
+    def add_key(self, secret: Secret, kdf: KdfParams | None = None) -> str:
+        if self._master is None:
+            raise InvalidInput("this vault is not encrypted; it has no keys", code="VAULT_NOT_ENCRYPTED")
+        doc = wrap_master_key(self._master, secret, self.config.vault_id, kdf)
+        key_id = key_file_id(doc)
+        self.backend.put(KEYS_PREFIX + key_id, doc)
+        return key_id
+
+    def keys_opened_by(self, secret: Secret) -> set[str]:
+        out = set()
+        for info in self.backend.list(KEYS_PREFIX):
+            data = self.backend.get(info.key)
+            if unwrap_master_key(data, secret, self.config.vault_id) is not None:
+                out.add(key_file_id(data))
+        return out
+
+    def remove_key(self, key_id: str) -> None:
+        keys = [k["id"] for k in self.list_keys()]
+        if key_id not in keys:
+            raise NotFound(f"no key {key_id}", code="KEY_NOT_FOUND")
+        if len(keys) == 1:
+            raise InvalidInput("refusing to remove the vault's last key", code="VAULT_LAST_KEY")
+        self.backend.delete(KEYS_PREFIX + key_id)
+
+    # -- catalogue -------------------------------------------------------------------------------
+
+    def backup_ids(self, prefix: str = "") -> list[BackupId]:
+        ids = (BackupId.from_backup_key(info.key) for info in self.backend.list(PREFIX + prefix))
+        return sorted(i for i in ids if i is not None)
+
+    def has_backup(self, backup_id: BackupId) -> bool:
+        try:
+            self.backend.stat(backup_id.backup_key)
+        except NotFound:
+            return False
+        return True
+
+    def read_manifest(self, backup_id: BackupId) -> Manifest:
+        try:
+            data = self.backend.get(backup_id.backup_key)
+        except NotFound:
+            raise NotFound(f"no backup {backup_id} in the vault", code="BACKUP_NOT_FOUND") from None
+        return decode_manifest(data, backup_id, self.crypto)
+
+    def read_metadata(self, backup_id: BackupId) -> dict[str, Any]:
+        try:
+            data = self.backend.get(backup_id.metadata_key)
+        except NotFound:
+            raise NotFound(f"no metadata for backup {backup_id}", code="BACKUP_NOT_FOUND") from None
+        return decode_metadata(data, backup_id, self.crypto)
+
+    def write_backup(self, manifest: Manifest, metadata: dict[str, Any]) -> None:
+        """Metadata first, then the manifest: the ``Backup`` object is the commit point."""
+        bid = manifest.id
+        self.backend.put(bid.metadata_key, encode_metadata(bid, metadata, self.crypto), overwrite=True)
+        try:
+            self.backend.put(bid.backup_key, encode_manifest(manifest, self.crypto))
+        except AlreadyExists:
+            raise AlreadyExists(f"backup {bid} already exists", code="BACKUP_EXISTS") from None
+
+    def delete_backup(self, backup_id: BackupId) -> None:
+        if not self.backend.delete(backup_id.backup_key):
+            raise NotFound(f"no backup {backup_id} in the vault", code="BACKUP_NOT_FOUND")
+        self.backend.delete(backup_id.metadata_key)
+
+    # -- index and packs -------------------------------------------------------------------------
+
+    def read_index_files(self) -> dict[str, IndexFile]:
+        """Every index object, read in parallel; one that vanished under a concurrent gc means re-listing."""
+        for _attempt in range(5):
+            keys = [info.key for info in self.backend.list(INDEX_PREFIX)]
+            try:
+                with ThreadPoolExecutor(max_workers=8) as pool:
+                    files = list(pool.map(self._read_index, keys))
+            except NotFound:
+                continue
+            return {k[len(INDEX_PREFIX) :]: f for k, f in zip(keys, files, strict=True)}
+        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
+
+    def _read_index(self, key: str) -> IndexFile:
+        return decode_index(self.backend.get(key), self.crypto, what=key)
+
+    def load_index(self) -> ChunkIndex:
+        files = self.read_index_files()
+        superseded = {s.hex() for f in files.values() for s in f.supersedes}
+        index = ChunkIndex()
+        for index_id, f in files.items():
+            if index_id in superseded:
+                continue
+            index.index_ids.add(index_id)
+            index.locations.update(f.entries)
+        return index
+
+    def write_index(self, entries: dict[bytes, Location], supersedes: list[bytes] | None = None) -> str:
+        import blake3
+
+        data = encode_index(entries, self.crypto, supersedes)
+        index_id = blake3.blake3(data).hexdigest()
+        try:
+            self.backend.put(index_key(index_id), data)
+        except AlreadyExists:
+            pass  # same content, same name: already durable
+        return index_id
+
+    def read_blob(self, loc: Location) -> bytes:
+        return self.backend.get_range(pack_key(loc.pack_id.hex()), loc.offset, loc.stored_length)
+
+    def condemned_chunks(self) -> set[bytes]:
+        """Chunks a running gc is about to delete; a backup must not reuse them (format.md §11)."""
+        out: set[bytes] = set()
+        live_gc = {lock.id for lock in self.locks.active()}
+        for info in self.backend.list(LOCKS_PREFIX):
+            if not info.key.endswith(CONDEMNED_SUFFIX):
+                continue
+            if info.key[len(LOCKS_PREFIX) : -len(CONDEMNED_SUFFIX)] not in live_gc:
+                continue
+            try:
+                data = self.backend.get(info.key)
+            except NotFound:
+                continue
+            out.update(data[i : i + 32] for i in range(0, len(data), 32))
+        return out
+
+    def iter_packs(self) -> Iterator[tuple[str, int, float]]:
+        for info in self.backend.list(DATA_PREFIX):
+            yield info.key.rsplit("/", 1)[-1], info.size, info.mtime
