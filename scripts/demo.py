@@ -77,7 +77,7 @@ def main() -> int:
     print(f"demo: images ready in {time.monotonic() - t:.1f} s; Tuesday's copy differs in {len(extents)} extents "
           f"({changed_bytes / 2**20:.1f} MiB)")
 
-    _, t_init = run("init", "vault", "init", str(vault), "--encrypt", env=env)
+    run("init", "vault", "init", str(vault), "--encrypt", env=env)
     full, t_full = run("full backup", "vault", "backup", str(vault), str(base), "--id", "demo/monday/vm1/vda", env=env)
     size_after_full = disk_usage(vault)
     incr, t_incr = run("incremental backup", "vault", "backup", str(vault), str(changed), "--id",
@@ -116,7 +116,7 @@ def main() -> int:
           f"[{incr['chunks_from_parent']} chunks reused from the parent unread]")
     print(f"vault on disk: {size_after_full / 2**20:.1f} MiB after the full, {size_after_incr / 2**20:.1f} MiB "
           f"after both (two full points for {(size_after_incr - size_after_full) / 2**20:.1f} MiB more)")
-    for bid, (out, fmt, res) in restored.items():
+    for bid, (out, _fmt, res) in restored.items():
         print(f"restore {bid:22s} {timings[bid]:6.2f} s  {res['virtual_size'] / mb / max(res['seconds'], 1e-9):.0f} "
               f"MB/s  {res['chunks_verified']} chunks verified  -> {out.name}")
     print(f"verify: {'no damage' if verify['ok'] else 'DAMAGE'}; {verify['chunks_checked']} chunks re-hashed "
