@@ -140,6 +140,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.set_defaults(func=cmd_gc)
 
+    p = vsub.add_parser("rebuild-index", help="rebuild the index from the packs alone (disaster recovery)")
+    p.add_argument("dir")
+    _common(p)
+    p.set_defaults(func=cmd_rebuild_index)
+
     p = vsub.add_parser("key", help="manage the keys of an encrypted vault (no data is re-encrypted)")
     ksub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
     for name, func, text in (("list", cmd_key_list, "list keys"),
@@ -297,6 +302,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
                              repack_threshold=args.repack_threshold, dry_run=args.dry_run)
     emit(report.to_dict(), args.json, report.summary())
     return 0
+
+
+def cmd_rebuild_index(args: argparse.Namespace) -> int:
+    from raksha.vault.operations.rebuild_index import rebuild_index
+
+    report = rebuild_index(open_vault(args))
+    emit(report.to_dict(), args.json, report.summary())
+    return EXIT_DAMAGED if report.unreadable_packs else 0
 
 
 def _new_secret(args: argparse.Namespace) -> Any:

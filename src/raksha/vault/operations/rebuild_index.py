@@ -1,0 +1,79 @@
+"""Rebuild the index from the packs' own headers (format.md §13): disaster recovery when indexes are lost."""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from raksha.domain.errors import RakshaError, VaultCorrupt
+from raksha.vault.format.index import Location, index_key
+from raksha.vault.format.pack import PACK_PREAMBLE, PackEntry, decode_header_bytes, pack_key
+from raksha.vault.locks import LockKind
+from raksha.vault.repository import Vault
+
+
+@dataclass
+class RebuildReport:
+    packs_read: int = 0
+    chunks_indexed: int = 0
+    indexes_replaced: int = 0
+    unreadable_packs: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        text = (f"rebuilt the index from {self.packs_read} packs: {self.chunks_indexed} chunks, replacing "
+                f"{self.indexes_replaced} index objects, in {self.seconds:.1f} s")
+        for bad in self.unreadable_packs:
+            text += f"\n  unreadable pack {bad['object']}: {bad['error']}"
+        return text
+
+
+def read_pack_header(vault: Vault, pack_id: str, size: int) -> list[PackEntry]:
+    """A pack's entries from two ranged reads of its tail, without reading its blobs."""
+    key = pack_key(pack_id)
+    try:
+        (hlen,) = struct.unpack("<I", vault.backend.get_range(key, size - 4, 4))
+    except struct.error:
+        raise VaultCorrupt(f"{key}: truncated pack", object=key) from None
+    blob_end = size - 4 - hlen
+    if blob_end < len(PACK_PREAMBLE):
+        raise VaultCorrupt(f"{key}: header length {hlen} exceeds the pack", object=key)
+    return decode_header_bytes(vault.backend.get_range(key, blob_end, hlen), blob_end, vault.crypto, what=key)
+
+
+def rebuild_index(vault: Vault) -> RebuildReport:
+    """Write one index of every readable pack, superseding and then deleting all existing index objects."""
+    report = RebuildReport()
+    start = time.monotonic()
+    with vault.locks.acquire(LockKind.EXCLUSIVE, "rebuild-index"):
+        old = [info.key for info in vault.backend.list("index/")]
+        entries: dict[bytes, Location] = {}
+        for pack_id, size, _mtime in vault.iter_packs():
+            try:
+                header = read_pack_header(vault, pack_id, size)
+            except RakshaError as err:
+                report.unreadable_packs.append({"object": pack_key(pack_id), "error": err.message})
+                continue
+            pid = bytes.fromhex(pack_id)
+            for e in header:
+                entries.setdefault(e.chunk_id, Location(pid, e.offset, e.stored_length, e.raw_length))
+            report.packs_read += 1
+        supersedes = []
+        for key in old:
+            try:
+                supersedes.append(bytes.fromhex(key.rsplit("/", 1)[-1]))
+            except ValueError:
+                continue
+        new_id = vault.write_index(entries, supersedes)
+        for key in old:
+            if key != index_key(new_id):
+                vault.backend.delete(key)
+        report.chunks_indexed = len(entries)
+        report.indexes_replaced = len(old)
+    report.seconds = time.monotonic() - start
+    return report
