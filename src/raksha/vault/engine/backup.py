@@ -131,7 +131,8 @@ class _Backup:
         # has published them, and a later gc waits for us (format.md §11).
         index = self.vault.load_index()
         condemned = self.vault.condemned_chunks()
-        self.known: set[bytes] = {cid for cid in index.locations if cid not in condemned}
+        # No copy of the index: it is the largest structure in memory.
+        self.index, self.condemned, self.added = index.locations, condemned, set[bytes]()
         n = -(-self.size // self.chunk_size)
         self.ids: list[bytes] = [ZERO_ID] * n
         to_read = self._plan(n)
@@ -149,6 +150,9 @@ class _Backup:
         self.stats.packs_written = self.packer.packs_written
         self.stats.seconds = time.monotonic() - start
         return self._commit()
+
+    def _stored(self, cid: bytes) -> bool:
+        return cid in self.added or (cid in self.index and cid not in self.condemned)
 
     def _length(self, i: int) -> int:
         return min(self.chunk_size, self.size - i * self.chunk_size)
@@ -169,7 +173,7 @@ class _Backup:
                 continue
             pid = parent.chunk_ids[i] if i < parent.chunk_count else None
             # Reuse only what is provably intact: same chunk span, and stored (or zero).
-            if pid is not None and parent.chunk_length(i) == self._length(i) and (pid == ZERO_ID or pid in self.known):
+            if pid is not None and parent.chunk_length(i) == self._length(i) and (pid == ZERO_ID or self._stored(pid)):
                 self.ids[i] = pid
                 if pid != ZERO_ID:
                     self.stats.chunks_from_parent += 1
@@ -192,9 +196,9 @@ class _Backup:
         cid = self.vault.crypto.chunk_id(data)
         self.ids[i] = cid
         with self._lock:
-            new = cid not in self.known
+            new = not self._stored(cid)
             if new:
-                self.known.add(cid)
+                self.added.add(cid)
                 self.stats.chunks_new += 1
             else:
                 self.stats.chunks_deduplicated += 1
