@@ -52,7 +52,8 @@ COMPARE_BLOCK = 8 << 20
 NOTES = (
     "Inputs are page-cache warm for all tools: the images are generated (and read once) just before "
     "the runs, nothing is dropped from the page cache, and every tool runs the same phases in the "
-    "same order on the same files.",
+    "same order on the same files. Dirty pages are flushed (sync, untimed) before every phase, so no "
+    "tool pays for writeback of an earlier tool's or the generator's writes.",
     "Encryption: every tool that supports it runs encrypted: Raksha --encrypt (AES-256-GCM), "
     "restic (always encrypted), borg repokey-blake2. qemu-img's qcow2 output is not encrypted.",
     "Incremental: Raksha gets --parent and --changed-extents. restic and borg back up changed.img "
@@ -487,6 +488,7 @@ def run_tool(tool: Tool, inputs: Inputs) -> ToolResult:
             result.phases[name] = PhaseResult(ok=False, error="skipped: the full backup failed")
             continue
         print(f"  {tool.name}: {name} ...", flush=True)
+        os.sync()  # start every phase with no dirty-page backlog from earlier writes (untimed)
         result.phases[name] = guarded(phase)
         if result.phases[name].error:
             print(f"  {tool.name}: {name} FAILED: {result.phases[name].error}", flush=True)

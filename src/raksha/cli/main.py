@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
 from raksha import __version__
 from raksha.cli import vault_cmd
 from raksha.cli.output import report_error
-from raksha.domain.errors import EXIT_INTERRUPTED, RakshaError
+from raksha.domain.errors import EXIT_INTERRUPTED, Interrupted, RakshaError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    # Unwinds like Ctrl-C: staged files removed, locks released, nothing stored is touched.
+    raise Interrupted("terminated by SIGTERM; nothing stored was lost, re-run the command to resume")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)
     as_json = bool(getattr(args, "json", False))
