@@ -11,6 +11,7 @@ from pathlib import Path
 import blake3
 
 from raksha.domain.errors import AlreadyExists, BackendError, StorageFull
+from raksha.vault.directio import SequentialFile
 from raksha.vault.format.index import Location
 from raksha.vault.format.pack import PACK_PREAMBLE, PackEntry, encode_pack_trailer, pack_key
 from raksha.vault.repository import Vault
@@ -18,10 +19,8 @@ from raksha.vault.repository import Vault
 
 @dataclass
 class _OpenPack:
-    path: Path
-    fd: int
+    file: SequentialFile
     hasher: blake3.blake3
-    size: int
     entries: list[PackEntry] = field(default_factory=list)
 
 
@@ -40,10 +39,10 @@ class Packer:
         full: _OpenPack | None = None
         with self._lock:
             pack = self._current or self._open()
-            entry = PackEntry(chunk_id, pack.size, len(blob), raw_length)
+            entry = PackEntry(chunk_id, pack.file.size, len(blob), raw_length)
             self._write(pack, blob)
             pack.entries.append(entry)
-            if pack.size >= self._vault.config.pack_size:
+            if pack.file.size >= self._vault.config.pack_size:
                 full, self._current = pack, None
         if full is not None:
             self._seal(full)
@@ -58,39 +57,38 @@ class Packer:
         """Remove staged files of an unfinished backup; stored packs stay (a rerun reuses them)."""
         with self._lock:
             if self._current is not None:
-                os.close(self._current.fd)
+                self._current.file.close()
                 self._current = None
             for p in self._staged:
                 p.unlink(missing_ok=True)
 
     def _open(self) -> _OpenPack:
-        staging = self._vault.backend.staging_dir()
-        path = staging / f"pack-{os.urandom(8).hex()}.partial"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        path = self._vault.backend.staging_dir() / f"pack-{os.urandom(8).hex()}.partial"
+        try:
+            pack = _OpenPack(SequentialFile(path), blake3.blake3())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(f"no space left in {path.parent} for a new pack") from exc
+            raise BackendError(f"cannot create {path}: {exc}") from exc
         self._staged.append(path)
-        pack = _OpenPack(path, fd, blake3.blake3(), 0)
         self._current = pack
         self._write(pack, PACK_PREAMBLE)
         return pack
 
     def _write(self, pack: _OpenPack, data: bytes) -> None:
-        try:
-            os.write(pack.fd, data)  # a regular file: short writes only on ENOSPC, which raises
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull(f"no space left in {pack.path.parent} while writing a pack") from exc
-            raise BackendError(f"cannot write {pack.path}: {exc}") from exc
+        pack.file.write(data)
         pack.hasher.update(data)
-        pack.size += len(data)
 
     def _seal(self, pack: _OpenPack) -> None:
         try:
             self._write(pack, encode_pack_trailer(pack.entries, self._vault.crypto))
+            pack.file.finish()
         finally:
-            os.close(pack.fd)
+            pack.file.close()
+        path, size = pack.file.path, pack.file.size
         pack_id = pack.hasher.hexdigest()
         try:
-            self._vault.backend.put_file(pack_key(pack_id), pack.path)
+            self._vault.backend.put_file(pack_key(pack_id), path)
         except AlreadyExists:
             pass  # identical bytes already stored under the same name
         pid = bytes.fromhex(pack_id)
@@ -99,6 +97,6 @@ class Packer:
             {e.chunk_id: Location(pid, e.offset, e.stored_length, e.raw_length) for e in pack.entries}
         )
         with self._lock:
-            self._staged.remove(pack.path)
+            self._staged.remove(path)
             self.packs_written += 1
-            self.bytes_written += pack.size
+            self.bytes_written += size
