@@ -19,15 +19,18 @@ def _read(path: str, what: str) -> bytes:
 
 
 def resolve_secret(password_file: str | None, key_file: str | None, *, required: bool,
-                   confirm: bool = False, prompt: str = "Vault passphrase: ") -> Secret | None:
-    """``--key-file``, ``--password-file``, $RAKSHA_PASSWORD_FILE, $RAKSHA_PASSWORD, or a prompt on a tty."""
+                   confirm: bool = False, prompt: str = "Vault passphrase: ", environ: bool = True) -> Secret | None:
+    """``--key-file``, ``--password-file``, $RAKSHA_PASSWORD_FILE, $RAKSHA_PASSWORD, or a prompt on a tty.
+
+    ``environ=False`` skips the environment: it holds the current secret, never a new one.
+    """
     if key_file:
         return Secret(keyfile=_read(key_file, "key file"))
     if password_file:
         return Secret(passphrase=_read(password_file, "password file").rstrip(b"\r\n"))
-    if os.environ.get("RAKSHA_PASSWORD_FILE"):
+    if environ and os.environ.get("RAKSHA_PASSWORD_FILE"):
         return Secret(passphrase=_read(os.environ["RAKSHA_PASSWORD_FILE"], "password file").rstrip(b"\r\n"))
-    if os.environ.get("RAKSHA_PASSWORD"):
+    if environ and os.environ.get("RAKSHA_PASSWORD"):
         return Secret(passphrase=os.environ["RAKSHA_PASSWORD"].encode())
     if not required:
         return None

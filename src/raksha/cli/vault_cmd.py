@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -313,8 +314,13 @@ def cmd_rebuild_index(args: argparse.Namespace) -> int:
 
 
 def _new_secret(args: argparse.Namespace) -> Any:
+    # Never from $RAKSHA_PASSWORD(_FILE): that is the current secret, and taking it as the new one
+    # would make 'key passwd' succeed while changing nothing.
+    if not (args.new_password_file or args.new_key_file) and not sys.stdin.isatty():
+        raise InvalidInput("give the new secret with --new-password-file FILE or --new-key-file FILE "
+                           "(or run on a terminal to be prompted)", code="NEW_SECRET_REQUIRED")
     return resolve_secret(args.new_password_file, args.new_key_file, required=True, confirm=True,
-                          prompt="New passphrase: ")
+                          prompt="New passphrase: ", environ=False)
 
 
 def cmd_key_list(args: argparse.Namespace) -> int:

@@ -34,17 +34,30 @@ def open_direct(path: str | Path, flags: int, mode: int = 0o600) -> tuple[int, b
 
 
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int, what: str) -> None:
+    error = _pwrite_fully(fd, data, offset)
+    if error is None:
+        return
+    # The exception raised here keeps this frame alive in its traceback: it must not keep a view of
+    # the caller's mmap too, or closing that buffer fails ("exported pointers exist") and the
+    # BufferError hides this error.
+    del data
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StorageFull(f"no space left while writing {what}") from error
+    raise BackendError(f"cannot write {what}: {error}") from error
+
+
+def _pwrite_fully(fd: int, data: memoryview | bytes, offset: int) -> OSError | None:
+    """Write all of ``data`` at ``offset``; return the error (without its traceback) instead of raising."""
     view = memoryview(data)
     try:
         while view:
             n = os.pwrite(fd, view, offset)
             if n == 0:
-                raise OSError(errno.ENOSPC, "no space left on device")
+                return OSError(errno.ENOSPC, "no space left on device")
             view, offset = view[n:], offset + n
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFull(f"no space left while writing {what}") from exc
-        raise BackendError(f"cannot write {what}: {exc}") from exc
+        return exc.with_traceback(None)
+    return None
 
 
 class SequentialFile:
@@ -89,4 +102,7 @@ class SequentialFile:
             os.close(self.fd)
             self.fd = -1
         if not self._buf.closed:
-            self._buf.close()
+            try:
+                self._buf.close()
+            except BufferError:
+                pass  # still viewed by someone: unmapped when the last view goes, never worth an error

@@ -7,6 +7,7 @@ engine and the operations go through it.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from raksha.domain.errors import (
     InvalidInput,
     NotFound,
     VaultCorrupt,
+    VaultFormatUnsupported,
     VaultKeyError,
 )
 from raksha.vault.backends.base import Backend
@@ -32,7 +34,7 @@ from raksha.vault.format.manifest import (
     encode_metadata,
 )
 from raksha.vault.format.naming import PREFIX, BackupId
-from raksha.vault.format.pack import pack_key
+from raksha.vault.format.pack import PACK_PREAMBLE_SIZE, PackEntry, decode_header_bytes, pack_key
 from raksha.vault.locks import LockManager
 
 CONFIG_KEY = "config"
@@ -49,6 +51,7 @@ class ChunkIndex:
 
     locations: dict[bytes, Location] = field(default_factory=dict)
     index_ids: set[str] = field(default_factory=set)  # the index objects this was built from
+    damaged: dict[str, str] = field(default_factory=dict)  # unreadable index objects left out: key -> error
 
     def __contains__(self, chunk_id: bytes) -> bool:
         return chunk_id in self.locations
@@ -193,25 +196,46 @@ class Vault:
 
     # -- index and packs -------------------------------------------------------------------------
 
-    def read_index_files(self) -> dict[str, IndexFile]:
-        """Every index object, read in parallel; one that vanished under a concurrent gc means re-listing."""
+    def read_index_files(self, damaged: dict[str, str] | None = None) -> dict[str, IndexFile]:
+        """Every index object, read in parallel; one that vanished under a concurrent gc means re-listing.
+
+        An index object that does not decode raises VAULT_CORRUPT; with ``damaged`` given it is
+        recorded there (key -> error) and left out instead.
+        """
+        read = self._read_index if damaged is None else self._read_index_or_error
         for _attempt in range(5):
             keys = [info.key for info in self.backend.list(INDEX_PREFIX)]
             try:
                 with ThreadPoolExecutor(max_workers=8) as pool:
-                    files = list(pool.map(self._read_index, keys))
+                    files = list(pool.map(read, keys))
             except NotFound:
                 continue
-            return {k[len(INDEX_PREFIX) :]: f for k, f in zip(keys, files, strict=True)}
+            out = {}
+            for key, f in zip(keys, files, strict=True):
+                if isinstance(f, str):
+                    assert damaged is not None
+                    damaged[key] = f
+                else:
+                    out[key[len(INDEX_PREFIX) :]] = f
+            return out
         raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
     def _read_index(self, key: str) -> IndexFile:
         return decode_index(self.backend.get(key), self.crypto, what=key)
 
-    def load_index(self) -> ChunkIndex:
-        files = self.read_index_files()
+    def _read_index_or_error(self, key: str) -> IndexFile | str:
+        try:
+            return self._read_index(key)
+        except (VaultCorrupt, VaultFormatUnsupported) as err:
+            return f"{err.code}: {err.message}"
+
+    def load_index(self, *, tolerant: bool = False) -> ChunkIndex:
+        """Every chunk's location. ``tolerant``: skip unreadable index objects (listed in ``damaged``)
+        rather than fail; their chunks then look absent, which backup and restore can live with."""
+        damaged: dict[str, str] | None = {} if tolerant else None
+        files = self.read_index_files(damaged)
         superseded = {s.hex() for f in files.values() for s in f.supersedes}
-        index = ChunkIndex()
+        index = ChunkIndex(damaged=damaged or {})
         for index_id, f in files.items():
             if index_id in superseded:
                 continue
@@ -248,6 +272,17 @@ class Vault:
                 continue
             out.update(data[i : i + 32] for i in range(0, len(data), 32))
         return out
+
+    def read_pack_header(self, pack_id: str, size: int) -> list[PackEntry]:
+        """A pack's entries from two ranged reads of its tail, without reading its blobs."""
+        key = pack_key(pack_id)
+        if size < PACK_PREAMBLE_SIZE + 4:
+            raise VaultCorrupt(f"{key}: truncated pack", object=key)
+        (hlen,) = struct.unpack("<I", self.backend.get_range(key, size - 4, 4))
+        blob_end = size - 4 - hlen
+        if blob_end < PACK_PREAMBLE_SIZE:
+            raise VaultCorrupt(f"{key}: header length {hlen} exceeds the pack", object=key)
+        return decode_header_bytes(self.backend.get_range(key, blob_end, hlen), blob_end, self.crypto, what=key)
 
     def iter_packs(self) -> Iterator[tuple[str, int, float]]:
         for info in self.backend.list(DATA_PREFIX):

@@ -129,7 +129,8 @@ class _Backup:
         start = time.monotonic()
         # The lock is held before the index is read: a gc that condemned chunks earlier
         # has published them, and a later gc waits for us (format.md §11).
-        index = self.vault.load_index()
+        # An unreadable index only hides chunks: they are stored again, never referenced unseen.
+        index = self.vault.load_index(tolerant=True)
         condemned = self.vault.condemned_chunks()
         # No copy of the index: it is the largest structure in memory.
         self.index, self.condemned, self.added = index.locations, condemned, set[bytes]()

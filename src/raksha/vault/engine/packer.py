@@ -13,7 +13,7 @@ import blake3
 from raksha.domain.errors import AlreadyExists, BackendError, StorageFull
 from raksha.vault.directio import SequentialFile
 from raksha.vault.format.index import Location
-from raksha.vault.format.pack import PACK_PREAMBLE, PackEntry, encode_pack_trailer, pack_key
+from raksha.vault.format.pack import PackEntry, encode_pack_trailer, new_pack_preamble, pack_key
 from raksha.vault.repository import Vault
 
 
@@ -72,7 +72,7 @@ class Packer:
             raise BackendError(f"cannot create {path}: {exc}") from exc
         self._staged.append(path)
         self._current = pack
-        self._write(pack, PACK_PREAMBLE)
+        self._write(pack, new_pack_preamble())
         return pack
 
     def _write(self, pack: _OpenPack, data: bytes) -> None:
@@ -90,7 +90,8 @@ class Packer:
         try:
             self._vault.backend.put_file(pack_key(pack_id), path)
         except AlreadyExists:
-            pass  # identical bytes already stored under the same name
+            # Packs carry a random nonce, so an equal name means these very bytes were stored (a retried put).
+            pass
         pid = bytes.fromhex(pack_id)
         # The index is written only once its pack is durable, so an index never points at nothing.
         self._vault.write_index(

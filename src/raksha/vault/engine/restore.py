@@ -9,7 +9,7 @@ from typing import Any
 
 import zstandard
 
-from raksha.domain.errors import ChunkMissing
+from raksha.domain.errors import ChunkMissing, NotFound, VaultCorrupt
 from raksha.vault.engine.backup import default_threads
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
@@ -20,7 +20,6 @@ from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import Vault
-from raksha.vault.sources.base import DiskTarget
 from raksha.vault.sources.open import create_target
 
 
@@ -57,7 +56,7 @@ def restore_backup(
     with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)
-        index = vault.load_index()
+        index = vault.load_index(tolerant=True)  # a damaged index must not stop restores that do not need it
         work: list[tuple[Location, bytes, list[int]]] = []
         by_id: dict[bytes, list[int]] = {}
         zeros: list[int] = []
@@ -67,6 +66,13 @@ def restore_backup(
             else:
                 by_id.setdefault(cid, []).append(i)
         missing = [cid for cid in by_id if cid not in index]
+        if missing and index.damaged:
+            raise VaultCorrupt(
+                f"backup {backup_id} needs {len(missing)} chunk(s) listed in no readable index; damaged index "
+                f"object(s): {', '.join(sorted(index.damaged))}. Run 'raksha vault verify', then "
+                "'raksha vault rebuild-index'",
+                backup=str(backup_id), objects=sorted(index.damaged), chunks=[m.hex() for m in missing[:10]],
+            )
         if missing:
             raise ChunkMissing(
                 f"backup {backup_id} references {len(missing)} chunk(s) missing from the vault "
@@ -89,8 +95,16 @@ def restore_backup(
             dec = getattr(local, "d", None)
             if dec is None:
                 dec = local.d = zstandard.ZstdDecompressor()
-            what = f"{pack_key(loc.pack_id.hex())}@{loc.offset}"
-            data = decode_blob(vault.read_blob(loc), cid, loc.raw_length, vault.crypto, dec, what=what)
+            key = pack_key(loc.pack_id.hex())
+            try:
+                blob = vault.read_blob(loc)
+            except NotFound:
+                raise ChunkMissing(
+                    f"backup {backup_id}: chunk {cid.hex()} is missing from the vault (its pack {key} is gone); "
+                    "run 'raksha vault verify'",
+                    backup=str(backup_id), chunks=[cid.hex()], object=key,
+                ) from None
+            data = decode_blob(blob, cid, loc.raw_length, vault.crypto, dec, what=f"{key}@{loc.offset}")
             for i in offsets:
                 target.pwrite(data, i * manifest.chunk_size)
                 meter.add(len(data))
@@ -104,20 +118,11 @@ def restore_backup(
             target.flush()
         except BaseException:
             target.close()
-            _remove_partial(target)
+            target.discard()
             raise
         target.close()
+        target.commit()  # only now does OUTPUT exist: a killed restore never leaves a half-written one
         meter.finish()
         return RestoreResult(backup_id, output, fmt, manifest.virtual_size, written[0], len(by_id),
                              manifest.content_digest(), time.monotonic() - start)
 
-
-def _remove_partial(target: DiskTarget) -> None:
-    """A half-restored new file must not be mistaken for a restored disk."""
-    import os
-
-    if target.fresh:
-        try:
-            os.unlink(target.path)
-        except OSError:
-            pass

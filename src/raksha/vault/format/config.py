@@ -81,7 +81,7 @@ class VaultConfig:
             enc = doc.get("encryption")
             if enc is not None and enc.get("algorithm") != "aes-256-gcm":
                 raise VaultFormatUnsupported(f"encryption {enc.get('algorithm')!r} is not supported")
-            return cls(
+            config = cls(
                 vault_id=str(doc["vault_id"]),
                 created=str(doc["created"]),
                 chunk_size=int(doc["chunk_size"]),
@@ -91,3 +91,10 @@ class VaultConfig:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise VaultCorrupt(f"config: malformed: {exc}", object="config") from None
+        # Everything chunking depends on must be what a writer could have written (§3).
+        size = config.chunk_size
+        if size & (size - 1) or not MIN_CHUNK_SIZE <= size <= MAX_CHUNK_SIZE or config.pack_size < size:
+            raise VaultCorrupt(
+                f"config: chunk size {size} / pack size {config.pack_size} are not valid", object="config"
+            )
+        return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from raksha.vault.format.sealed import open_object, seal_object
 
 _ENTRY = struct.Struct("<32s32sIII")
 _COUNT = struct.Struct("<I")
+INDEX_NONCE_SIZE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,8 @@ def index_key(index_id: str) -> str:
 
 def encode_index(entries: dict[bytes, Location], crypto: Crypto, supersedes: list[bytes] | None = None) -> bytes:
     supersedes = supersedes or []
-    parts = [_COUNT.pack(len(supersedes)), *supersedes, _COUNT.pack(len(entries))]
+    # The nonce makes every index object unique, so an index id is never reused after a delete.
+    parts = [os.urandom(INDEX_NONCE_SIZE), _COUNT.pack(len(supersedes)), *supersedes, _COUNT.pack(len(entries))]
     parts.extend(
         _ENTRY.pack(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)
         for cid, loc in entries.items()
@@ -45,8 +48,10 @@ def encode_index(entries: dict[bytes, Location], crypto: Crypto, supersedes: lis
 def decode_index(data: bytes, crypto: Crypto, *, what: str) -> IndexFile:
     payload = open_object(data, INDEX_MAGIC, crypto, what=what)
     try:
-        (n_sup,) = _COUNT.unpack_from(payload, 0)
-        pos = 4
+        (n_sup,) = _COUNT.unpack_from(payload, INDEX_NONCE_SIZE)
+        pos = INDEX_NONCE_SIZE + 4
+        if pos + n_sup * ID_SIZE + 4 > len(payload):  # checked before allocating anything that size
+            raise VaultCorrupt(f"{what}: index supersedes more ids than it holds", object=what)
         supersedes = [payload[pos + i * ID_SIZE : pos + (i + 1) * ID_SIZE] for i in range(n_sup)]
         pos += n_sup * ID_SIZE
         (count,) = _COUNT.unpack_from(payload, pos)

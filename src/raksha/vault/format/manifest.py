@@ -83,6 +83,8 @@ def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifes
         )
     except (struct.error, ValueError, KeyError, TypeError) as exc:
         raise VaultCorrupt(f"{what}: malformed manifest head: {exc}", object=what) from None
+    if m.chunk_size <= 0 or m.chunk_size & (m.chunk_size - 1) or m.virtual_size < 0:
+        raise VaultCorrupt(f"{what}: impossible chunk size or virtual size", object=what)
     if head.get("id") != str(backup_id) or len(ids_blob) != m.chunk_count * ID_SIZE:
         raise VaultCorrupt(f"{what}: manifest does not match its id or size", object=what)
     m.chunk_ids = [ids_blob[i : i + ID_SIZE] for i in range(0, len(ids_blob), ID_SIZE)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -10,7 +11,8 @@ from raksha.vault.format.constants import ID_SIZE, PACK_HEADER_MAGIC, PACK_MAGIC
 from raksha.vault.format.crypto import Crypto
 from raksha.vault.format.sealed import open_object, seal_object
 
-PACK_PREAMBLE = PACK_MAGIC + bytes([1, 0, 0, 0])
+PACK_NONCE_SIZE = 16
+PACK_PREAMBLE_SIZE = 8 + PACK_NONCE_SIZE
 _ENTRY = struct.Struct("<32sIII")
 _COUNT = struct.Struct("<I")
 
@@ -21,6 +23,11 @@ class PackEntry:
     offset: int
     stored_length: int
     raw_length: int
+
+
+def new_pack_preamble() -> bytes:
+    """Magic, version, and a random nonce: no two packs are ever byte-identical, so no two share a name."""
+    return PACK_MAGIC + bytes([1, 0, 0, 0]) + os.urandom(PACK_NONCE_SIZE)
 
 
 def pack_key(pack_id: str) -> str:
@@ -38,7 +45,7 @@ def encode_pack_trailer(entries: list[PackEntry], crypto: Crypto) -> bytes:
 
 def decode_pack_header(pack: bytes, crypto: Crypto, *, what: str) -> list[PackEntry]:
     """Parse a whole pack's header, checking that every entry lies inside the blob area."""
-    if len(pack) < len(PACK_PREAMBLE) + 4:
+    if len(pack) < PACK_PREAMBLE_SIZE + 4:
         raise VaultCorrupt(f"{what}: truncated pack", object=what)
     if pack[:4] != PACK_MAGIC:
         raise VaultCorrupt(f"{what}: not a pack (bad magic)", object=what)
@@ -46,7 +53,7 @@ def decode_pack_header(pack: bytes, crypto: Crypto, *, what: str) -> list[PackEn
         raise VaultFormatUnsupported(f"{what}: pack version {pack[4]} is not supported", object=what)
     (header_len,) = _COUNT.unpack_from(pack, len(pack) - 4)
     blob_end = len(pack) - 4 - header_len
-    if blob_end < len(PACK_PREAMBLE):
+    if blob_end < PACK_PREAMBLE_SIZE:
         raise VaultCorrupt(f"{what}: header length {header_len} exceeds the pack", object=what)
     return decode_header_bytes(pack[blob_end : len(pack) - 4], blob_end, crypto, what=what)
 
@@ -66,7 +73,7 @@ def _parse_entries(payload: bytes, blob_end: int, what: str) -> list[PackEntry]:
     entries = []
     for i in range(count):
         chunk_id, offset, stored, raw = _ENTRY.unpack_from(payload, 4 + i * _ENTRY.size)
-        if offset < len(PACK_PREAMBLE) or offset + stored > blob_end:
+        if offset < PACK_PREAMBLE_SIZE or offset + stored > blob_end:
             raise VaultCorrupt(f"{what}: entry {i} points outside the pack", object=what)
         entries.append(PackEntry(chunk_id, offset, stored, raw))
     return entries

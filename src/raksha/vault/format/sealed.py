@@ -32,6 +32,9 @@ def open_object(data: bytes, magic: bytes, crypto: Crypto, *, what: str, aad: by
             f"{what}: object version {version} is not supported (this Raksha reads {OBJECT_VERSION})",
             object=what,
         )
+    if flags & ~FLAG_ENCRYPTED:
+        # Version 1 defines bit 0 only, and the header is outside the checksum: other bits mean damage.
+        raise VaultCorrupt(f"{what}: unknown flags {flags:#04x} (damaged)", object=what)
     body = data[_HEAD:]
     encrypted = bool(flags & FLAG_ENCRYPTED)
     if encrypted != crypto.encrypted:

@@ -21,5 +21,9 @@ def list_backups(vault: Vault, prefix: str = "") -> list[dict[str, Any]]:
                        content_digest=meta.get("checksums", {}).get("content_digest"))
         except RakshaError as err:
             row.update(kind="?", created="", parent=None, virtual_size=0, error=err.to_dict())
+        except (ValueError, TypeError, AttributeError) as exc:  # decodes, but members of the wrong type
+            row.update(kind="?", created="", parent=None, virtual_size=0,
+                       error={"code": "VAULT_CORRUPT", "message": f"{bid}: malformed metadata: {exc}",
+                              "retryable": False})
         out.append(row)
     return out

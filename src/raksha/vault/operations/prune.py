@@ -6,11 +6,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from raksha.domain.errors import NotFound, RakshaError
 from raksha.domain.retention import RetentionPolicy, Snapshot, apply
 from raksha.vault.format.naming import BackupId
 from raksha.vault.locks import LockKind
 from raksha.vault.operations.catalog import list_backups
 from raksha.vault.repository import Vault
+
+UNDATED = "undated: neither its metadata nor its manifest could be read; run 'raksha vault verify'"
 
 
 @dataclass
@@ -32,24 +35,53 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def _created(text: str) -> datetime:
+def _created(text: object) -> datetime | None:
+    """A stored ISO 8601 time as an aware UTC datetime; None if there is none to read."""
+    if not isinstance(text, str) or not text:
+        return None
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        return datetime.fromtimestamp(0, UTC)
+        return None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)  # the format writes UTC
+
+
+def _backup_time(vault: Vault, bid: BackupId, row: dict[str, Any]) -> datetime | None:
+    """When the backup was made: its metadata says; if that is unreadable, its manifest does."""
+    created = None if "error" in row else _created(row.get("created"))
+    if created is None:
+        try:
+            created = _created(vault.read_manifest(bid).created)
+        except RakshaError:
+            return None
+    return created
 
 
 def prune(vault: Vault, policy: RetentionPolicy, *, prefix: str = "", dry_run: bool = False) -> PruneReport:
-    """Apply ``policy`` to each disk's series of backups (job/vm/disk) and delete the rest."""
+    """Apply ``policy`` to each disk's series of backups (job/vm/disk) and delete the rest.
+
+    A backup whose creation time cannot be read is kept (and said so): dated to the epoch, it would
+    be the first to go.
+    """
+    apply(policy, [])  # refuses an empty policy (RETENTION_EMPTY) before anything is touched
     with vault.locks.acquire(LockKind.MAINTENANCE, "prune"):
-        snaps = []
+        snaps: list[Snapshot] = []
+        undated: list[str] = []
         for row in list_backups(vault, prefix):
             bid = BackupId.parse(row["id"])
-            snaps.append(Snapshot(str(bid), _created(row["created"]), bid.series))
+            created = _backup_time(vault, bid, row)
+            if created is None:
+                undated.append(str(bid))
+            else:
+                snaps.append(Snapshot(str(bid), created, bid.series))
         result = apply(policy, snaps)
         report = PruneReport(dry_run, [(s.id, reasons) for s, reasons in result.keep])
+        report.kept += [(i, [UNDATED]) for i in undated]
         for snap in result.forget:
             if not dry_run:
-                vault.delete_backup(BackupId.parse(snap.id))
+                try:
+                    vault.delete_backup(BackupId.parse(snap.id))
+                except NotFound:
+                    pass  # deleted meanwhile ('raksha vault delete' takes only a shared lock)
             report.deleted.append(snap.id)
         return report

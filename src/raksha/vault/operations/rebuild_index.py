@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from raksha.domain.errors import RakshaError, VaultCorrupt
+from raksha.domain.errors import RakshaError
 from raksha.vault.format.index import Location, index_key
-from raksha.vault.format.pack import PACK_PREAMBLE, PackEntry, decode_header_bytes, pack_key
+from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import Vault
 
@@ -33,19 +32,6 @@ class RebuildReport:
         return text
 
 
-def read_pack_header(vault: Vault, pack_id: str, size: int) -> list[PackEntry]:
-    """A pack's entries from two ranged reads of its tail, without reading its blobs."""
-    key = pack_key(pack_id)
-    try:
-        (hlen,) = struct.unpack("<I", vault.backend.get_range(key, size - 4, 4))
-    except struct.error:
-        raise VaultCorrupt(f"{key}: truncated pack", object=key) from None
-    blob_end = size - 4 - hlen
-    if blob_end < len(PACK_PREAMBLE):
-        raise VaultCorrupt(f"{key}: header length {hlen} exceeds the pack", object=key)
-    return decode_header_bytes(vault.backend.get_range(key, blob_end, hlen), blob_end, vault.crypto, what=key)
-
-
 def rebuild_index(vault: Vault) -> RebuildReport:
     """Write one index of every readable pack, superseding and then deleting all existing index objects."""
     report = RebuildReport()
@@ -55,7 +41,7 @@ def rebuild_index(vault: Vault) -> RebuildReport:
         entries: dict[bytes, Location] = {}
         for pack_id, size, _mtime in vault.iter_packs():
             try:
-                header = read_pack_header(vault, pack_id, size)
+                header = vault.read_pack_header(pack_id, size)
             except RakshaError as err:
                 report.unreadable_packs.append({"object": pack_key(pack_id), "error": err.message})
                 continue

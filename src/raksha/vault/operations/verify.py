@@ -22,7 +22,7 @@ from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
 from raksha.vault.format.constants import ZERO_ID
-from raksha.vault.format.index import Location
+from raksha.vault.format.index import IndexFile, Location, decode_index
 from raksha.vault.format.pack import decode_pack_header, pack_key
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import INDEX_PREFIX, Vault
@@ -76,6 +76,7 @@ class _Verify:
         self.callback = progress
         self.report = VerifyReport(read_data=read_data)
         self.bad_chunks: dict[bytes, str] = {}
+        self.missing_packs: dict[str, list[bytes]] = {}  # pack key -> the wanted chunks it held
         self.lock = threading.Lock()
 
     def damaged(self, key: str, err: str) -> None:
@@ -84,43 +85,61 @@ class _Verify:
 
     def run(self) -> VerifyReport:
         start = time.monotonic()
-        locations = self._load_index()
+        # Manifests before the index: a backup indexes its chunks before it writes its manifest, so
+        # one that commits while we run cannot look as if its chunks were missing.
         users: dict[bytes, list[str]] = defaultdict(list)
         for bid in self.vault.backup_ids():
             self.report.backups_checked += 1
             try:
                 manifest = self.vault.read_manifest(bid)
-                self.vault.read_metadata(bid)
             except RakshaError as err:
-                self.report.damaged_backups.setdefault(str(bid), []).append(f"{err.code}: {err.message}")
+                self._damaged_backup(str(bid), f"{err.code}: {err.message}")
                 continue
             for cid in set(manifest.chunk_ids):
                 if cid != ZERO_ID:
                     users[cid].append(str(bid))
+            try:
+                self.vault.read_metadata(bid)
+            except RakshaError as err:  # its data is still checked: a restore does not need the metadata
+                self._damaged_backup(str(bid), f"metadata: {err.code}: {err.message}")
+        locations = self._load_index(report=True)
         for cid in users:
             if cid not in locations:
                 self.bad_chunks[cid] = f"chunk {cid.hex()} is missing (no index entry)"
-        if self.read_data:
-            self._check_packs({cid: loc for cid, loc in locations.items() if cid in users})
+        self._check({cid: loc for cid, loc in locations.items() if cid in users})
+        if self.missing_packs:
+            self._recheck_moved()
+        for key in sorted(self.missing_packs):
+            self.damaged(key, "missing")
+            for cid in self.missing_packs[key]:
+                self.bad_chunks.setdefault(cid, f"chunk {cid.hex()} is missing: its pack {key} is gone")
         for cid, why in self.bad_chunks.items():
             for user in users.get(cid, []):
-                self.report.damaged_backups.setdefault(user, []).append(why)
+                self._damaged_backup(user, why)
         self.report.seconds = time.monotonic() - start
         return self.report
 
-    def _load_index(self) -> dict[bytes, Location]:
-        """Read each index on its own, so one damaged index is reported and the others still count."""
-        from raksha.vault.format.index import decode_index
+    def _damaged_backup(self, bid: str, why: str) -> None:
+        self.report.damaged_backups.setdefault(bid, []).append(why)
 
-        files = {}
+    def _load_index(self, *, report: bool) -> dict[bytes, Location]:
+        """Read each index on its own, so one damaged index is reported and the others still count."""
+        files: dict[str, IndexFile] = {}
         for info in self.vault.backend.list(INDEX_PREFIX):
+            index_id = info.key[len(INDEX_PREFIX):]
+            problems = []
             try:
                 data = self.vault.backend.get(info.key)
-                if blake3.blake3(data).hexdigest() != info.key[len(INDEX_PREFIX):]:
-                    self.damaged(info.key, "content does not match its name (damaged)")
-                files[info.key[len(INDEX_PREFIX):]] = decode_index(data, self.vault.crypto, what=info.key)
+            except NotFound:
+                continue  # deleted by a concurrent gc, which wrote what replaces it first
+            if blake3.blake3(data).hexdigest() != index_id:
+                problems.append("content does not match its name (damaged)")
+            try:
+                files[index_id] = decode_index(data, self.vault.crypto, what=info.key)
             except RakshaError as err:
-                self.damaged(info.key, f"{err.code}: {err.message}")
+                problems.append(f"{err.code}: {err.message}")
+            if problems and report:
+                self.damaged(info.key, "; ".join(problems))
         superseded = {s.hex() for f in files.values() for s in f.supersedes}
         locations: dict[bytes, Location] = {}
         for index_id, f in files.items():
@@ -128,11 +147,33 @@ class _Verify:
                 locations.update(f.entries)
         return locations
 
-    def _check_packs(self, wanted: dict[bytes, Location]) -> None:
+    def _check(self, wanted: dict[bytes, Location]) -> None:
         by_pack: dict[bytes, list[tuple[bytes, Location]]] = defaultdict(list)
         for cid, loc in wanted.items():
             by_pack[loc.pack_id].append((cid, loc))
-        meter = Progress("verify", sum(loc.stored_length for loc in wanted.values()), self.callback)
+        if self.read_data:
+            self._read_packs(by_pack, sum(loc.stored_length for loc in wanted.values()))
+        else:
+            self._stat_packs(by_pack)
+
+    def _stat_packs(self, by_pack: dict[bytes, list[tuple[bytes, Location]]]) -> None:
+        """Without reading data: every pack must exist and be long enough for the blobs it is said to hold."""
+        sizes = {pid: size for pid, size, _mtime in self.vault.iter_packs()}
+        for pack_id, entries in sorted(by_pack.items()):
+            key = pack_key(pack_id.hex())
+            size = sizes.get(pack_id.hex())
+            if size is None:
+                try:
+                    size = self.vault.backend.stat(key).size  # not listed yet: written since the listing
+                except NotFound:
+                    self.missing_packs[key] = [cid for cid, _ in entries]
+                    continue
+            for cid, loc in entries:
+                if loc.offset + loc.stored_length > size - 4:
+                    self._bad(cid, f"chunk {cid.hex()} in {key}: the pack is too short (truncated)")
+
+    def _read_packs(self, by_pack: dict[bytes, list[tuple[bytes, Location]]], total: int) -> None:
+        meter = Progress("verify", total, self.callback)
         local = threading.local()
 
         def check(item: tuple[bytes, list[tuple[bytes, Location]]]) -> None:
@@ -141,9 +182,8 @@ class _Verify:
             try:
                 data = self.vault.backend.get(key)
             except NotFound:
-                for cid, _ in entries:
-                    self._bad(cid, f"chunk {cid.hex()}: its pack {key} is missing")
-                self.damaged(key, "missing")
+                with self.lock:
+                    self.missing_packs[key] = [cid for cid, _ in entries]
                 return
             with self.lock:
                 self.report.packs_checked += 1
@@ -169,6 +209,28 @@ class _Verify:
 
         run_parallel(sorted(by_pack.items()), check, self.threads)
         meter.finish()
+
+    def _recheck_moved(self) -> None:
+        """Packs that vanished while we ran: a gc that repacked them has indexed their chunks elsewhere.
+
+        Those chunks are checked where the index now puts them; only the rest are reported missing.
+        """
+        fresh = self._load_index(report=False)
+        moved: dict[bytes, Location] = {}
+        for key, cids in list(self.missing_packs.items()):
+            still = []
+            for cid in cids:
+                loc = fresh.get(cid)
+                if loc is not None and pack_key(loc.pack_id.hex()) != key:
+                    moved[cid] = loc
+                else:
+                    still.append(cid)
+            if still:
+                self.missing_packs[key] = still
+            else:
+                del self.missing_packs[key]
+        if moved:
+            self._check(moved)
 
     def _bad(self, cid: bytes, why: str) -> None:
         with self.lock:

@@ -24,7 +24,11 @@ class DiskSource(Protocol):
 
 
 class DiskTarget(Protocol):
-    """A disk being restored into. Starts all-zero when ``fresh``; ``pwrite`` is thread-safe."""
+    """A disk being restored into. Starts all-zero when ``fresh``; ``pwrite`` is thread-safe.
+
+    After ``close``, exactly one of ``commit`` (the disk is complete: make it visible at ``path``)
+    or ``discard`` (it is not: remove what a fresh target wrote) is called.
+    """
 
     path: str
     format: str
@@ -37,6 +41,10 @@ class DiskTarget(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
 
 
 def merge_extents(extents: list[Extent]) -> list[Extent]:

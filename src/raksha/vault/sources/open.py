@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
 import subprocess
 
@@ -13,6 +14,7 @@ from raksha.vault.sources.nbd import NbdSource, NbdTarget, QemuNbdExport
 from raksha.vault.sources.raw import RawSource, RawTarget
 
 QCOW2_MAGIC = b"QFI\xfb"
+PARTIAL_SUFFIX = ".raksha-partial"  # a restore in progress (or killed): never a finished disk
 SECTOR = 512
 
 
@@ -67,19 +69,108 @@ def open_source(path: str, fmt: str = "auto") -> DiskSource:
 
 
 def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False) -> DiskTarget:
+    """A target for a restore to ``path``.
+
+    A new image is written under a temporary name next to ``path`` and renamed to ``path`` by
+    ``commit``, so ``path`` never holds a half-restored disk, even when the restore is killed,
+    and an existing file replaced with ``overwrite`` survives a failed restore. Only a block
+    device is written in place.
+    """
     if fmt not in ("raw", "qcow2"):
         raise InvalidInput(f"restore format {fmt!r} is not supported (raw or qcow2)", code="INVALID_FORMAT")
     if os.path.exists(path):
         if not overwrite:
             raise AlreadyExists(f"{path} exists; choose a new path or pass --force", code="OUTPUT_EXISTS")
-        if stat.S_ISBLK(os.stat(path).st_mode):
+        mode = os.stat(path).st_mode
+        if stat.S_ISBLK(mode):
             if fmt != "raw":
                 raise InvalidInput("a block device can only be restored to as raw", code="INVALID_FORMAT")
-            return RawTarget(path, size, fresh=False)
-        os.unlink(path)
+            return _InPlace(RawTarget(path, size, fresh=False))
+        if not stat.S_ISREG(mode):
+            raise InvalidInput(f"{path} is not a regular file or block device", code="OUTPUT_INVALID")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise NotFound(f"{parent}: no such directory", code="OUTPUT_DIR_NOT_FOUND")
-    if fmt == "raw":
-        return RawTarget(path, size, fresh=True)
-    return NbdTarget(path, fmt, size)
+    staged = os.path.join(parent, f"{os.path.basename(path)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    target = RawTarget(staged, size, fresh=True) if fmt == "raw" else NbdTarget(staged, fmt, size)
+    return _Staged(target, path, overwrite=overwrite)
+
+
+class _Staged:
+    """A fresh image written under a temporary name, renamed to ``path`` once complete."""
+
+    fresh = True
+
+    def __init__(self, target: RawTarget | NbdTarget, path: str, *, overwrite: bool) -> None:
+        self._target = target
+        self._overwrite = overwrite
+        self.path = path
+        self.format = target.format
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        self._target.pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._target.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def close(self) -> None:
+        self._target.close()
+
+    def commit(self) -> None:
+        staged = self._target.path
+        try:
+            if self._overwrite:
+                os.replace(staged, self.path)
+            else:
+                os.link(staged, self.path)  # fails if someone created path meanwhile: never clobber
+                os.unlink(staged)
+        except FileExistsError:
+            self.discard()
+            raise AlreadyExists(f"{self.path} appeared while restoring; the restored disk was discarded",
+                                code="OUTPUT_EXISTS") from None
+        except BaseException:
+            self.discard()
+            raise
+        fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)  # the new name is durable, as the data already is
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self._target.path)
+        except FileNotFoundError:
+            pass
+
+
+class _InPlace:
+    """An existing block device overwritten in place: nothing to rename or remove."""
+
+    fresh = False
+
+    def __init__(self, target: RawTarget) -> None:
+        self._target = target
+        self.path = target.path
+        self.format = target.format
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        self._target.pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._target.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def close(self) -> None:
+        self._target.close()
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass

@@ -1,0 +1,190 @@
+"""Shared fixtures: test images, the ``raksha`` CLI as a real subprocess, ready-made vaults.
+
+Everything here works on real files and real processes:
+
+- ``make_image(name, size, seed)`` writes a sparse, VM-like raw image with
+  ``bench/imagegen.py`` and returns its path; ``make_changed_copy(src, name,
+  fraction, seed)`` copies it with ~fraction of it rewritten and returns
+  ``(path, extents)``, the extents also written to ``<name>.json`` for
+  ``--changed-extents``.
+- ``run_cli(*args, password=..., timeout=...)`` runs ``.venv/bin/raksha`` with
+  stdin not a tty and ``RAKSHA_PASSWORD`` set only when ``password`` is given,
+  and returns ``(returncode, stdout, stderr)``. ``cli_json`` does the same,
+  asserts the exit status and returns the parsed ``--json`` output.
+- ``vault`` is a fresh plaintext vault directory (1 MiB chunks) made with
+  ``raksha vault init``; ``encrypted_vault`` one encrypted with passphrase
+  ``PASSWORD`` (and a cheap 8 MiB Argon2 so tests stay fast).
+- ``blake3_file(path)`` hashes a file, for bit-exact comparisons.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import blake3
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAKSHA = REPO / ".venv" / "bin" / "raksha"
+PASSWORD = "correct horse battery staple"
+MIB = 1 << 20
+
+RunCli = Callable[..., tuple[int, str, str]]
+
+
+def _load_imagegen() -> ModuleType:
+    path = REPO / "bench" / "imagegen.py"
+    name = "bench_imagegen"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+imagegen = _load_imagegen()
+
+
+def blake3_file(path: str | os.PathLike[str]) -> str:
+    h = blake3.blake3()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MIB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cli_env(password: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment a CLI run sees: ours, minus any secret, plus ``password`` if given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAKSHA_")}
+    if password is not None:
+        env["RAKSHA_PASSWORD"] = password
+    env.update(extra)
+    return env
+
+
+def run_raksha(*args: Any, password: str | None = None, timeout: float = 120,
+               env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> tuple[int, str, str]:
+    done = subprocess.run(
+        [str(RAKSHA), *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(password, **(env or {})),
+        cwd=cwd,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def error_of(stdout: str) -> dict[str, Any]:
+    """The ``{"error": {...}}`` document a failing command prints with --json."""
+    doc = json.loads(stdout)
+    assert isinstance(doc, dict) and "error" in doc, stdout
+    return dict(doc["error"])
+
+
+@pytest.fixture
+def run_cli() -> RunCli:
+    return run_raksha
+
+
+@pytest.fixture
+def cli_json() -> Callable[..., Any]:
+    """Run a command with --json, assert it exited ``expect`` (0), return its parsed stdout."""
+
+    def run(*args: Any, expect: int = 0, password: str | None = None, timeout: float = 120) -> Any:
+        rc, out, err = run_raksha(*args, "--json", password=password, timeout=timeout)
+        assert rc == expect, f"raksha {' '.join(map(str, args))} exited {rc}, expected {expect}\n{out}\n{err}"
+        assert "Traceback" not in err, err
+        return json.loads(out)
+
+    return run
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """``make_image(name, size=16 MiB, seed=1)``: a sparse VM-like raw image in tmp_path."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+
+    def make(name: str = "disk.img", size: int = 16 * MIB, seed: int = 1) -> Path:
+        path = images / name
+        imagegen.generate_image(path, size, seed)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_changed_copy(tmp_path: Path) -> Callable[..., tuple[Path, list[list[int]]]]:
+    """``make_changed_copy(src, name, fraction=0.01, seed=2)`` -> (image, extents); extents go to name.json."""
+
+    def make(src: Path, name: str, fraction: float = 0.01, seed: int = 2) -> tuple[Path, list[list[int]]]:
+        dst = src.parent / name
+        extents = imagegen.make_changed_copy(src, dst, fraction, seed)
+        imagegen.write_extents(dst, extents)
+        return dst, extents
+
+    return make
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Path:
+    """A fresh plaintext vault (1 MiB chunks), made through the CLI."""
+    path = tmp_path / "vault"
+    rc, _out, err = run_raksha("vault", "init", path, "--json")
+    assert rc == 0, err
+    return path
+
+
+@pytest.fixture
+def encrypted_vault(tmp_path: Path) -> Path:
+    """A fresh encrypted vault; its passphrase is ``PASSWORD``."""
+    path = tmp_path / "evault"
+    rc, _out, err = run_raksha("vault", "init", path, "--encrypt", "--kdf-memory", "8M", "--json", password=PASSWORD)
+    assert rc == 0, err
+    return path
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> Path:
+    """A directory for restored images."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs("24m")`` mounts a real tmpfs of that size (needs root) and unmounts it afterwards."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    try:
+        yield mount
+    finally:
+        for mnt in mounted:
+            if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(mnt)], check=False)

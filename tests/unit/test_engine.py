@@ -1,0 +1,454 @@
+"""The backup and restore engine through its Python API: what a caller (the CLI, the service) gets.
+
+Vaults live in memory (MemoryBackend) or in a directory (LocalBackend); images are real
+sparse files made by bench/imagegen.py; qcow2 goes through real qemu-img and qemu-nbd.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import MIB, blake3_file, imagegen
+from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound
+from raksha.vault.backends.local import LocalBackend
+from raksha.vault.backends.memory import MemoryBackend
+from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.restore import RestoreResult, restore_backup
+from raksha.vault.format.config import VaultConfig
+from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.index import index_key
+from raksha.vault.format.keys import KdfParams, Secret
+from raksha.vault.format.naming import BackupId
+from raksha.vault.format.pack import pack_key
+from raksha.vault.operations.gc import collect_garbage
+from raksha.vault.repository import Vault
+from raksha.vault.sources.open import open_source
+
+K64 = 64 << 10
+SECRET = Secret(passphrase=b"engine test")
+MakeVault = Callable[..., Vault]
+
+
+@pytest.fixture(params=["memory", "local"])
+def new_vault(request: pytest.FixtureRequest, tmp_path: Path) -> MakeVault:
+    """``new_vault(chunk_size=1 MiB, encrypted=False, pack_size=32 MiB)`` in memory or in a directory."""
+    count = [0]
+
+    def make(chunk_size: int = MIB, encrypted: bool = False, pack_size: int = 32 * MIB) -> Vault:
+        count[0] += 1
+        if request.param == "memory":
+            backend = MemoryBackend()
+        else:
+            backend = LocalBackend(tmp_path / f"vault{count[0]}", create=True)
+        config = VaultConfig.new(chunk_size=chunk_size, pack_size=pack_size, encrypted=encrypted)
+        return Vault.init(backend, config, SECRET if encrypted else None, KdfParams(memory_kib=8192))
+
+    return make
+
+
+def backup(vault: Vault, image: Path, backup_id: str, **kwargs: object) -> BackupResult:
+    """Back up the image file at ``image`` (any format qemu knows) as ``backup_id``."""
+    source = open_source(str(image))
+    try:
+        parent = kwargs.pop("parent", None)
+        return backup_disk(vault, source, BackupId.parse(backup_id),
+                           parent=BackupId.parse(str(parent)) if parent else None, **kwargs)  # type: ignore[arg-type]
+    finally:
+        source.close()
+
+
+def restore(vault: Vault, backup_id: str, output: Path, fmt: str = "raw") -> RestoreResult:
+    return restore_backup(vault, BackupId.parse(backup_id), str(output), fmt=fmt)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def data_bytes(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(end - start for start, end in imagegen.data_segments(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def stored_pack_bytes(vault: Vault) -> int:
+    return sum(size for _, size, _ in vault.iter_packs())
+
+
+# -- full backups ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_full_backup_restores_bit_exact(new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path,
+                                        encrypted: bool) -> None:
+    image = make_image("disk.img", 16 * MIB, seed=1)
+    vault = new_vault(encrypted=encrypted)
+
+    result = backup(vault, image, "job1/run1/vm1/vda")
+    restored = restore(vault, "job1/run1/vm1/vda", outputs / "vda.img")
+
+    assert blake3_file(outputs / "vda.img") == blake3_file(image)
+    s = result.stats
+    assert result.kind == "full" and result.parent is None
+    assert s.virtual_size == 16 * MIB and s.chunks_total == 16
+    assert s.chunks_new + s.chunks_deduplicated + s.chunks_zero == s.chunks_total
+    assert s.chunks_new > 0 and s.bytes_stored > 0
+    assert s.bytes_read <= data_bytes(image) + s.chunks_total * MIB  # holes are not read...
+    assert s.bytes_read < 16 * MIB  # ...and this image has whole-chunk holes
+    # bytes_stored is what the packs hold, less their headers
+    assert s.bytes_stored <= stored_pack_bytes(vault) <= s.bytes_stored + s.packs_written * 4096 + s.chunks_new * 64
+    assert restored.content_digest == result.content_digest
+    assert restored.chunks_verified == s.chunks_new
+    # the restored file is sparse where the backup had zero chunks
+    assert allocated(outputs / "vda.img") <= (s.chunks_total - s.chunks_zero) * MIB
+
+
+def test_backup_metadata_and_manifest_describe_the_backup(new_vault: MakeVault,
+                                                          make_image: Callable[..., Path]) -> None:
+    image = make_image("disk.img", 8 * MIB)
+    vault = new_vault()
+    result = backup(vault, image, "job1/run1/vm1/vda", hints={"tenant": "acme"})
+
+    manifest = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda"))
+    meta = vault.read_metadata(BackupId.parse("job1/run1/vm1/vda"))
+    assert manifest.virtual_size == 8 * MIB and manifest.source_format == "raw"
+    assert manifest.content_digest() == result.content_digest == meta["checksums"]["content_digest"]
+    assert meta["kind"] == "full" and meta["parent"] is None and meta["changed_extents"] is None
+    assert meta["hints"] == {"tenant": "acme"}
+    assert meta["source"] == {"path": str(image), "format": "raw", "virtual_size": 8 * MIB}
+    assert meta["stats"]["bytes_stored"] == result.stats.bytes_stored
+    assert vault.backup_ids() == [BackupId.parse("job1/run1/vm1/vda")]
+
+
+def test_a_backup_id_is_written_once(new_vault: MakeVault, make_image: Callable[..., Path]) -> None:
+    image = make_image("disk.img", 4 * MIB)
+    vault = new_vault()
+    backup(vault, image, "job1/run1/vm1/vda")
+    with pytest.raises(AlreadyExists) as caught:
+        backup(vault, image, "job1/run1/vm1/vda")
+    assert caught.value.code == "BACKUP_EXISTS"
+
+
+@pytest.mark.parametrize("chunk_size", [K64, 4 * MIB], ids=["64K", "4M"])
+def test_chunk_sizes(new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path, chunk_size: int) -> None:
+    image = make_image("disk.img", 24 * MIB, seed=3)
+    vault = new_vault(chunk_size=chunk_size)
+
+    result = backup(vault, image, "job1/run1/vm1/vda")
+    restore(vault, "job1/run1/vm1/vda", outputs / "out.img")
+
+    assert blake3_file(outputs / "out.img") == blake3_file(image)
+    assert result.stats.chunks_total == 24 * MIB // chunk_size
+    assert vault.read_manifest(BackupId.parse("job1/run1/vm1/vda")).chunk_size == chunk_size
+
+
+def test_disk_size_not_a_multiple_of_the_chunk_size(new_vault: MakeVault, make_image: Callable[..., Path],
+                                                    outputs: Path) -> None:
+    size = 8 * MIB + 3 * 4096 + 512
+    image = make_image("odd.img", size, seed=4)
+    with open(image, "r+b") as f:  # make sure the short last chunk holds data
+        f.seek(size - 700)
+        f.write(b"tail!" * 140)
+    vault = new_vault()
+
+    result = backup(vault, image, "job1/run1/vm1/vda")
+    restore(vault, "job1/run1/vm1/vda", outputs / "odd.img")
+
+    manifest = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda"))
+    assert result.stats.chunks_total == manifest.chunk_count == 9
+    assert manifest.chunk_length(8) == 3 * 4096 + 512 and manifest.chunk_ids[8] != ZERO_ID
+    assert os.path.getsize(outputs / "odd.img") == size
+    assert blake3_file(outputs / "odd.img") == blake3_file(image)
+
+
+def test_all_zero_chunks_are_not_stored(new_vault: MakeVault, tmp_path: Path, outputs: Path) -> None:
+    """Zeros written out (not holes) are read, recognised and recorded as the zero id, never stored."""
+    image = tmp_path / "zeros.img"
+    with open(image, "wb") as f:
+        f.write(bytes(3 * MIB))  # allocated zeros
+        f.write(b"data" * (MIB // 4))
+        f.write(bytes(2 * MIB))
+        f.write(b"more" * (MIB // 4))
+    assert allocated(image) >= 7 * MIB
+    vault = new_vault()
+
+    result = backup(vault, image, "job1/run1/vm1/vda")
+
+    manifest = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda"))
+    assert [cid == ZERO_ID for cid in manifest.chunk_ids] == [True, True, True, False, True, True, False]
+    assert result.stats.chunks_zero == 5 and result.stats.chunks_new == 2
+    assert result.stats.bytes_read == 7 * MIB  # read, since the file says they hold data
+    index = vault.load_index()
+    assert ZERO_ID not in index and len(index.locations) == 2
+    restore(vault, "job1/run1/vm1/vda", outputs / "zeros.img")
+    assert blake3_file(outputs / "zeros.img") == blake3_file(image)
+
+
+def test_an_all_zero_disk_stores_nothing(new_vault: MakeVault, tmp_path: Path, outputs: Path) -> None:
+    image = tmp_path / "blank.img"
+    image.write_bytes(bytes(4 * MIB))
+    vault = new_vault()
+
+    result = backup(vault, image, "job1/run1/vm1/vda")
+
+    assert result.stats.bytes_stored == 0 and result.stats.packs_written == 0
+    assert list(vault.iter_packs()) == []
+    restore(vault, "job1/run1/vm1/vda", outputs / "blank.img")
+    assert (outputs / "blank.img").read_bytes() == bytes(4 * MIB)
+
+
+# -- incrementals ---------------------------------------------------------------------------------
+
+
+def test_incremental_reads_only_the_changed_chunks(new_vault: MakeVault, make_image: Callable[..., Path],
+                                                   make_changed_copy: Callable[..., tuple[Path, list[list[int]]]],
+                                                   outputs: Path) -> None:
+    base = make_image("base.img", 32 * MIB, seed=5)
+    changed, extents = make_changed_copy(base, "changed.img", fraction=0.01, seed=6)
+    changed_bytes = sum(length for _, length in extents)
+    vault = new_vault(chunk_size=K64)
+    full = backup(vault, base, "job1/run1/vm1/vda")
+
+    inc = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda",
+                 changed_extents=[(o, n) for o, n in extents])
+
+    s = inc.stats
+    assert inc.kind == "incremental" and str(inc.parent) == "job1/run1/vm1/vda"
+    assert s.bytes_read <= 1.1 * changed_bytes + K64 * len(extents)
+    assert s.bytes_read < full.stats.bytes_read / 5
+    assert s.chunks_from_parent > 0
+    assert s.chunks_read <= len(extents) * 17  # an extent is at most 1 MiB: 16 chunks, 17 if unaligned
+    assert s.bytes_stored <= changed_bytes + K64 * len(extents)
+    restore(vault, "job1/run2/vm1/vda", outputs / "new.img")
+    restore(vault, "job1/run1/vm1/vda", outputs / "old.img")
+    assert blake3_file(outputs / "new.img") == blake3_file(changed)
+    assert blake3_file(outputs / "old.img") == blake3_file(base)
+    meta = vault.read_metadata(BackupId.parse("job1/run2/vm1/vda"))
+    assert meta["kind"] == "incremental" and meta["parent"] == "job1/run1/vm1/vda"
+    assert meta["changed_extents"] == {"count": len(extents), "bytes": changed_bytes}
+
+
+def test_incremental_without_extents_rereads_everything_and_matches(
+        new_vault: MakeVault, make_image: Callable[..., Path],
+        make_changed_copy: Callable[..., tuple[Path, list[list[int]]]], outputs: Path) -> None:
+    base = make_image("base.img", 16 * MIB, seed=5)
+    changed, _ = make_changed_copy(base, "changed.img", fraction=0.02, seed=6)
+    vault = new_vault()
+    backup(vault, base, "job1/run1/vm1/vda")
+
+    inc = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda")
+
+    assert inc.kind == "full"  # no change tracking: a full read, deduplicated against everything
+    assert inc.stats.chunks_deduplicated > 0 and inc.stats.chunks_from_parent == 0
+    restore(vault, "job1/run2/vm1/vda", outputs / "new.img")
+    assert blake3_file(outputs / "new.img") == blake3_file(changed)
+
+
+def test_changed_extents_need_a_parent(new_vault: MakeVault, make_image: Callable[..., Path]) -> None:
+    vault = new_vault()
+    with pytest.raises(InvalidInput) as caught:
+        backup(vault, make_image("a.img", 2 * MIB), "job1/run1/vm1/vda", changed_extents=[(0, 4096)])
+    assert caught.value.code == "PARENT_REQUIRED"
+    with pytest.raises(NotFound) as missing:
+        backup(vault, make_image("a.img", 2 * MIB), "job1/run1/vm1/vda", parent="job1/run0/vm1/vda",
+               changed_extents=[(0, 4096)])
+    assert missing.value.code == "BACKUP_NOT_FOUND"
+
+
+def test_every_backup_restores_after_its_parent_is_deleted(
+        new_vault: MakeVault, make_image: Callable[..., Path],
+        make_changed_copy: Callable[..., tuple[Path, list[list[int]]]], outputs: Path) -> None:
+    """Incrementals are logically full: deleting the parent and collecting its garbage loses nothing."""
+    base = make_image("v1.img", 16 * MIB, seed=7)
+    v2, ext2 = make_changed_copy(base, "v2.img", fraction=0.3, seed=8)
+    v3, ext3 = make_changed_copy(v2, "v3.img", fraction=0.3, seed=9)
+    vault = new_vault(chunk_size=K64, pack_size=2 * MIB)
+    backup(vault, base, "job1/run1/vm1/vda")
+    backup(vault, v2, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=ext2)
+    backup(vault, v3, "job1/run3/vm1/vda", parent="job1/run2/vm1/vda", changed_extents=ext3)
+
+    vault.delete_backup(BackupId.parse("job1/run1/vm1/vda"))
+    first = collect_garbage(vault, grace=0, max_wait=5, poll=0.05)
+    assert first.bytes_freed > 0
+    restore(vault, "job1/run2/vm1/vda", outputs / "v2.img")
+    assert blake3_file(outputs / "v2.img") == blake3_file(v2)
+
+    vault.delete_backup(BackupId.parse("job1/run2/vm1/vda"))
+    second = collect_garbage(vault, grace=0, max_wait=5, poll=0.05)
+    assert second.bytes_freed > 0
+    restore(vault, "job1/run3/vm1/vda", outputs / "v3.img")
+    assert blake3_file(outputs / "v3.img") == blake3_file(v3)
+    with pytest.raises(NotFound):
+        restore(vault, "job1/run1/vm1/vda", outputs / "v1.img")
+
+
+def test_incremental_of_a_grown_disk(new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path) -> None:
+    """The new tail is read even though no changed extent names it, and so is the parent's short last chunk."""
+    old_size = 8 * MIB + 4096
+    base = make_image("base.img", old_size, seed=10)
+    with open(base, "r+b") as f:
+        f.seek(old_size - 4096)
+        f.write(b"old tail" * 512)
+    grown = base.parent / "grown.img"
+    shutil.copyfile(base, grown)
+    with open(grown, "r+b") as f:
+        f.truncate(12 * MIB)
+        f.seek(old_size)
+        f.write(b"grew into the old last chunk" * 1000)
+        f.seek(10 * MIB)
+        f.write(os.urandom(MIB))
+        f.seek(MIB)
+        f.write(b"changed in place" * 256)
+    vault = new_vault()
+    backup(vault, base, "job1/run1/vm1/vda")
+
+    inc = backup(vault, grown, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=[(MIB, 4096)])
+
+    assert inc.stats.virtual_size == 12 * MIB and inc.stats.chunks_total == 12
+    restore(vault, "job1/run2/vm1/vda", outputs / "grown.img")
+    assert blake3_file(outputs / "grown.img") == blake3_file(grown)
+
+
+def test_incremental_of_a_shrunk_disk(new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path) -> None:
+    base = make_image("base.img", 8 * MIB, seed=11)
+    shrunk = base.parent / "shrunk.img"
+    shutil.copyfile(base, shrunk)
+    os.truncate(shrunk, 5 * MIB + 8192)
+    vault = new_vault()
+    backup(vault, base, "job1/run1/vm1/vda")
+
+    inc = backup(vault, shrunk, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=[])
+
+    assert inc.stats.chunks_total == 6
+    restore(vault, "job1/run2/vm1/vda", outputs / "shrunk.img")
+    assert blake3_file(outputs / "shrunk.img") == blake3_file(shrunk)
+
+
+def test_incremental_rereads_a_parent_chunk_missing_from_the_index(
+        new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path) -> None:
+    """A chunk the parent used but the vault no longer holds is read and stored again, not referenced."""
+    image = make_image("disk.img", 16 * MIB, seed=12)
+    vault = new_vault(chunk_size=K64, pack_size=MIB)
+    backup(vault, image, "job1/run1/vm1/vda")
+    # Lose one pack and its index, as if a gc or an operator had removed them.
+    index_id = sorted(vault.load_index().index_ids)[0]
+    lost = vault.read_index_files()[index_id].entries
+    pack_ids = {loc.pack_id.hex() for loc in lost.values()}
+    assert len(pack_ids) == 1 and lost
+    vault.backend.delete(index_key(index_id))
+    vault.backend.delete(pack_key(pack_ids.pop()))
+
+    inc = backup(vault, image, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=[])
+
+    assert inc.stats.chunks_read == len(lost) and inc.stats.chunks_new == len(lost)
+    assert inc.stats.bytes_read == len(lost) * K64
+    assert set(lost) <= set(vault.load_index().locations)
+    restore(vault, "job1/run2/vm1/vda", outputs / "disk.img")
+    assert blake3_file(outputs / "disk.img") == blake3_file(image)
+
+
+# -- deduplication --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_identical_disks_of_two_vms_are_stored_once(new_vault: MakeVault, make_image: Callable[..., Path],
+                                                    outputs: Path, encrypted: bool) -> None:
+    image = make_image("vm1.img", 16 * MIB, seed=13)
+    copy = image.parent / "vm2.img"
+    shutil.copyfile(image, copy)
+    vault = new_vault(encrypted=encrypted)
+    first = backup(vault, image, "job1/run1/vm1/vda")
+    packs_before = stored_pack_bytes(vault)
+
+    second = backup(vault, copy, "job1/run1/vm2/vda")
+
+    assert second.stats.bytes_stored == 0 and second.stats.chunks_new == 0
+    assert second.stats.chunks_deduplicated == first.stats.chunks_new
+    assert second.content_digest == first.content_digest
+    assert stored_pack_bytes(vault) == packs_before
+    restore(vault, "job1/run1/vm2/vda", outputs / "vm2.img")
+    assert blake3_file(outputs / "vm2.img") == blake3_file(image)
+
+
+def test_a_cloned_disk_stores_only_its_differences(new_vault: MakeVault, make_image: Callable[..., Path],
+                                                   outputs: Path) -> None:
+    image = make_image("base.img", 16 * MIB, seed=14)
+    clone = image.parent / "clone.img"
+    extents = imagegen.make_clone(image, clone, 0.005, 14)
+    vault = new_vault(chunk_size=K64)
+    first = backup(vault, image, "job1/run1/vm1/vda")
+
+    second = backup(vault, clone, "job1/run1/vm2/vdb")
+
+    changed = sum(length for _, length in extents)
+    assert second.stats.bytes_stored <= changed + K64 * len(extents)
+    assert second.stats.bytes_stored < first.stats.bytes_stored / 10
+    assert second.stats.chunks_deduplicated > 0
+    restore(vault, "job1/run1/vm2/vdb", outputs / "clone.img")
+    assert blake3_file(outputs / "clone.img") == blake3_file(clone)
+
+
+# -- qcow2 ----------------------------------------------------------------------------------------
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=True)
+
+
+def test_qcow2_source_backs_up_the_same_content_as_raw(new_vault: MakeVault, make_image: Callable[..., Path],
+                                                      outputs: Path) -> None:
+    raw = make_image("disk.img", 16 * MIB, seed=15)
+    qcow2 = raw.with_suffix(".qcow2")
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
+    vault = new_vault()
+
+    from_qcow2 = backup(vault, qcow2, "job1/run1/vm1/vda")
+    from_raw = backup(vault, raw, "job1/run1/vm1/vdb")
+
+    assert vault.read_manifest(BackupId.parse("job1/run1/vm1/vda")).source_format == "qcow2"
+    assert from_qcow2.content_digest == from_raw.content_digest
+    assert from_raw.stats.bytes_stored == 0  # same chunks whatever the container
+    assert from_qcow2.stats.bytes_read < 16 * MIB  # unallocated clusters are not read
+    restore(vault, "job1/run1/vm1/vda", outputs / "disk.img")
+    assert blake3_file(outputs / "disk.img") == blake3_file(raw)
+
+
+def test_restore_to_qcow2(new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path) -> None:
+    raw = make_image("disk.img", 16 * MIB, seed=16)
+    vault = new_vault()
+    backup(vault, raw, "job1/run1/vm1/vda")
+
+    result = restore(vault, "job1/run1/vm1/vda", outputs / "disk.qcow2", fmt="qcow2")
+
+    assert result.format == "qcow2"
+    info = qemu_img("info", "--output=json", str(outputs / "disk.qcow2")).stdout
+    assert '"format": "qcow2"' in info and f'"virtual-size": {16 * MIB}' in info
+    qemu_img("check", str(outputs / "disk.qcow2"))
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(outputs / "disk.qcow2")).returncode == 0
+    assert os.path.getsize(outputs / "disk.qcow2") < 16 * MIB  # holes stay unallocated
+
+
+def test_restore_never_overwrites_without_being_asked(new_vault: MakeVault, make_image: Callable[..., Path],
+                                                     outputs: Path) -> None:
+    image = make_image("disk.img", 2 * MIB)
+    vault = new_vault()
+    backup(vault, image, "job1/run1/vm1/vda")
+    out = outputs / "existing.img"
+    out.write_bytes(b"precious")
+
+    with pytest.raises(AlreadyExists) as caught:
+        restore(vault, "job1/run1/vm1/vda", out)
+    assert caught.value.code == "OUTPUT_EXISTS"
+    assert out.read_bytes() == b"precious"
+
+    restore_backup(vault, BackupId.parse("job1/run1/vm1/vda"), str(out), overwrite=True)
+    assert blake3_file(out) == blake3_file(image)
+    assert sorted(p.name for p in outputs.iterdir()) == ["existing.img"]  # no staging file left behind

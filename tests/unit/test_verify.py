@@ -1,0 +1,234 @@
+"""`raksha vault verify`: re-read everything backups reference and name exactly the damaged ones.
+
+Damage is made by hand in a real vault directory: a flipped byte inside one blob, a deleted
+pack, a scribbled index or manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from raksha.vault.backends.local import LocalBackend
+from raksha.vault.engine.backup import backup_disk
+from raksha.vault.format.config import VaultConfig
+from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.index import Location
+from raksha.vault.format.keys import KdfParams, Secret
+from raksha.vault.format.naming import BackupId
+from raksha.vault.format.pack import pack_key
+from raksha.vault.operations import verify as verify_module
+from raksha.vault.operations.gc import collect_garbage
+from raksha.vault.operations.verify import verify_vault
+from raksha.vault.repository import Vault
+from raksha.vault.sources.raw import RawSource
+
+K64 = 64 << 10
+A, B, C = "j/r1/vm1/vda", "j/r2/vm1/vda", "j/r1/vm2/vda"
+
+
+def chunk(seed: int) -> bytes:
+    return random.Random(seed).randbytes(K64)
+
+
+def write_image(path: Path, chunks: list[bytes | None]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(len(chunks) * K64)
+        for i, data in enumerate(chunks):
+            if data is not None:
+                f.seek(i * K64)
+                f.write(data)
+    return path
+
+
+def backup(vault: Vault, img: Path, bid: str) -> None:
+    source = RawSource(str(img))
+    try:
+        backup_disk(vault, source, BackupId.parse(bid), threads=1)
+    finally:
+        source.close()
+
+
+def flip_byte(vault: Vault, key: str, offset: int) -> None:
+    path = Path(vault.backend.url) / key
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def location(vault: Vault, data: bytes) -> Location:
+    loc = vault.load_index().get(vault.crypto.chunk_id(data))
+    assert loc is not None
+    return loc
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "encrypted"])
+def vault(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Vault]:
+    """Three backups in a vault whose packs hold ten 64 KiB chunks:
+
+    - a: chunks 0-9, all in one pack P;
+    - b: chunks 0-4 (shared with a, so in P too) and zeros;
+    - c: chunks 10-19, in a pack of their own.
+    """
+    config = VaultConfig.new(chunk_size=K64, pack_size=10 * K64, encrypted=request.param)
+    secret = Secret(passphrase=b"verify test") if request.param else None
+    v = Vault.init(LocalBackend(tmp_path / "vault", create=True), config, secret, KdfParams(memory_kib=8192))
+    chunks = [chunk(i) for i in range(20)]
+    backup(v, write_image(tmp_path / "a.img", chunks[:10]), A)
+    backup(v, write_image(tmp_path / "b.img", chunks[:5] + [None] * 5), B)
+    backup(v, write_image(tmp_path / "c.img", chunks[10:]), C)
+    yield v
+
+
+def test_a_clean_vault_verifies(vault: Vault) -> None:
+    report = verify_vault(vault, threads=2)
+
+    assert report.ok, report.summary()
+    assert report.backups_checked == 3
+    assert report.chunks_checked == 20  # each distinct chunk once, however many backups use it
+    assert report.packs_checked == 2
+    assert report.bytes_read == sum(size for _pid, size, _mtime in vault.iter_packs())
+    assert report.damaged_backups == {} and report.damaged_objects == []
+    assert "no damage found" in report.summary()
+
+
+def test_a_flipped_byte_names_only_the_backup_using_that_chunk(vault: Vault) -> None:
+    # Chunk 7 lies in the pack a and b share, but only a uses it.
+    loc = location(vault, chunk(7))
+    assert location(vault, chunk(2)).pack_id == loc.pack_id
+    flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + loc.stored_length // 2)
+
+    report = verify_vault(vault)
+
+    assert not report.ok
+    assert set(report.damaged_backups) == {A}
+    (reason,) = report.damaged_backups[A]
+    assert vault.crypto.chunk_id(chunk(7)).hex() in reason
+    assert [d["object"] for d in report.damaged_objects] == [pack_key(loc.pack_id.hex())]
+    assert "DAMAGE FOUND" in report.summary() and A in report.summary()
+
+
+def test_a_flipped_byte_in_a_shared_chunk_names_every_backup_using_it(vault: Vault) -> None:
+    loc = location(vault, chunk(2))
+    flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + 100)
+
+    report = verify_vault(vault)
+
+    assert set(report.damaged_backups) == {A, B}  # not c: its chunks are in another pack
+
+
+def test_a_missing_pack_names_every_backup_using_it(vault: Vault) -> None:
+    pack = pack_key(location(vault, chunk(0)).pack_id.hex())
+    vault.backend.delete(pack)
+
+    report = verify_vault(vault)
+
+    assert set(report.damaged_backups) == {A, B}
+    assert len(report.damaged_backups[A]) == 10 and len(report.damaged_backups[B]) == 5  # one per chunk
+    assert all("missing" in why for why in report.damaged_backups[A])
+    assert {"object": pack, "error": "missing"} in report.damaged_objects
+
+
+def test_a_damaged_index_object_is_reported(vault: Vault) -> None:
+    cid = vault.crypto.chunk_id(chunk(12))
+    (index_id,) = [i for i, f in vault.read_index_files().items() if cid in f.entries]  # c's pack's index
+    index_key = f"index/{index_id}"
+    flip_byte(vault, index_key, 10)
+
+    report = verify_vault(vault)
+
+    assert [d["object"] for d in report.damaged_objects] == [index_key]
+    assert set(report.damaged_backups) == {C}  # its chunks are now in no readable index
+    assert all("no index entry" in why for why in report.damaged_backups[C])
+
+
+def test_a_damaged_manifest_names_that_backup(vault: Vault) -> None:
+    key = BackupId.parse(B).backup_key
+    flip_byte(vault, key, os.path.getsize(Path(vault.backend.url) / key) - 5)
+
+    report = verify_vault(vault)
+
+    assert set(report.damaged_backups) == {B}
+    (reason,) = report.damaged_backups[B]
+    assert reason.startswith("VAULT_CORRUPT")
+    assert report.backups_checked == 3
+
+
+def test_damaged_metadata_names_the_backup_and_its_data_is_still_checked(vault: Vault) -> None:
+    flip_byte(vault, BackupId.parse(C).metadata_key, 8)
+    loc = location(vault, chunk(15))
+    flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + 9)
+
+    report = verify_vault(vault)
+
+    assert set(report.damaged_backups) == {C}
+    reasons = report.damaged_backups[C]
+    assert any(r.startswith("metadata:") for r in reasons)
+    assert any(vault.crypto.chunk_id(chunk(15)).hex() in r for r in reasons)
+
+
+def test_without_reading_data_missing_chunks_and_packs_are_still_found(vault: Vault) -> None:
+    a_pack = location(vault, chunk(0))
+    c_pack = location(vault, chunk(10))
+    # A flipped byte needs the data read to be seen ...
+    flip_byte(vault, pack_key(a_pack.pack_id.hex()), a_pack.offset + 50)
+    report = verify_vault(vault, read_data=False)
+    assert report.ok and not report.read_data
+    assert report.bytes_read == report.packs_checked == report.chunks_checked == 0
+
+    # ... a lost pack does not.
+    vault.backend.delete(pack_key(c_pack.pack_id.hex()))
+    report = verify_vault(vault, read_data=False)
+    assert set(report.damaged_backups) == {C}
+    assert report.bytes_read == 0
+
+    # Nor do chunks that no index lists.
+    for info in list(vault.backend.list("index/")):
+        vault.backend.delete(info.key)
+    report = verify_vault(vault, read_data=False)
+    assert set(report.damaged_backups) == {A, B, C}
+    assert all("no index entry" in why for whys in report.damaged_backups.values() for why in whys)
+
+
+def test_report_is_json_serialisable(vault: Vault) -> None:
+    vault.backend.delete(pack_key(location(vault, chunk(10)).pack_id.hex()))
+    flip_byte(vault, BackupId.parse(B).backup_key, 20)
+
+    doc = json.loads(json.dumps(verify_vault(vault).to_dict()))
+
+    assert doc["ok"] is False and doc["read_data"] is True
+    assert set(doc["damaged_backups"]) == {B, C}
+    assert doc["damaged_objects"][0]["error"] == "missing"
+
+
+def test_chunks_a_concurrent_gc_moved_are_not_reported_missing(vault: Vault,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Verify reads the index, then a gc repacks: the packs verify was going to read are gone,
+    # their chunks live on elsewhere. Verify looks them up again instead of crying "missing".
+    stale = vault.load_index().locations
+    vault.delete_backup(BackupId.parse(A))  # leaves half of pack P garbage: gc repacks it
+    then = 0.0
+    for info in vault.backend.list("data/"):
+        os.utime(Path(vault.backend.url) / info.key, (then, then))
+    assert collect_garbage(vault, grace=0).packs_repacked == 1
+    assert {loc.pack_id for loc in vault.load_index().locations.values()} != {loc.pack_id for loc in stale.values()}
+
+    real_load = verify_module._Verify._load_index
+
+    def first_read_is_stale(self: verify_module._Verify, *, report: bool) -> dict[bytes, Location]:
+        return dict(stale) if report else real_load(self, report=report)
+
+    monkeypatch.setattr(verify_module._Verify, "_load_index", first_read_is_stale)
+
+    report = verify_vault(vault)
+
+    assert report.ok, report.summary()
+    used = {cid for bid in (B, C) for cid in vault.read_manifest(BackupId.parse(bid)).chunk_ids} - {ZERO_ID}
+    assert report.chunks_checked == len(used)
