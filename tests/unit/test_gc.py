@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -855,3 +856,22 @@ def test_gc_gives_up_when_a_backup_outlasts_max_wait(three_backups: tuple[Vault,
         assert_restores(vault, bid, imgs[bid], tmp_path)
     # Later, with the backup gone, gc goes through.
     assert collect_garbage(vault, grace=0).packs_deleted > 0
+
+
+def test_gc_removes_staging_files_a_killed_backup_left_once_past_the_grace(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path / "vault")
+    staging = vault.backend.staging_dir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = staging / f"pack-{dead.pid}-00.partial"  # its writer is gone
+    fresh = staging / f"pack-{dead.pid}-11.partial"  # same, but younger than the grace
+    busy = staging / f"pack-{os.getpid()}-22.partial"  # old, but its writer still runs
+    for path in (old, fresh, busy):
+        path.write_bytes(b"half a pack")
+    for path in (old, busy):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+
+    report = collect_garbage(vault, grace=3600)
+
+    assert report.staging_files_removed == 1
+    assert not old.exists() and fresh.exists() and busy.exists()

@@ -63,7 +63,7 @@ class Packer:
                 p.unlink(missing_ok=True)
 
     def _open(self) -> _OpenPack:
-        path = self._vault.backend.staging_dir() / f"pack-{os.urandom(8).hex()}.partial"
+        path = self._vault.backend.staging_dir() / f"pack-{os.getpid()}-{os.urandom(8).hex()}.partial"
         try:
             pack = _OpenPack(SequentialFile(path), blake3.blake3())
         except OSError as exc:

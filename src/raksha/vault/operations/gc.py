@@ -10,6 +10,7 @@ finishes cleaning.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class GcReport:
     waited_seconds: float = 0.0
     seconds: float = 0.0
     young_packs_kept: int = 0
+    staging_files_removed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,6 +88,18 @@ class _RepackVault(Vault):
         return index_id
 
 
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OverflowError):
+        return False  # not a name we wrote
+    except PermissionError:
+        return True
+    return True
+
+
 def live_chunks(vault: Vault) -> tuple[set[bytes], int]:
     """Every chunk id some backup references. Any unreadable manifest stops gc: its chunks would look free."""
     live: set[bytes] = set()
@@ -126,6 +140,7 @@ class _Gc:
         t0 = self.clock()
         if not self.report.dry_run:
             self._drop_stale_condemned_lists()
+            self._drop_stale_staging_files(t0 - self.grace)
         # 2. Mark. Manifests before indexes: a backup writes its index before its manifest, so every
         # chunk of a manifest read here is in an index read below (or in a pack younger than t0).
         live, self.report.backups = live_chunks(self.vault)
@@ -322,6 +337,17 @@ class _Gc:
         if bytes_written is None:
             bytes_written = sum(p.live_bytes for p in packs.values() if p.fate == REPACK)
         r.bytes_freed = max(0, removed - bytes_written)
+
+    def _drop_stale_staging_files(self, cutoff: float) -> None:
+        """Half-written packs of killed backups: older than the grace and their writer (named in the file) gone."""
+        staging = self.vault.backend.staging_dir()
+        for path in staging.glob("pack-*.partial"):
+            try:
+                if path.stat().st_mtime < cutoff and not _pid_alive(path.name.split("-")[1]):
+                    path.unlink()
+                    self.report.staging_files_removed += 1
+            except FileNotFoundError:
+                continue
 
     def _drop_stale_condemned_lists(self) -> None:
         """Remove ``.condemned`` objects a killed gc left behind: no backup reads them once their lock is gone."""
