@@ -49,11 +49,20 @@ PHASES = ("full", "incremental", "restore", "clone")
 WORKDIR_MARKER = ".raksha-bench-workdir"
 COMPARE_BLOCK = 8 << 20
 
-NOTES = (
-    "Inputs are page-cache warm for all tools: the images are generated (and read once) just before "
+CACHE_NOTES = {
+    "warm": "Inputs are page-cache warm for all tools: the images are generated (and read once) just before "
     "the runs, nothing is dropped from the page cache, and every tool runs the same phases in the "
     "same order on the same files. Dirty pages are flushed (sync, untimed) before every phase, so no "
     "tool pays for writeback of an earlier tool's or the generator's writes.",
+    "cold": "Caches are cold for every tool and phase: before each phase dirty pages are flushed and the "
+    "page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches, untimed), so each backup reads its "
+    "input from disk and each restore reads its repository from disk, as on a real host where neither the "
+    "guest's disk nor last night's backup is in memory. Every tool runs the same phases in the same order "
+    "on the same files.",
+}
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+NOTES = (
     "Encryption: every tool that supports it runs encrypted: Raksha --encrypt (AES-256-GCM), "
     "restic (always encrypted), borg repokey-blake2. qemu-img's qcow2 output is not encrypted.",
     "Incremental: Raksha gets --parent and --changed-extents. restic and borg back up changed.img "
@@ -466,7 +475,14 @@ def guarded(phase: Callable[[], PhaseResult]) -> PhaseResult:
         return PhaseResult(ok=False, error=f"{type(exc).__name__}: {exc}")
 
 
-def run_tool(tool: Tool, inputs: Inputs) -> ToolResult:
+def settle(cache: str) -> None:
+    """Untimed, before every phase: no dirty-page backlog from earlier writes; in cold mode no cached data."""
+    os.sync()
+    if cache == "cold":
+        DROP_CACHES.write_text("3\n")
+
+
+def run_tool(tool: Tool, inputs: Inputs, cache: str = "warm") -> ToolResult:
     result = ToolResult(tool.name)
     result.error = tool.missing()
     if result.error is not None:
@@ -488,7 +504,7 @@ def run_tool(tool: Tool, inputs: Inputs) -> ToolResult:
             result.phases[name] = PhaseResult(ok=False, error="skipped: the full backup failed")
             continue
         print(f"  {tool.name}: {name} ...", flush=True)
-        os.sync()  # start every phase with no dirty-page backlog from earlier writes (untimed)
+        settle(cache)
         result.phases[name] = guarded(phase)
         if result.phases[name].error:
             print(f"  {tool.name}: {name} FAILED: {result.phases[name].error}", flush=True)
@@ -758,14 +774,14 @@ def figures_table(figures: list[Figure]) -> Iterator[str]:
         yield f"{f.name:<44} {value:>10}  {target:>10}  {f.status:<6}  {f.note}"
 
 
-def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure]) -> None:
+def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str) -> None:
     print()
     print(
         f"image: {inputs.size / MB:.0f} MB virtual ({inputs.size} bytes), seed {inputs.seed}; "
         f"changed {inputs.changed_bytes / MB:.2f} MB in {len(inputs.changed_extents)} extents; "
         f"clone changes {sum(n for _, n in inputs.clone_extents) / MB:.2f} MB"
     )
-    for note in NOTES:
+    for note in (CACHE_NOTES[cache], *NOTES):
         print(f"note: {note}")
     for phase in PHASES:
         print()
@@ -799,7 +815,7 @@ def machine_info(results: dict[str, ToolResult]) -> dict[str, Any]:
     }
 
 
-def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure]) -> dict[str, Any]:
+def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str) -> dict[str, Any]:
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(results),
@@ -812,7 +828,8 @@ def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Fi
             "clone_extents": len(inputs.clone_extents),
             "generate_seconds": round(inputs.generate_seconds, 3),
         },
-        "notes": list(NOTES),
+        "cache": cache,
+        "notes": [CACHE_NOTES[cache], *NOTES],
         "tools": {name: {p: asdict(r) for p, r in t.phases.items()} for name, t in results.items()},
         "errors": {name: t.error for name, t in results.items() if t.error},
         "ratios": {f.key: f.value for f in figures},
@@ -852,11 +869,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-out", type=Path, default=BENCH_DIR / "results" / "latest.json")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool command")
     parser.add_argument("--raksha", type=Path, default=RAKSHA_BIN, help="the raksha executable to measure")
+    parser.add_argument("--cache", choices=["cold", "warm"], default=None,
+                        help="drop the page cache before every phase (cold; default where permitted) or not (warm)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cache is None:
+        args.cache = "cold" if os.access(DROP_CACHES, os.W_OK) else "warm"
     workdir = args.workdir.resolve()
     prepare_workdir(workdir)
     print(f"generating {args.size} byte images (seed {args.seed}) in {workdir}/images ...", flush=True)
@@ -866,11 +887,11 @@ def main(argv: list[str] | None = None) -> int:
     Raksha.executable = str(args.raksha)
     for name in args.tools:
         print(f"running {name} ...", flush=True)
-        results[name] = run_tool(TOOL_CLASSES[name](workdir, args.timeout), inputs)
+        results[name] = run_tool(TOOL_CLASSES[name](workdir, args.timeout), inputs, args.cache)
     figures = compute_figures(results, inputs)
-    print_report(results, inputs, figures)
+    print_report(results, inputs, figures, args.cache)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(json_report(results, inputs, figures), indent=2) + "\n")
+    args.json_out.write_text(json.dumps(json_report(results, inputs, figures, args.cache), indent=2) + "\n")
     print(f"\nwrote {args.json_out}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from pathlib import Path
 
 from raksha.domain.errors import BackendError, StorageFull
@@ -106,3 +107,45 @@ class SequentialFile:
                 self._buf.close()
             except BufferError:
                 pass  # still viewed by someone: unmapped when the last view goes, never worth an error
+
+
+_local = threading.local()
+
+
+def _read_buffer(size: int) -> mmap.mmap:
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = mmap.mmap(-1, max(size, 1 << 20))
+        _local.buf = buf
+    return buf
+
+
+def pread_direct(path: str | Path, offset: int, length: int) -> bytes | None:
+    """Read a range bypassing the page cache; None where the filesystem has no O_DIRECT.
+
+    Packs are written past the cache too, so a restore reads them from disk either way; this spares
+    the kernel a copy through the cache (a third of the CPU of a cold buffered read here).
+    """
+    start = offset - offset % ALIGN
+    end = -(-(offset + length) // ALIGN) * ALIGN
+    fd, direct = open_direct(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not direct:
+            return None
+        buf = _read_buffer(end - start)
+        view = memoryview(buf)
+        done = 0
+        try:
+            while start + done < end:
+                n = os.preadv(fd, [view[done : end - start]], start + done)
+                if n <= 0:
+                    break  # end of file
+                done += n
+        finally:
+            view.release()
+        lo = offset - start
+        return bytes(buf[lo : lo + max(0, min(length, done - lo))])
+    finally:
+        os.close(fd)

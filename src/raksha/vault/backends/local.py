@@ -19,6 +19,9 @@ from pathlib import Path
 
 from raksha.domain.errors import AlreadyExists, BackendError, InvalidInput, NotFound, RakshaError, StorageFull
 from raksha.vault.backends.base import ObjectInfo, check_key
+from raksha.vault.directio import pread_direct
+
+DIRECT_READ_MIN = 64 << 10  # blobs; small reads (headers, locks) stay buffered
 
 STAGING = "tmp"  # top-level directory for partials; never an object key
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")  # one key component, as check_key allows
@@ -166,6 +169,10 @@ class LocalBackend:
         if offset < 0 or length < 0:
             raise InvalidInput(f"invalid range {offset}+{length} for {key!r}", code="INVALID_RANGE")
         try:
+            if length >= DIRECT_READ_MIN:
+                data = pread_direct(self._root / key, offset, length)
+                if data is not None:
+                    return data
             fd = os.open(self._root / key, os.O_RDONLY)
             try:
                 parts: list[bytes] = []
