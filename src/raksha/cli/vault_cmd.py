@@ -65,7 +65,7 @@ def _common(p: argparse.ArgumentParser, *, secret: bool = True) -> None:
 def _progress_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="progress on stderr: a bar on a terminal by default")
-    p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: cores)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: two per core)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -61,7 +61,8 @@ class BackupResult:
 
 
 def default_threads() -> int:
-    return max(2, os.cpu_count() or 2)
+    """Two per core: while one thread waits for the disk (source reads, pack writes) the other computes."""
+    return 2 * max(1, os.cpu_count() or 1)
 
 
 def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> list[int]:

@@ -7,6 +7,7 @@ condemns one chunk (and the backups using it), not the whole pack.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import defaultdict
@@ -17,7 +18,6 @@ import blake3
 import zstandard
 
 from raksha.domain.errors import NotFound, RakshaError
-from raksha.vault.engine.backup import default_threads
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
@@ -65,7 +65,8 @@ class VerifyReport:
 def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = None,
                  progress: ProgressCallback | None = None) -> VerifyReport:
     with vault.locks.acquire(LockKind.SHARED, "verify"):
-        return _Verify(vault, read_data, threads or default_threads(), progress).run()
+        # One whole pack (32 MiB) in memory per thread: one thread per core keeps RSS bounded.
+        return _Verify(vault, read_data, threads or os.cpu_count() or 2, progress).run()
 
 
 class _Verify:
