@@ -96,15 +96,14 @@ def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False) ->
     return _Staged(target, path, overwrite=overwrite)
 
 
-class _Staged:
-    """A fresh image written under a temporary name, renamed to ``path`` once complete."""
+class _InPlace:
+    """An existing block device overwritten in place: nothing to rename or remove."""
 
-    fresh = True
+    fresh = False
 
-    def __init__(self, target: RawTarget | NbdTarget, path: str, *, overwrite: bool) -> None:
+    def __init__(self, target: RawTarget | NbdTarget) -> None:
         self._target = target
-        self._overwrite = overwrite
-        self.path = path
+        self.path = target.path
         self.format = target.format
 
     def pwrite(self, data: bytes, offset: int) -> None:
@@ -118,6 +117,23 @@ class _Staged:
 
     def close(self) -> None:
         self._target.close()
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+class _Staged(_InPlace):
+    """A fresh image written under a temporary name, renamed to ``path`` once complete."""
+
+    fresh = True
+
+    def __init__(self, target: RawTarget | NbdTarget, path: str, *, overwrite: bool) -> None:
+        super().__init__(target)
+        self._overwrite = overwrite
+        self.path = path
 
     def commit(self) -> None:
         staged = self._target.path
@@ -146,31 +162,3 @@ class _Staged:
         except FileNotFoundError:
             pass
 
-
-class _InPlace:
-    """An existing block device overwritten in place: nothing to rename or remove."""
-
-    fresh = False
-
-    def __init__(self, target: RawTarget) -> None:
-        self._target = target
-        self.path = target.path
-        self.format = target.format
-
-    def pwrite(self, data: bytes, offset: int) -> None:
-        self._target.pwrite(data, offset)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._target.write_zeroes(offset, length)
-
-    def flush(self) -> None:
-        self._target.flush()
-
-    def close(self) -> None:
-        self._target.close()
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
