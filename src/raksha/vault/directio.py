@@ -62,15 +62,22 @@ def _pwrite_fully(fd: int, data: memoryview | bytes, offset: int) -> OSError | N
 
 
 class SequentialFile:
-    """An append-only file written in aligned blocks through a page-aligned buffer."""
+    """An append-only file written in aligned blocks through two page-aligned buffers.
+
+    While one buffer is written by a background thread the caller fills the other, so a writer
+    holding a lock around ``write`` never waits for the disk unless it outpaces it.
+    """
 
     def __init__(self, path: Path, buffer_size: int = 4 << 20) -> None:
         self.path = path
         self.fd, self.direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-        self._buf = mmap.mmap(-1, buffer_size)
+        self._buffers = [mmap.mmap(-1, buffer_size), mmap.mmap(-1, buffer_size)]
+        self._buf = self._buffers[0]
         self._cap = buffer_size
         self._fill = 0
         self._flushed = 0
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -82,31 +89,58 @@ class SequentialFile:
             self.size += n
             view = view[n:]
             if self._fill == self._cap:
-                pwrite_all(self.fd, memoryview(self._buf), self._flushed, str(self.path))
-                self._flushed += self._cap
-                self._fill = 0
+                self._write_behind(self._cap)
+
+    def _write_behind(self, length: int) -> None:
+        self._wait()  # the other buffer's write is done: it may be refilled
+        buf, offset = self._buf, self._flushed
+
+        def run() -> None:
+            try:
+                pwrite_all(self.fd, memoryview(buf)[:length], offset, str(self.path))
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error = exc
+
+        self._writer = threading.Thread(target=run, name="raksha-pack-writer", daemon=True)
+        self._writer.start()
+        self._flushed += length
+        self._buf = self._buffers[1] if buf is self._buffers[0] else self._buffers[0]
+        self._fill = 0
+
+    def _wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def finish(self) -> None:
         """Write what is buffered (padded to a block) and cut the file to its exact size."""
         if self._fill:
+            size = self.size
             padded = -(-self._fill // ALIGN) * ALIGN
             self._buf[self._fill : padded] = bytes(padded - self._fill)
-            pwrite_all(self.fd, memoryview(self._buf)[:padded], self._flushed, str(self.path))
-            self._flushed += padded
-            self._fill = 0
+            self._write_behind(padded)
+            self.size = size
+        self._wait()
         if self._flushed != self.size:
             os.ftruncate(self.fd, self.size)
         self.close()
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.join()  # never unmap or close under a running write
+            self._writer = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if not self._buf.closed:
-            try:
-                self._buf.close()
-            except BufferError:
-                pass  # still viewed by someone: unmapped when the last view goes, never worth an error
+        for buf in self._buffers:
+            if not buf.closed:
+                try:
+                    buf.close()
+                except BufferError:
+                    pass  # still viewed by someone: unmapped when the last view goes, never worth an error
 
 
 _local = threading.local()
