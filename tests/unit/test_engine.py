@@ -313,6 +313,8 @@ def test_incremental_of_a_grown_disk(new_vault: MakeVault, make_image: Callable[
     inc = backup(vault, grown, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=[(MIB, 4096)])
 
     assert inc.stats.virtual_size == 12 * MIB and inc.stats.chunks_total == 12
+    # Read: chunk 1 (changed), 8 (the parent's short last chunk) and 10 (new data); 9 and 11 are holes.
+    assert inc.stats.chunks_read == 3
     restore(vault, "job1/run2/vm1/vda", outputs / "grown.img")
     assert blake3_file(outputs / "grown.img") == blake3_file(grown)
 

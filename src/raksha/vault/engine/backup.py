@@ -170,6 +170,7 @@ class _Backup:
         if self.changed is None:  # no change tracking: read everything that holds data
             return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
         must = set(chunks_touching(self.changed, self.chunk_size, self.size))
+        with_data: set[int] | None = None
         for i in range(n):
             if i in must:
                 continue
@@ -179,9 +180,12 @@ class _Backup:
                 self.ids[i] = pid
                 if pid != ZERO_ID:
                     self.stats.chunks_from_parent += 1
-            else:
+                continue
+            # Not reusable (beyond the parent's end, or its chunk is gone): read it if it may hold data.
+            if with_data is None:
+                with_data = set(chunks_touching(self.source.data_extents(), self.chunk_size, self.size))
+            if i in with_data:
                 must.add(i)
-        # Chunks beyond what the parent covered hold data only where the source says so.
         return sorted(must)
 
     def _one_chunk(self, i: int) -> None:
