@@ -57,7 +57,6 @@ def restore_backup(
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)
         index = vault.load_index(tolerant=True)  # a damaged index must not stop restores that do not need it
-        work: list[tuple[Location, bytes, list[int]]] = []
         by_id: dict[bytes, list[int]] = {}
         zeros: list[int] = []
         for i, cid in enumerate(manifest.chunk_ids):
@@ -79,15 +78,11 @@ def restore_backup(
                 f"(first: {missing[0].hex()}); run 'raksha vault verify'",
                 backup=str(backup_id), chunks=[m.hex() for m in missing[:10]],
             )
-        for cid, offsets in by_id.items():
-            loc = index.locations[cid]
-            work.append((loc, cid, offsets))
+        work = [(index.locations[cid], cid, offsets) for cid, offsets in by_id.items()]
         work.sort(key=lambda w: (w[0].pack_id, w[0].offset))  # read packs front to back
         target = create_target(output, fmt, manifest.virtual_size, overwrite=overwrite)
         total = sum(manifest.chunk_length(i) for offsets in by_id.values() for i in offsets)
         meter = Progress("restore", total, progress)
-        written = [0]
-        lock = threading.Lock()
         local = threading.local()
 
         def one(item: tuple[Location, bytes, list[int]]) -> None:
@@ -108,8 +103,6 @@ def restore_backup(
             for i in offsets:
                 target.pwrite(data, i * manifest.chunk_size)
                 meter.add(len(data))
-            with lock:
-                written[0] += len(data) * len(offsets)
 
         try:
             run_parallel(work, one, threads or default_threads())
@@ -123,6 +116,6 @@ def restore_backup(
         target.close()
         target.commit()  # only now does OUTPUT exist: a killed restore never leaves a half-written one
         meter.finish()
-        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, written[0], len(by_id),
+        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, len(by_id),
                              manifest.content_digest(), time.monotonic() - start)
 
