@@ -34,6 +34,7 @@ class Packer:
         self._staged: list[Path] = []
         self.packs_written = 0
         self.bytes_written = 0
+        self.indexes_written: list[str] = []  # one per sealed pack, in order
 
     def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> None:
         full: _OpenPack | None = None
@@ -94,10 +95,11 @@ class Packer:
             pass
         pid = bytes.fromhex(pack_id)
         # The index is written only once its pack is durable, so an index never points at nothing.
-        self._vault.write_index(
+        index_id = self._vault.write_index(
             {e.chunk_id: Location(pid, e.offset, e.stored_length, e.raw_length) for e in pack.entries}
         )
         with self._lock:
             self._staged.remove(path)
             self.packs_written += 1
             self.bytes_written += size
+            self.indexes_written.append(index_id)

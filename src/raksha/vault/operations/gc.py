@@ -74,20 +74,6 @@ class _Pack:
         return sum(loc.stored_length for loc in self.entries.values())
 
 
-class _RepackVault(Vault):
-    """The vault as the repacking Packer sees it: the indexes it writes are recorded, so the
-    consolidated index can take over their entries and supersede them."""
-
-    def __init__(self, vault: Vault) -> None:
-        super().__init__(vault.backend, vault.config, vault.crypto, None)
-        self.written: dict[str, dict[bytes, Location]] = {}
-
-    def write_index(self, entries: dict[bytes, Location], supersedes: list[bytes] | None = None) -> str:
-        index_id = super().write_index(entries, supersedes)
-        self.written[index_id] = dict(entries)
-        return index_id
-
-
 def _pid_alive(text: str) -> bool:
     try:
         os.kill(int(text), 0)
@@ -291,8 +277,7 @@ class _Gc:
         # blobs are sealed per chunk, so they are copied verbatim. Not only the chunks live now: a backup
         # that started after the condemned list was published may use any chunk that is not on it.
         kept_chunks = {cid for p in packs.values() if p.fate == KEEP for cid in p.entries}
-        repack_vault = _RepackVault(self.vault)
-        packer = Packer(repack_vault)
+        packer = Packer(self.vault)
         copied: set[bytes] = set()
         try:
             for p in sorted(packs.values(), key=lambda p: (p.fate != REPACK, p.id)):
@@ -307,11 +292,14 @@ class _Gc:
         except BaseException:
             packer.abort()
             raise
-        new_entries = {cid: loc for entries in repack_vault.written.values() for cid, loc in entries.items()}
+        new_entries: dict[bytes, Location] = {}
+        for index_id in packer.indexes_written:  # small: one per new pack
+            new_entries.update(decode_index(self.vault.backend.get(index_key(index_id)), self.vault.crypto,
+                                            what=index_id).entries)
         # 2. One index of what stays, superseding every index read and those the repack wrote.
         entries = {cid: loc for p in packs.values() if p.fate == KEEP for cid, loc in p.entries.items()}
         entries.update(new_entries)
-        old = list(dict.fromkeys([*files, *repack_vault.written]))
+        old = list(dict.fromkeys([*files, *packer.indexes_written]))
         changed = (len(old) != 1 or self.report.packs_missing > 0
                    or any(p.fate != KEEP or p.reindexed for p in packs.values()))
         if changed and (old or entries):
