@@ -12,12 +12,14 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from raksha.domain.errors import ImageInvalid, SourceError, StorageFull
 from raksha.vault.sources.base import Extent
 
 _MAX_STATUS = 1 << 30
+BASE_ALLOCATION = "base:allocation"
 STATE_HOLE = 1
 STATE_ZERO = 2
 
@@ -71,8 +73,10 @@ class QemuNbdExport:
 class _Connections:
     """One libnbd handle per thread, all to the same export."""
 
-    def __init__(self, socket: str) -> None:
+    def __init__(self, socket: str, export_name: str = "", contexts: tuple[str, ...] = (BASE_ALLOCATION,)) -> None:
         self._socket = socket
+        self._export_name = export_name
+        self._contexts = contexts
         self._local = threading.local()
         self._all: list[Any] = []
         self._lock = threading.Lock()
@@ -83,7 +87,10 @@ class _Connections:
         if h is None:
             nbd = _nbd()
             h = nbd.NBD()
-            h.add_meta_context("base:allocation")
+            for context in self._contexts:
+                h.add_meta_context(context)
+            if self._export_name:
+                h.set_export_name(self._export_name)
             h.connect_unix(self._socket)
             self._local.h = h
             with self._lock:
@@ -101,38 +108,61 @@ class _Connections:
 
 
 class NbdSource:
-    def __init__(self, socket: str, *, path: str, fmt: str, export: QemuNbdExport | None = None) -> None:
+    """A disk behind an NBD export: qemu-nbd's for image files, libvirt's for a running VM's pull backup.
+
+    ``dirty_bitmap`` names the export's dirty-bitmap context (libvirt's is
+    ``qemu:dirty-bitmap:backup-<disk>``) for ``dirty_extents()``.
+    """
+
+    def __init__(self, socket: str, *, path: str, fmt: str, export: QemuNbdExport | None = None,
+                 export_name: str = "", dirty_bitmap: str | None = None) -> None:
         self.path = path
         self.format = fmt
         self._export = export
+        self._bitmap = dirty_bitmap
+        contexts = (BASE_ALLOCATION,) + ((dirty_bitmap,) if dirty_bitmap else ())
         try:
-            self._conns = _Connections(socket)
+            self._conns = _Connections(socket, export_name, contexts)
         except Exception as exc:
             self.close()
             raise SourceError(f"{path}: cannot connect to its NBD export: {exc}") from exc
         self.virtual_size = int(self._conns.first.get_size())
 
     def data_extents(self) -> list[Extent]:
-        h = self._conns.first
-        if not h.can_meta_context("base:allocation"):
+        """Extents not known to read as zeros (base:allocation without the zero flag)."""
+        if not self._conns.first.can_meta_context(BASE_ALLOCATION):
             return [(0, self.virtual_size)]
+        return self._extents(BASE_ALLOCATION, lambda flags: not flags & STATE_ZERO)
+
+    def dirty_extents(self) -> list[Extent]:
+        """Extents the dirty bitmap marks as written since its checkpoint."""
+        if self._bitmap is None or not self._conns.first.can_meta_context(self._bitmap):
+            raise SourceError(f"{self.path}: the export offers no dirty bitmap {self._bitmap!r}")
+        return self._extents(self._bitmap, lambda flags: bool(flags & 1))
+
+    def _extents(self, context: str, wanted: Callable[[int], bool]) -> list[Extent]:
+        h = self._conns.first
         out: list[Extent] = []
         pos = 0
         while pos < self.virtual_size:
             found: list[int] = []
 
             def cb(metacontext: str, offset: int, entries: list[int], err: Any, found: list[int] = found) -> int:
-                if metacontext == "base:allocation":
+                if metacontext == context:
                     found.extend(entries)
                 return 0
 
             h.block_status(min(_MAX_STATUS, self.virtual_size - pos), pos, cb)
             if not found:
-                raise SourceError(f"{self.path}: the NBD server returned no block status at {pos}")
+                raise SourceError(f"{self.path}: the NBD server returned no {context} status at {pos}")
             for i in range(0, len(found), 2):
                 length, flags = found[i], found[i + 1]
-                if not flags & STATE_ZERO:
-                    out.append((pos, min(length, self.virtual_size - pos)))
+                length = min(length, self.virtual_size - pos)
+                if wanted(flags):
+                    if out and out[-1][0] + out[-1][1] == pos:
+                        out[-1] = (out[-1][0], out[-1][1] + length)
+                    else:
+                        out.append((pos, length))
                 pos += length
         return out
 
