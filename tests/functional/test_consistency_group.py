@@ -1,0 +1,90 @@
+"""Two running guests backed up as one point in time with ``raksha.hypervisor.pull``.
+
+One guest has an agent (frozen: ``filesystem`` level), the other has none
+(``crash`` level, and it says why). Full, then a dirty-bitmap incremental of
+both; each restored disk holds exactly what its guest had at that point.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+
+from raksha.hypervisor.disks import domain_disks  # noqa: E402
+from raksha.hypervisor.pull import CRASH, FILESYSTEM, consistency_group  # noqa: E402
+from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.backup import backup_disk  # noqa: E402
+from raksha.vault.engine.restore import restore_backup  # noqa: E402
+from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.format.naming import BackupId  # noqa: E402
+from raksha.vault.repository import Vault  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def conn() -> Iterator[libvirt.virConnect]:
+    if os.geteuid() != 0:
+        pytest.skip("starting libvirtd needs root")
+    c = libvirt.open(start_libvirtd())
+    yield c
+    c.close()
+
+
+def debugfs_cat(image: Path, path: str) -> bytes:
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout
+
+
+def test_two_guests_one_point_in_time_full_then_incremental(conn: libvirt.virConnect, tmp_path: Path) -> None:
+    guest = build_guest()
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    disk_a = make_data_disk(tmp_path / "a.qcow2", "64M")
+    disk_b = make_data_disk(tmp_path / "b.qcow2", "64M", seed_dir=None)
+    data = {run: os.urandom(32 << 10) for run in ("run1", "run2")}
+
+    with GuestDomain(conn, guest, [(disk_a, "qcow2")], tmp_path, name="raksha-cg-a") as a, \
+            GuestDomain(conn, guest, [(disk_b, "qcow2")], tmp_path, name="raksha-cg-b", agent=False) as b:
+        a.wait_for_agent()
+        assert a.dom is not None and b.dom is not None
+        assert [d.target for d in domain_disks(a.dom.XMLDesc(0))] == ["vda"]
+        parents: dict[str, str | None] = {"raksha-cg-a": None, "raksha-cg-b": None}
+        for run, checkpoint in (("run1", "c1"), ("run2", "c2")):
+            assert a.exec(f"cat > /mnt/vda/{run}.bin && sync", stdin=data[run])[0] == 0
+            doms = [(a.dom, parents["raksha-cg-a"]), (b.dom, parents["raksha-cg-b"])]
+            with consistency_group(doms, checkpoint) as point:
+                levels = {p.domain.name(): p.consistency for p in point.domains}
+                assert levels == {"raksha-cg-a": FILESYSTEM, "raksha-cg-b": CRASH}
+                assert "no freeze" in next(p for p in point.domains if p.domain.name() == "raksha-cg-b").why
+                assert point.freeze_ms < 5000
+                for p in point.domains:
+                    (disk,) = p.disks
+                    source = p.source(disk)
+                    try:
+                        parent_id = f"job/run1/{p.domain.name()}/vda" if p.parent_checkpoint else None
+                        changed = source.dirty_extents() if p.parent_checkpoint else None
+                        backup_disk(vault, source, BackupId.parse(f"job/{run}/{p.domain.name()}/vda"),
+                                    parent=BackupId.parse(parent_id) if parent_id else None,
+                                    changed_extents=changed,
+                                    hints={"consistency": p.consistency, "freeze_ms": f"{point.freeze_ms:.0f}"})
+                    finally:
+                        source.close()
+            parents = {"raksha-cg-a": checkpoint, "raksha-cg-b": checkpoint}
+        # Every pull job was ended: the domains accept a new one.
+        assert a.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+
+    for run in ("run1", "run2"):
+        out = tmp_path / f"{run}-a.raw"
+        restore_backup(vault, BackupId.parse(f"job/{run}/raksha-cg-a/vda"), str(out))
+        assert debugfs_cat(out, f"/{run}.bin") == data[run]
+        restore_backup(vault, BackupId.parse(f"job/{run}/raksha-cg-b/vda"), str(tmp_path / f"{run}-b.raw"))
+    assert debugfs_cat(tmp_path / "run1-a.raw", "/run2.bin") == b""
+    meta = vault.read_metadata(BackupId.parse("job/run2/raksha-cg-b/vda"))
+    assert meta["hints"]["consistency"] == CRASH and meta["kind"] == "incremental"
