@@ -1,0 +1,80 @@
+"""``backup_domains``: live, consistent full and incremental runs of several domains into the vault."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+
+from raksha.hypervisor.group_backup import backup_domains, checkpoint_name  # noqa: E402
+from raksha.hypervisor.pull import CRASH, FILESYSTEM  # noqa: E402
+from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.restore import restore_backup  # noqa: E402
+from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.format.naming import BackupId  # noqa: E402
+from raksha.vault.repository import Vault  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def conn() -> Iterator[libvirt.virConnect]:
+    if os.geteuid() != 0:
+        pytest.skip("starting libvirtd needs root")
+    c = libvirt.open(start_libvirtd())
+    yield c
+    c.close()
+
+
+def debugfs_cat(image: Path, path: str) -> bytes:
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout
+
+
+def test_full_incremental_and_a_lost_checkpoint_downgrading_to_full(conn: libvirt.virConnect,
+                                                                    tmp_path: Path) -> None:
+    guest = build_guest()
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    data = {run: os.urandom(32 << 10) for run in ("mon", "tue", "wed")}
+    with GuestDomain(conn, guest, [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2")], tmp_path,
+                     name="raksha-gb-a") as a, \
+            GuestDomain(conn, guest, [(make_data_disk(tmp_path / "b.qcow2", "64M"), "qcow2")], tmp_path,
+                        name="raksha-gb-b", agent=False) as b:
+        a.wait_for_agent()
+        assert a.dom is not None and b.dom is not None
+        names = ["raksha-gb-a", "raksha-gb-b"]
+        runs = {}
+        parent = None
+        for run in ("mon", "tue", "wed"):
+            assert a.exec(f"cat > /mnt/vda/{run}.bin && sync", stdin=data[run])[0] == 0
+            if run == "wed":  # a's checkpoint is lost (as after undefine/redefine): wed must read a in full
+                a.dom.checkpointLookupByName(checkpoint_name("job", "tue")).delete(0)
+            runs[run] = backup_domains(conn, names, vault, "job", run, parent_run=parent)
+            parent = run
+        # Only the newest checkpoint is kept on each domain.
+        assert [c.getName() for c in a.dom.listAllCheckpoints()] == [checkpoint_name("job", "wed")]
+        uuid_a = a.dom.UUIDString()
+
+    levels = {vm.name: vm.consistency for vm in runs["mon"].vms}
+    assert levels == {"raksha-gb-a": FILESYSTEM, "raksha-gb-b": CRASH}
+    kinds = {run: {vm.name: vm.disks[0].kind for vm in r.vms} for run, r in runs.items()}
+    assert kinds == {"mon": {"raksha-gb-a": "full", "raksha-gb-b": "full"},
+                     "tue": {"raksha-gb-a": "incremental", "raksha-gb-b": "incremental"},
+                     "wed": {"raksha-gb-a": "full", "raksha-gb-b": "incremental"}}
+    wed_a = next(vm for vm in runs["wed"].vms if vm.name == "raksha-gb-a").disks[0]
+    assert "missing" in wed_a.tracking
+    tue_a = next(vm for vm in runs["tue"].vms if vm.name == "raksha-gb-a").disks[0]
+    assert tue_a.bytes_read < wed_a.bytes_read  # the bitmap read less than the full re-read
+    for i, run in enumerate(("mon", "tue", "wed")):
+        out = tmp_path / f"{run}.raw"
+        restore_backup(vault, BackupId.parse(f"job/{run}/{uuid_a}/vda"), str(out))
+        for j, day in enumerate(("mon", "tue", "wed")):
+            assert debugfs_cat(out, f"/{day}.bin") == (data[day] if j <= i else b"")
+    meta = vault.read_metadata(BackupId.parse(f"job/wed/{uuid_a}/vda"))
+    assert meta["hints"]["vm_name"] == "raksha-gb-a" and meta["hints"]["consistency"] == FILESYSTEM
