@@ -10,6 +10,7 @@ left frozen.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -26,6 +27,43 @@ from raksha.hypervisor.disks import DiskInfo, domain_disks
 from raksha.vault.sources.nbd import NbdSource
 
 CRASH, FILESYSTEM = "crash", "filesystem"
+WORKDIR_PREFIX = "raksha-pull-"  # + "<pid>-": tells whose pull job an export socket belongs to
+_SOCKET_OWNER = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def end_stale_job(dom: libvirt.virDomain) -> bool:
+    """End a pull backup left open by a Raksha process that died (SIGKILL, a crash); thaw its guest.
+
+    Only a job whose export socket lies in a dead process's work directory is touched:
+    another tool's job, or a live Raksha run's, is left alone (and the new job will fail to start).
+    """
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError:
+        return False  # no backup job
+    owner = _SOCKET_OWNER.search(xml)
+    if owner is None or _alive(int(owner.group(1))):
+        return False
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError:
+        pass
+    try:
+        if _agent(dom, "guest-fsfreeze-status") == "frozen":
+            _agent(dom, "guest-fsfreeze-thaw")
+    except libvirt.libvirtError:
+        pass  # no agent: nothing can be frozen
+    return True
 
 
 @dataclass
@@ -83,7 +121,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
 
     Yields while every domain's pull job is open; ends them all on exit.
     """
-    workdir = tempfile.mkdtemp(prefix="raksha-pull-")
+    for dom, _parent in domains:
+        end_stale_job(dom)
+    workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
     points = [DomainPoint(dom, domain_disks(dom.XMLDesc(0)), os.path.join(workdir, f"{i}.sock"), checkpoint, parent)
               for i, (dom, parent) in enumerate(domains)]
     frozen: list[DomainPoint] = []
@@ -94,10 +134,14 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         if freeze:
             for p in points:
                 try:
+                    if _agent(p.domain, "guest-fsfreeze-status") == "frozen":
+                        # Left frozen by a run that died inside its freeze window: never ours to keep.
+                        _agent(p.domain, "guest-fsfreeze-thaw")
+                        p.why = "found frozen by an interrupted run; thawed first. "
                     _agent(p.domain, "guest-fsfreeze-freeze")
                     frozen.append(p)
                 except libvirt.libvirtError as exc:
-                    p.why = f"no freeze: {exc.get_error_message()}"
+                    p.why += f"no freeze: {exc.get_error_message()}"
         try:
             for p in points:
                 scratch = os.path.join(workdir, p.domain.UUIDString())
