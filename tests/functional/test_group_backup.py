@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -78,3 +79,7 @@ def test_full_incremental_and_a_lost_checkpoint_downgrading_to_full(conn: libvir
             assert debugfs_cat(out, f"/{day}.bin") == (data[day] if j <= i else b"")
     meta = vault.read_metadata(BackupId.parse(f"job/wed/{uuid_a}/vda"))
     assert meta["hints"]["vm_name"] == "raksha-gb-a" and meta["hints"]["consistency"] == FILESYSTEM
+    # Saved beside the disk: enough to recreate the VM.
+    assert "<name>raksha-gb-a</name>" in meta["hints"]["domain_xml"]
+    assert json.loads(meta["hints"]["backing_chain"]) == [{"filename": str(tmp_path / "a.qcow2"), "format": "qcow2"}]
+    assert json.loads(meta["hints"]["interfaces"]) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -40,3 +42,34 @@ def domain_disks(domain_xml: str) -> list[DiskInfo]:
             device=device,
         ))
     return sorted(out, key=lambda d: (len(d.target), d.target))
+
+
+def domain_interfaces(domain_xml: str) -> list[dict[str, str]]:
+    """The seed's "network mappings": each interface's MAC, type, source network or bridge, and model."""
+    root = ET.fromstring(domain_xml)
+    out = []
+    for iface in root.findall("./devices/interface"):
+        mac = iface.find("mac")
+        source = iface.find("source")
+        model = iface.find("model")
+        out.append({
+            "type": iface.get("type", ""),
+            "mac": mac.get("address", "") if mac is not None else "",
+            "source": next((source.get(k, "") for k in ("network", "bridge", "dev") if source is not None
+                            and source.get(k)), ""),
+            "model": model.get("type", "") if model is not None else "",
+        })
+    return out
+
+
+def backing_chain(path: str) -> list[dict[str, str]]:
+    """The image and its backing files (a shared base image shows up here), read while the VM runs."""
+    try:
+        res = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if res.returncode != 0:
+        return []
+    return [{"filename": str(i.get("filename", "")), "format": str(i.get("format", ""))}
+            for i in json.loads(res.stdout)]

@@ -9,11 +9,13 @@ so bitmaps never pile up.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import libvirt
 
 from raksha.domain.errors import NotFound
+from raksha.hypervisor.disks import backing_chain, domain_interfaces
 from raksha.hypervisor.pull import consistency_group
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.format.naming import BackupId
@@ -73,6 +75,9 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
     with consistency_group(plan, checkpoint_name(job, run)) as point:
         for p in point.domains:
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, p.why)
+            # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
+            xml = p.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+            described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
             for disk in p.disks:
                 bid = BackupId(job, run, vm.uuid, disk.target)
                 parent = BackupId(job, parent_run, vm.uuid, disk.target) if parent_run else None
@@ -92,7 +97,8 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                         threads=threads,
                         hints={"vm_name": vm.name, "consistency": p.consistency, "consistency_note": p.why,
                                "freeze_ms": f"{point.freeze_ms:.0f}", "tracking": tracking,
-                               "disk_path": disk.path, "disk_format": disk.format, "bus": disk.bus},
+                               "disk_path": disk.path, "disk_format": disk.format, "bus": disk.bus,
+                               "backing_chain": json.dumps(backing_chain(disk.path)), **described},
                     )
                 finally:
                     source.close()
