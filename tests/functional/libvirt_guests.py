@@ -78,8 +78,18 @@ class GuestDomain:
 </domain>"""
         self.dom: libvirt.virDomain | None = None
 
+    @classmethod
+    def attached(cls, conn: libvirt.virConnect, dom: libvirt.virDomain, workdir: Path) -> GuestDomain:
+        """Wrap a domain something else defined (a restore): destroyed and undefined on exit."""
+        self = cls.__new__(cls)
+        self.conn, self.name, self.dom = conn, dom.name(), dom
+        self.console = workdir / f"{self.name}.console.log"
+        self.xml = dom.XMLDesc(0)
+        return self
+
     def __enter__(self) -> GuestDomain:
-        self.dom = self.conn.createXML(self.xml, 0)
+        if self.dom is None:
+            self.dom = self.conn.createXML(self.xml, 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -88,6 +98,11 @@ class GuestDomain:
                 self.dom.destroy()
             except libvirt.libvirtError:
                 pass  # already gone (a test may destroy it on purpose)
+            try:
+                if self.dom.isPersistent():
+                    self.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            except libvirt.libvirtError:
+                pass
 
     def agent(self, command: str, timeout: int = 30, **arguments: Any) -> Any:
         assert self.dom is not None

@@ -76,7 +76,7 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         for p in point.domains:
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, p.why)
             # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
-            xml = p.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+            xml = p.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)
             described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
             for disk in p.disks:
                 bid = BackupId(job, run, vm.uuid, disk.target)

@@ -1,0 +1,59 @@
+"""A backed-up VM comes back as a new domain that boots, answers its agent and holds the backed-up data."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+
+from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
+from raksha.hypervisor.restore import restore_domain  # noqa: E402
+from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.repository import Vault  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def conn() -> Iterator[libvirt.virConnect]:
+    if os.geteuid() != 0:
+        pytest.skip("starting libvirtd needs root")
+    c = libvirt.open(start_libvirtd())
+    yield c
+    c.close()
+
+
+def test_restore_to_a_new_domain_boots_with_the_data_of_that_point(conn: libvirt.virConnect,
+                                                                   tmp_path: Path) -> None:
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    before, after = os.urandom(48 << 10), os.urandom(48 << 10)
+    with GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2")], tmp_path,
+                     name="raksha-rs-src") as vm:
+        vm.wait_for_agent()
+        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=before)[0] == 0
+        run = backup_domains(conn, [vm.name], vault, "job", "run1")
+        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=after)[0] == 0  # the source moves on
+        source_uuid = run.vms[0].uuid
+
+        restored = restore_domain(conn, vault, "job", "run1", source_uuid, name="raksha-rs-new",
+                                  target_dir=tmp_path)
+        with GuestDomain.attached(conn, conn.lookupByName("raksha-rs-new"), tmp_path) as copy:
+            assert restored.started and restored.uuid != source_uuid
+            assert restored.disks == {"vda": str(tmp_path / "raksha-rs-new-vda.qcow2")}
+            copy.wait_for_agent()
+            code, out = copy.exec("sha256sum /mnt/vda/data.bin")
+            assert code == 0 and out.split()[0].decode() == hashlib.sha256(before).hexdigest()
+            assert copy.dom is not None
+            sources = [s.get("file") for s in ET.fromstring(copy.dom.XMLDesc(0)).iter("source")]
+            assert str(tmp_path / "a.qcow2") not in sources  # never the original's disk
+        code, out = vm.exec("sha256sum /mnt/vda/data.bin")  # the original is untouched
+        assert out.split()[0].decode() == hashlib.sha256(after).hexdigest()
