@@ -16,7 +16,7 @@ import libvirt
 
 from raksha.domain.errors import NotFound
 from raksha.hypervisor.disks import backing_chain, domain_interfaces
-from raksha.hypervisor.pull import consistency_group
+from raksha.hypervisor.pull import consistency_group, tracked
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
@@ -39,6 +39,7 @@ class VmResult:
     consistency: str
     why: str = ""
     disks: list[DiskResult] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # disk targets left out on purpose (temp space)
 
 
 @dataclass
@@ -62,7 +63,8 @@ def _has_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
 
 
 def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job: str, run: str,
-                   *, parent_run: str | None = None, threads: int | None = None) -> GroupResult:
+                   *, parent_run: str | None = None, threads: int | None = None,
+                   exclude: dict[str, set[str]] | None = None) -> GroupResult:
     doms = []
     for name in names:
         try:
@@ -72,7 +74,7 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
     parent_cp = checkpoint_name(job, parent_run) if parent_run else None
     plan = [(dom, parent_cp if parent_cp and _has_checkpoint(dom, parent_cp) else None) for dom in doms]
     results = []
-    with consistency_group(plan, checkpoint_name(job, run)) as point:
+    with consistency_group(plan, checkpoint_name(job, run), exclude=exclude) as point:
         for p in point.domains:
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, p.why)
             # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
@@ -81,9 +83,12 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
             for disk in p.disks:
                 bid = BackupId(job, run, vm.uuid, disk.target)
                 parent = BackupId(job, parent_run, vm.uuid, disk.target) if parent_run else None
-                use_bitmap = p.parent_checkpoint is not None and parent is not None and vault.has_backup(parent)
+                use_bitmap = (p.parent_checkpoint is not None and tracked(disk) and parent is not None
+                              and vault.has_backup(parent))
                 if use_bitmap:
                     tracking = f"checkpoint {p.parent_checkpoint} dirty bitmap"
+                elif not tracked(disk):
+                    tracking = f"full read: a {disk.format} disk keeps no dirty bitmap (checkpoints need qcow2)"
                 elif parent_run:
                     tracking = f"full read: checkpoint {parent_cp} or parent backup {parent} missing"
                 else:
@@ -104,6 +109,7 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                     source.close()
                 vm.disks.append(DiskResult(disk.target, str(bid), result.kind, tracking,
                                            result.stats.bytes_read, result.stats.bytes_stored))
+            vm.excluded = [d.target for d in p.excluded]
             results.append(vm)
         freeze_ms = point.freeze_ms
     # The new checkpoint is the base of the next incremental; the older one is no longer needed.

@@ -75,11 +75,13 @@ class DomainPoint:
     socket: str
     checkpoint: str
     parent_checkpoint: str | None
+    excluded: list[DiskInfo] = field(default_factory=list)
     consistency: str = CRASH
     why: str = ""
 
     def source(self, disk: DiskInfo) -> NbdSource:
-        bitmap = f"qemu:dirty-bitmap:backup-{disk.target}" if self.parent_checkpoint else None
+        bitmap = (f"qemu:dirty-bitmap:backup-{disk.target}"
+                  if self.parent_checkpoint and tracked(disk) else None)
         return NbdSource(self.socket, path=f"{self.domain.name()}:{disk.target}", fmt=disk.format,
                          export_name=disk.target, dirty_bitmap=bitmap)
 
@@ -98,34 +100,47 @@ def _agent(dom: libvirt.virDomain, command: str, timeout: int = 10) -> Any:
     return json.loads(reply)["return"]
 
 
-def _backup_xml(disks: list[DiskInfo], socket: str, scratch_dir: str, parent: str | None) -> str:
-    incremental = f"<incremental>{parent}</incremental>" if parent else ""
-    disk_xml = "".join(
-        f"<disk name='{d.target}' backup='yes' type='file'>"
-        f"<scratch file='{os.path.join(scratch_dir, d.target + '.scratch')}'/></disk>"
-        for d in disks
-    )
-    return (f"<domainbackup mode='pull'>{incremental}<server transport='unix' socket='{socket}'/>"
-            f"<disks>{disk_xml}</disks></domainbackup>")
+def tracked(disk: DiskInfo) -> bool:
+    """Whether libvirt keeps a persistent dirty bitmap for the disk: checkpoints need qcow2."""
+    return disk.format == "qcow2"
 
 
-def _checkpoint_xml(name: str, disks: list[DiskInfo]) -> str:
-    disk_xml = "".join(f"<disk name='{d.target}' checkpoint='bitmap'/>" for d in disks)
+def _backup_xml(p: DomainPoint, scratch_dir: str) -> str:
+    incremental = f"<incremental>{p.parent_checkpoint}</incremental>" if p.parent_checkpoint else ""
+    parts = []
+    for d in p.disks:
+        # An untracked (raw) disk has no bitmap to be incremental from: it is exported whole.
+        mode = " backupmode='full'" if p.parent_checkpoint and not tracked(d) else ""
+        scratch = os.path.join(scratch_dir, d.target + ".scratch")
+        parts.append(f"<disk name='{d.target}' backup='yes' type='file'{mode}><scratch file='{scratch}'/></disk>")
+    parts += [f"<disk name='{d.target}' backup='no'/>" for d in p.excluded]
+    return (f"<domainbackup mode='pull'>{incremental}<server transport='unix' socket='{p.socket}'/>"
+            f"<disks>{''.join(parts)}</disks></domainbackup>")
+
+
+def _checkpoint_xml(name: str, p: DomainPoint) -> str:
+    disk_xml = "".join(f"<disk name='{d.target}' checkpoint='{'bitmap' if tracked(d) else 'no'}'/>"
+                       for d in p.disks) + "".join(f"<disk name='{d.target}' checkpoint='no'/>" for d in p.excluded)
     return f"<domaincheckpoint><name>{name}</name><disks>{disk_xml}</disks></domaincheckpoint>"
 
 
 @contextmanager
 def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], checkpoint: str,
-                      *, freeze: bool = True) -> Iterator[GroupPoint]:
+                      *, freeze: bool = True, exclude: dict[str, set[str]] | None = None) -> Iterator[GroupPoint]:
     """Take one point in time over ``domains`` (each with the checkpoint it is incremental to, or None).
 
-    Yields while every domain's pull job is open; ends them all on exit.
+    ``exclude`` maps a domain name to disk targets left out (and recorded). Yields while every
+    domain's pull job is open; ends them all on exit.
     """
     for dom, _parent in domains:
         end_stale_job(dom)
     workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-    points = [DomainPoint(dom, domain_disks(dom.XMLDesc(0)), os.path.join(workdir, f"{i}.sock"), checkpoint, parent)
-              for i, (dom, parent) in enumerate(domains)]
+    points = []
+    for i, (dom, parent) in enumerate(domains):
+        skip = (exclude or {}).get(dom.name(), set())
+        disks = domain_disks(dom.XMLDesc(0))
+        points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(workdir, f"{i}.sock"),
+                                  checkpoint, parent, excluded=[d for d in disks if d.target in skip]))
     frozen: list[DomainPoint] = []
     started: list[DomainPoint] = []
     group = GroupPoint(points)
@@ -146,8 +161,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             for p in points:
                 scratch = os.path.join(workdir, p.domain.UUIDString())
                 os.makedirs(scratch, exist_ok=True)
-                p.domain.backupBegin(_backup_xml(p.disks, p.socket, scratch, p.parent_checkpoint),
-                                     _checkpoint_xml(checkpoint, p.disks), 0)
+                p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(checkpoint, p), 0)
                 started.append(p)
         finally:
             for p in frozen:

@@ -1,0 +1,74 @@
+"""A VM with a qcow2 boot-like disk, a raw data disk (the seed's vdb) and an excluded scratch disk.
+
+libvirt refuses checkpoints on raw disks; the run must not fail for it: the raw
+disk is read whole each time (deduplicated, so it stores only what changed) and
+says so, the qcow2 disk is incremental, the excluded disk is skipped and recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+
+from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
+from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.restore import restore_backup  # noqa: E402
+from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.format.naming import BackupId  # noqa: E402
+from raksha.vault.repository import Vault  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def conn() -> Iterator[libvirt.virConnect]:
+    if os.geteuid() != 0:
+        pytest.skip("starting libvirtd needs root")
+    c = libvirt.open(start_libvirtd())
+    yield c
+    c.close()
+
+
+def debugfs_cat(image: Path, path: str) -> bytes:
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout
+
+
+def test_raw_disk_is_read_whole_qcow2_is_incremental_excluded_is_skipped(conn: libvirt.virConnect,
+                                                                         tmp_path: Path) -> None:
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    disks = [(make_data_disk(tmp_path / "vda.qcow2", "64M"), "qcow2"),
+             (make_data_disk(tmp_path / "vdb.raw", "64M", fmt="raw"), "raw"),
+             (make_data_disk(tmp_path / "vdc.qcow2", "32M"), "qcow2")]
+    data = {run: os.urandom(32 << 10) for run in ("mon", "tue")}
+    with GuestDomain(conn, build_guest(), disks, tmp_path, name="raksha-mixed") as vm:
+        vm.wait_for_agent()
+        runs = {}
+        parent = None
+        for run in ("mon", "tue"):
+            for dev in ("vda", "vdb"):
+                assert vm.exec(f"cat > /mnt/{dev}/{run}.bin && sync", stdin=data[run])[0] == 0
+            runs[run] = backup_domains(conn, [vm.name], vault, "job", run, parent_run=parent,
+                                       exclude={vm.name: {"vdc"}})
+            parent = run
+
+    tue = runs["tue"].vms[0]
+    assert tue.excluded == ["vdc"]
+    by_disk = {d.target: d for d in tue.disks}
+    assert set(by_disk) == {"vda", "vdb"}
+    assert by_disk["vda"].kind == "incremental" and "dirty bitmap" in by_disk["vda"].tracking
+    assert by_disk["vdb"].kind == "full" and "raw disk keeps no dirty bitmap" in by_disk["vdb"].tracking
+    mon_vdb = next(d for d in runs["mon"].vms[0].disks if d.target == "vdb")
+    assert by_disk["vdb"].bytes_stored < mon_vdb.bytes_stored  # read whole, stored only what changed
+    for dev in ("vda", "vdb"):
+        out = tmp_path / f"tue-{dev}.raw"
+        restore_backup(vault, BackupId.parse(f"job/tue/{tue.uuid}/{dev}"), str(out))
+        assert debugfs_cat(out, "/mon.bin") == data["mon"] and debugfs_cat(out, "/tue.bin") == data["tue"]
+    assert not vault.backup_ids(f"job/tue/{tue.uuid}/vdc")
