@@ -57,3 +57,29 @@ def test_restore_to_a_new_domain_boots_with_the_data_of_that_point(conn: libvirt
             assert str(tmp_path / "a.qcow2") not in sources  # never the original's disk
         code, out = vm.exec("sha256sum /mnt/vda/data.bin")  # the original is untouched
         assert out.split()[0].decode() == hashlib.sha256(after).hexdigest()
+
+
+def test_restore_in_place_rolls_the_vm_back_and_the_next_backup_reads_in_full(conn: libvirt.virConnect,
+                                                                               tmp_path: Path) -> None:
+    from raksha.hypervisor.restore import restore_in_place
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
+    template = GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2")],
+                           tmp_path, name="raksha-ip")
+    dom = conn.defineXML(template.xml)  # persistent: in place means the same VM, shut off and started again
+    dom.create()
+    with GuestDomain.attached(conn, dom, tmp_path) as vm:
+        vm.wait_for_agent()
+        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=good)[0] == 0
+        backup_domains(conn, [vm.name], vault, "job", "good")
+        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=bad)[0] == 0  # the mistake to undo
+
+        restored = restore_in_place(conn, vault, "job", "good", dom.UUIDString())
+
+        assert restored.started and restored.uuid == dom.UUIDString()
+        vm.wait_for_agent()
+        code, out = vm.exec("sha256sum /mnt/vda/data.bin")
+        assert code == 0 and out.split()[0].decode() == hashlib.sha256(good).hexdigest()
+        after = backup_domains(conn, [vm.name], vault, "job", "after", parent_run="good")
+        assert after.vms[0].disks[0].kind == "full" and "missing" in after.vms[0].disks[0].tracking

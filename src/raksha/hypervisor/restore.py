@@ -9,6 +9,7 @@ from pathlib import Path
 import libvirt
 
 from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound, SourceError
+from raksha.hypervisor.disks import domain_disks
 from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
@@ -100,5 +101,42 @@ def restore_domain(conn: libvirt.virConnect, vault: Vault, job: str, run: str, v
         except libvirt.libvirtError as exc:
             dom.undefine()  # roll back: no half-made VM left behind; the restored images stay for a retry
             raise SourceError(f"restored domain {name} did not start: {exc.get_error_message()}") from None
+        result.started = True
+    return result
+
+
+def restore_in_place(conn: libvirt.virConnect, vault: Vault, job: str, run: str, vm: str,
+                     *, only_disks: set[str] | None = None, start: bool = True) -> RestoredDomain:
+    """Put a domain's disks back to run ``job/run``: the domain is shut off, each disk image is replaced by a
+    verified restore (written beside it, renamed over it only when complete), and it is started again."""
+    try:
+        dom = conn.lookupByUUIDString(vm)
+    except libvirt.libvirtError:
+        raise NotFound(f"no domain with UUID {vm} to restore in place", code="VM_NOT_FOUND") from None
+    current = {d.target: d for d in domain_disks(dom.XMLDesc(0))}
+    ids = [b for b in vault.backup_ids(f"{job}/{run}/{vm}/") if only_disks is None or b.resource in only_disks]
+    if not ids:
+        raise NotFound(f"no backups of VM {vm} in run {job}/{run}", code="BACKUP_NOT_FOUND")
+    missing = [b.resource for b in ids if b.resource not in current]
+    if missing:
+        raise InvalidInput(f"domain {dom.name()} has no disk {', '.join(missing)} any more", code="DISK_MISMATCH")
+    if not dom.isPersistent():
+        raise InvalidInput(f"domain {dom.name()} is transient: it would vanish when shut off; restore it as a "
+                           "new domain instead", code="DOMAIN_TRANSIENT")
+    if dom.isActive():
+        dom.destroy()  # a clean shutdown needs a cooperating guest; the disks are overwritten anyway
+    # The replaced images carry none of the old bitmaps: forget the checkpoints, so the next backup
+    # reads in full (and says why) instead of failing on a bitmap that no longer exists.
+    for cp in dom.listAllCheckpoints():
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    result = RestoredDomain(dom.name(), dom.UUIDString())
+    for bid in ids:
+        disk = current[bid.resource]
+        fmt = "qcow2" if disk.format == "qcow2" else "raw"
+        res = restore_backup(vault, BackupId.parse(str(bid)), disk.path, fmt=fmt, overwrite=True)
+        result.disks[bid.resource] = disk.path
+        result.chunks_verified += res.chunks_verified
+    if start:
+        dom.create()
         result.started = True
     return result
