@@ -45,6 +45,7 @@ lint: setup
 bench:
 	@scripts/setup.sh --bench
 	$(PY) bench/run.py
+	$(PY) bench/driver.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis bench/work
