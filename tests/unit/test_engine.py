@@ -454,3 +454,52 @@ def test_restore_never_overwrites_without_being_asked(new_vault: MakeVault, make
     restore_backup(vault, BackupId.parse("job1/run1/vm1/vda"), str(out), overwrite=True)
     assert blake3_file(out) == blake3_file(image)
     assert sorted(p.name for p in outputs.iterdir()) == ["existing.img"]  # no staging file left behind
+
+
+def test_a_chunk_changed_in_part_reads_only_the_changed_bytes(new_vault: MakeVault, make_image: Callable[..., Path],
+                                                              outputs: Path) -> None:
+    """The rest of such a chunk comes from the parent's stored copy, so source reads equal the change."""
+    base = make_image("base.img", 8 * MIB, seed=21)
+    changed = base.parent / "changed.img"
+    shutil.copyfile(base, changed)
+    extents = [(MIB + 4096, 8192), (3 * MIB - 4096, 8192), (5 * MIB, MIB), (7 * MIB + 100, 50)]
+    with open(changed, "r+b") as f:
+        for off, n in extents:
+            f.seek(off)
+            f.write(os.urandom(n))
+    vault = new_vault()
+    backup(vault, base, "job1/run1/vm1/vda")
+
+    inc = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=extents)
+
+    # 8 KiB, 4 KiB + 4 KiB across a chunk boundary, 50 bytes: patched; the whole chunk 5: read whole.
+    assert inc.stats.bytes_read == sum(n for _, n in extents)
+    assert inc.stats.chunks_patched == 4
+    restore(vault, "job1/run2/vm1/vda", outputs / "new.img")
+    assert blake3_file(outputs / "new.img") == blake3_file(changed)
+
+
+def test_a_damaged_parent_chunk_is_read_whole_from_the_source_instead(tmp_path: Path, outputs: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(MIB) + os.urandom(3 * MIB))
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new())
+    backup(vault, base, "job1/run1/vm1/vda")
+    ids = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda")).chunk_ids
+    i = next(n for n, cid in enumerate(ids) if cid != ZERO_ID)
+    loc = vault.load_index().locations[ids[i]]
+    pack = tmp_path / "vault" / pack_key(loc.pack_id.hex())
+    raw = bytearray(pack.read_bytes())
+    raw[loc.offset + 40] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    changed = base.parent / "changed.img"
+    shutil.copyfile(base, changed)
+    with open(changed, "r+b") as f:
+        f.seek(i * MIB + 10)
+        f.write(b"patched")
+
+    inc = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda",
+                 changed_extents=[(i * MIB + 10, 7)])
+
+    assert inc.stats.chunks_patched == 0 and inc.stats.bytes_read == MIB
+    restore(vault, "job1/run2/vm1/vda", outputs / "new.img")
+    assert blake3_file(outputs / "new.img") == blake3_file(changed)
