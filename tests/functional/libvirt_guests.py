@@ -135,3 +135,8 @@ class GuestDomain:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"guest-exec {script!r} still running after {timeout} s")
             time.sleep(0.1)
+
+
+def debugfs_cat(image: Path, path: str) -> bytes:
+    """A file's bytes from an ext4 image, read on the host (empty if it does not exist)."""
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout

@@ -8,8 +8,6 @@ both; each restored disk holds exactly what its guest had at that point.
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
 from raksha.hypervisor.disks import domain_disks  # noqa: E402
 from raksha.hypervisor.pull import CRASH, FILESYSTEM, consistency_group  # noqa: E402
@@ -28,19 +26,6 @@ from raksha.vault.engine.restore import restore_backup  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    if os.geteuid() != 0:
-        pytest.skip("starting libvirtd needs root")
-    c = libvirt.open(start_libvirtd())
-    yield c
-    c.close()
-
-
-def debugfs_cat(image: Path, path: str) -> bytes:
-    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout
 
 
 def test_two_guests_one_point_in_time_full_then_incremental(conn: libvirt.virConnect, tmp_path: Path) -> None:

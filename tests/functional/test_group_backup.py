@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
 from raksha.hypervisor.group_backup import backup_domains, checkpoint_name  # noqa: E402
 from raksha.hypervisor.pull import CRASH, FILESYSTEM  # noqa: E402
@@ -23,19 +21,6 @@ from raksha.vault.engine.restore import restore_backup  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    if os.geteuid() != 0:
-        pytest.skip("starting libvirtd needs root")
-    c = libvirt.open(start_libvirtd())
-    yield c
-    c.close()
-
-
-def debugfs_cat(image: Path, path: str) -> bytes:
-    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout
 
 
 def test_full_incremental_and_a_lost_checkpoint_downgrading_to_full(conn: libvirt.virConnect,

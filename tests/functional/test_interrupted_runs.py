@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E402
 
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
 from raksha.hypervisor.pull import FILESYSTEM  # noqa: E402
@@ -44,14 +42,6 @@ print("frozen", flush=True)
 time.sleep(600)
 """
 
-
-@pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    if os.geteuid() != 0:
-        pytest.skip("starting libvirtd needs root")
-    c = libvirt.open(start_libvirtd())
-    yield c
-    c.close()
 
 
 def kill_when(script: str, domain: str, marker: str) -> None:

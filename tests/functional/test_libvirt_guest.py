@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +21,7 @@ from libvirt_guests import (  # noqa: E402
     GuestDomain,
     build_guest,
     make_data_disk,
-    start_libvirtd,
 )
-
-
-@pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    if os.geteuid() != 0:
-        pytest.skip("starting libvirtd needs root")
-    c = libvirt.open(start_libvirtd())
-    yield c
-    c.close()
 
 
 def test_guest_boots_under_libvirt_and_its_disk_holds_what_the_test_wrote(conn: libvirt.virConnect,

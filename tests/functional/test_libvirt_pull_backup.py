@@ -10,8 +10,6 @@ what the guest wrote. Each restored point holds exactly what the guest had.
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.backup import BackupResult, backup_disk  # noqa: E402
@@ -32,14 +30,6 @@ from raksha.vault.sources.nbd import NbdSource  # noqa: E402
 
 CHUNK = 64 << 10
 
-
-@pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    if os.geteuid() != 0:
-        pytest.skip("starting libvirtd needs root")
-    c = libvirt.open(start_libvirtd())
-    yield c
-    c.close()
 
 
 def pull_backup(vm: GuestDomain, vault: Vault, tmp: Path, backup_id: str, checkpoint: str,
@@ -70,10 +60,6 @@ def pull_backup(vm: GuestDomain, vault: Vault, tmp: Path, backup_id: str, checkp
     finally:
         vm.dom.abortJob()  # a pull backup lasts until it is ended
 
-
-def debugfs_cat(image: Path, path: str) -> bytes:
-    out = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True)
-    return out.stdout
 
 
 def test_live_full_and_dirty_bitmap_incremental_of_a_running_guest(conn: libvirt.virConnect,

@@ -8,8 +8,6 @@ says so, the qcow2 disk is incremental, the excluded disk is skipped and recorde
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
@@ -26,19 +24,6 @@ from raksha.vault.engine.restore import restore_backup  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    if os.geteuid() != 0:
-        pytest.skip("starting libvirtd needs root")
-    c = libvirt.open(start_libvirtd())
-    yield c
-    c.close()
-
-
-def debugfs_cat(image: Path, path: str) -> bytes:
-    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True).stdout
 
 
 def test_raw_disk_is_read_whole_qcow2_is_incremental_excluded_is_skipped(conn: libvirt.virConnect,

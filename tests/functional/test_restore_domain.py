@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,22 +13,13 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk, start_libvirtd  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E402
 
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
 from raksha.hypervisor.restore import restore_domain  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def conn() -> Iterator[libvirt.virConnect]:
-    if os.geteuid() != 0:
-        pytest.skip("starting libvirtd needs root")
-    c = libvirt.open(start_libvirtd())
-    yield c
-    c.close()
 
 
 def test_restore_to_a_new_domain_boots_with_the_data_of_that_point(conn: libvirt.virConnect,
