@@ -188,3 +188,17 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
         for mnt in mounted:
             if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
                 subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="module")
+def conn() -> Iterator[Any]:
+    """A connection to a libvirtd started for the tests (scripts/start-libvirtd.sh)."""
+    libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+    if os.geteuid() != 0:
+        pytest.skip("starting libvirtd needs root")
+    sys.path.insert(0, str(Path(__file__).parent / "functional"))
+    from libvirt_guests import start_libvirtd
+
+    c = libvirt.open(start_libvirtd())
+    yield c
+    c.close()
