@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -36,6 +37,23 @@ REPO = Path(__file__).resolve().parents[1]
 RAKSHA = REPO / ".venv" / "bin" / "raksha"
 PASSWORD = "correct horse battery staple"
 MIB = 1 << 20
+K64 = 64 << 10
+
+
+def random_chunk(seed: int) -> bytes:
+    """64 KiB of seeded incompressible bytes: a blob is the chunk plus one byte."""
+    return random.Random(seed).randbytes(K64)
+
+
+def chunk_image(path: Path, chunks: list[bytes | None]) -> Path:
+    """A raw image of 64 KiB chunks; None leaves a hole (an all-zero chunk, never stored)."""
+    with open(path, "wb") as f:
+        f.truncate(len(chunks) * K64)
+        for i, data in enumerate(chunks):
+            if data is not None:
+                f.seek(i * K64)
+                f.write(data)
+    return path
 
 RunCli = Callable[..., tuple[int, str, str]]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import blake3
 import pytest
 
+from conftest import K64, chunk_image, random_chunk
 from raksha.domain.errors import VaultCorrupt, VaultLocked
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import BackupResult, backup_disk
@@ -40,7 +40,6 @@ from raksha.vault.operations.verify import verify_vault
 from raksha.vault.repository import Vault
 from raksha.vault.sources.raw import RawSource
 
-K64 = 64 << 10
 MIB = 1 << 20
 HOUR = 3600.0
 
@@ -73,21 +72,6 @@ def make_vault(root: Path, *, encrypted: bool = False, pack_size: int = 8 * K64)
 def image(path: Path, size: int = 16 * MIB, seed: int = 1) -> Path:
     imagegen.generate_image(path, size, seed)
     return path
-
-
-def chunk_image(path: Path, chunks: list[bytes | None]) -> Path:
-    """A raw image of 64 KiB chunks; None leaves a hole (an all-zero chunk, never stored)."""
-    with open(path, "wb") as f:
-        f.truncate(len(chunks) * K64)
-        for i, data in enumerate(chunks):
-            if data is not None:
-                f.seek(i * K64)
-                f.write(data)
-    return path
-
-
-def random_chunk(seed: int) -> bytes:
-    return random.Random(seed).randbytes(K64)  # incompressible: a blob is the chunk plus one byte
 
 
 def backup(vault: Vault, img: Path, bid: str, **kwargs: Any) -> BackupResult:
@@ -762,7 +746,7 @@ def test_a_backup_started_after_the_condemned_list_stores_condemned_chunks_again
 def test_a_backup_committing_after_the_sweep_keeps_the_chunks_it_stored_again(
         deleted_base: tuple[Vault, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # The dangerous order: the backup starts after gc listed the locks it waits for, stores the
-    # condemned chunks again (in packs identical to the condemned ones) and commits only after gc
+    # condemned chunks again (in new packs) and commits only after gc
     # has deleted those. What it stored must survive.
     vault, base, other = deleted_base
     real_wait = gc_module._Gc._wait_for_backups

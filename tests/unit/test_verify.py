@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import K64, chunk_image, random_chunk
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.format.config import VaultConfig
@@ -28,22 +28,7 @@ from raksha.vault.operations.verify import verify_vault
 from raksha.vault.repository import Vault
 from raksha.vault.sources.raw import RawSource
 
-K64 = 64 << 10
 A, B, C = "j/r1/vm1/vda", "j/r2/vm1/vda", "j/r1/vm2/vda"
-
-
-def chunk(seed: int) -> bytes:
-    return random.Random(seed).randbytes(K64)
-
-
-def write_image(path: Path, chunks: list[bytes | None]) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(len(chunks) * K64)
-        for i, data in enumerate(chunks):
-            if data is not None:
-                f.seek(i * K64)
-                f.write(data)
-    return path
 
 
 def backup(vault: Vault, img: Path, bid: str) -> None:
@@ -80,10 +65,10 @@ def vault(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Vault]:
     config = VaultConfig.new(chunk_size=K64, pack_size=10 * K64, encrypted=request.param)
     secret = Secret(passphrase=b"verify test") if request.param else None
     v = Vault.init(LocalBackend(tmp_path / "vault", create=True), config, secret, KdfParams(memory_kib=8192))
-    chunks = [chunk(i) for i in range(20)]
-    backup(v, write_image(tmp_path / "a.img", chunks[:10]), A)
-    backup(v, write_image(tmp_path / "b.img", chunks[:5] + [None] * 5), B)
-    backup(v, write_image(tmp_path / "c.img", chunks[10:]), C)
+    chunks = [random_chunk(i) for i in range(20)]
+    backup(v, chunk_image(tmp_path / "a.img", chunks[:10]), A)
+    backup(v, chunk_image(tmp_path / "b.img", chunks[:5] + [None] * 5), B)
+    backup(v, chunk_image(tmp_path / "c.img", chunks[10:]), C)
     yield v
 
 
@@ -101,8 +86,8 @@ def test_a_clean_vault_verifies(vault: Vault) -> None:
 
 def test_a_flipped_byte_names_only_the_backup_using_that_chunk(vault: Vault) -> None:
     # Chunk 7 lies in the pack a and b share, but only a uses it.
-    loc = location(vault, chunk(7))
-    assert location(vault, chunk(2)).pack_id == loc.pack_id
+    loc = location(vault, random_chunk(7))
+    assert location(vault, random_chunk(2)).pack_id == loc.pack_id
     flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + loc.stored_length // 2)
 
     report = verify_vault(vault)
@@ -110,13 +95,13 @@ def test_a_flipped_byte_names_only_the_backup_using_that_chunk(vault: Vault) -> 
     assert not report.ok
     assert set(report.damaged_backups) == {A}
     (reason,) = report.damaged_backups[A]
-    assert vault.crypto.chunk_id(chunk(7)).hex() in reason
+    assert vault.crypto.chunk_id(random_chunk(7)).hex() in reason
     assert [d["object"] for d in report.damaged_objects] == [pack_key(loc.pack_id.hex())]
     assert "DAMAGE FOUND" in report.summary() and A in report.summary()
 
 
 def test_a_flipped_byte_in_a_shared_chunk_names_every_backup_using_it(vault: Vault) -> None:
-    loc = location(vault, chunk(2))
+    loc = location(vault, random_chunk(2))
     flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + 100)
 
     report = verify_vault(vault)
@@ -125,7 +110,7 @@ def test_a_flipped_byte_in_a_shared_chunk_names_every_backup_using_it(vault: Vau
 
 
 def test_a_missing_pack_names_every_backup_using_it(vault: Vault) -> None:
-    pack = pack_key(location(vault, chunk(0)).pack_id.hex())
+    pack = pack_key(location(vault, random_chunk(0)).pack_id.hex())
     vault.backend.delete(pack)
 
     report = verify_vault(vault)
@@ -137,7 +122,7 @@ def test_a_missing_pack_names_every_backup_using_it(vault: Vault) -> None:
 
 
 def test_a_damaged_index_object_is_reported(vault: Vault) -> None:
-    cid = vault.crypto.chunk_id(chunk(12))
+    cid = vault.crypto.chunk_id(random_chunk(12))
     (index_id,) = [i for i, f in vault.read_index_files().items() if cid in f.entries]  # c's pack's index
     index_key = f"index/{index_id}"
     flip_byte(vault, index_key, 10)
@@ -163,7 +148,7 @@ def test_a_damaged_manifest_names_that_backup(vault: Vault) -> None:
 
 def test_damaged_metadata_names_the_backup_and_its_data_is_still_checked(vault: Vault) -> None:
     flip_byte(vault, BackupId.parse(C).metadata_key, 8)
-    loc = location(vault, chunk(15))
+    loc = location(vault, random_chunk(15))
     flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + 9)
 
     report = verify_vault(vault)
@@ -171,12 +156,12 @@ def test_damaged_metadata_names_the_backup_and_its_data_is_still_checked(vault: 
     assert set(report.damaged_backups) == {C}
     reasons = report.damaged_backups[C]
     assert any(r.startswith("metadata:") for r in reasons)
-    assert any(vault.crypto.chunk_id(chunk(15)).hex() in r for r in reasons)
+    assert any(vault.crypto.chunk_id(random_chunk(15)).hex() in r for r in reasons)
 
 
 def test_without_reading_data_missing_chunks_and_packs_are_still_found(vault: Vault) -> None:
-    a_pack = location(vault, chunk(0))
-    c_pack = location(vault, chunk(10))
+    a_pack = location(vault, random_chunk(0))
+    c_pack = location(vault, random_chunk(10))
     # A flipped byte needs the data read to be seen ...
     flip_byte(vault, pack_key(a_pack.pack_id.hex()), a_pack.offset + 50)
     report = verify_vault(vault, read_data=False)
@@ -198,7 +183,7 @@ def test_without_reading_data_missing_chunks_and_packs_are_still_found(vault: Va
 
 
 def test_report_is_json_serialisable(vault: Vault) -> None:
-    vault.backend.delete(pack_key(location(vault, chunk(10)).pack_id.hex()))
+    vault.backend.delete(pack_key(location(vault, random_chunk(10)).pack_id.hex()))
     flip_byte(vault, BackupId.parse(B).backup_key, 20)
 
     doc = json.loads(json.dumps(verify_vault(vault).to_dict()))
