@@ -72,6 +72,24 @@ class AlreadyExists(PermanentError):
     code = "ALREADY_EXISTS"
 
 
+class Forbidden(PermanentError):
+    """The caller may not do this (policy, or another project's resource)."""
+
+    code = "FORBIDDEN"
+
+
+class Unauthorized(PermanentError):
+    """No valid credentials came with the request."""
+
+    code = "UNAUTHORIZED"
+
+
+class Conflict(PermanentError):
+    """The resource is not in a state that allows the request (restore a failed run, delete a running one)."""
+
+    code = "CONFLICT"
+
+
 class VaultFormatUnsupported(PermanentError):
     code = "VAULT_FORMAT_UNSUPPORTED"
     exit_status = EXIT_FORMAT
