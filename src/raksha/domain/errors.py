@@ -90,6 +90,26 @@ class Conflict(PermanentError):
     code = "CONFLICT"
 
 
+class InvalidStateTransition(Conflict):
+    """A status change the resource's state machine (raksha.domain.states) does not allow."""
+
+    code = "INVALID_STATE_TRANSITION"
+
+
+class StatusChanged(Conflict):
+    """Someone else changed the resource's status first (a lost compare-and-set); re-read and decide again."""
+
+    code = "STATUS_CHANGED"
+    retryable = True
+
+
+class JobBusy(Conflict):
+    """The backup job already has a run in progress; a job never runs twice at once."""
+
+    code = "JOB_BUSY"
+    retryable = True
+
+
 class VaultFormatUnsupported(PermanentError):
     code = "VAULT_FORMAT_UNSUPPORTED"
     exit_status = EXIT_FORMAT
