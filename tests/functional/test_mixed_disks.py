@@ -1,8 +1,9 @@
 """A VM with a qcow2 boot-like disk, a raw data disk (the seed's vdb) and an excluded scratch disk.
 
 libvirt refuses checkpoints on raw disks; the run must not fail for it: the raw
-disk is read whole each time (deduplicated, so it stores only what changed) and
-says so, the qcow2 disk is incremental, the excluded disk is skipped and recorded.
+disk is tracked with a QEMU dirty bitmap (pull.py) and is incremental too, reading
+about what the guest wrote; each disk records how it was tracked; the excluded disk
+is skipped and recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 
 
-def test_raw_disk_is_read_whole_qcow2_is_incremental_excluded_is_skipped(conn: libvirt.virConnect,
+def test_raw_and_qcow2_disks_are_incremental_excluded_is_skipped(conn: libvirt.virConnect,
                                                                          tmp_path: Path) -> None:
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
     disks = [(make_data_disk(tmp_path / "vda.qcow2", "64M"), "qcow2"),
@@ -49,9 +50,13 @@ def test_raw_disk_is_read_whole_qcow2_is_incremental_excluded_is_skipped(conn: l
     by_disk = {d.target: d for d in tue.disks}
     assert set(by_disk) == {"vda", "vdb"}
     assert by_disk["vda"].kind == "incremental" and "dirty bitmap" in by_disk["vda"].tracking
-    assert by_disk["vdb"].kind == "full" and "raw disk keeps no dirty bitmap" in by_disk["vdb"].tracking
+    assert by_disk["vda"].method == "libvirt-checkpoint"
+    assert by_disk["vdb"].kind == "incremental" and "QEMU dirty bitmap raksha-job-mon" in by_disk["vdb"].tracking
+    assert by_disk["vdb"].method == "qemu-dirty-bitmap"
     mon_vdb = next(d for d in runs["mon"].vms[0].disks if d.target == "vdb")
-    assert by_disk["vdb"].bytes_stored < mon_vdb.bytes_stored  # read whole, stored only what changed
+    assert mon_vdb.kind == "full" and "starts tracking" in mon_vdb.tracking
+    # 32 KiB written plus the ext4 metadata that changed with it, not the 64 MiB disk.
+    assert 32 << 10 <= by_disk["vdb"].bytes_read <= 1 << 20
     for dev in ("vda", "vdb"):
         out = tmp_path / f"tue-{dev}.raw"
         restore_backup(vault, BackupId.parse(f"job/tue/{tue.uuid}/{dev}"), str(out))

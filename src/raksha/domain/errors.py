@@ -159,3 +159,15 @@ class SourceError(RetryableError):
 class Interrupted(RakshaError):
     code = "INTERRUPTED"
     exit_status = EXIT_INTERRUPTED
+
+
+class HypervisorError(RetryableError):
+    """libvirt or QEMU failed or refused an operation on a VM (translated at the hypervisor boundary)."""
+
+    code = "HYPERVISOR_ERROR"
+
+
+class VmGone(HypervisorError):
+    """The VM stopped or vanished while it was being worked on (destroyed, crashed, undefined)."""
+
+    code = "VM_GONE"

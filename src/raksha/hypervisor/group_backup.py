@@ -1,23 +1,33 @@
 """Back up several running domains as one point in time into the vault.
 
 The run is named ``<job>/<run>``; each disk lands at ``<job>/<run>/<vm uuid>/<target>``.
-An incremental uses the libvirt checkpoint the parent run left on each domain;
-a domain whose checkpoint is gone (undefined, migrated, a crash) is read in
-full and the run says why. After a good run only its own checkpoint is kept,
-so bitmaps never pile up.
+An incremental reads each disk's changes since the parent run: a qcow2 disk's
+from the libvirt checkpoint the parent run left, a raw disk's (file or block
+device) from the QEMU dirty bitmap the parent run added (``pull``). A disk whose
+base is gone (undefined, migrated, QEMU restarted, a bitmap lost or
+inconsistent) is read in full and its ``tracking`` says why. After a good run
+only its own checkpoint and bitmaps are kept, so bitmaps never pile up.
+
+A VM that fails during the run (destroyed mid-read, its job refused) is
+reported on that VM with a stable error code (``VmResult.error``); the other
+VMs of the group complete, and the failed VM keeps its previous base.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import libvirt
 
-from raksha.domain.errors import NotFound
+from raksha.domain.errors import NotFound, RakshaError, VmGone
 from raksha.hypervisor.disks import backing_chain, domain_interfaces
-from raksha.hypervisor.pull import consistency_group, tracked
+from raksha.hypervisor.errors import translate, vm_gone
+from raksha.hypervisor.pull import DomainPoint, consistency_group
 from raksha.vault.engine.backup import backup_disk
+from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
 
@@ -30,6 +40,7 @@ class DiskResult:
     tracking: str  # how its changes were found
     bytes_read: int
     bytes_stored: int
+    method: str = ""  # libvirt-checkpoint | qemu-dirty-bitmap | none
 
 
 @dataclass
@@ -40,6 +51,7 @@ class VmResult:
     why: str = ""
     disks: list[DiskResult] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)  # disk targets left out on purpose (temp space)
+    error: dict[str, Any] | None = None  # this VM failed: {code, message, retryable}; the others went on
 
 
 @dataclass
@@ -54,17 +66,13 @@ def checkpoint_name(job: str, run: str) -> str:
     return f"raksha-{job}-{run}"
 
 
-def _has_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
-    try:
-        dom.checkpointLookupByName(name)
-    except libvirt.libvirtError:
-        return False
-    return True
+ProgressHook = Callable[[str, str, ProgressEvent], None]  # (vm name, disk target, event)
 
 
 def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job: str, run: str,
                    *, parent_run: str | None = None, threads: int | None = None,
-                   exclude: dict[str, set[str]] | None = None) -> GroupResult:
+                   exclude: dict[str, set[str]] | None = None,
+                   progress: ProgressHook | None = None) -> GroupResult:
     doms = []
     for name in names:
         try:
@@ -72,51 +80,63 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         except libvirt.libvirtError:
             raise NotFound(f"no domain {name!r} on {conn.getURI()}", code="VM_NOT_FOUND") from None
     parent_cp = checkpoint_name(job, parent_run) if parent_run else None
-    plan = [(dom, parent_cp if parent_cp and _has_checkpoint(dom, parent_cp) else None) for dom in doms]
     results = []
-    with consistency_group(plan, checkpoint_name(job, run), exclude=exclude) as point:
+    # Each domain's disks are tracked from the parent run's checkpoint (qcow2) or QEMU bitmap (raw);
+    # the group decides per disk whether that base is usable (pull.py) and keeps only the newest one.
+    with consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude) as point:
         for p in point.domains:
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, p.why)
-            # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
-            xml = p.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)
-            described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
-            for disk in p.disks:
-                bid = BackupId(job, run, vm.uuid, disk.target)
-                parent = BackupId(job, parent_run, vm.uuid, disk.target) if parent_run else None
-                use_bitmap = (p.parent_checkpoint is not None and tracked(disk) and parent is not None
-                              and vault.has_backup(parent))
-                if use_bitmap:
-                    tracking = f"checkpoint {p.parent_checkpoint} dirty bitmap"
-                elif not tracked(disk):
-                    tracking = f"full read: a {disk.format} disk keeps no dirty bitmap (checkpoints need qcow2)"
-                elif parent_run:
-                    tracking = f"full read: checkpoint {parent_cp} or parent backup {parent} missing"
-                else:
-                    tracking = "full read"
-                source = p.source(disk)
-                try:
-                    result = backup_disk(
-                        vault, source, bid,
-                        parent=parent if use_bitmap else None,
-                        changed_extents=source.dirty_extents() if use_bitmap else None,
-                        threads=threads,
-                        hints={"vm_name": vm.name, "consistency": p.consistency, "consistency_note": p.why,
-                               "freeze_ms": f"{point.freeze_ms:.0f}", "tracking": tracking,
-                               "disk_path": disk.path, "disk_format": disk.format, "bus": disk.bus,
-                               "backing_chain": json.dumps(backing_chain(disk.path)), **described},
-                    )
-                finally:
-                    source.close()
-                vm.disks.append(DiskResult(disk.target, str(bid), result.kind, tracking,
-                                           result.stats.bytes_read, result.stats.bytes_stored))
             vm.excluded = [d.target for d in p.excluded]
             results.append(vm)
+            if p.error is None:
+                try:
+                    _backup_vm(vault, p, vm, job, run, parent_run, point.freeze_ms, threads, progress)
+                except (RakshaError, libvirt.libvirtError) as exc:
+                    p.fail(_vm_error(p.domain, vm.name, exc))
+            if p.error is not None:
+                vm.error = p.error.to_dict()
         freeze_ms = point.freeze_ms
-    # The new checkpoint is the base of the next incremental; the older one is no longer needed.
-    for dom, old_checkpoint in plan:
-        if old_checkpoint is not None:
-            try:
-                dom.checkpointLookupByName(old_checkpoint).delete(0)
-            except libvirt.libvirtError:
-                pass
     return GroupResult(job, run, freeze_ms, results)
+
+
+def _vm_error(dom: libvirt.virDomain, name: str, exc: Exception) -> RakshaError:
+    """What a VM's failure is reported as: ``VM_GONE`` when it stopped under the run, else the error itself."""
+    if vm_gone(dom):
+        text = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+        return VmGone(f"{name}: the VM stopped or vanished during the backup (destroyed or crashed): {text}")
+    if isinstance(exc, libvirt.libvirtError):
+        return translate(exc, f"{name}: backup failed")
+    assert isinstance(exc, RakshaError)
+    return exc
+
+
+def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, parent_run: str | None,
+               freeze_ms: float, threads: int | None, progress: ProgressHook | None) -> None:
+    # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
+    xml = p.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)
+    described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
+    for disk in p.disks:
+        bid = BackupId(job, run, vm.uuid, disk.target)
+        parent = BackupId(job, parent_run, vm.uuid, disk.target) if parent_run else None
+        plan = p.plan(disk)
+        tracking = plan.note
+        incremental = plan.incremental and parent is not None and vault.has_backup(parent)
+        if plan.incremental and not incremental:
+            tracking = f"full read: parent backup {parent} not in the vault"
+        source = p.source(disk)
+        try:
+            hook = (lambda ev, t=disk.target: progress(vm.name, t, ev)) if progress else None
+            result = backup_disk(
+                vault, source, bid,
+                parent=parent if incremental else None,
+                changed_extents=p.changed_extents(disk, source) if incremental else None,
+                threads=threads, progress=hook,
+                hints={"vm_name": vm.name, "consistency": p.consistency, "consistency_note": p.why,
+                       "freeze_ms": f"{freeze_ms:.0f}", "tracking": tracking, "tracking_method": plan.method,
+                       "disk_path": disk.path, "disk_format": disk.format, "bus": disk.bus,
+                       "backing_chain": json.dumps(backing_chain(disk.path)), **described},
+            )
+        finally:
+            source.close()
+        vm.disks.append(DiskResult(disk.target, str(bid), result.kind, tracking,
+                                   result.stats.bytes_read, result.stats.bytes_stored, plan.method))

@@ -1,14 +1,29 @@
-"""Consistent pull-mode backups of several domains at once with libvirt checkpoints.
+"""Consistent pull-mode backups of several domains at once, with changed-block tracking for every disk.
 
 Freeze every guest that has an agent, start every domain's backup job (one job
 covers all disks of a domain, atomically), thaw, then read each disk's NBD
 export. The run records the consistency it reached per domain and the freeze
 window. Every pull job is ended (abortJob) whatever happens, and no guest is
 left frozen.
+
+How each disk's changes are found (docs/design/changed-block-tracking.md):
+
+- qcow2 disks: libvirt checkpoints (persistent dirty bitmaps in the image).
+- raw files and block devices, where libvirt refuses checkpoints: a
+  non-persistent QEMU dirty bitmap per run, managed over QMP. The bitmap of run
+  N is added before run N's ``backupBegin`` (the point in time); run N+1 copies
+  it after its own ``backupBegin`` and reads the copy's extents over NBD. A
+  QEMU restart or a migration loses it, and that disk is read in full once.
+
+A disk whose base is missing or inconsistent is read in full, with the reason
+recorded, instead of failing the run. A domain that fails (its backup job does
+not start, or the caller reports it failed) keeps its previous base: the new
+checkpoint and bitmap are dropped, the old ones kept.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,13 +37,32 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from raksha.domain.errors import SourceError
+from raksha.domain.errors import RakshaError
 from raksha.hypervisor.disks import DiskInfo, domain_disks
+from raksha.hypervisor.errors import translate
+from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
 CRASH, FILESYSTEM = "crash", "filesystem"
 WORKDIR_PREFIX = "raksha-pull-"  # + "<pid>-": tells whose pull job an export socket belongs to
 _SOCKET_OWNER = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
+
+# How a disk's changes are tracked (recorded per disk as the hint "tracking_method").
+CHECKPOINT = "libvirt-checkpoint"  # qcow2: libvirt checkpoint, persistent bitmap in the image
+QEMU_BITMAP = "qemu-dirty-bitmap"  # raw file or block device: non-persistent QEMU bitmap over QMP
+UNTRACKED = "none"  # no tracking could be set up: read in full every time
+
+BITMAP_GRANULARITY = 4096  # bytes per bit: reads equal the guest's 4 KiB writes
+MAX_BITMAP_BYTES = 32 << 20  # per bitmap; the granularity doubles past 1 TiB to stay under it
+READ_SUFFIX = "~read"  # the frozen copy of a parent bitmap that a run exports and reads
+
+
+def bitmap_granularity(size: int) -> int:
+    """4 KiB (32 KiB of QEMU memory per GiB of disk) up to 1 TiB, coarser beyond so a bitmap stays <= 32 MiB."""
+    granularity = BITMAP_GRANULARITY
+    while size > granularity * 8 * MAX_BITMAP_BYTES:
+        granularity *= 2
+    return granularity
 
 
 def _alive(pid: int) -> bool:
@@ -66,6 +100,36 @@ def end_stale_job(dom: libvirt.virDomain) -> bool:
     return True
 
 
+class QmpError(Exception):
+    """QEMU answered a monitor command with an error (or libvirt would not pass it on)."""
+
+
+def qmp(dom: libvirt.virDomain, command: str, **arguments: Any) -> Any:
+    """One QMP command through libvirt. libvirt marks the domain tainted ("custom-monitor") the first time."""
+    cmd = {"execute": command, **({"arguments": arguments} if arguments else {})}
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
+    except libvirt.libvirtError as exc:
+        raise QmpError(exc.get_error_message()) from exc
+    if "error" in reply:
+        raise QmpError(reply["error"].get("desc", str(reply["error"])))
+    return reply.get("return")
+
+
+@dataclass
+class DiskPlan:
+    """How one disk's changes are found in this run, and what the run found."""
+
+    method: str
+    incremental: bool = False
+    note: str = "full read"  # the "tracking" hint: how the disk was read, and why
+    node: str | None = None  # QEMU node holding a raw disk's bitmaps
+    size: int = 0
+    granularity: int = BITMAP_GRANULARITY
+    added: bool = False  # this run's bitmap was added to ``node``
+    extents: list[Extent] | None = None  # a raw disk's changed extents, read from its parent bitmap
+
+
 @dataclass
 class DomainPoint:
     """One domain's share of a consistency group: its disks' exports and what was reached."""
@@ -74,16 +138,41 @@ class DomainPoint:
     disks: list[DiskInfo]
     socket: str
     checkpoint: str
-    parent_checkpoint: str | None
+    parent_checkpoint: str | None  # the libvirt checkpoint the job is incremental from, if any disk uses it
     excluded: list[DiskInfo] = field(default_factory=list)
     consistency: str = CRASH
     why: str = ""
+    parent: str | None = None  # the parent run's checkpoint and bitmap name, as asked
+    plans: dict[str, DiskPlan] = field(default_factory=dict)
+    error: RakshaError | None = None  # set when this domain failed: its previous base is kept
+    started: bool = False
+
+    def plan(self, disk: DiskInfo) -> DiskPlan:
+        return self.plans.setdefault(disk.target, DiskPlan(CHECKPOINT if tracked(disk) else UNTRACKED))
+
+    def incremental(self, disk: DiskInfo) -> bool:
+        return self.plan(disk).incremental
+
+    def tracking(self, disk: DiskInfo) -> str:
+        return self.plan(disk).note
+
+    def fail(self, error: RakshaError) -> None:
+        """The caller could not back this domain up: drop this run's checkpoint and bitmaps on exit."""
+        self.error = error
 
     def source(self, disk: DiskInfo) -> NbdSource:
+        plan = self.plan(disk)
         bitmap = (f"qemu:dirty-bitmap:backup-{disk.target}"
-                  if self.parent_checkpoint and tracked(disk) else None)
+                  if plan.method == CHECKPOINT and plan.incremental else None)
         return NbdSource(self.socket, path=f"{self.domain.name()}:{disk.target}", fmt=disk.format,
                          export_name=disk.target, dirty_bitmap=bitmap)
+
+    def changed_extents(self, disk: DiskInfo, source: NbdSource) -> list[Extent]:
+        """The extents written since the parent run (only for a disk read incrementally)."""
+        plan = self.plan(disk)
+        if plan.method == QEMU_BITMAP and plan.extents is not None:
+            return plan.extents
+        return source.dirty_extents()
 
 
 @dataclass
@@ -94,14 +183,12 @@ class GroupPoint:
 
 
 def _agent(dom: libvirt.virDomain, command: str, timeout: int = 10) -> Any:
-    import json
-
     reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": command}), timeout, 0)
     return json.loads(reply)["return"]
 
 
 def tracked(disk: DiskInfo) -> bool:
-    """Whether libvirt keeps a persistent dirty bitmap for the disk: checkpoints need qcow2."""
+    """Whether libvirt keeps a persistent dirty bitmap (a checkpoint) for the disk: checkpoints need qcow2."""
     return disk.format == "qcow2"
 
 
@@ -109,8 +196,10 @@ def _backup_xml(p: DomainPoint, scratch_dir: str) -> str:
     incremental = f"<incremental>{p.parent_checkpoint}</incremental>" if p.parent_checkpoint else ""
     parts = []
     for d in p.disks:
-        # An untracked (raw) disk has no bitmap to be incremental from: it is exported whole.
-        mode = " backupmode='full'" if p.parent_checkpoint and not tracked(d) else ""
+        # A disk not read from the checkpoint (raw, or its bitmap is gone) is exported whole.
+        plan = p.plan(d)
+        full = p.parent_checkpoint and not (plan.method == CHECKPOINT and plan.incremental)
+        mode = " backupmode='full'" if full else ""
         scratch = os.path.join(scratch_dir, d.target + ".scratch")
         parts.append(f"<disk name='{d.target}' backup='yes' type='file'{mode}><scratch file='{scratch}'/></disk>")
     parts += [f"<disk name='{d.target}' backup='no'/>" for d in p.excluded]
@@ -124,13 +213,233 @@ def _checkpoint_xml(name: str, p: DomainPoint) -> str:
     return f"<domaincheckpoint><name>{name}</name><disks>{disk_xml}</disks></domaincheckpoint>"
 
 
+def _aliases(domain_xml: str) -> dict[str, str]:
+    """Disk target -> the device alias QEMU knows it by (virtio-disk1, ...)."""
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for disk in ET.fromstring(domain_xml).findall("./devices/disk"):
+        target, alias = disk.find("target"), disk.find("alias")
+        if target is not None and alias is not None:
+            out[target.get("dev", "")] = alias.get("name", "")
+    return out
+
+
+def _top_nodes(dom: libvirt.virDomain) -> dict[str, dict[str, Any]]:
+    """Disk target -> the top block node QEMU writes it through (query-block's ``inserted``)."""
+    by_alias = {alias: target for target, alias in _aliases(dom.XMLDesc(0)).items()}
+    out = {}
+    for dev in qmp(dom, "query-block"):
+        qdev = str(dev.get("qdev", ""))
+        alias = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else qdev
+        if alias in by_alias and "inserted" in dev:
+            out[by_alias[alias]] = dev["inserted"]
+    return out
+
+
+def _bitmaps(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {b["name"]: b for b in node.get("dirty-bitmaps", []) if "name" in b}
+
+
+def _has_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
+    try:
+        dom.checkpointLookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def _has_job(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE)
+    except libvirt.libvirtError:
+        return True
+
+
+def _plan_disks(p: DomainPoint) -> None:
+    """Decide per disk: incremental from the parent's checkpoint or bitmap, or a full read and why."""
+    parent = p.parent
+    try:
+        nodes: dict[str, dict[str, Any]] | None = _top_nodes(p.domain)
+        qmp_error = ""
+    except (QmpError, libvirt.libvirtError) as exc:
+        nodes, qmp_error = None, str(exc)
+    has_checkpoint = parent is not None and _has_checkpoint(p.domain, parent)
+    idle = not _has_job(p.domain)
+    for disk in p.disks:
+        node = (nodes or {}).get(disk.target)
+        bitmaps = _bitmaps(node) if node else {}
+        if tracked(disk):
+            plan = p.plans[disk.target] = DiskPlan(CHECKPOINT)
+            if parent is None:
+                plan.note = f"full read; checkpoint {p.checkpoint} starts tracking"
+            elif not has_checkpoint:
+                plan.note = (f"full read: checkpoint {parent} missing "
+                             "(domain redefined or migrated, or the checkpoint was deleted)")
+            elif node is not None and "backing-image" not in node.get("image", {}) and parent not in bitmaps:
+                plan.note = (f"full read: checkpoint {parent} exists but its bitmap is missing from "
+                             f"{disk.path} (removed behind libvirt's back)")
+            elif parent in bitmaps and bitmaps[parent].get("inconsistent"):
+                plan.note = (f"full read: checkpoint {parent}'s bitmap in {disk.path} is inconsistent "
+                             "(marked in-use: QEMU stopped without saving it)")
+            else:
+                plan.incremental = True
+                plan.note = f"checkpoint {parent} dirty bitmap"
+            continue
+        if node is None:
+            why = qmp_error or "QEMU reports no block node for it"
+            p.plans[disk.target] = DiskPlan(UNTRACKED, note=f"full read: no changed-block tracking ({why})")
+            continue
+        plan = p.plans[disk.target] = DiskPlan(QEMU_BITMAP, node=str(node["node-name"]),
+                                               size=int(node.get("image", {}).get("virtual-size", 0)))
+        plan.granularity = bitmap_granularity(plan.size)
+        if idle:  # leftovers of a killed run, and this run's bitmap if the run is being retried
+            for name, info in bitmaps.items():
+                if (name == p.checkpoint or (name.startswith("raksha-") and name.endswith(READ_SUFFIX))) \
+                        and not info.get("busy"):
+                    _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
+        base = bitmaps.get(parent) if parent else None
+        if parent is None:
+            plan.note = f"full read; QEMU dirty bitmap {p.checkpoint} starts tracking"
+        elif base is None:
+            plan.note = (f"full read: QEMU dirty bitmap {parent} not found on {disk.path} (QEMU was restarted "
+                         "or the VM migrated since that run; the bitmap is not persistent)")
+        elif base.get("inconsistent") or not base.get("recording", True) or base.get("busy"):
+            plan.note = f"full read: QEMU dirty bitmap {parent} on {disk.path} is not usable ({base})"
+        else:
+            plan.incremental = True
+            plan.granularity = int(base.get("granularity", plan.granularity))
+            plan.note = f"QEMU dirty bitmap {parent} ({plan.granularity // 1024} KiB granularity, non-persistent)"
+    if any(p.plans[d.target].method == CHECKPOINT and p.plans[d.target].incremental for d in p.disks):
+        p.parent_checkpoint = parent
+
+
+def _try(dom: libvirt.virDomain, command: str, **arguments: Any) -> bool:
+    try:
+        qmp(dom, command, **arguments)
+    except QmpError:
+        return False
+    return True
+
+
+def _add_bitmaps(p: DomainPoint) -> None:
+    """This run's bitmap on every raw disk, added before ``backupBegin`` so no write after the point is missed."""
+    raw = [(d, p.plans[d.target]) for d in p.disks if p.plans[d.target].method == QEMU_BITMAP]
+    if not raw:
+        return
+    actions = [{"type": "block-dirty-bitmap-add",
+                "data": {"node": plan.node, "name": p.checkpoint, "granularity": plan.granularity,
+                         "persistent": False}} for _d, plan in raw]
+    try:
+        qmp(p.domain, "transaction", actions=actions)
+    except QmpError as exc:
+        for _d, plan in raw:
+            plan.method, plan.incremental = UNTRACKED, False
+            plan.note = f"full read: no changed-block tracking (adding QEMU dirty bitmap failed: {exc})"
+        return
+    for _d, plan in raw:
+        plan.added = True
+
+
+def _read_parent_bitmaps(p: DomainPoint) -> None:
+    """After ``backupBegin``: copy each raw disk's parent bitmap, export the copy on the job's NBD server, read it.
+
+    The parent bitmap itself keeps recording, so a run that fails later leaves a correct base.
+    """
+    for disk in p.disks:
+        plan = p.plans[disk.target]
+        if plan.method != QEMU_BITMAP or not plan.incremental or p.parent is None:
+            continue
+        copy = p.parent + READ_SUFFIX
+        export = f"raksha-bitmap-{disk.target}"
+        added = exported = False
+        try:
+            qmp(p.domain, "transaction", actions=[
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": plan.node, "name": copy, "granularity": plan.granularity, "persistent": False,
+                          "disabled": True}},
+                {"type": "block-dirty-bitmap-merge", "data": {"node": plan.node, "target": copy,
+                                                              "bitmaps": [p.parent]}}])
+            added = True
+            qmp(p.domain, "block-export-add", type="nbd", id=export, name=export, writable=False,
+                bitmaps=[copy], **{"node-name": plan.node})
+            exported = True
+            src = NbdSource(p.socket, path=f"{p.domain.name()}:{disk.target} bitmap", fmt="raw",
+                            export_name=export, dirty_bitmap=f"qemu:dirty-bitmap:{copy}")
+            try:
+                plan.extents = src.dirty_extents()
+            finally:
+                src.close()
+        except (QmpError, RakshaError) as exc:
+            plan.incremental, plan.extents = False, None
+            plan.note = f"full read: reading QEMU dirty bitmap {p.parent} failed: {exc}"
+        finally:
+            if exported:
+                _try(p.domain, "block-export-del", id=export, mode="hard")
+            if added:
+                for _ in range(50):  # the export lets go of the bitmap once its last client is gone
+                    if _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=copy):
+                        break
+                    time.sleep(0.02)
+
+
+def _settle(p: DomainPoint, ok: bool) -> None:
+    """Keep one base per disk: after a good run this run's, after a failed one the parent's."""
+    for disk in p.disks:
+        plan = p.plans.get(disk.target)
+        if plan is None or plan.node is None:
+            continue
+        if ok and p.parent:
+            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.parent)
+        elif not ok and plan.added:
+            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
+    # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
+    drop = p.parent if ok else (p.checkpoint if p.started else None)
+    if drop is not None:
+        _delete_checkpoint(p.domain, drop)
+
+
+def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
+    try:
+        cp = dom.checkpointLookupByName(name)
+    except libvirt.libvirtError:
+        return
+    try:
+        cp.delete(0)
+    except libvirt.libvirtError:
+        try:  # its bitmap is already gone (or broken): forget the metadata
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        except libvirt.libvirtError:
+            pass
+
+
+def _begin(p: DomainPoint, scratch: str) -> None:
+    """Start the domain's pull job; if libvirt refuses the incremental, start a full one and say why."""
+    try:
+        p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p), 0)
+    except libvirt.libvirtError as exc:
+        if p.parent_checkpoint is None:
+            raise
+        refused = f"full read: libvirt refused the incremental from checkpoint {p.parent_checkpoint}: " \
+                  f"{exc.get_error_message()}"
+        p.parent_checkpoint = None
+        for d in p.disks:
+            plan = p.plan(d)
+            if plan.method == CHECKPOINT and plan.incremental:
+                plan.incremental, plan.note = False, refused
+        p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p), 0)
+    p.started = True
+
+
 @contextmanager
 def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], checkpoint: str,
                       *, freeze: bool = True, exclude: dict[str, set[str]] | None = None) -> Iterator[GroupPoint]:
-    """Take one point in time over ``domains`` (each with the checkpoint it is incremental to, or None).
+    """Take one point in time over ``domains``, each with the parent run's checkpoint/bitmap name (or None).
 
-    ``exclude`` maps a domain name to disk targets left out (and recorded). Yields while every
-    domain's pull job is open; ends them all on exit.
+    ``checkpoint`` names this run's libvirt checkpoint and raw-disk bitmaps. ``exclude`` maps a
+    domain name to disk targets left out (and recorded). Yields while every domain's pull job is
+    open; ends them all on exit. A domain whose job could not start has ``error`` set and no
+    exports; the others go on. ``DomainPoint.fail()`` marks a domain the caller could not back up.
     """
     for dom, _parent in domains:
         end_stale_job(dom)
@@ -140,14 +449,22 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         skip = (exclude or {}).get(dom.name(), set())
         disks = domain_disks(dom.XMLDesc(0))
         points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(workdir, f"{i}.sock"),
-                                  checkpoint, parent, excluded=[d for d in disks if d.target in skip]))
+                                  checkpoint, None, excluded=[d for d in disks if d.target in skip], parent=parent))
     frozen: list[DomainPoint] = []
-    started: list[DomainPoint] = []
     group = GroupPoint(points)
+    ok = False
     try:
+        for p in points:
+            try:
+                _plan_disks(p)
+                _add_bitmaps(p)
+            except libvirt.libvirtError as exc:
+                p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
         t0 = time.monotonic()
         if freeze:
             for p in points:
+                if p.error is not None:
+                    continue
                 try:
                     if _agent(p.domain, "guest-fsfreeze-status") == "frozen":
                         # Left frozen by a run that died inside its freeze window: never ours to keep.
@@ -159,25 +476,38 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                     p.why += f"no freeze: {exc.get_error_message()}"
         try:
             for p in points:
+                if p.error is not None:
+                    continue
                 scratch = os.path.join(workdir, p.domain.UUIDString())
                 os.makedirs(scratch, exist_ok=True)
-                p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(checkpoint, p), 0)
-                started.append(p)
+                try:
+                    _begin(p, scratch)
+                except libvirt.libvirtError as exc:
+                    p.error = translate(exc, f"{p.domain.name()}: the backup job did not start")
         finally:
             for p in frozen:
                 try:
                     _agent(p.domain, "guest-fsfreeze-thaw")
-                    p.consistency = FILESYSTEM if p in started else CRASH
+                    p.consistency = FILESYSTEM if p.started else CRASH
                 except libvirt.libvirtError as exc:
                     p.why = f"thaw failed: {exc.get_error_message()}"
             group.freeze_ms = (time.monotonic() - t0) * 1000
+        for p in points:
+            if p.started:
+                _read_parent_bitmaps(p)
         yield group
+        ok = True
     except libvirt.libvirtError as exc:
-        raise SourceError(f"pull backup failed: {exc.get_error_message()}") from exc
+        raise translate(exc, "pull backup failed") from exc
     finally:
-        for p in started:
+        for p in points:
+            if p.started:
+                try:
+                    p.domain.abortJob()
+                except libvirt.libvirtError:
+                    pass  # the domain vanished; nothing left to end
             try:
-                p.domain.abortJob()
+                _settle(p, ok and p.started and p.error is None)
             except libvirt.libvirtError:
-                pass  # the domain vanished; nothing left to end
+                pass
         shutil.rmtree(workdir, ignore_errors=True)
