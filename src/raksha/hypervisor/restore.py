@@ -1,22 +1,159 @@
-"""Restore a backed-up VM as a new libvirt domain: new name and UUID, fresh disks, new MACs by default."""
+"""Restore a backup point through one driver API: as new domains, as image files, or in place.
+
+A :class:`RestoreRequest` names a run (``job/run``), optionally which VMs (names as backed up, or
+UUIDs) and which disks (targets), and a type:
+
+``new_vm``
+    Each VM comes back as a new domain: a new name and UUID, fresh sparse disks (raw or qcow2) in
+    ``target_dir`` named ``<new name>-<target>.<fmt>``, MACs regenerated unless ``keep_macs``,
+    started unless ``start=False``. Only the selected disks are attached; the original's other
+    disks are never shared.
+``files``
+    The selected disks are written as images ``<vm name>-<target>.<fmt>`` in ``target_dir``, with
+    the saved definition ``<vm name>.xml`` and network mappings ``<vm name>-interfaces.json``
+    beside them, enough to recreate the VM by hand.
+``in_place``
+    The domain (same UUID) is shut off, the selected disks are replaced by verified restores and it
+    is started again (unless ``start=False``).
+
+Everything that can be checked is checked before anything is written or shut off: the run, the
+VM and disk selection, the target directory, name and path collisions, the domains. Each disk is
+restored by :func:`restore_backup`, which hashes every chunk it writes against the chunk's id;
+a disk is reported only once every distinct chunk of its manifest was verified that way.
+Progress is reported in bytes across all disks of the request. libvirt errors are translated
+here, at the boundary, into :mod:`raksha.domain.errors` with stable codes.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import threading
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
-from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound, SourceError
-from raksha.hypervisor.disks import domain_disks
+from raksha.domain.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    PermanentError,
+    RakshaError,
+    RetryableError,
+    SourceError,
+    VaultCorrupt,
+)
+from raksha.hypervisor.disks import DiskInfo, domain_disks
+from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import restore_backup
+from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
+
+NEW_VM, FILES, IN_PLACE = "new_vm", "files", "in_place"
+RESTORE_TYPES = (NEW_VM, FILES, IN_PLACE)
+FORMATS = ("raw", "qcow2")
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What to restore and how; see the module docstring for the three types."""
+
+    job: str
+    run: str
+    type: str = NEW_VM
+    vms: Collection[str] | None = None  # names as backed up, or UUIDs; None: every VM of the run
+    disks: Collection[str] | None = None  # targets (vda, ...) each selected VM must have; None: all
+    target_dir: str | os.PathLike[str] | None = None  # new_vm and files
+    fmt: str = "qcow2"  # new_vm and files: raw | qcow2 (in_place keeps each disk's own format)
+    names: Mapping[str, str] = field(default_factory=dict)  # new_vm: source name or UUID -> new name
+    keep_macs: bool = False  # new_vm
+    start: bool = True  # new_vm and in_place
+    threads: int | None = None
+
+
+@dataclass
+class RestoredDisk:
+    target: str
+    backup_id: str
+    path: str
+    format: str
+    virtual_size: int
+    bytes_written: int
+    chunks: int  # distinct data chunks the manifest lists (all-zero chunks are written as holes)
+    chunks_verified: int  # chunks whose data was hashed against their id while restoring
+    content_digest: str  # the manifest's digest of the point
+
+    @property
+    def verified(self) -> bool:
+        return self.chunks_verified == self.chunks
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "backup_id": self.backup_id, "path": self.path, "format": self.format,
+                "virtual_size": self.virtual_size, "bytes_written": self.bytes_written, "chunks": self.chunks,
+                "chunks_verified": self.chunks_verified, "verified": self.verified,
+                "content_digest": self.content_digest}
+
+
+@dataclass
+class RestoredVm:
+    source_name: str  # the VM as backed up
+    source_uuid: str
+    domain: str | None = None  # the domain holding the disks now (new_vm, in_place); None for files
+    uuid: str | None = None
+    started: bool = False
+    disks: list[RestoredDisk] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # files: the saved definition and network mappings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source_name": self.source_name, "source_uuid": self.source_uuid, "domain": self.domain,
+                "uuid": self.uuid, "started": self.started, "disks": [d.to_dict() for d in self.disks],
+                "files": self.files}
+
+
+@dataclass
+class RestoreReport:
+    job: str
+    run: str
+    type: str
+    vms: list[RestoredVm] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def domains(self) -> list[str]:
+        return [vm.domain for vm in self.vms if vm.domain is not None]
+
+    @property
+    def paths(self) -> list[str]:
+        """Every file the restore produced or replaced: disk images first, then definitions."""
+        return [d.path for vm in self.vms for d in vm.disks] + [f for vm in self.vms for f in vm.files]
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(d.bytes_written for vm in self.vms for d in vm.disks)
+
+    @property
+    def chunks_verified(self) -> int:
+        return sum(d.chunks_verified for vm in self.vms for d in vm.disks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job, "run": self.run, "type": self.type, "vms": [vm.to_dict() for vm in self.vms],
+                "domains": self.domains, "paths": self.paths, "bytes_written": self.bytes_written,
+                "chunks_verified": self.chunks_verified, "seconds": round(self.seconds, 3)}
 
 
 @dataclass
 class RestoredDomain:
+    """What :func:`restore_domain` and :func:`restore_in_place` return (one VM)."""
+
     name: str
     uuid: str
     disks: dict[str, str] = field(default_factory=dict)  # target -> restored image
@@ -24,11 +161,60 @@ class RestoredDomain:
     started: bool = False
 
 
+# -- libvirt at the boundary ------------------------------------------------------------------------
+
+_NOT_FOUND = {getattr(libvirt, n) for n in ("VIR_ERR_NO_DOMAIN",) if hasattr(libvirt, n)}
+_EXISTS = {getattr(libvirt, n) for n in ("VIR_ERR_DOM_EXIST",) if hasattr(libvirt, n)}
+_BAD_XML = {getattr(libvirt, n) for n in ("VIR_ERR_XML_ERROR", "VIR_ERR_XML_DETAIL", "VIR_ERR_CONFIG_UNSUPPORTED",
+                                          "VIR_ERR_INVALID_ARG") if hasattr(libvirt, n)}
+_UNAVAILABLE = {getattr(libvirt, n) for n in ("VIR_ERR_NO_CONNECT", "VIR_ERR_SYSTEM_ERROR", "VIR_ERR_RPC",
+                                              "VIR_ERR_AGENT_UNRESPONSIVE") if hasattr(libvirt, n)}
+
+
+def translate_libvirt_error(exc: libvirt.libvirtError, what: str) -> RakshaError:
+    """A libvirt error as a Raksha error with a stable code; ``what`` says what was being done."""
+    code = exc.get_error_code()
+    message = f"{what}: {exc.get_error_message() or exc}"
+    details = {"libvirt_code": code}
+    if code in _NOT_FOUND:
+        return NotFound(message, code="VM_NOT_FOUND", **details)
+    if code in _EXISTS or "already exists" in message:
+        return AlreadyExists(message, code="DOMAIN_EXISTS", **details)
+    if code in _BAD_XML:
+        return InvalidInput(message, code="DOMAIN_XML_INVALID", **details)
+    if code in _UNAVAILABLE:
+        return RetryableError(message, code="HYPERVISOR_UNAVAILABLE", **details)
+    return PermanentError(message, code="HYPERVISOR_ERROR", **details)
+
+
+@contextmanager
+def _libvirt(what: str) -> Iterator[None]:
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        raise translate_libvirt_error(exc, what) from None
+
+
+def _domain_named(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in _NOT_FOUND:
+            return None
+        raise translate_libvirt_error(exc, f"looking up domain {name!r}") from None
+
+
+# -- the new domain's definition ---------------------------------------------------------------------
+
+
 def new_domain_xml(domain_xml: str, name: str, disks: dict[str, tuple[str, str]], *, keep_macs: bool) -> str:
     """The saved definition as a new VM: renamed, no UUID (libvirt makes one), ``disks`` (target -> (path,
     format)) pointed at the restored images, every other disk dropped (never share the original's), file
     consoles turned into ptys, MACs removed so libvirt generates new ones unless ``keep_macs``."""
-    root = ET.fromstring(domain_xml)
+    try:
+        root = ET.fromstring(domain_xml)
+    except ET.ParseError as exc:
+        raise InvalidInput(f"the saved domain XML does not parse: {exc}", code="DOMAIN_XML_INVALID") from None
     name_el = root.find("name")
     if name_el is None:
         raise InvalidInput("the saved domain XML has no name", code="DOMAIN_XML_INVALID")
@@ -70,73 +256,354 @@ def new_domain_xml(domain_xml: str, name: str, disks: dict[str, tuple[str, str]]
     return ET.tostring(root, encoding="unicode")
 
 
-def restore_domain(conn: libvirt.virConnect, vault: Vault, job: str, run: str, vm: str, *, name: str,
-                   target_dir: Path, fmt: str = "qcow2", only_disks: set[str] | None = None,
-                   keep_macs: bool = False, start: bool = True) -> RestoredDomain:
-    """Restore VM ``vm`` (its UUID in the backup ids) of run ``job/run`` as the new domain ``name``."""
+# -- planning: everything checked before anything is written ----------------------------------------
+
+
+@dataclass
+class _DiskPlan:
+    id: BackupId
+    manifest: Manifest
+    output: str
+    fmt: str
+
+    @property
+    def data_bytes(self) -> int:  # what restore_backup writes (and counts as progress)
+        return sum(self.manifest.chunk_length(i) for i, cid in enumerate(self.manifest.chunk_ids) if cid != ZERO_ID)
+
+    @property
+    def chunks(self) -> int:
+        return len({cid for cid in self.manifest.chunk_ids if cid != ZERO_ID})
+
+
+@dataclass
+class _VmPlan:
+    uuid: str
+    name: str
+    hints: dict[str, str]
+    disks: list[_DiskPlan] = field(default_factory=list)
+    new_name: str = ""
+    domain: libvirt.virDomain | None = None
+    files: dict[str, str] = field(default_factory=dict)  # path -> content (files)
+
+
+def _run_vms(vault: Vault, job: str, run: str) -> dict[str, list[BackupId]]:
+    for part, what in ((job, "job"), (run, "run")):
+        if not part or "/" in part:
+            raise InvalidInput(f"invalid {what} {part!r}", code="INVALID_BACKUP_ID")
+    by_vm: dict[str, list[BackupId]] = {}
+    for bid in vault.backup_ids(f"{job}/{run}/"):
+        by_vm.setdefault(bid.vm, []).append(bid)
+    if not by_vm:
+        raise NotFound(f"no backups in run {job}/{run}", code="BACKUP_NOT_FOUND", job=job, run=run)
+    return by_vm
+
+
+def _hints(vault: Vault, bid: BackupId) -> dict[str, str]:
+    hints = vault.read_metadata(bid).get("hints", {})
+    return {str(k): str(v) for k, v in hints.items()} if isinstance(hints, dict) else {}
+
+
+def _select_vms(vault: Vault, req: RestoreRequest, by_vm: dict[str, list[BackupId]]) -> list[_VmPlan]:
+    vms = [_VmPlan(uuid, "", _hints(vault, ids[0])) for uuid, ids in by_vm.items()]
+    for vm in vms:
+        vm.name = vm.hints.get("vm_name") or vm.uuid
+    if req.vms is None:
+        chosen = vms
+    else:
+        if isinstance(req.vms, str):
+            raise InvalidInput("vms must be a collection of names or UUIDs, not one string", code="INVALID_INPUT")
+        chosen = []
+        for wanted in req.vms:
+            match = [vm for vm in vms if wanted in (vm.uuid, vm.name)]
+            if not match:
+                listed = ", ".join(f"{vm.name} ({vm.uuid})" for vm in vms)
+                raise NotFound(f"run {req.job}/{req.run} holds no VM {wanted!r}; it holds {listed}",
+                               code="VM_NOT_IN_BACKUP", vm=wanted)
+            if match[0] not in chosen:
+                chosen.append(match[0])
+    if req.disks is not None and isinstance(req.disks, str):
+        raise InvalidInput("disks must be a collection of targets, not one string", code="INVALID_INPUT")
+    wanted_disks = set(req.disks) if req.disks is not None else None
+    if wanted_disks is not None and not wanted_disks:
+        raise InvalidInput("the disk selection is empty", code="INVALID_INPUT")
+    for vm in chosen:
+        held = {bid.resource: bid for bid in by_vm[vm.uuid]}
+        if wanted_disks is not None:
+            unknown = sorted(wanted_disks - set(held))
+            if unknown:
+                raise NotFound(f"VM {vm.name} ({vm.uuid}) has no disk {', '.join(unknown)} in run "
+                               f"{req.job}/{req.run}; it holds {', '.join(sorted(held))}",
+                               code="DISK_NOT_IN_BACKUP", vm=vm.uuid, disks=unknown)
+        for target in sorted(held, key=lambda t: (len(t), t)):
+            if wanted_disks is None or target in wanted_disks:
+                bid = held[target]
+                vm.disks.append(_DiskPlan(bid, vault.read_manifest(bid), "", ""))
+    return chosen
+
+
+def _check_target_dir(target_dir: str | os.PathLike[str] | None) -> Path:
+    if target_dir is None:
+        raise InvalidInput("this restore type needs a target directory", code="TARGET_DIR_REQUIRED")
+    path = Path(target_dir)
+    if not path.exists():
+        raise NotFound(f"{path}: no such directory", code="TARGET_DIR_NOT_FOUND", path=str(path))
+    if not path.is_dir():
+        raise InvalidInput(f"{path} is not a directory", code="TARGET_DIR_INVALID", path=str(path))
+    try:  # os.access says yes to root on a read-only mount; only writing tells
+        fd, probe = tempfile.mkstemp(prefix=".raksha-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InvalidInput(f"{path} is not writable: {exc.strerror}", code="TARGET_DIR_NOT_WRITABLE",
+                           path=str(path)) from None
+    return path
+
+
+def _check_outputs(paths: list[str]) -> None:
+    seen: set[str] = set()
+    for p in paths:
+        if p in seen:
+            raise InvalidInput(f"two restored files would both be {p}", code="OUTPUT_COLLISION", path=p)
+        seen.add(p)
+    taken = [p for p in paths if os.path.lexists(p)]
+    if taken:
+        raise AlreadyExists(f"{', '.join(taken)} exist(s); nothing was restored", code="OUTPUT_EXISTS", paths=taken)
+
+
+def _plan_new_vm(conn: libvirt.virConnect, req: RestoreRequest, vms: list[_VmPlan], fmt: str) -> None:
+    target_dir = _check_target_dir(req.target_dir)
+    new_names: set[str] = set()
+    for vm in vms:
+        if "domain_xml" not in vm.hints:
+            raise InvalidInput(f"run {req.job}/{req.run} saved no domain definition for {vm.name} ({vm.uuid})",
+                               code="DOMAIN_XML_MISSING", vm=vm.uuid)
+        vm.new_name = req.names.get(vm.uuid) or req.names.get(vm.name) or f"{vm.name}-{req.run}"
+        if vm.new_name in new_names:
+            raise InvalidInput(f"two restored VMs would both be named {vm.new_name!r}", code="DOMAIN_NAME_COLLISION")
+        new_names.add(vm.new_name)
+        if _domain_named(conn, vm.new_name) is not None:
+            raise AlreadyExists(f"a domain named {vm.new_name!r} exists", code="DOMAIN_EXISTS", name=vm.new_name)
+        for d in vm.disks:
+            d.output, d.fmt = str(target_dir / f"{vm.new_name}-{d.id.resource}.{fmt}"), fmt
+    _check_outputs([d.output for vm in vms for d in vm.disks])
+
+
+def _plan_files(req: RestoreRequest, vms: list[_VmPlan], fmt: str) -> None:
+    target_dir = _check_target_dir(req.target_dir)
+    for vm in vms:
+        for d in vm.disks:
+            d.output, d.fmt = str(target_dir / f"{vm.name}-{d.id.resource}.{fmt}"), fmt
+        if "domain_xml" in vm.hints:
+            vm.files[str(target_dir / f"{vm.name}.xml")] = vm.hints["domain_xml"]
+        if "interfaces" in vm.hints:
+            interfaces = json.loads(vm.hints["interfaces"])
+            vm.files[str(target_dir / f"{vm.name}-interfaces.json")] = json.dumps(interfaces, indent=2) + "\n"
+    _check_outputs([d.output for vm in vms for d in vm.disks] + [f for vm in vms for f in vm.files])
+
+
+def _plan_in_place(conn: libvirt.virConnect, vms: list[_VmPlan]) -> None:
+    for vm in vms:
+        try:
+            vm.domain = conn.lookupByUUIDString(vm.uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in _NOT_FOUND:
+                raise NotFound(f"no domain with UUID {vm.uuid} ({vm.name}) to restore in place",
+                               code="VM_NOT_FOUND", vm=vm.uuid) from None
+            raise translate_libvirt_error(exc, f"looking up domain {vm.uuid}") from None
+        dom = vm.domain
+        with _libvirt(f"reading domain {vm.name}"):
+            current: dict[str, DiskInfo] = {d.target: d for d in domain_disks(dom.XMLDesc(0))}
+            persistent = dom.isPersistent()
+            name = dom.name()
+        missing = [d.id.resource for d in vm.disks if d.id.resource not in current]
+        if missing:
+            raise InvalidInput(f"domain {name} has no disk {', '.join(missing)} any more", code="DISK_MISMATCH",
+                               vm=vm.uuid, disks=missing)
+        if not persistent:
+            raise InvalidInput(f"domain {name} is transient: it would vanish when shut off; restore it as a "
+                               "new domain instead", code="DOMAIN_TRANSIENT", vm=vm.uuid)
+        for d in vm.disks:
+            disk = current[d.id.resource]
+            d.output, d.fmt = disk.path, ("qcow2" if disk.format == "qcow2" else "raw")
+
+
+# -- doing it ---------------------------------------------------------------------------------------
+
+
+class _Meter:
+    """Bytes done across every disk of the request, fed by each disk's own restore progress."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self._progress = Progress("restore", total, callback)
+        self._lock = threading.Lock()
+        self._done: dict[str, int] = {}
+
+    def _advance(self, key: str, done: int) -> None:
+        with self._lock:  # events of one disk can arrive out of order from its worker threads
+            delta = done - self._done.get(key, 0)
+            if delta <= 0:
+                return
+            self._done[key] = done
+        self._progress.add(delta)
+
+    def disk(self, key: str) -> Callable[[ProgressEvent], None]:
+        return lambda event: self._advance(key, event.done)
+
+    def disk_done(self, key: str, written: int) -> None:
+        self._advance(key, written)
+
+    def finish(self) -> None:
+        self._progress.finish()
+
+
+def _restore_disk(vault: Vault, d: _DiskPlan, meter: _Meter, *, overwrite: bool,
+                  threads: int | None) -> RestoredDisk:
+    key = str(d.id)
+    res = restore_backup(vault, d.id, d.output, fmt=d.fmt, overwrite=overwrite, threads=threads,
+                         progress=meter.disk(key))
+    meter.disk_done(key, res.bytes_written)
+    disk = RestoredDisk(d.id.resource, key, d.output, d.fmt, res.virtual_size, res.bytes_written, d.chunks,
+                        res.chunks_verified, res.content_digest)
+    if not disk.verified:
+        raise VaultCorrupt(f"restoring {key} verified {disk.chunks_verified} of its {disk.chunks} chunks",
+                           code="RESTORE_UNVERIFIED", backup=key, output=d.output)
+    return disk
+
+
+def _remove(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def _do_new_vm(conn: libvirt.virConnect, vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> RestoredVm:
+    out = RestoredVm(vm.name, vm.uuid, domain=vm.new_name)
+    made: list[str] = []
+    dom = None
     try:
-        conn.lookupByName(name)
-        raise AlreadyExists(f"a domain named {name!r} exists", code="DOMAIN_EXISTS")
-    except libvirt.libvirtError:
-        pass
-    ids = [b for b in vault.backup_ids(f"{job}/{run}/{vm}/") if only_disks is None or b.resource in only_disks]
-    if not ids:
-        raise NotFound(f"no backups of VM {vm} in run {job}/{run}", code="BACKUP_NOT_FOUND")
-    hints = vault.read_metadata(ids[0]).get("hints", {})
-    if "domain_xml" not in hints:
-        raise InvalidInput(f"run {job}/{run} saved no domain definition for {vm}", code="DOMAIN_XML_MISSING")
-    result = RestoredDomain(name, "")
-    restored: dict[str, tuple[str, str]] = {}
-    for bid in ids:
-        out = target_dir / f"{name}-{bid.resource}.{fmt}"
-        res = restore_backup(vault, BackupId.parse(str(bid)), str(out), fmt=fmt)
-        restored[bid.resource] = (str(out), fmt)
-        result.disks[bid.resource] = str(out)
-        result.chunks_verified += res.chunks_verified
-    dom = conn.defineXML(new_domain_xml(hints["domain_xml"], name, restored, keep_macs=keep_macs))
-    result.uuid = dom.UUIDString()
-    if start:
+        for d in vm.disks:
+            out.disks.append(_restore_disk(vault, d, meter, overwrite=False, threads=req.threads))
+            made.append(d.output)
+        xml = new_domain_xml(vm.hints["domain_xml"], vm.new_name, {d.id.resource: (d.output, d.fmt)
+                                                                  for d in vm.disks}, keep_macs=req.keep_macs)
+        with _libvirt(f"defining restored domain {vm.new_name}"):
+            dom = conn.defineXML(xml)
+            out.uuid = dom.UUIDString()
+        if req.start:
+            try:
+                dom.create()
+            except libvirt.libvirtError as exc:
+                raise SourceError(f"restored domain {vm.new_name} did not start: {exc.get_error_message()}",
+                                  code="DOMAIN_START_FAILED", name=vm.new_name,
+                                  libvirt_code=exc.get_error_code()) from None
+            out.started = True
+    except BaseException:
+        if dom is not None:  # roll back: no half-made VM, no orphaned images; a retry starts clean
+            try:
+                dom.undefine()
+            except libvirt.libvirtError:
+                pass
+        _remove(made)
+        raise
+    return out
+
+
+def _do_files(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> RestoredVm:
+    out = RestoredVm(vm.name, vm.uuid)
+    for d in vm.disks:
+        out.disks.append(_restore_disk(vault, d, meter, overwrite=False, threads=req.threads))
+    for path, content in vm.files.items():
+        with open(path, "x", encoding="utf-8") as f:  # "x": never clobber a file that appeared meanwhile
+            f.write(content)
+        out.files.append(path)
+    return out
+
+
+def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> RestoredVm:
+    dom = vm.domain
+    assert dom is not None
+    with _libvirt(f"shutting off domain {vm.name}"):
+        out = RestoredVm(vm.name, vm.uuid, domain=dom.name(), uuid=dom.UUIDString())
+        if dom.isActive():
+            dom.destroy()  # a clean shutdown needs a cooperating guest; the disks are overwritten anyway
+        # The replaced images carry none of the old bitmaps: forget the checkpoints, so the next backup
+        # reads in full (and says why) instead of failing on a bitmap that no longer exists.
+        for cp in dom.listAllCheckpoints():
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    for d in vm.disks:
+        out.disks.append(_restore_disk(vault, d, meter, overwrite=True, threads=req.threads))
+    if req.start:
         try:
             dom.create()
         except libvirt.libvirtError as exc:
-            dom.undefine()  # roll back: no half-made VM left behind; the restored images stay for a retry
-            raise SourceError(f"restored domain {name} did not start: {exc.get_error_message()}") from None
-        result.started = True
-    return result
+            raise SourceError(f"domain {out.domain} did not start after its disks were restored: "
+                              f"{exc.get_error_message()}", code="DOMAIN_START_FAILED", name=out.domain,
+                              libvirt_code=exc.get_error_code()) from None
+        out.started = True
+    return out
+
+
+def restore(conn: libvirt.virConnect | None, vault: Vault, request: RestoreRequest,
+            *, progress: ProgressCallback | None = None) -> RestoreReport:
+    """Restore a backup point as ``request`` says; ``conn`` may be None for ``files``."""
+    start = time.monotonic()
+    req = request
+    if req.type not in RESTORE_TYPES:
+        raise InvalidInput(f"unknown restore type {req.type!r} ({', '.join(RESTORE_TYPES)})",
+                           code="RESTORE_TYPE_INVALID")
+    if req.type != IN_PLACE and req.fmt not in FORMATS:
+        raise InvalidInput(f"restore format {req.fmt!r} is not supported (raw or qcow2)", code="INVALID_FORMAT")
+    if req.type != FILES and conn is None:
+        raise InvalidInput(f"a {req.type} restore needs a libvirt connection", code="INVALID_INPUT")
+    vms = _select_vms(vault, req, _run_vms(vault, req.job, req.run))
+    if req.type == NEW_VM:
+        assert conn is not None
+        _plan_new_vm(conn, req, vms, req.fmt)
+    elif req.type == FILES:
+        _plan_files(req, vms, req.fmt)
+    else:
+        assert conn is not None
+        _plan_in_place(conn, vms)
+    meter = _Meter(sum(d.data_bytes for vm in vms for d in vm.disks), progress)
+    report = RestoreReport(req.job, req.run, req.type)
+    for vm in vms:
+        if req.type == NEW_VM:
+            assert conn is not None
+            report.vms.append(_do_new_vm(conn, vault, req, vm, meter))
+        elif req.type == FILES:
+            report.vms.append(_do_files(vault, req, vm, meter))
+        else:
+            report.vms.append(_do_in_place(vault, req, vm, meter))
+    meter.finish()
+    report.seconds = time.monotonic() - start
+    return report
+
+
+# -- one-VM shorthands (the first API; kept) --------------------------------------------------------
+
+
+def _one(report: RestoreReport) -> RestoredDomain:
+    (vm,) = report.vms
+    return RestoredDomain(vm.domain or vm.source_name, vm.uuid or "", {d.target: d.path for d in vm.disks},
+                          sum(d.chunks_verified for d in vm.disks), vm.started)
+
+
+def restore_domain(conn: libvirt.virConnect, vault: Vault, job: str, run: str, vm: str, *, name: str,
+                   target_dir: Path, fmt: str = "qcow2", only_disks: set[str] | None = None,
+                   keep_macs: bool = False, start: bool = True,
+                   progress: ProgressCallback | None = None) -> RestoredDomain:
+    """Restore VM ``vm`` (its UUID in the backup ids, or its name) of run ``job/run`` as the new domain ``name``."""
+    return _one(restore(conn, vault, RestoreRequest(job, run, NEW_VM, vms=[vm], disks=only_disks,
+                                                    target_dir=target_dir, fmt=fmt, names={vm: name},
+                                                    keep_macs=keep_macs, start=start), progress=progress))
 
 
 def restore_in_place(conn: libvirt.virConnect, vault: Vault, job: str, run: str, vm: str,
-                     *, only_disks: set[str] | None = None, start: bool = True) -> RestoredDomain:
+                     *, only_disks: set[str] | None = None, start: bool = True,
+                     progress: ProgressCallback | None = None) -> RestoredDomain:
     """Put a domain's disks back to run ``job/run``: the domain is shut off, each disk image is replaced by a
     verified restore (written beside it, renamed over it only when complete), and it is started again."""
-    try:
-        dom = conn.lookupByUUIDString(vm)
-    except libvirt.libvirtError:
-        raise NotFound(f"no domain with UUID {vm} to restore in place", code="VM_NOT_FOUND") from None
-    current = {d.target: d for d in domain_disks(dom.XMLDesc(0))}
-    ids = [b for b in vault.backup_ids(f"{job}/{run}/{vm}/") if only_disks is None or b.resource in only_disks]
-    if not ids:
-        raise NotFound(f"no backups of VM {vm} in run {job}/{run}", code="BACKUP_NOT_FOUND")
-    missing = [b.resource for b in ids if b.resource not in current]
-    if missing:
-        raise InvalidInput(f"domain {dom.name()} has no disk {', '.join(missing)} any more", code="DISK_MISMATCH")
-    if not dom.isPersistent():
-        raise InvalidInput(f"domain {dom.name()} is transient: it would vanish when shut off; restore it as a "
-                           "new domain instead", code="DOMAIN_TRANSIENT")
-    if dom.isActive():
-        dom.destroy()  # a clean shutdown needs a cooperating guest; the disks are overwritten anyway
-    # The replaced images carry none of the old bitmaps: forget the checkpoints, so the next backup
-    # reads in full (and says why) instead of failing on a bitmap that no longer exists.
-    for cp in dom.listAllCheckpoints():
-        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-    result = RestoredDomain(dom.name(), dom.UUIDString())
-    for bid in ids:
-        disk = current[bid.resource]
-        fmt = "qcow2" if disk.format == "qcow2" else "raw"
-        res = restore_backup(vault, BackupId.parse(str(bid)), disk.path, fmt=fmt, overwrite=True)
-        result.disks[bid.resource] = disk.path
-        result.chunks_verified += res.chunks_verified
-    if start:
-        dom.create()
-        result.started = True
-    return result
+    return _one(restore(conn, vault, RestoreRequest(job, run, IN_PLACE, vms=[vm], disks=only_disks, start=start),
+                        progress=progress))
