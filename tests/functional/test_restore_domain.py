@@ -18,6 +18,7 @@ from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E40
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
 from raksha.hypervisor.restore import restore_domain  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.progress import ProgressEvent  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 
@@ -49,27 +50,50 @@ def test_restore_to_a_new_domain_boots_with_the_data_of_that_point(conn: libvirt
         assert out.split()[0].decode() == hashlib.sha256(after).hexdigest()
 
 
-def test_restore_in_place_rolls_the_vm_back_and_the_next_backup_reads_in_full(conn: libvirt.virConnect,
-                                                                               tmp_path: Path) -> None:
+def test_restore_in_place_of_one_disk_rolls_it_back_keeps_the_other_and_the_next_backup_reads_in_full(
+        conn: libvirt.virConnect, tmp_path: Path) -> None:
     from raksha.hypervisor.restore import restore_in_place
 
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
     good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
-    template = GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2")],
+    template = GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2"),
+                                                 (make_data_disk(tmp_path / "b.qcow2", "64M"), "qcow2")],
                            tmp_path, name="raksha-ip")
     dom = conn.defineXML(template.xml)  # persistent: in place means the same VM, shut off and started again
     dom.create()
     with GuestDomain.attached(conn, dom, tmp_path) as vm:
         vm.wait_for_agent()
-        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=good)[0] == 0
+        for dev in ("vda", "vdb"):
+            assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=good)[0] == 0
         backup_domains(conn, [vm.name], vault, "job", "good")
-        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=bad)[0] == 0  # the mistake to undo
+        for dev in ("vda", "vdb"):  # the mistake to undo, on vdb only; vda's change is kept
+            assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=bad)[0] == 0
 
-        restored = restore_in_place(conn, vault, "job", "good", dom.UUIDString())
+        events: list[ProgressEvent] = []
+        restored = restore_in_place(conn, vault, "job", "good", dom.UUIDString(), only_disks={"vdb"},
+                                    progress=events.append)
 
         assert restored.started and restored.uuid == dom.UUIDString()
+        assert restored.disks == {"vdb": str(tmp_path / "b.qcow2")} and restored.chunks_verified > 0
+        assert events and events[-1].done == events[-1].total > 0
         vm.wait_for_agent()
-        code, out = vm.exec("sha256sum /mnt/vda/data.bin")
-        assert code == 0 and out.split()[0].decode() == hashlib.sha256(good).hexdigest()
+        for dev, expected in (("vda", bad), ("vdb", good)):
+            code, out = vm.exec(f"sha256sum /mnt/{dev}/data.bin")
+            assert code == 0 and out.split()[0].decode() == hashlib.sha256(expected).hexdigest(), dev
         after = backup_domains(conn, [vm.name], vault, "job", "after", parent_run="good")
-        assert after.vms[0].disks[0].kind == "full" and "missing" in after.vms[0].disks[0].tracking
+        assert {d.target: d.kind for d in after.vms[0].disks} == {"vda": "full", "vdb": "full"}
+        assert all("missing" in d.tracking for d in after.vms[0].disks)
+
+
+def test_an_in_place_restore_refuses_a_domain_that_is_not_there_any_more(conn: libvirt.virConnect,
+                                                                         tmp_path: Path) -> None:
+    from raksha.domain.errors import NotFound
+    from raksha.hypervisor.restore import IN_PLACE, RestoreRequest, restore
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    with GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2")], tmp_path,
+                     name="raksha-ip-gone", agent=False) as vm:
+        run = backup_domains(conn, [vm.name], vault, "job", "r1")
+    with pytest.raises(NotFound) as err:  # the transient domain is gone with its context
+        restore(conn, vault, RestoreRequest("job", "r1", IN_PLACE, vms=["raksha-ip-gone"]))
+    assert err.value.code == "VM_NOT_FOUND" and run.vms[0].uuid in err.value.message

@@ -230,9 +230,10 @@ def test_in_place_needs_the_domain(point: tuple[Vault, dict[str, Path]]) -> None
     (libvirt.VIR_ERR_NO_DOMAIN, "VM_NOT_FOUND", False),
     (libvirt.VIR_ERR_DOM_EXIST, "DOMAIN_EXISTS", False),
     (libvirt.VIR_ERR_XML_ERROR, "DOMAIN_XML_INVALID", False),
-    (libvirt.VIR_ERR_NO_CONNECT, "HYPERVISOR_UNAVAILABLE", True),
-    (libvirt.VIR_ERR_INTERNAL_ERROR, "HYPERVISOR_ERROR", False),
+    (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, "HYPERVISOR_UNSUPPORTED", False),
+    (libvirt.VIR_ERR_INTERNAL_ERROR, "HYPERVISOR_ERROR", True),
 ])
 def test_libvirt_errors_get_stable_codes(code: int, expected: str, retryable: bool) -> None:
     err = translate_libvirt_error(libvirt_error(code, "boom"), "doing it")
     assert err.code == expected and err.retryable is retryable and err.message == "doing it: boom"
+    assert err.details["libvirt_code"] == code

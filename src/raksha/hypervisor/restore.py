@@ -40,17 +40,9 @@ from typing import Any
 
 import libvirt
 
-from raksha.domain.errors import (
-    AlreadyExists,
-    InvalidInput,
-    NotFound,
-    PermanentError,
-    RakshaError,
-    RetryableError,
-    SourceError,
-    VaultCorrupt,
-)
+from raksha.domain.errors import AlreadyExists, HypervisorError, InvalidInput, NotFound, RakshaError, VaultCorrupt
 from raksha.hypervisor.disks import DiskInfo, domain_disks
+from raksha.hypervisor.errors import translate
 from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.constants import ZERO_ID
@@ -163,28 +155,26 @@ class RestoredDomain:
 
 # -- libvirt at the boundary ------------------------------------------------------------------------
 
-_NOT_FOUND = {getattr(libvirt, n) for n in ("VIR_ERR_NO_DOMAIN",) if hasattr(libvirt, n)}
-_EXISTS = {getattr(libvirt, n) for n in ("VIR_ERR_DOM_EXIST",) if hasattr(libvirt, n)}
-_BAD_XML = {getattr(libvirt, n) for n in ("VIR_ERR_XML_ERROR", "VIR_ERR_XML_DETAIL", "VIR_ERR_CONFIG_UNSUPPORTED",
-                                          "VIR_ERR_INVALID_ARG") if hasattr(libvirt, n)}
-_UNAVAILABLE = {getattr(libvirt, n) for n in ("VIR_ERR_NO_CONNECT", "VIR_ERR_SYSTEM_ERROR", "VIR_ERR_RPC",
-                                              "VIR_ERR_AGENT_UNRESPONSIVE") if hasattr(libvirt, n)}
+_NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN}
+_EXISTS = {libvirt.VIR_ERR_DOM_EXIST}
+_BAD_XML = {libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_XML_DETAIL, libvirt.VIR_ERR_INVALID_ARG}
 
 
 def translate_libvirt_error(exc: libvirt.libvirtError, what: str) -> RakshaError:
-    """A libvirt error as a Raksha error with a stable code; ``what`` says what was being done."""
+    """A libvirt error met while restoring, as a Raksha error with a stable code; ``what`` says what was
+    being done. Restore's own cases first (a domain missing is ``VM_NOT_FOUND`` here, not ``VM_GONE``),
+    the rest as everywhere in the driver (:func:`raksha.hypervisor.errors.translate`)."""
     code = exc.get_error_code()
     message = f"{what}: {exc.get_error_message() or exc}"
-    details = {"libvirt_code": code}
     if code in _NOT_FOUND:
-        return NotFound(message, code="VM_NOT_FOUND", **details)
+        return NotFound(message, code="VM_NOT_FOUND", libvirt_code=code)
     if code in _EXISTS or "already exists" in message:
-        return AlreadyExists(message, code="DOMAIN_EXISTS", **details)
+        return AlreadyExists(message, code="DOMAIN_EXISTS", libvirt_code=code)
     if code in _BAD_XML:
-        return InvalidInput(message, code="DOMAIN_XML_INVALID", **details)
-    if code in _UNAVAILABLE:
-        return RetryableError(message, code="HYPERVISOR_UNAVAILABLE", **details)
-    return PermanentError(message, code="HYPERVISOR_ERROR", **details)
+        return InvalidInput(message, code="DOMAIN_XML_INVALID", libvirt_code=code)
+    err = translate(exc, what)
+    err.details.setdefault("libvirt_code", code)
+    return err
 
 
 @contextmanager
@@ -495,7 +485,7 @@ def _do_new_vm(conn: libvirt.virConnect, vault: Vault, req: RestoreRequest, vm: 
             try:
                 dom.create()
             except libvirt.libvirtError as exc:
-                raise SourceError(f"restored domain {vm.new_name} did not start: {exc.get_error_message()}",
+                raise HypervisorError(f"restored domain {vm.new_name} did not start: {exc.get_error_message()}",
                                   code="DOMAIN_START_FAILED", name=vm.new_name,
                                   libvirt_code=exc.get_error_code()) from None
             out.started = True
@@ -538,7 +528,7 @@ def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) 
         try:
             dom.create()
         except libvirt.libvirtError as exc:
-            raise SourceError(f"domain {out.domain} did not start after its disks were restored: "
+            raise HypervisorError(f"domain {out.domain} did not start after its disks were restored: "
                               f"{exc.get_error_message()}", code="DOMAIN_START_FAILED", name=out.domain,
                               libvirt_code=exc.get_error_code()) from None
         out.started = True
