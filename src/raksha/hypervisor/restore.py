@@ -296,7 +296,8 @@ def _hints(vault: Vault, bid: BackupId) -> dict[str, str]:
 def _select_vms(vault: Vault, req: RestoreRequest, by_vm: dict[str, list[BackupId]]) -> list[_VmPlan]:
     vms = [_VmPlan(uuid, "", _hints(vault, ids[0])) for uuid, ids in by_vm.items()]
     for vm in vms:
-        vm.name = vm.hints.get("vm_name") or vm.uuid
+        name = vm.hints.get("vm_name", "")
+        vm.name = name if _file_safe(name) else vm.uuid  # it names files: never a path of its own
     if req.vms is None:
         chosen = vms
     else:
@@ -329,6 +330,10 @@ def _select_vms(vault: Vault, req: RestoreRequest, by_vm: dict[str, list[BackupI
                 bid = held[target]
                 vm.disks.append(_DiskPlan(bid, vault.read_manifest(bid), "", ""))
     return chosen
+
+
+def _file_safe(name: str) -> bool:
+    return bool(name) and "/" not in name and "\0" not in name and not name.startswith(".")
 
 
 def _check_target_dir(target_dir: str | os.PathLike[str] | None) -> Path:
@@ -371,6 +376,8 @@ def _plan_new_vm(conn: libvirt.virConnect, req: RestoreRequest, vms: list[_VmPla
         if vm.new_name in new_names:
             raise InvalidInput(f"two restored VMs would both be named {vm.new_name!r}", code="DOMAIN_NAME_COLLISION")
         new_names.add(vm.new_name)
+        if not _file_safe(vm.new_name):
+            raise InvalidInput(f"{vm.new_name!r} cannot name a domain and its disk files", code="DOMAIN_NAME_INVALID")
         if _domain_named(conn, vm.new_name) is not None:
             raise AlreadyExists(f"a domain named {vm.new_name!r} exists", code="DOMAIN_EXISTS", name=vm.new_name)
         for d in vm.disks:
