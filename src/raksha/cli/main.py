@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from raksha import __version__
-from raksha.cli import vault_cmd
+from raksha.cli import db_cmd, vault_cmd
 from raksha.cli.output import report_error
 from raksha.domain.errors import EXIT_INTERRUPTED, Interrupted, RakshaError
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raksha {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     vault_cmd.register(sub)
+    db_cmd.register(sub)
     return parser
 
 

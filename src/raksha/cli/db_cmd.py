@@ -1,0 +1,81 @@
+"""``raksha db ...``: create or migrate the service's database (``upgrade``), or tell its schema revision."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from raksha.cli.output import emit
+from raksha.db import migrate
+from raksha.domain.errors import BackendError
+
+ENV_URL = "RAKSHA_DATABASE_URL"
+
+
+def default_url() -> str:
+    """``$RAKSHA_DATABASE_URL``, else SQLite in the embedded data directory (``$RAKSHA_DATA_DIR``, /var/lib/raksha)."""
+    if os.environ.get(ENV_URL):
+        return os.environ[ENV_URL]
+    data_dir = Path(os.environ.get("RAKSHA_DATA_DIR") or "/var/lib/raksha")
+    return f"sqlite:///{data_dir / 'raksha.sqlite'}"
+
+
+def _url(args: argparse.Namespace) -> str:
+    url: str = args.url or default_url()
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database or "").parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def _shown(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _database_errors(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except SQLAlchemyError as err:
+            raise BackendError(f"database {_shown(_url(args))}: {str(err).splitlines()[0]}",
+                               code="DATABASE_UNAVAILABLE") from err
+    return run
+
+
+@_database_errors
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    url = _url(args)
+    before = migrate.current(url)
+    after = migrate.upgrade(url, args.revision)
+    result: dict[str, Any] = {"url": _shown(url), "from": before, "to": after, "head": migrate.head()}
+    emit(result, args.json, f"database {_shown(url)}: schema {before or 'empty'} -> {after}")
+    return 0
+
+
+@_database_errors
+def cmd_version(args: argparse.Namespace) -> int:
+    url = _url(args)
+    rev, head = migrate.current(url), migrate.head()
+    emit({"url": _shown(url), "current": rev, "head": head, "up_to_date": rev == head}, args.json,
+         f"database {_shown(url)}: schema {rev or 'empty'} (newest {head})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    db = sub.add_parser("db", help="the service's database: create or migrate it (upgrade), show its revision")
+    dsub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    for name, func, text in (("upgrade", cmd_upgrade, "create the schema or migrate it to the newest revision"),
+                             ("sync", cmd_upgrade, "the same as upgrade (OpenStack's `db sync`)"),
+                             ("version", cmd_version, "show the schema revision of the database")):
+        p = dsub.add_parser(name, help=text)
+        p.add_argument("--url", help=f"SQLAlchemy URL (default ${ENV_URL}, else SQLite under $RAKSHA_DATA_DIR "
+                                     "or /var/lib/raksha)")
+        if func is cmd_upgrade:
+            p.add_argument("--revision", default="head", help=argparse.SUPPRESS)
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        p.set_defaults(func=func)
