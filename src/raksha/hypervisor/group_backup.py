@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import libvirt
 
-from raksha.domain.errors import NotFound, RakshaError, VmGone
+from raksha.domain.errors import InvalidInput, NotFound, RakshaError, VmGone
 from raksha.hypervisor.disks import backing_chain, domain_interfaces
 from raksha.hypervisor.errors import translate, vm_gone
-from raksha.hypervisor.pull import DomainPoint, consistency_group
+from raksha.hypervisor.pull import consistency_group
+from raksha.hypervisor.snapshot import snapshot_group
+from raksha.hypervisor.strategy import STRATEGIES, DomainPoint, GroupPoint
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.format.naming import BackupId
@@ -72,7 +75,13 @@ ProgressHook = Callable[[str, str, ProgressEvent], None]  # (vm name, disk targe
 def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job: str, run: str,
                    *, parent_run: str | None = None, threads: int | None = None,
                    exclude: dict[str, set[str]] | None = None,
-                   progress: ProgressHook | None = None) -> GroupResult:
+                   progress: ProgressHook | None = None, strategy: str = "pull",
+                   snapshot_options: dict[str, Any] | None = None) -> GroupResult:
+    """``strategy`` "pull" (checkpoints, pull.py) or "snapshot" (external snapshots for hosts without
+    checkpoint support, snapshot.py; ``snapshot_options`` go to ``snapshot_group``)."""
+    if strategy not in STRATEGIES:
+        raise InvalidInput(f"unknown backup strategy {strategy!r}: one of {', '.join(STRATEGIES)}",
+                           code="INVALID_STRATEGY")
     doms = []
     for name in names:
         try:
@@ -83,7 +92,11 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
     results = []
     # Each domain's disks are tracked from the parent run's checkpoint (qcow2) or QEMU bitmap (raw);
     # the group decides per disk whether that base is usable (pull.py) and keeps only the newest one.
-    with consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude) as point:
+    group: AbstractContextManager[GroupPoint] = (
+        snapshot_group(doms, job, run, parent_run, exclude=exclude, **(snapshot_options or {}))
+        if strategy == "snapshot" else
+        consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude))
+    with group as point:
         for p in point.domains:
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, p.why)
             vm.excluded = [d.target for d in p.excluded]

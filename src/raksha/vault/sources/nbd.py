@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -32,6 +33,15 @@ def _nbd() -> Any:
     return nbd
 
 
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class QemuNbdExport:
     """A qemu-nbd process exporting one image on a private unix socket."""
 
@@ -49,7 +59,8 @@ class QemuNbdExport:
         self._proc = subprocess.Popen([*cmd, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.socket):
+        # The socket file appears at bind(), a moment before listen(): wait until a connection is accepted.
+        while not _listening(self.socket):
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
                 shutil.rmtree(self._dir, ignore_errors=True)

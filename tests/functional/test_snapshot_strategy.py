@@ -1,0 +1,269 @@
+"""The seed's strategy (external snapshots) for hosts without checkpoints: ``backup_domains(strategy="snapshot")``.
+
+Two running guests, each with two ext4 disks (one of the four raw), in one consistency group.
+Every disk keeps exactly one Raksha overlay between runs; its clusters are the next incremental's
+changed extents, for the raw disk too. After a run the overlay below the new one is committed
+into the base, so the base then holds exactly the run's point in time: the restored images must
+be bit-identical to it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
+
+import raksha.hypervisor.group_backup as group_backup  # noqa: E402
+from conftest import MIB, blake3_file  # noqa: E402
+from raksha.hypervisor.group_backup import GroupResult, backup_domains  # noqa: E402
+from raksha.hypervisor.pull import FILESYSTEM  # noqa: E402
+from raksha.hypervisor.snapshot import disk_chains, snapshot_group  # noqa: E402
+from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.restore import restore_backup  # noqa: E402
+from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.format.naming import BackupId  # noqa: E402
+from raksha.vault.repository import Vault  # noqa: E402
+
+WRITE = 1 * MIB  # per disk between runs
+
+
+@dataclass
+class Group:
+    a: GuestDomain
+    b: GuestDomain
+    dir: Path
+    vault: Vault
+    bases: dict[tuple[str, str], tuple[Path, str]]  # (vm, target) -> (base image, format)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.a.name, self.b.name]
+
+    def guest(self, name: str) -> GuestDomain:
+        return self.a if name == self.a.name else self.b
+
+    def chain(self, vm: str, target: str) -> list[str]:
+        dom = self.guest(vm).dom
+        assert dom is not None
+        return [layer.path for layer in disk_chains(dom.XMLDesc(0))[target]]
+
+    def overlays(self) -> list[str]:
+        return sorted(p.name for p in self.dir.glob("*.raksha-*"))
+
+    def run(self, job: str, run: str, parent: str | None = None, **kw: Any) -> GroupResult:
+        return backup_domains(self.a.conn, self.names, self.vault, job, run, parent_run=parent,
+                              strategy="snapshot", **kw)
+
+
+@pytest.fixture(scope="module")
+def group(conn: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
+    d = tmp_path_factory.mktemp("snapshot-strategy")
+    guest = build_guest()
+    tag = uuid.uuid4().hex[:6]
+    disks = {"a": [(make_data_disk(d / "a-vda.qcow2", "64M"), "qcow2"),
+                   (make_data_disk(d / "a-vdb.raw", "64M", fmt="raw"), "raw")],
+             "b": [(make_data_disk(d / "b-vda.qcow2", "64M"), "qcow2"),
+                   (make_data_disk(d / "b-vdb.qcow2", "64M"), "qcow2")]}
+    vault = Vault.init(LocalBackend(d / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    with GuestDomain(conn, guest, disks["a"], d, name=f"raksha-snap-a-{tag}") as a, \
+            GuestDomain(conn, guest, disks["b"], d, name=f"raksha-snap-b-{tag}") as b:
+        a.wait_for_agent()
+        b.wait_for_agent()
+        bases = {(g.name, f"vd{chr(ord('a') + i)}"): (path, fmt)
+                 for g, key in ((a, "a"), (b, "b")) for i, (path, fmt) in enumerate(disks[key])}
+        yield Group(a, b, d, vault, bases)
+
+
+def write(g: GuestDomain, dev: str, name: str, size: int = WRITE) -> str:
+    """``size`` random bytes written in the guest to /mnt/<dev>/<name>; returns their sha256."""
+    code, out = g.exec(f"dd if=/dev/urandom of=/mnt/{dev}/{name} bs=64k count={size >> 16} 2>/dev/null && sync "
+                       f"&& sha256sum /mnt/{dev}/{name}")
+    assert code == 0, out
+    return out.split()[0].decode()
+
+
+def digest(image: Path, fmt: str, scratch: Path) -> str:
+    """The blake3 of an image's guest-visible bytes (qemu-img reads it while the VM runs: -U)."""
+    out = scratch / "digest.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(image), str(out)], check=True)
+    try:
+        return blake3_file(out)
+    finally:
+        out.unlink()
+
+
+def disks_of(result: GroupResult) -> dict[tuple[str, str], Any]:
+    return {(vm.name, d.target): d for vm in result.vms for d in vm.disks}
+
+
+def sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_full_and_two_incrementals_restore_every_point_bit_exact(group: Group) -> None:
+    points: dict[str, dict[tuple[str, str], str]] = {}  # run -> disk -> digest of its point in time
+    files: dict[str, dict[tuple[str, str], str]] = {}  # run -> disk -> sha256 of the file written before it
+    results = {}
+    parent = None
+    for run in ("r1", "r2", "r3"):
+        if parent is not None:
+            files[run] = {(vm, t): write(group.guest(vm), t, f"{run}.bin") for vm, t in group.bases}
+        results[run] = res = group.run("grp", run, parent)
+        assert all(vm.error is None for vm in res.vms), [vm.error for vm in res.vms]
+        assert {vm.consistency for vm in res.vms} == {FILESYSTEM} and res.freeze_ms > 0
+        # One overlay per disk, named after the run, on its base: the chain does not grow.
+        for (vm, t), (base, _fmt) in group.bases.items():
+            assert group.chain(vm, t) == [f"{base}.raksha-grp-{run}.qcow2", str(base)]
+        assert group.overlays() == sorted(f"{base.name}.raksha-grp-{run}.qcow2" for base, _ in group.bases.values())
+        # The old overlay is committed: the base is now exactly the run's point in time.
+        points[run] = {k: digest(base, fmt, group.dir) for k, (base, fmt) in group.bases.items()}
+        parent = run
+
+    for key, d in disks_of(results["r1"]).items():
+        assert d.kind == "full" and "starts tracking" in d.tracking and d.method == "snapshot-overlay", key
+    for run in ("r2", "r3"):
+        for key, d in disks_of(results[run]).items():
+            assert d.kind == "incremental" and d.method == "snapshot-overlay", (run, key, d.tracking)
+            assert f"since run {'r1' if run == 'r2' else 'r2'}" in d.tracking
+            # What the guest wrote (1 MiB) plus the ext4 metadata and journal blocks around it, in
+            # 64 KiB qcow2 clusters: not the 64 MiB disk.
+            assert WRITE <= d.bytes_read <= 3 * WRITE, (run, key, d.bytes_read)
+
+    uuids = {vm.name: vm.uuid for vm in results["r1"].vms}
+    for i, run in enumerate(("r1", "r2", "r3")):
+        for (vm, t), want in points[run].items():
+            out = group.dir / f"restored-{run}-{vm}-{t}.raw"
+            restore_backup(group.vault, BackupId("grp", run, uuids[vm], t), str(out))
+            assert blake3_file(out) == want, (run, vm, t)
+            for j, earlier in enumerate(("r2", "r3")):
+                content = debugfs_cat(out, f"/{earlier}.bin")
+                assert (sha256(content) == files[earlier][(vm, t)]) if j + 1 <= i else content == b""
+            out.unlink()
+    a_vdb = disks_of(results["r2"])[(group.a.name, "vdb")]
+    assert a_vdb.kind == "incremental"  # the raw disk too
+    print(f"\nincremental bytes read per disk (written {WRITE}):",
+          {run: sorted(d.bytes_read for d in disks_of(results[run]).values()) for run in ("r2", "r3")},
+          "freeze ms:", [round(results[r].freeze_ms) for r in ("r1", "r2", "r3")])
+
+
+def test_an_overlay_committed_behind_its_back_downgrades_that_disk_to_full(group: Group) -> None:
+    first = group.run("lost", "r1")  # collapses whatever another job left: still one overlay per disk
+    assert all(vm.error is None for vm in first.vms)
+    assert all(len(group.chain(vm, t)) == 2 for vm, t in group.bases)
+    # Someone runs `virsh blockcommit --active --pivot --delete` on a's raw disk.
+    dom = group.a.dom
+    assert dom is not None
+    overlay = group.chain(group.a.name, "vdb")[0]
+    dom.blockCommit("vdb", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE)
+    for _ in range(500):
+        info = dom.blockJobInfo("vdb", 0)
+        if info and info["cur"] == info["end"]:
+            try:
+                dom.blockJobAbort("vdb", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                break
+            except libvirt.libvirtError:
+                pass
+        import time
+
+        time.sleep(0.02)
+    os.unlink(overlay)
+    write(group.a, "vdb", "lost.bin", 256 << 10)
+
+    second = group.run("lost", "r2", "r1")
+    disks = disks_of(second)
+    lost = disks[(group.a.name, "vdb")]
+    assert lost.kind == "full" and "not ending in overlay a-vdb.raw.raksha-lost-r1.qcow2" in lost.tracking
+    assert all(d.kind == "incremental" for k, d in disks.items() if k != (group.a.name, "vdb"))
+    assert all(len(group.chain(vm, t)) == 2 for vm, t in group.bases)  # the tracking is set up again
+    base, fmt = group.bases[(group.a.name, "vdb")]
+    out = group.dir / "lost.raw"
+    restore_backup(group.vault, BackupId("lost", "r2", second.vms[0].uuid, "vdb"), str(out))
+    assert blake3_file(out) == digest(base, fmt, group.dir)
+    out.unlink()
+
+    # The seed's pure mode: read, then everything is committed back; no overlay stays.
+    pure = group.run("lost", "r3", "r2", snapshot_options={"keep_overlay": False})
+    assert all(d.kind == "incremental" and "pure mode" in d.tracking for d in disks_of(pure).values())
+    assert all(group.chain(vm, t) == [str(group.bases[(vm, t)][0])] for vm, t in group.bases)
+    assert group.overlays() == []
+    again = group.run("lost", "r4", "r3", snapshot_options={"keep_overlay": False})
+    assert all(d.kind == "full" and d.method == "none" for d in disks_of(again).values())
+    assert group.overlays() == []
+
+
+def qemu_nbd_pids(image: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"qemu-nbd" and image.encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_failure_mid_run_rolls_the_overlays_back_and_leaves_the_guests_running(
+        group: Group, monkeypatch: pytest.MonkeyPatch) -> None:
+    group.run("fail", "r1")
+    before = {k: group.chain(*k) for k in group.bases}
+    write(group.a, "vda", "fail.bin", 256 << 10)
+    write(group.b, "vda", "fail.bin", 256 << 10)
+
+    real = group_backup.backup_disk
+    killed = []
+
+    def read_then_die(vault: Vault, source: Any, bid: BackupId, **kw: Any) -> Any:
+        if source.path == f"{group.a.name}:vda":  # the read of a's frozen layer dies under it
+            below = group.chain(group.a.name, "vda")[1]
+            for pid in qemu_nbd_pids(below):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return real(vault, source, bid, **kw)
+
+    monkeypatch.setattr(group_backup, "backup_disk", read_then_die)
+    res = group.run("fail", "r2", "r1")
+    monkeypatch.undo()
+    assert killed
+    vms = {vm.name: vm for vm in res.vms}
+    assert vms[group.a.name].error is not None and vms[group.a.name].error["code"] == "SOURCE_IO"
+    assert vms[group.b.name].error is None
+    # a is as run r1 left it (its writes since are kept in the r1 overlay); b moved on to r2.
+    for (vm, t), chain in before.items():
+        if vm == group.a.name:
+            assert group.chain(vm, t) == chain
+        else:
+            assert group.chain(vm, t) == [chain[1] + ".raksha-fail-r2.qcow2", chain[1]]
+    assert not [o for o in group.overlays() if o.startswith("a-") and "fail-r2" in o]
+
+    # An exception out of the run rolls every domain back.
+    assert group.a.dom is not None and group.b.dom is not None
+    mid = {k: group.chain(*k) for k in group.bases}
+    with pytest.raises(RuntimeError), snapshot_group([group.a.dom, group.b.dom], "fail", "r3", "r2") as point:
+        assert all(len(group.chain(*k)) == 3 for k in group.bases)
+        point.domains[0].source(point.domains[0].disks[0]).pread(0, 65536)
+        raise RuntimeError("the vault went away")
+    assert {k: group.chain(*k) for k in group.bases} == mid
+    assert not [o for o in group.overlays() if "fail-r3" in o]
+    for g in (group.a, group.b):
+        assert g.agent("guest-fsfreeze-status") == "thawed"
+        assert g.exec("echo alive > /mnt/vda/alive && sync")[0] == 0
+        # The guest's writes since r1 survived the rollbacks.
+        assert g.exec("stat -c %s /mnt/vda/fail.bin")[1].strip() == str(256 << 10).encode()
