@@ -19,6 +19,7 @@ Everything here works on real files and real processes:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -32,6 +33,7 @@ from typing import Any
 
 import blake3
 import pytest
+from sqlalchemy.pool import NullPool
 
 REPO = Path(__file__).resolve().parents[1]
 RAKSHA = REPO / ".venv" / "bin" / "raksha"
@@ -220,3 +222,75 @@ def conn() -> Iterator[Any]:
     c = libvirt.open(start_libvirtd())
     yield c
     c.close()
+
+
+# ---------------------------------------------------------------- databases
+# ``postgres_server`` / ``mariadb_server``: a real server for the session (scripts/start-*.sh install and
+# start it, idempotently; loopback-free unix sockets under /var/tmp/raksha-test-db), as a SQLAlchemy URL.
+# ``fresh_database(server_url)`` makes a new empty database on it and drops it afterwards.
+# ``empty_db_url`` is an empty database on each backend in turn: SQLite always, PostgreSQL and MariaDB
+# in the slow runs. ``raksha_db`` is a raksha.db.Database migrated to the newest schema on it.
+
+def _start_db_server(script: str) -> str:
+    done = subprocess.run([str(REPO / "scripts" / script)], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        if os.geteuid() != 0 and "not root" in done.stderr:
+            pytest.skip(f"{script}: {done.stderr.strip()}")
+        pytest.fail(f"{script} failed (exit {done.returncode}):\n{done.stderr}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    return _start_db_server("start-postgres.sh")
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> str:
+    return _start_db_server("start-mariadb.sh")
+
+
+_db_counter = iter(range(1 << 30))
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the server of ``server_url`` (its URL), dropped when the block ends."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    name = f"raksha_test_{os.getpid()}_{next(_db_counter)}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        drop = f"DROP DATABASE IF EXISTS {name}" + (" WITH (FORCE)" if url.get_backend_name() == "postgresql" else "")
+        with admin.connect() as c:
+            c.execute(text(drop))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow),
+                        pytest.param("mariadb", marks=pytest.mark.slow)])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'raksha.sqlite'}"
+        return
+    server = request.getfixturevalue("postgres_server" if request.param == "postgresql" else "mariadb_server")
+    with fresh_database(server) as url:
+        yield url
+
+
+@pytest.fixture
+def raksha_db(empty_db_url: str) -> Iterator[Any]:
+    """A raksha.db.Database at the newest schema, on each backend in turn."""
+    from raksha.db import Database, migrate
+
+    migrate.upgrade(empty_db_url)
+    db = Database(empty_db_url)
+    yield db
+    db.dispose()

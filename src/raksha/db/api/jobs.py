@@ -75,7 +75,7 @@ def list_jobs(session: Session, project_id: str, *, status: str | None = None, n
     return page(session, BackupJob, stmt, limit=limit, marker=marker, offset=offset, sort_dir=sort_dir)
 
 
-def update_job(session: Session, project_id: str, job_id: str, *, vms: Sequence[VmSpec] | None = None,
+def update_job(session: Session, project_id: str, job_id: str, /, *, vms: Sequence[VmSpec] | None = None,
                **values: Any) -> BackupJob:
     """Change a job's fields; ``vms`` replaces its VM list (the old rows are soft-deleted)."""
     if values.get("vault_service_id") is not None:

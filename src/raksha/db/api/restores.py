@@ -56,12 +56,12 @@ def list_restores(session: Session, project_id: str, *, run_id: str | None = Non
     return page(session, Restore, stmt, limit=limit, marker=marker, offset=offset, sort_dir=sort_dir)
 
 
-def update_restore(session: Session, project_id: str, restore_id: str, **values: Any) -> Restore:
+def update_restore(session: Session, project_id: str, restore_id: str, /, **values: Any) -> Restore:
     """Progress (``progress_percent``, ``bytes_done``, ``bytes_total``, ``eta_seconds``), ``results``, errors."""
     return update_row(session, Restore, project_id, restore_id, values, allowed=_UPDATABLE, what=WHAT)
 
 
-def transition_restore(session: Session, project_id: str, restore_id: str, new_status: str, *,
+def transition_restore(session: Session, project_id: str, restore_id: str, new_status: str, /, *,
                        expected: str | Collection[str] | None = None, **values: Any) -> Restore:
     """Move a restore (raksha.domain.states.RESTORE); stamps ``started_at`` and ``finished_at``."""
     now = utcnow()

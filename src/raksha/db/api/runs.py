@@ -133,14 +133,14 @@ def list_runs(session: Session, project_id: str, *, job_id: str | None = None, s
     return page(session, BackupJobRun, stmt, limit=limit, marker=marker, offset=offset, sort_dir=sort_dir)
 
 
-def update_run(session: Session, project_id: str, run_id: str, **values: Any) -> BackupJobRun:
+def update_run(session: Session, project_id: str, run_id: str, /, **values: Any) -> BackupJobRun:
     """Set a run's description, name, progress (``progress_percent``, ``bytes_done``, ``bytes_total``,
     ``eta_seconds``), consistency, times or error; never its status (:func:`transition_run`)."""
     update_row(session, BackupJobRun, project_id, run_id, values, allowed=_RUN_FIELDS, what=WHAT)
     return get_run(session, project_id, run_id)
 
 
-def transition_run(session: Session, project_id: str, run_id: str, new_status: str, *,
+def transition_run(session: Session, project_id: str, run_id: str, new_status: str, /, *,
                    expected: str | Collection[str] | None = None, **values: Any) -> BackupJobRun:
     """Move a run to ``new_status`` (checked by raksha.domain.states.RUN, compare-and-set on the old status).
 
@@ -182,7 +182,7 @@ def transition_run(session: Session, project_id: str, run_id: str, new_status: s
     return get_run(session, project_id, run.id)
 
 
-def settle_run(session: Session, project_id: str, run_id: str, **values: Any) -> BackupJobRun:
+def settle_run(session: Session, project_id: str, run_id: str, /, **values: Any) -> BackupJobRun:
     """End a run whose VMs have all finished with the outcome they add up to (``run_outcome``):
     available, partial, error or cancelled."""
     statuses = session.execute(select(BackupJobRunVm.status).where(
@@ -209,7 +209,7 @@ def latest_run(session: Session, project_id: str, job_id: str, *,
 
 # ---------------------------------------------------------------- VMs and resources of a run
 
-def add_run_vm(session: Session, project_id: str, run_id: str, *, vm_id: str, vm_name: str | None = None,
+def add_run_vm(session: Session, project_id: str, run_id: str, /, *, vm_id: str, vm_name: str | None = None,
                **values: Any) -> BackupJobRunVm:
     """Add a VM to a run that is not terminal (a run normally gets its job's VMs at creation)."""
     run = get_one(session, BackupJobRun, project_id, run_id, what=WHAT)
@@ -223,7 +223,7 @@ def add_run_vm(session: Session, project_id: str, run_id: str, *, vm_id: str, vm
     return vm
 
 
-def add_run_vm_resource(session: Session, project_id: str, run_vm_id: str, *, resource_name: str,
+def add_run_vm_resource(session: Session, project_id: str, run_vm_id: str, /, *, resource_name: str,
                         resource_type: str = "disk", **values: Any) -> BackupJobRunVmResource:
     """A resource (disk ``resource_name``: vda, sdb) of a VM of a run: ``bus``, ``disk_format``, ``size``,
     ``source_path``, ``backuptype``, ``tracking``, ``consistency``... as known."""
@@ -237,7 +237,7 @@ def add_run_vm_resource(session: Session, project_id: str, run_vm_id: str, *, re
     return resource
 
 
-def add_vm_resource_backup(session: Session, project_id: str, resource_id: str, *,
+def add_vm_resource_backup(session: Session, project_id: str, resource_id: str, /, *,
                            vm_resource_backup_backing_id: str | None = None, top: bool = True,
                            **values: Any) -> VmResourceBackup:
     """Record a resource's backup in the vault (status ``creating``): ``vault_service_id``,
@@ -263,23 +263,23 @@ def add_vm_resource_backup(session: Session, project_id: str, resource_id: str, 
     return backup
 
 
-def update_run_vm(session: Session, project_id: str, run_vm_id: str, **values: Any) -> BackupJobRunVm:
+def update_run_vm(session: Session, project_id: str, run_vm_id: str, /, **values: Any) -> BackupJobRunVm:
     return update_row(session, BackupJobRunVm, project_id, run_vm_id, values, allowed=_VM_FIELDS,
                       what="backupjobrun_vm")
 
 
 def update_run_vm_resource(session: Session, project_id: str, resource_id: str,
-                           **values: Any) -> BackupJobRunVmResource:
+                           /, **values: Any) -> BackupJobRunVmResource:
     return update_row(session, BackupJobRunVmResource, project_id, resource_id, values, allowed=_RESOURCE_FIELDS,
                       what="backupjobrun_vm_resource")
 
 
-def update_vm_resource_backup(session: Session, project_id: str, backup_id: str, **values: Any) -> VmResourceBackup:
+def update_vm_resource_backup(session: Session, project_id: str, backup_id: str, /, **values: Any) -> VmResourceBackup:
     return update_row(session, VmResourceBackup, project_id, backup_id, values, allowed=_BACKUP_FIELDS,
                       what="vm_resource_backup")
 
 
-def transition_run_vm(session: Session, project_id: str, run_vm_id: str, new_status: str, *,
+def transition_run_vm(session: Session, project_id: str, run_vm_id: str, new_status: str, /, *,
                       expected: str | Collection[str] | None = None, **values: Any) -> BackupJobRunVm:
     """Move a VM of a run (raksha.domain.states.RUN_VM); stamps ``started_at``/``finished_at``."""
     now = utcnow()
@@ -292,7 +292,7 @@ def transition_run_vm(session: Session, project_id: str, run_vm_id: str, new_sta
     return get_one(session, BackupJobRunVm, project_id, run_vm_id, what="backupjobrun_vm")
 
 
-def transition_run_vm_resource(session: Session, project_id: str, resource_id: str, new_status: str, *,
+def transition_run_vm_resource(session: Session, project_id: str, resource_id: str, new_status: str, /, *,
                                expected: str | Collection[str] | None = None,
                                **values: Any) -> BackupJobRunVmResource:
     transition(session, BackupJobRunVmResource, RUN_VM_RESOURCE, project_id, resource_id, new_status,
@@ -300,7 +300,7 @@ def transition_run_vm_resource(session: Session, project_id: str, resource_id: s
     return get_one(session, BackupJobRunVmResource, project_id, resource_id, what="backupjobrun_vm_resource")
 
 
-def transition_vm_resource_backup(session: Session, project_id: str, backup_id: str, new_status: str, *,
+def transition_vm_resource_backup(session: Session, project_id: str, backup_id: str, new_status: str, /, *,
                                   expected: str | Collection[str] | None = None, **values: Any) -> VmResourceBackup:
     """Move a backup (creating -> available | error -> deleting -> deleted); ``deleted`` soft-deletes the row."""
     if new_status == "deleted":

@@ -56,7 +56,7 @@ def list_vault_services(session: Session, project_id: str, *, type: str | None =
 
 
 def update_vault_service(session: Session, project_id: str | None, vault_service_id: str,
-                         **values: Any) -> VaultService:
+                         /, **values: Any) -> VaultService:
     """Change the project's own vault service (``project_id=None``: a shared one, operators only)."""
     if "type" in values:
         _check_type(values["type"])

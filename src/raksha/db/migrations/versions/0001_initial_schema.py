@@ -227,36 +227,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index(op.f('ix_vm_resource_backups_vm_resource_backup_backing_id'), table_name='vm_resource_backups')
-    op.drop_index(op.f('ix_vm_resource_backups_project_id'), table_name='vm_resource_backups')
-    op.drop_index(op.f('ix_vm_resource_backups_backupjobrun_vm_resource_id'), table_name='vm_resource_backups')
-
+    # Indexes go with their tables (MySQL refuses to drop one a foreign key needs).
     op.drop_table('vm_resource_backups')
-    op.drop_index(op.f('ix_backupjobrun_vm_resources_project_id'), table_name='backupjobrun_vm_resources')
-    op.drop_index(op.f('ix_backupjobrun_vm_resources_backupjobrun_vm_id'), table_name='backupjobrun_vm_resources')
-    op.drop_index(op.f('ix_backupjobrun_vm_resources_backupjobrun_id'), table_name='backupjobrun_vm_resources')
-
     op.drop_table('backupjobrun_vm_resources')
-    op.drop_index(op.f('ix_restores_project_id_created_at'), table_name='restores')
-    op.drop_index(op.f('ix_restores_backupjobrun_id'), table_name='restores')
-
     op.drop_table('restores')
-    op.drop_index(op.f('ix_backupjobrun_vms_project_id'), table_name='backupjobrun_vms')
-    op.drop_index(op.f('ix_backupjobrun_vms_backupjobrun_id'), table_name='backupjobrun_vms')
-
     op.drop_table('backupjobrun_vms')
-    op.drop_index(op.f('ix_backupjobruns_project_id_created_at'), table_name='backupjobruns')
-    op.drop_index(op.f('ix_backupjobruns_backupjob_id_status'), table_name='backupjobruns')
-
     op.drop_table('backupjobruns')
-    op.drop_index(op.f('ix_backupjob_vms_project_id'), table_name='backupjob_vms')
-    op.drop_index(op.f('ix_backupjob_vms_backupjob_id'), table_name='backupjob_vms')
-
     op.drop_table('backupjob_vms')
-    op.drop_index(op.f('ix_backupjobs_project_id_created_at'), table_name='backupjobs')
-    op.drop_index(op.f('ix_backupjobs_next_run_at'), table_name='backupjobs')
-
     op.drop_table('backupjobs')
-    op.drop_index(op.f('ix_vault_services_project_id'), table_name='vault_services')
-
     op.drop_table('vault_services')
