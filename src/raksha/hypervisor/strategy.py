@@ -12,8 +12,9 @@ have this shape.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 import libvirt
 import libvirt_qemu
@@ -24,6 +25,7 @@ from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
 STRATEGIES = ("pull", "snapshot")
+T = TypeVar("T")
 
 
 class DiskPlan(Protocol):
@@ -85,36 +87,59 @@ def agent(dom: libvirt.virDomain, command: str, timeout: int = 10) -> Any:
     return json.loads(reply)["return"]
 
 
-def freeze_guests(points: Sequence[Freezable], timeout: int = 10) -> list[Freezable]:
-    """Freeze every guest whose agent answers within ``timeout`` s; return those frozen (the others say why).
-
-    A guest found frozen (by a run that died inside its window) is thawed first: never ours to keep.
-    A freeze that failed or timed out is followed by a thaw, as the agent may still carry it out.
-    """
-    frozen = []
-    for p in points:
+def each(fn: Callable[[T], object], items: Sequence[T]) -> list[BaseException | None]:
+    """``fn`` on every item at once (one thread each: libvirt calls wait on QEMU and the guests, not the CPU);
+    per item, the exception it raised or None."""
+    def run(item: T) -> BaseException | None:
         try:
-            if agent(p.domain, "guest-fsfreeze-status", timeout) == "frozen":
-                agent(p.domain, "guest-fsfreeze-thaw", timeout)
-                p.why += "found frozen by an interrupted run; thawed first. "
+            fn(item)
+        except Exception as exc:
+            return exc
+        return None
+
+    if len(items) <= 1:
+        return [run(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), 16)) as pool:
+        return list(pool.map(run, items))
+
+
+def thaw_leftovers(points: Sequence[Freezable], timeout: int = 10) -> None:
+    """Thaw a guest found frozen (by a run that died inside its window): never ours to keep."""
+    def one(p: Freezable) -> None:
+        if agent(p.domain, "guest-fsfreeze-status", timeout) == "frozen":
+            agent(p.domain, "guest-fsfreeze-thaw", timeout)
+            p.why += "found frozen by an interrupted run; thawed first. "
+
+    each(one, points)  # no agent: nothing to thaw, and the freeze says why
+
+
+def freeze_guests(points: Sequence[Freezable], timeout: int = 10) -> list[Freezable]:
+    """Freeze every guest whose agent answers within ``timeout`` s, all at once; return those frozen.
+
+    The others say why. A freeze that failed or timed out is followed by a thaw, as the agent may
+    still carry it out.
+    """
+    def one(p: Freezable) -> None:
+        try:
             agent(p.domain, "guest-fsfreeze-freeze", timeout)
-            frozen.append(p)
         except libvirt.libvirtError as exc:
             p.why += f"no freeze: {exc.get_error_message()}"
             try:
                 agent(p.domain, "guest-fsfreeze-thaw", timeout)
             except libvirt.libvirtError:
                 pass  # no agent, or not frozen
-    return frozen
+            raise
+
+    return [p for p, err in zip(points, each(one, points), strict=True) if err is None]
 
 
 def thaw_guests(frozen: Sequence[Freezable], timeout: int = 10) -> list[Freezable]:
-    """Thaw every guest in ``frozen`` (all are tried whatever fails); return those thawed."""
-    thawed = []
-    for p in frozen:
+    """Thaw every guest in ``frozen``, all at once (each is tried whatever the others do); return those thawed."""
+    def one(p: Freezable) -> None:
         try:
             agent(p.domain, "guest-fsfreeze-thaw", timeout)
-            thawed.append(p)
         except libvirt.libvirtError as exc:
             p.why += f"thaw failed: {exc.get_error_message()}"
-    return thawed
+            raise
+
+    return [p for p, err in zip(frozen, each(one, frozen), strict=True) if err is None]
