@@ -106,14 +106,16 @@ def update_row(session: Session, model: type[M], project_id: str | None, obj_id:
 
 def transition(session: Session, model: type[M], machine: StateMachine, project_id: str, obj_id: str, new: str,
                *, expected: str | Collection[str] | None, values: Mapping[str, Any], allowed: Collection[str],
-               what: str) -> str:
+               what: str, own_values: Mapping[str, Any] | None = None) -> str:
     """Move ``obj_id`` to ``new`` if its machine allows it, by compare-and-set on the status read.
 
     ``expected``: the status (or statuses) the caller believes it is in; anything else is
     ``STATUS_CHANGED``. Another worker moving the row between the read and the update is
     ``STATUS_CHANGED`` too, and nothing is written. Returns the status it left.
+    ``values`` are the caller's (checked against ``allowed``); ``own_values`` this layer's.
     """
     vals = checked_values(values, allowed, what)
+    vals.update(own_values or {})  # the layer's own (soft deletion), not the caller's
     status_col = getattr(model, "status")  # noqa: B009
     current = session.execute(
         select(status_col).where(model.id == obj_id, *live(model, project_id))).scalar_one_or_none()

@@ -36,6 +36,7 @@ from raksha.domain.states import (
     VM_RESOURCE_BACKUP,
     RunStatus,
     RunType,
+    StateMachine,
     run_outcome,
 )
 
@@ -166,10 +167,9 @@ def transition_run(session: Session, project_id: str, run_id: str, new_status: s
         values.setdefault("started_at", now)
     if RUN.is_terminal(new_status) and new_status != RunStatus.DELETED:
         values.setdefault("finished_at", now)
-    if new_status == RunStatus.DELETED:
-        values.update(deleted=True, deleted_at=now)
+    own = {"deleted": True, "deleted_at": now} if new_status == RunStatus.DELETED else {}
     transition(session, BackupJobRun, RUN, project_id, run.id, new_status, expected=expected, values=values,
-               allowed=_RUN_FIELDS | {"deleted", "deleted_at"}, what=WHAT)
+               allowed=_RUN_FIELDS, what=WHAT, own_values=own)
     if RUN.is_terminal(new_status):
         _unlock_job(session, run.backupjob_id, run.id)
     if new_status == RunStatus.DELETED:
@@ -224,13 +224,19 @@ def add_run_vm(session: Session, project_id: str, run_id: str, /, *, vm_id: str,
 
 
 def add_run_vm_resource(session: Session, project_id: str, run_vm_id: str, /, *, resource_name: str,
-                        resource_type: str = "disk", **values: Any) -> BackupJobRunVmResource:
+                        resource_type: str = "disk", status: str = RUN_VM_RESOURCE.initial,
+                        **values: Any) -> BackupJobRunVmResource:
     """A resource (disk ``resource_name``: vda, sdb) of a VM of a run: ``bus``, ``disk_format``, ``size``,
-    ``source_path``, ``backuptype``, ``tracking``, ``consistency``... as known."""
+    ``source_path``, ``backuptype``, ``tracking``, ``consistency``... as known.
+
+    ``status``: ``queued`` for a disk recorded before its work; a disk recorded after the fact
+    (the hypervisor reports a VM's disks when the group is done) starts in the status it reached.
+    """
+    _known(RUN_VM_RESOURCE, status)
     vm = get_one(session, BackupJobRunVm, project_id, run_vm_id, what="backupjobrun_vm")
     resource = BackupJobRunVmResource(project_id=project_id, backupjobrun_id=vm.backupjobrun_id,
                                       backupjobrun_vm_id=vm.id, resource_name=resource_name,
-                                      resource_type=resource_type, status=RUN_VM_RESOURCE.initial,
+                                      resource_type=resource_type, status=status,
                                       **checked_values(values, _RESOURCE_FIELDS, "backupjobrun_vm_resource"))
     session.add(resource)
     session.flush()
@@ -239,14 +245,16 @@ def add_run_vm_resource(session: Session, project_id: str, run_vm_id: str, /, *,
 
 def add_vm_resource_backup(session: Session, project_id: str, resource_id: str, /, *,
                            vm_resource_backup_backing_id: str | None = None, top: bool = True,
-                           **values: Any) -> VmResourceBackup:
+                           status: str = VM_RESOURCE_BACKUP.initial, **values: Any) -> VmResourceBackup:
     """Record a resource's backup in the vault (status ``creating``): ``vault_service_id``,
     ``vault_service_url``, ``vault_service_metadata``, ``vault_backup_id``, bytes.
 
     ``vm_resource_backup_backing_id``: None for a full, the backing backup (of an earlier
     run, same project) for an incremental. A new ``top`` backup clears ``top`` on the
-    resource's other backups.
+    resource's other backups. ``status``: ``creating`` before the data is stored, or the
+    status it reached when recorded after the fact.
     """
+    _known(VM_RESOURCE_BACKUP, status)
     resource = get_one(session, BackupJobRunVmResource, project_id, resource_id, what="backupjobrun_vm_resource")
     if vm_resource_backup_backing_id is not None:
         get_one(session, VmResourceBackup, project_id, vm_resource_backup_backing_id, what="vm_resource_backup")
@@ -256,11 +264,17 @@ def add_vm_resource_backup(session: Session, project_id: str, resource_id: str, 
                         .values(top=False).execution_options(synchronize_session=False))
     backup = VmResourceBackup(project_id=project_id, backupjobrun_vm_resource_id=resource.id,
                               vm_resource_backup_backing_id=vm_resource_backup_backing_id, top=top,
-                              status=VM_RESOURCE_BACKUP.initial,
+                              status=status,
                               **checked_values(values, _BACKUP_FIELDS, "vm_resource_backup"))
     session.add(backup)
     session.flush()
     return backup
+
+
+def _known(machine: StateMachine, status: str) -> None:
+    if status not in machine.states:
+        raise InvalidInput(f"{status!r} is not a status of a {machine.name}", code="STATUS_INVALID",
+                           field="status")
 
 
 def update_run_vm(session: Session, project_id: str, run_vm_id: str, /, **values: Any) -> BackupJobRunVm:
@@ -303,12 +317,10 @@ def transition_run_vm_resource(session: Session, project_id: str, resource_id: s
 def transition_vm_resource_backup(session: Session, project_id: str, backup_id: str, new_status: str, /, *,
                                   expected: str | Collection[str] | None = None, **values: Any) -> VmResourceBackup:
     """Move a backup (creating -> available | error -> deleting -> deleted); ``deleted`` soft-deletes the row."""
-    if new_status == "deleted":
-        now = utcnow()
-        values.update(deleted=True, deleted_at=now)
+    own = {"deleted": True, "deleted_at": utcnow()} if new_status == "deleted" else {}
     transition(session, VmResourceBackup, VM_RESOURCE_BACKUP, project_id, backup_id, new_status,
-               expected=expected, values=values, allowed=_BACKUP_FIELDS | {"deleted", "deleted_at"},
-               what="vm_resource_backup")
+               expected=expected, values=values, allowed=_BACKUP_FIELDS, what="vm_resource_backup",
+               own_values=own)
     return session.execute(select(VmResourceBackup).where(VmResourceBackup.id == backup_id)
                            .execution_options(populate_existing=True)).scalar_one()
 
