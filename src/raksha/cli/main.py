@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from raksha import __version__
-from raksha.cli import db_cmd, vault_cmd
+from raksha.cli import db_cmd, serve, vault_cmd
 from raksha.cli.output import report_error
 from raksha.domain.errors import EXIT_INTERRUPTED, Interrupted, RakshaError
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     vault_cmd.register(sub)
     db_cmd.register(sub)
+    serve.register(sub)
     return parser
 
 

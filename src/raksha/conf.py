@@ -1,0 +1,81 @@
+"""Configuration (oslo.config): a file (``--config-file``) and flags; every option has a working default.
+
+The defaults are the embedded all-in-one: no auth, SQLite and a local vault under ``data_dir``,
+the API on 127.0.0.1:8791, libvirt at qemu:///system.
+"""
+
+from __future__ import annotations
+
+import os
+
+from oslo_config import cfg
+
+
+def default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/raksha"
+    return os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "raksha")
+
+
+DEFAULT_OPTS = [
+    cfg.StrOpt("data_dir", default=default_data_dir(), help="Where the embedded server keeps its database and vault."),
+]
+API_OPTS = [
+    cfg.HostAddressOpt("host", default="127.0.0.1", help="Address the API listens on."),
+    cfg.PortOpt("port", default=8791, help="Port the API listens on."),
+    cfg.StrOpt("auth_strategy", default="noauth", choices=["noauth", "keystone"],
+               help="noauth: the path's tenant is the caller (embedded); keystone: auth_token middleware."),
+    cfg.StrOpt("policy_file", default=None, help="A policy file overriding the default rules (oslo.policy)."),
+    cfg.IntOpt("threads", default=8, min=1, help="WSGI worker threads."),
+]
+DATABASE_OPTS = [
+    cfg.StrOpt("connection", default=None, secret=True,
+               help="SQLAlchemy URL; default sqlite under data_dir."),
+]
+VAULT_OPTS = [
+    cfg.StrOpt("path", default=None, help="Directory of the default local vault; default data_dir/vault."),
+    cfg.BoolOpt("encrypt", default=True, help="Encrypt the default vault (a key file is made beside it)."),
+    cfg.StrOpt("key_file", default=None, help="Key file of the default vault; default data_dir/vault.key."),
+]
+LIBVIRT_OPTS = [
+    cfg.StrOpt("uri", default="qemu:///system", help="libvirt connection of the local agent."),
+    cfg.StrOpt("strategy", default="pull", choices=["pull", "snapshot"],
+               help="pull: checkpoints + pull backup (default); snapshot: the seed's external snapshots."),
+    cfg.StrOpt("restore_dir", default=None, help="Where new VMs' disks are written; default data_dir/restored."),
+]
+SCHEDULER_OPTS = [
+    cfg.FloatOpt("tick_seconds", default=5.0, min=0.1, help="How often schedules are checked."),
+    cfg.IntOpt("workers", default=2, min=1, help="Runs and restores executed at once."),
+]
+
+
+def register(conf: cfg.ConfigOpts) -> cfg.ConfigOpts:
+    conf.register_opts(DEFAULT_OPTS)
+    conf.register_opts(API_OPTS, group="api")
+    conf.register_opts(DATABASE_OPTS, group="database")
+    conf.register_opts(VAULT_OPTS, group="vault")
+    conf.register_opts(LIBVIRT_OPTS, group="libvirt")
+    conf.register_opts(SCHEDULER_OPTS, group="scheduler")
+    return conf
+
+
+def load(args: list[str] | None = None, *, config_files: list[str] | None = None) -> cfg.ConfigOpts:
+    conf = register(cfg.ConfigOpts())
+    conf(args or [], project="raksha", default_config_files=config_files or [])
+    return conf
+
+
+def database_url(conf: cfg.ConfigOpts) -> str:
+    return conf.database.connection or f"sqlite:///{os.path.join(conf.data_dir, 'raksha.sqlite')}"
+
+
+def vault_path(conf: cfg.ConfigOpts) -> str:
+    return conf.vault.path or os.path.join(conf.data_dir, "vault")
+
+
+def vault_key_file(conf: cfg.ConfigOpts) -> str:
+    return conf.vault.key_file or os.path.join(conf.data_dir, "vault.key")
+
+
+def restore_dir(conf: cfg.ConfigOpts) -> str:
+    return conf.libvirt.restore_dir or os.path.join(conf.data_dir, "restored")

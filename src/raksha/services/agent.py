@@ -1,0 +1,85 @@
+"""The agent on a hypervisor host: finds VMs, takes a run's consistent backup, restores.
+
+It knows libvirt and the vault, nothing of the database: the orchestrator tells it what to
+do and records what it reports. Progress and cancellation come through plain callables, which
+the in-process transport passes as they are (a remote transport turns them into casts back).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+
+from raksha.domain.errors import Interrupted, NotFound
+from raksha.hypervisor.errors import translate
+from raksha.hypervisor.group_backup import GroupResult, backup_domains
+from raksha.hypervisor.restore import RestoreReport, RestoreRequest, restore
+from raksha.vault.engine.progress import ProgressEvent
+from raksha.vault.repository import Vault
+
+#: (vm name, disk target, event) while disks are read.
+ProgressHook = Callable[[str, str, ProgressEvent], None]
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; they are raised and translated instead."""
+
+
+libvirt.registerErrorHandler(_quiet, None)
+
+
+class LibvirtAgent:
+    def __init__(self, uri: str, *, strategy: str = "pull") -> None:
+        self.uri = uri
+        self.strategy = strategy
+        self._local = threading.local()
+
+    def _conn(self) -> libvirt.virConnect:
+        # One connection per worker thread: libvirt connections may be shared, but a broken one
+        # then fails every run; per thread it is reopened on the next use.
+        conn = getattr(self._local, "conn", None)
+        if conn is None or not conn.isAlive():
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise translate(exc, f"cannot connect to libvirt at {self.uri}") from None
+            self._local.conn = conn
+        return conn
+
+    def describe_vm(self, ref: str) -> dict[str, str]:
+        """A VM by libvirt domain name or UUID: ``{"uuid", "name"}``, or ``VM_NOT_FOUND``."""
+        conn = self._conn()
+        for lookup in (conn.lookupByUUIDString, conn.lookupByName):
+            try:
+                dom = lookup(ref)
+            except libvirt.libvirtError:
+                continue
+            return {"uuid": dom.UUIDString(), "name": dom.name()}
+        raise NotFound(f"no VM {ref!r} on {self.uri} (a libvirt domain name or UUID)", code="VM_NOT_FOUND", vm=ref)
+
+    def backup(self, vault: Vault, job: str, run: str, names: list[str], *, parent_run: str | None,
+               exclude: dict[str, set[str]], progress: ProgressHook, cancelled: Callable[[], bool]) -> GroupResult:
+        def hook(vm: str, disk: str, event: ProgressEvent) -> None:
+            if cancelled():
+                raise Interrupted(f"run {run} was cancelled", code="CANCELLED")
+            progress(vm, disk, event)
+
+        return backup_domains(self._conn(), names, vault, job, run, parent_run=parent_run, exclude=exclude,
+                              progress=hook, strategy=self.strategy)
+
+    def restore(self, vault: Vault, request: RestoreRequest, *, progress: Callable[[ProgressEvent], None],
+                cancelled: Callable[[], bool]) -> RestoreReport:
+        def hook(event: ProgressEvent) -> None:
+            if cancelled():
+                raise Interrupted("the restore was cancelled", code="CANCELLED")
+            progress(event)
+
+        conn = None if request.type == "files" else self._conn()
+        return restore(conn, vault, request, progress=hook)
+
+
+def result_dict(report: RestoreReport) -> dict[str, Any]:
+    return report.to_dict()

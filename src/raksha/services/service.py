@@ -1,0 +1,226 @@
+"""What the API asks of the service: jobs, runs and restores, scoped to the caller's project.
+
+Long work (runs, restores) is cast to the orchestrator; the caller gets the new resource at
+once (202) and watches its status and progress.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raksha.domain.context import RequestContext
+from raksha.db import Database
+from raksha.db import api as db
+from raksha.db.types import utcnow
+from raksha.domain.errors import Conflict, InvalidInput, NotFound
+from raksha.domain.states import RESTORE, RUN, RunStatus
+from raksha.rpc.inproc import InProcessTransport
+from raksha.services import schedule, views
+from raksha.services.agent import LibvirtAgent
+
+
+def _project(ctx: RequestContext) -> str:
+    assert ctx.project_id is not None  # the API checked it equals the path's tenant
+    return ctx.project_id
+
+
+def _base(ctx: RequestContext) -> str:
+    return f"/v1/{ctx.project_id}"
+
+
+class Service:
+    def __init__(self, database: Database, transport: InProcessTransport, agent: LibvirtAgent) -> None:
+        self.db = database
+        self.rpc = transport
+        self.agent = agent
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    def _job_view(self, s: Any, job: Any, ctx: RequestContext) -> dict[str, Any]:
+        runs = db.list_runs(s, job.project_id, job_id=job.id, limit=1)
+        return views.job_view(job, _base(ctx), last_run=runs[0] if runs else None)
+
+    def _job_fields(self, s: Any, ctx: RequestContext, spec: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for key in ("name", "description"):
+            if key in spec:
+                fields[key] = spec[key]
+        vms = spec.get("vms")
+        if vms is not None and spec.get("instance_id"):
+            raise InvalidInput("give vms or the 2013 client's instance_id, not both", code="BODY_INVALID",
+                               field="vms")
+        if vms is None and spec.get("instance_id"):
+            vms = [{"id": spec["instance_id"]}]
+        if vms is None and creating:
+            raise InvalidInput("a backup job needs vms: [{\"id\": <domain name or UUID>}, ...]",
+                               code="BODY_INVALID", field="vms")
+        if vms is not None:
+            for vm in vms:
+                try:
+                    self.agent.describe_vm(vm["id"])  # now rather than at the first run
+                except NotFound as exc:
+                    raise InvalidInput(exc.message, code=exc.code, vm=vm["id"]) from None
+            fields["vms"] = [vm["id"] for vm in vms]
+            fields["excluded_disks"] = {vm["id"]: vm["exclude_disks"] for vm in vms if vm.get("exclude_disks")} or None
+        if spec.get("vault_service"):
+            fields["vault_service_id"] = self._vault_id(s, ctx, spec["vault_service"])
+        sched = dict(spec.get("schedule") or {})
+        if spec.get("hours"):
+            sched.setdefault("interval_hours", spec["hours"])
+        if "schedule" in spec or "hours" in spec:
+            fields.update(schedule.columns(sched, utcnow()))
+        if "retention" in spec:
+            fields["retention"] = spec["retention"] or None
+        if creating and "name" not in fields:
+            raise InvalidInput("a backup job needs a name", code="BODY_INVALID", field="name")
+        return fields
+
+    def _vault_id(self, s: Any, ctx: RequestContext, ref: str) -> str:
+        for row in db.list_vault_services(s, _project(ctx), limit=1000):
+            if ref in (row.id, row.name):
+                return str(row.id)
+        raise InvalidInput(f"no vault service {ref!r}", code="VAULT_SERVICE_NOT_FOUND")
+
+    def list_jobs(self, ctx: RequestContext, *, limit: int, marker: str | None,
+                  filters: dict[str, Any]) -> list[dict[str, Any]]:
+        with self.db.begin() as s:
+            jobs = db.list_jobs(s, _project(ctx), limit=limit, marker=marker, **filters)
+            return [self._job_view(s, j, ctx) for j in jobs]
+
+    def get_job(self, ctx: RequestContext, job_id: str) -> dict[str, Any]:
+        with self.db.begin() as s:
+            return self._job_view(s, db.get_job(s, _project(ctx), job_id), ctx)
+
+    def create_job(self, ctx: RequestContext, spec: dict[str, Any]) -> dict[str, Any]:
+        with self.db.begin() as s:
+            fields = self._job_fields(s, ctx, spec, creating=True)
+            job = db.create_job(s, _project(ctx), ctx.user_id or "", **fields)
+            return self._job_view(s, job, ctx)
+
+    def update_job(self, ctx: RequestContext, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        with self.db.begin() as s:
+            db.get_job(s, _project(ctx), job_id)
+            job = db.update_job(s, _project(ctx), job_id, **self._job_fields(s, ctx, spec, creating=False))
+            return self._job_view(s, job, ctx)
+
+    def delete_job(self, ctx: RequestContext, job_id: str) -> None:
+        with self.db.begin() as s:
+            db.delete_job(s, _project(ctx), job_id)
+
+    # -- runs --------------------------------------------------------------------------------------
+
+    def start_run(self, ctx: RequestContext, job_id: str, kind: str, *, description: str | None = None,
+                  prepare_only: bool = False) -> dict[str, Any]:
+        project = _project(ctx)
+        with self.db.begin() as s:
+            job = db.get_job(s, project, job_id)
+            parent = db.latest_run(s, project, job_id)
+            backuptype = schedule.choose_type(kind, job, parent is not None)
+            if prepare_only:
+                for vm in job.vms:
+                    self.agent.describe_vm(vm.vm_id)
+                return {"id": None, "backupjob_id": job.id, "type": backuptype, "status": "prepared",
+                        "vms": [{"vm_id": vm.vm_id} for vm in job.vms]}
+            if backuptype == "incremental" and kind == "incremental" and parent is None:
+                backuptype = "full"
+            note = description
+            run = db.create_run(s, project, ctx.user_id or "", job_id, backuptype=backuptype, description=note,
+                                parent_run_id=parent.id if backuptype == "incremental" and parent else None)
+            if kind == "incremental" and backuptype == "full":
+                run = db.update_run(s, project, run.id, error_message=None,
+                                    description=(description or "") + " (no earlier run to build on: full)")
+            view = views.run_view(run, _base(ctx))
+        self.rpc.cast("orchestrator", "run_backup", project_id=project, run_id=run.id)
+        return view
+
+    def list_runs(self, ctx: RequestContext, *, job_id: str | None, limit: int, marker: str | None,
+                  filters: dict[str, Any]) -> list[dict[str, Any]]:
+        f: dict[str, Any] = dict(filters)
+        if "type" in f:
+            f["backuptype"] = f.pop("type")
+        with self.db.begin() as s:
+            runs = db.list_runs(s, _project(ctx), job_id=job_id, limit=limit, marker=marker, details=True, **f)
+            return [views.run_view(r, _base(ctx)) for r in runs]
+
+    def get_run(self, ctx: RequestContext, run_id: str, *, job_id: str | None = None) -> dict[str, Any]:
+        with self.db.begin() as s:
+            return views.run_view(db.get_run(s, _project(ctx), run_id, job_id=job_id), _base(ctx))
+
+    def update_run(self, ctx: RequestContext, run_id: str, *, job_id: str | None, description: str | None,
+                   ) -> dict[str, Any]:
+        with self.db.begin() as s:
+            db.get_run(s, _project(ctx), run_id, job_id=job_id)
+            return views.run_view(db.update_run(s, _project(ctx), run_id, description=description), _base(ctx))
+
+    def delete_run(self, ctx: RequestContext, run_id: str, *, job_id: str | None = None) -> None:
+        project = _project(ctx)
+        with self.db.begin() as s:
+            run = db.get_run(s, project, run_id, job_id=job_id)
+            if not RUN.is_terminal(run.status) and run.status != RunStatus.DELETING:
+                raise Conflict(f"run {run.id} is {run.status}; cancel it or wait for it to end before deleting",
+                               code="RUN_IN_PROGRESS", id=run.id, status=run.status)
+        self.rpc.call("orchestrator", "delete_run", project_id=project, run_id=run_id)
+
+    def cancel_run(self, ctx: RequestContext, run_id: str) -> dict[str, Any]:
+        project = _project(ctx)
+        with self.db.begin() as s:
+            run = db.get_run(s, project, run_id)
+            if RUN.is_terminal(run.status):
+                raise Conflict(f"run {run.id} is already {run.status}", code="RUN_FINISHED", id=run.id)
+            target = RunStatus.CANCELLED if run.status == RunStatus.QUEUED else RunStatus.CANCELLING
+            if target == RunStatus.CANCELLED:
+                for vm in run.vms:
+                    db.transition_run_vm(s, project, vm.id, "cancelled")
+            run = db.transition_run(s, project, run_id, target, expected=run.status)
+            view = views.run_view(run, _base(ctx))
+        self.rpc.call("orchestrator", "request_cancel", resource_id=run_id)
+        return view
+
+    # -- restores ----------------------------------------------------------------------------------
+
+    def start_restore(self, ctx: RequestContext, run_id: str, *, job_id: str | None,
+                      spec: dict[str, Any]) -> dict[str, Any]:
+        project = _project(ctx)
+        selection = {k: spec[k] for k in ("vms", "disks") if spec.get(k)} or None
+        with self.db.begin() as s:
+            run = db.get_run(s, project, run_id, job_id=job_id)
+            r = db.create_restore(s, project, ctx.user_id or "", run.id, restore_type=spec.get("type", "new_vm"),
+                                  selection=selection, target=spec.get("target") or None,
+                                  description=spec.get("description"))
+            view = views.restore_view(r, _base(ctx), job_id=run.backupjob_id)
+        self.rpc.cast("orchestrator", "run_restore", project_id=project, restore_id=r.id)
+        return view
+
+    def _restore_view(self, s: Any, ctx: RequestContext, r: Any) -> dict[str, Any]:
+        try:
+            job_id = db.get_run(s, _project(ctx), r.backupjobrun_id).backupjob_id
+        except NotFound:
+            job_id = None  # the run was deleted since
+        return views.restore_view(r, _base(ctx), job_id=job_id)
+
+    def list_restores(self, ctx: RequestContext, *, limit: int, marker: str | None,
+                      filters: dict[str, Any]) -> list[dict[str, Any]]:
+        f: dict[str, Any] = dict(filters)
+        if "type" in f:
+            f["restore_type"] = f.pop("type")
+        if "backupjobrun_id" in f:
+            f["run_id"] = f.pop("backupjobrun_id")
+        with self.db.begin() as s:
+            return [self._restore_view(s, ctx, r)
+                    for r in db.list_restores(s, _project(ctx), limit=limit, marker=marker, **f)]
+
+    def get_restore(self, ctx: RequestContext, restore_id: str) -> dict[str, Any]:
+        with self.db.begin() as s:
+            return self._restore_view(s, ctx, db.get_restore(s, _project(ctx), restore_id))
+
+    def cancel_restore(self, ctx: RequestContext, restore_id: str) -> dict[str, Any]:
+        project = _project(ctx)
+        with self.db.begin() as s:
+            r = db.get_restore(s, project, restore_id)
+            if RESTORE.is_terminal(r.status):
+                raise Conflict(f"restore {r.id} is already {r.status}", code="RESTORE_FINISHED", id=r.id)
+            target = "cancelled" if r.status == "queued" else "cancelling"
+            r = db.transition_restore(s, project, restore_id, target, expected=r.status)
+            view = self._restore_view(s, ctx, r)
+        self.rpc.call("orchestrator", "request_cancel", resource_id=restore_id)
+        return view

@@ -1,0 +1,71 @@
+"""Vault services as the service sees them: the embedded default, and opening one for a run or restore."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from raksha.db import api as db
+from raksha.db.models import VaultService
+from raksha.domain.errors import InvalidInput
+from raksha.vault.backends.local import LocalBackend
+from raksha.vault.format.config import VaultConfig
+from raksha.vault.format.keys import Secret
+from raksha.vault.repository import Vault
+
+DEFAULT_NAME = "local"
+
+
+def ensure_default(session: Session, path: str, *, encrypt: bool, key_file: str) -> VaultService:
+    """The embedded default vault service (shared by every project), created with its vault on first start."""
+    for row in db.list_vault_services(session, "", type="local", limit=1000):
+        if row.project_id is None and row.name == DEFAULT_NAME:
+            return row
+    config: dict[str, Any] = {"encrypted": encrypt}
+    if encrypt:
+        config["key_file"] = key_file
+    return db.create_vault_service(session, None, None, name=DEFAULT_NAME, type="local",
+                                   url=Path(path).resolve().as_uri(), config=config,
+                                   description="The embedded server's local vault")
+
+
+def _secret(config: dict[str, Any], *, create: bool) -> Secret | None:
+    key_file = config.get("key_file")
+    if not config.get("encrypted"):
+        return None
+    if not key_file:
+        raise InvalidInput("an encrypted vault service needs a key_file in its config", code="VAULT_KEY_REQUIRED")
+    if create and not os.path.exists(key_file):
+        os.makedirs(os.path.dirname(key_file) or ".", exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(64))
+    with open(key_file, "rb") as f:
+        return Secret(keyfile=f.read())
+
+
+def local_path(row: VaultService) -> Path:
+    if row.type != "local" or not row.url.startswith("file://"):
+        raise InvalidInput(f"vault service {row.name} is {row.type} at {row.url}; this agent reaches local vaults only",
+                           code="VAULT_TYPE_UNSUPPORTED")
+    return Path(row.url[len("file://"):])
+
+
+def open_vault(row: VaultService) -> Vault:
+    """Open the service's vault, making it on first use (a new local directory, a new key file)."""
+    path = local_path(row)
+    backend = LocalBackend(path, create=True)
+    fresh = not (path / "config").exists()
+    secret = _secret(row.config or {}, create=fresh)
+    if fresh:
+        return Vault.init(backend, VaultConfig.new(encrypted=bool((row.config or {}).get("encrypted"))), secret)
+    return Vault.open(backend, secret)
+
+
+def backup_url(row: VaultService, backup_id: str) -> str:
+    """Where a disk's backup lives, in the seed's naming: ``<vault>/backupjobs/<job>/<run>/<vm>/<disk>``."""
+    return f"{row.url.rstrip('/')}/backupjobs/{backup_id}"

@@ -1,0 +1,1 @@
+"""WSGI entry points for real servers (uwsgi, gunicorn, mod_wsgi)."""

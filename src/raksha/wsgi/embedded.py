@@ -1,0 +1,57 @@
+"""The all-in-one server: API, scheduler, orchestration and agent in one process (SQLite, local vault)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from oslo_config import cfg
+
+from raksha import conf as config
+from raksha.api.app import Application
+from raksha.api.policies import Policy
+from raksha.db import Database
+from raksha.db.migrate import upgrade
+from raksha.rpc.inproc import InProcessTransport
+from raksha.services import vaults
+from raksha.services.agent import LibvirtAgent
+from raksha.services.orchestrator import Orchestrator
+from raksha.services.scheduler import Scheduler
+from raksha.services.service import Service
+
+LOG = logging.getLogger(__name__)
+
+
+class Embedded:
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        self.conf = conf
+        os.makedirs(conf.data_dir, mode=0o700, exist_ok=True)
+        url = config.database_url(conf)
+        upgrade(url)
+        self.db = Database(url)
+        with self.db.begin() as s:
+            vaults.ensure_default(s, config.vault_path(conf), encrypt=conf.vault.encrypt,
+                                  key_file=config.vault_key_file(conf))
+        self.transport = InProcessTransport(conf.scheduler.workers)
+        self.agent = LibvirtAgent(conf.libvirt.uri, strategy=conf.libvirt.strategy)
+        self.orchestrator = Orchestrator(self.db, self.agent, restore_dir=config.restore_dir(conf))
+        self.transport.register("orchestrator", self.orchestrator)
+        self.transport.register("agent", self.agent)
+        self.service = Service(self.db, self.transport, self.agent)
+        self.app: Any = Application(self.service, auth_strategy=conf.api.auth_strategy,
+                                    policy=Policy(policy_file=conf.api.policy_file))
+        if conf.api.auth_strategy == "keystone":
+            from keystonemiddleware import auth_token
+
+            self.app = auth_token.AuthProtocol(self.app, {"oslo_config_config": conf})
+        self.scheduler = Scheduler(self.db, self.transport, tick=conf.scheduler.tick_seconds)
+
+    def start_background(self) -> None:
+        self.scheduler.recover()
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.transport.shutdown(wait=True)
+        self.db.dispose()
