@@ -124,6 +124,7 @@ class DiskPlan:
     incremental: bool = False
     note: str = "full read"  # the "tracking" hint: how the disk was read, and why
     node: str | None = None  # QEMU node holding a raw disk's bitmaps
+    checkpoint_node: str | None = None  # QEMU node holding a qcow2 disk's checkpoint bitmaps
     size: int = 0
     granularity: int = BITMAP_GRANULARITY
     added: bool = False  # this run's bitmap was added to ``node``
@@ -270,7 +271,7 @@ def _plan_disks(p: DomainPoint) -> None:
         node = (nodes or {}).get(disk.target)
         bitmaps = _bitmaps(node) if node else {}
         if tracked(disk):
-            plan = p.plans[disk.target] = DiskPlan(CHECKPOINT)
+            plan = p.plans[disk.target] = DiskPlan(CHECKPOINT, checkpoint_node=str(node["node-name"]) if node else None)
             if parent is None:
                 plan.note = f"full read; checkpoint {p.checkpoint} starts tracking"
             elif not has_checkpoint:
@@ -395,22 +396,28 @@ def _settle(p: DomainPoint, ok: bool) -> None:
             _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
     drop = p.parent if ok else (p.checkpoint if p.started else None)
-    if drop is not None:
-        _delete_checkpoint(p.domain, drop)
+    if drop is not None and _delete_checkpoint(p.domain, drop):
+        # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of the bitmap.
+        for plan in p.plans.values():
+            if plan.checkpoint_node is not None:
+                _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=drop)
 
 
-def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
+def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
+    """Delete a checkpoint with its bitmaps; return True if only its metadata could be deleted."""
     try:
         cp = dom.checkpointLookupByName(name)
     except libvirt.libvirtError:
-        return
+        return False
     try:
         cp.delete(0)
+        return False
     except libvirt.libvirtError:
         try:  # its bitmap is already gone (or broken): forget the metadata
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         except libvirt.libvirtError:
             pass
+        return True
 
 
 def _begin(p: DomainPoint, scratch: str) -> None:
