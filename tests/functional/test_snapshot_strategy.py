@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ def test_an_overlay_committed_behind_its_back_downgrades_that_disk_to_full(group
     second = group.run("lost", "r2", "r1")
     disks = disks_of(second)
     lost = disks[(group.a.name, "vdb")]
-    assert lost.kind == "full" and "not ending in overlay a-vdb.raw.raksha-lost-r1.qcow2" in lost.tracking
+    assert lost.kind == "full" and "overlay a-vdb.raw.raksha-lost-r1.qcow2 of run r1 is not in" in lost.tracking
     assert all(d.kind == "incremental" for k, d in disks.items() if k != (group.a.name, "vdb"))
     assert all(len(group.chain(vm, t)) == 2 for vm, t in group.bases)  # the tracking is set up again
     base, fmt = group.bases[(group.a.name, "vdb")]
@@ -267,3 +268,49 @@ def test_a_failure_mid_run_rolls_the_overlays_back_and_leaves_the_guests_running
         assert g.exec("echo alive > /mnt/vda/alive && sync")[0] == 0
         # The guest's writes since r1 survived the rollbacks.
         assert g.exec("stat -c %s /mnt/vda/fail.bin")[1].strip() == str(256 << 10).encode()
+
+
+MID_TRANSFER = """
+import sys, time, libvirt
+from raksha.hypervisor.snapshot import snapshot_group
+conn = libvirt.open("qemu:///system")
+with snapshot_group([conn.lookupByName(n) for n in sys.argv[1:]], "kill", "r2", "r1") as point:
+    p = point.domains[0]
+    p.source(p.disks[0]).pread(0, 65536)
+    print("transferring", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_killed_mid_transfer_is_collapsed_by_the_next_which_stays_incremental(group: Group) -> None:
+    group.run("kill", "r1")
+    write(group.a, "vda", "kill1.bin", 256 << 10)
+    proc = subprocess.Popen([sys.executable, "-c", MID_TRANSFER, *group.names], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "transferring"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # The dead run left its overlays on top and a qemu-nbd export holding a's frozen layer.
+    assert all(len(group.chain(vm, t)) == 3 for vm, t in group.bases)
+    frozen_layer = group.chain(group.a.name, "vda")[1]
+    assert qemu_nbd_pids(frozen_layer)
+    assert all(g.agent("guest-fsfreeze-status") == "thawed" for g in (group.a, group.b))
+    write(group.a, "vda", "kill2.bin", 256 << 10)
+
+    res = group.run("kill", "r3", "r1")
+    assert all(vm.error is None for vm in res.vms)
+    assert not qemu_nbd_pids(frozen_layer)  # the dead run's export was stopped so the commit could go on
+    for (vm, t), d in disks_of(res).items():
+        # The changes since r1 are in the r1 overlay and in the one the dead run put above it.
+        assert d.kind == "incremental" and "1 overlay(s) an interrupted run left" in d.tracking, (vm, t, d.tracking)
+        base, fmt = group.bases[(vm, t)]
+        assert group.chain(vm, t) == [f"{base}.raksha-kill-r3.qcow2", str(base)]
+        out = group.dir / "kill.raw"
+        restore_backup(group.vault, BackupId("kill", "r3", res.vms[0 if vm == group.a.name else 1].uuid, t), str(out))
+        assert blake3_file(out) == digest(base, fmt, group.dir), (vm, t)
+        if (vm, t) == (group.a.name, "vda"):
+            assert len(debugfs_cat(out, "/kill1.bin")) == len(debugfs_cat(out, "/kill2.bin")) == 256 << 10
+            assert d.bytes_read < 4 * (256 << 10) * 2
+        out.unlink()
+    assert not [o for o in group.overlays() if "kill-r2" in o]

@@ -16,12 +16,14 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import libvirt
 
@@ -29,9 +31,9 @@ from raksha.domain.errors import RakshaError, SourceError, VmGone
 from raksha.hypervisor.disks import DiskInfo, domain_disks
 from raksha.hypervisor.errors import translate
 from raksha.hypervisor.pull import CRASH, FILESYSTEM
-from raksha.hypervisor.strategy import each, freeze_guests, thaw_guests, thaw_leftovers
+from raksha.hypervisor.strategy import alive, each, freeze_guests, thaw_guests, thaw_leftovers
 from raksha.vault.sources.base import Extent, merge_extents
-from raksha.vault.sources.nbd import NbdSource, QemuNbdExport
+from raksha.vault.sources.nbd import EXPORT_DIR_PREFIX, NbdSource, QemuNbdExport
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +90,15 @@ def overlay_path(base: Layer, job: str, run: str, overlay_dir: str | None = None
     return os.path.join(directory, f"{os.path.basename(base.path)}.raksha-{job}-{run}.qcow2")
 
 
-def overlay_extents(path: str) -> list[Extent]:
-    """The clusters an overlay holds itself (depth 0: data or zeros written since it was put on top)."""
+def overlay_extents(path: str, depth: int = 0) -> list[Extent]:
+    """The clusters the overlay ``path`` and the ``depth`` layers below it hold themselves: data or zeros
+    written since the lowest of them was put on top (``qemu-img map`` depth 0..depth)."""
     res = subprocess.run(["qemu-img", "map", "-U", "-f", "qcow2", "--output=json", path],
                          capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise SourceError(f"{path}: qemu-img map failed: {res.stderr.strip()}")
     return merge_extents([(int(e["start"]), int(e["length"])) for e in json.loads(res.stdout)
-                          if int(e.get("depth", -1)) == 0])
+                          if 0 <= int(e.get("depth", -1)) <= depth])
 
 
 SNAPSHOT_OVERLAY = "snapshot-overlay"  # tracking method: the parent run's overlay holds the changes
@@ -114,7 +117,8 @@ class DiskState:
     method: str = SNAPSHOT_OVERLAY
     incremental: bool = False
     note: str = "full read"
-    previous: str | None = None  # the parent run's overlay, the active layer: its clusters are the changes
+    previous: str | None = None  # the parent run's overlay: its clusters, and those above it, are the changes
+    depth: int = 0  # layers above it (0: it is the active layer, as the parent run left it)
     extents: list[Extent] | None = None
     taken: bool = False  # the new overlay is on the disk
 
@@ -187,9 +191,14 @@ def _plan_disk(disk: DiskInfo, chain: list[Layer], job: str, run: str, parent_ru
                       else "full read (external snapshot, pure mode: no overlay is kept)")
         return state
     expected = overlay_path(base, job, parent_run, overlay_dir)
-    if chain[0].path == expected and os.path.exists(expected):
-        state.previous, state.incremental = expected, True
+    above = [layer.path for layer in chain[:base_at]]
+    if expected in above and os.path.exists(expected):
+        # Normally the active layer; below newer Raksha overlays when a run died before committing them
+        # (their clusters are changes since the parent run too).
+        state.previous, state.incremental, state.depth = expected, True, above.index(expected)
         state.note = f"clusters written to overlay {os.path.basename(expected)} since run {parent_run}"
+        if state.depth:
+            state.note += f" and to {state.depth} overlay(s) an interrupted run left above it"
         if not keep_overlay:
             state.note += " (pure mode: no overlay is kept after this run)"
         return state
@@ -197,18 +206,54 @@ def _plan_disk(disk: DiskInfo, chain: list[Layer], job: str, run: str, parent_ru
         state.note = "full read (external snapshot, pure mode: no overlay is kept)"
         return state
     found = " <- ".join(os.path.basename(layer.path) for layer in reversed(chain))
-    state.note = (f"full read: the disk's chain is {found}, not ending in overlay {os.path.basename(expected)} "
-                  f"of run {parent_run} (committed or removed outside Raksha, or the domain restarted from "
-                  "another definition)")
+    state.note = (f"full read: overlay {os.path.basename(expected)} of run {parent_run} is not in the disk's "
+                  f"chain {found} (committed or removed outside Raksha, or the domain restarted from another "
+                  "definition)")
     if os.path.exists(expected) and expected not in (layer.path for layer in chain):
         state.note += f"; {expected} is left on disk, unused"
     return state
+
+
+_EXPORT_OWNER = re.compile(r"--socket=.*/" + re.escape(EXPORT_DIR_PREFIX) + r"(\d+)-")
+
+
+def end_stale_exports(paths: set[str]) -> list[int]:
+    """Stop qemu-nbd exports of ``paths`` left by a Raksha process that died (SIGKILL, a crash).
+
+    Their image locks would keep the block commits from writing the layers they read. Only an export
+    whose socket lies in a dead process's directory is touched; returns the pids stopped.
+    """
+    stopped = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if not argv or os.path.basename(argv[0]) != "qemu-nbd" or argv[-1] not in paths:
+            continue
+        owner = next((m for m in map(_EXPORT_OWNER.match, argv) if m), None)
+        if owner is None or alive(int(owner.group(1))):
+            continue
+        try:
+            os.kill(int(entry), signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        stopped.append(int(entry))
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return stopped
 
 
 def _prepare(dom: libvirt.virDomain, job: str, run: str, parent_run: str | None, skip: set[str],
              overlay_dir: str | None, keep_overlay: bool) -> SnapshotDomainPoint:
     xml = dom.XMLDesc(0)
     chains = disk_chains(xml)
+    stopped = end_stale_exports({layer.path for chain in chains.values() for layer in chain})
+    if stopped:
+        log.warning("%s: stopped qemu-nbd exports %s left by a dead Raksha process", dom.name(), stopped)
     disks = domain_disks(xml)
     point = SnapshotDomainPoint(dom, [], {}, keep_overlay, excluded=[d for d in disks if d.target in skip],
                                 others=[t for t in chains if t not in {d.target for d in disks}])
@@ -234,7 +279,7 @@ def _map_changes(p: SnapshotDomainPoint) -> None:
         if s.previous is None:
             continue
         try:
-            s.extents = overlay_extents(s.previous)
+            s.extents = overlay_extents(s.below.path, s.depth)
         except (SourceError, subprocess.TimeoutExpired) as exc:
             s.incremental, s.note = False, f"full read: cannot map overlay {os.path.basename(s.previous)}: {exc}"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import libvirt
@@ -80,6 +81,15 @@ class GroupPoint(Protocol):
 class Freezable(Protocol):
     domain: libvirt.virDomain
     why: str
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not: it holds no files)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split(" ", 1)[0] != "Z"
 
 
 def agent(dom: libvirt.virDomain, command: str, timeout: int = 10) -> Any:

@@ -20,6 +20,8 @@ from raksha.domain.errors import ImageInvalid, SourceError, StorageFull
 from raksha.vault.sources.base import Extent
 
 _MAX_STATUS = 1 << 30
+# + "<pid>-": the socket directory of a qemu-nbd export tells which process started it (and whether it died).
+EXPORT_DIR_PREFIX = "raksha-nbd-"
 BASE_ALLOCATION = "base:allocation"
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -48,7 +50,7 @@ class QemuNbdExport:
     def __init__(self, path: str, fmt: str, *, writable: bool = False) -> None:
         if shutil.which("qemu-nbd") is None:
             raise ImageInvalid("reading this image format needs qemu-nbd (Debian package qemu-utils)")
-        self._dir = tempfile.mkdtemp(prefix="raksha-nbd-")
+        self._dir = tempfile.mkdtemp(prefix=f"{EXPORT_DIR_PREFIX}{os.getpid()}-")
         self.socket = os.path.join(self._dir, "nbd.sock")
         cmd = ["qemu-nbd", "--persistent", "--shared=0", f"--socket={self.socket}", f"--format={fmt}",
                "--cache=writeback" if writable else "--cache=none", "--aio=threads"]
