@@ -209,6 +209,17 @@ def test_deleting_a_run_deletes_only_what_no_other_run_references(raksha_db: Dat
         assert db.list_runs(s, P1, job_id=job_id) == []
 
 
+def test_the_runs_of_a_deleted_job_can_still_be_deleted(raksha_db: Database) -> None:
+    job_id = make_job(raksha_db)
+    run = back_up(raksha_db, job_id)
+    with raksha_db.begin() as s:
+        db.delete_job(s, P1, job_id)
+    with raksha_db.begin() as s:
+        assert [r.id for r in db.list_runs(s, P1)] == [run.id]  # kept until deleted on their own
+        db.transition_run(s, P1, run.id, "deleting")
+        assert db.transition_run(s, P1, run.id, "deleted").deleted
+
+
 def test_a_run_being_restored_is_not_deleted(raksha_db: Database) -> None:
     run = back_up(raksha_db, make_job(raksha_db))
     with raksha_db.begin() as s:

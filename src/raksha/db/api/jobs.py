@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from raksha.db.api._common import columns_of, get_one, live, page, update_row
@@ -109,7 +109,7 @@ def delete_job(session: Session, project_id: str, job_id: str) -> None:
                                                      *live(BackupJob, project_id))
                              .values(status=JobStatus.DELETED, deleted=True, deleted_at=now, updated_at=now)
                              .execution_options(synchronize_session=False))
-    if getattr(result, "rowcount", 1) != 1:
+    if cast(CursorResult[Any], result).rowcount != 1:
         raise JobBusy(f"backup job {job.id} started a run while being deleted", id=job.id)
     session.execute(update(BackupJobVm).where(BackupJobVm.backupjob_id == job.id, *live(BackupJobVm, project_id))
                     .values(deleted=True, deleted_at=now, updated_at=now)

@@ -52,6 +52,10 @@ _BACKUP_FIELDS = columns_of(VmResourceBackup) - {"backupjobrun_vm_resource_id"}
 # ---------------------------------------------------------------- the job lock
 
 def _lock_job(session: Session, project_id: str, job_id: str, run_id: str, *, count_run: bool) -> None:
+    if not count_run:
+        deleted = session.execute(select(BackupJob.deleted).where(BackupJob.id == job_id)).scalar()
+        if deleted:
+            return  # a deleted job starts no runs: its old runs are deleted without its lock
     values: dict[str, Any] = {"active_run_id": run_id, "updated_at": utcnow()}
     if count_run:
         values["runs_started"] = BackupJob.runs_started + 1
