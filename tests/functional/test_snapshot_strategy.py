@@ -9,6 +9,7 @@ be bit-identical to it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +107,12 @@ def digest(image: Path, fmt: str, scratch: Path) -> str:
         out.unlink()
 
 
+def backing_file(image: Path) -> str:
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)], capture_output=True, text=True,
+                          check=True)
+    return str(json.loads(info.stdout).get("backing-filename", ""))
+
+
 def disks_of(result: GroupResult) -> dict[tuple[str, str], Any]:
     return {(vm.name, d.target): d for vm in result.vms for d in vm.disks}
 
@@ -131,7 +138,10 @@ def test_full_and_two_incrementals_restore_every_point_bit_exact(group: Group) -
         for (vm, t), (base, _fmt) in group.bases.items():
             assert group.chain(vm, t) == [f"{base}.raksha-grp-{run}.qcow2", str(base)]
         assert group.overlays() == sorted(f"{base.name}.raksha-grp-{run}.qcow2" for base, _ in group.bases.values())
-        # The old overlay is committed: the base is now exactly the run's point in time.
+        # The overlay's own header names the base (what a restart of the domain opens), and the old
+        # overlay is committed: the base is now exactly the run's point in time.
+        for base, _fmt in group.bases.values():
+            assert backing_file(Path(f"{base}.raksha-grp-{run}.qcow2")) == str(base)
         points[run] = {k: digest(base, fmt, group.dir) for k, (base, fmt) in group.bases.items()}
         parent = run
 

@@ -437,6 +437,8 @@ def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_
                 _map_changes(p)
         yield group
         ok = True
+    except libvirt.libvirtError as exc:
+        raise translate(exc, "snapshot backup failed") from exc
     finally:
         for p in points:
             p.close_sources()  # qemu-nbd's locks would keep a commit from writing into the layers it reads

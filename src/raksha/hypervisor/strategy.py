@@ -143,13 +143,17 @@ def freeze_guests(points: Sequence[Freezable], timeout: int = 10) -> list[Freeza
     return [p for p, err in zip(points, each(one, points), strict=True) if err is None]
 
 
-def thaw_guests(frozen: Sequence[Freezable], timeout: int = 10) -> list[Freezable]:
-    """Thaw every guest in ``frozen``, all at once (each is tried whatever the others do); return those thawed."""
+def thaw_guests(frozen: Sequence[Freezable], timeout: int = 10, attempts: int = 3) -> list[Freezable]:
+    """Thaw every guest in ``frozen``, all at once (each is tried whatever the others do, ``attempts`` times);
+    return those thawed."""
     def one(p: Freezable) -> None:
-        try:
-            agent(p.domain, "guest-fsfreeze-thaw", timeout)
-        except libvirt.libvirtError as exc:
-            p.why += f"thaw failed: {exc.get_error_message()}"
-            raise
+        for attempt in range(attempts):
+            try:
+                agent(p.domain, "guest-fsfreeze-thaw", timeout)
+                return
+            except libvirt.libvirtError as exc:
+                if attempt == attempts - 1:
+                    p.why += f"thaw failed: {exc.get_error_message()}"
+                    raise
 
     return [p for p, err in zip(frozen, each(one, frozen), strict=True) if err is None]
