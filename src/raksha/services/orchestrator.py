@@ -9,6 +9,7 @@ written at most once a second. A cancel is seen at the next progress report of a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -306,9 +307,13 @@ class Orchestrator:
         selection, target = r.selection or {}, r.target or {}
         vms = selection.get("vms") or available  # a partial run restores the VMs that made it
         prefix = target.get("name_prefix") or f"restored-{restore_id[:8]}"
+        directory = target.get("directory")
+        if not directory:  # the server's own place: made here; a directory the caller names must exist
+            directory = os.path.join(self.restore_dir, restore_id)
+            os.makedirs(directory, mode=0o755, exist_ok=True)
         request = RestoreRequest(
             job=job.id, run=run.id, type=r.restore_type, vms=vms, disks=selection.get("disks"),
-            target_dir=target.get("directory") or f"{self.restore_dir}/{restore_id}",
+            target_dir=directory,
             fmt=target.get("format", "qcow2"), keep_macs=bool(target.get("keep_macs", False)),
             start=bool(target.get("start", True)),
             names=_new_names(run, vms, prefix) if r.restore_type == "new_vm" else {})

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from raksha.domain.context import RequestContext
 from raksha.db import Database
 from raksha.db import api as db
 from raksha.db.types import utcnow
+from raksha.domain.context import RequestContext
 from raksha.domain.errors import Conflict, InvalidInput, NotFound
 from raksha.domain.states import RESTORE, RUN, RunStatus
 from raksha.rpc.inproc import InProcessTransport
