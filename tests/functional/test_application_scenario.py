@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,10 @@ def guest_bytes(path: str, fmt: str, scratch: Path) -> str:
     """blake3 of the disk as the guest sees it (qcow2 read through its whole backing chain)."""
     if fmt == "raw":
         return blake3_file(path)
-    flat = scratch / "flat.raw"
-    subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, str(flat)], check=True)
-    try:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:  # guests may be thawed (and hashed) in parallel
+        flat = Path(tmp) / "flat.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", path, str(flat)], check=True)
         return blake3_file(flat)
-    finally:
-        flat.unlink()
 
 
 class FrozenChecksums:
@@ -62,18 +61,23 @@ class FrozenChecksums:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, scratch: Path) -> None:
         self.scratch = scratch
         self.taken: dict[str, dict[str, str]] = {}
+        self.errors: list[str] = []
         real_agent = libvirt_qemu.qemuAgentCommand
         real_thaw = libvirt.virDomain.fsThaw
 
         def capture(dom: Any) -> None:
-            status = json.loads(real_agent(dom, '{"execute": "guest-fsfreeze-status"}', 10, 0))["return"]
-            assert status == "frozen", f"{dom.name()} is {status} at its thaw"
-            dom.suspend()  # not even the agent moves while the images are read
-            try:
-                self.taken[dom.name()] = {d.target: guest_bytes(d.path, d.format, self.scratch)
-                                          for d in domain_disks(dom.XMLDesc(0))}
-            finally:
-                dom.resume()
+            try:  # whatever happens here, the driver's thaw goes ahead
+                status = json.loads(real_agent(dom, '{"execute": "guest-fsfreeze-status"}', 10, 0))["return"]
+                if status != "frozen":
+                    raise AssertionError(f"{dom.name()} is {status} at its thaw")
+                dom.suspend()  # not even the agent moves while the images are read
+                try:
+                    self.taken[dom.name()] = {d.target: guest_bytes(d.path, d.format, self.scratch)
+                                              for d in domain_disks(dom.XMLDesc(0))}
+                finally:
+                    dom.resume()
+            except Exception as exc:  # reported by run()
+                self.errors.append(f"{dom.name()}: {exc!r}")
 
         def agent(dom: Any, command: str, timeout: int, flags: int) -> Any:
             if json.loads(command).get("execute") == "guest-fsfreeze-thaw":
@@ -88,8 +92,9 @@ class FrozenChecksums:
         monkeypatch.setattr(libvirt.virDomain, "fsThaw", thaw)
 
     def run(self, *args: Any, **kwargs: Any) -> tuple[GroupResult, dict[str, dict[str, str]]]:
-        self.taken = {}
+        self.taken, self.errors = {}, []
         result = backup_domains(*args, **kwargs)
+        assert not self.errors, self.errors
         return result, self.taken
 
 
