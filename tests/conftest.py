@@ -229,7 +229,8 @@ def conn() -> Iterator[Any]:
 # start it, idempotently; loopback-free unix sockets under /var/tmp/raksha-test-db), as a SQLAlchemy URL.
 # ``fresh_database(server_url)`` makes a new empty database on it and drops it afterwards.
 # ``empty_db_url`` is an empty database on each backend in turn: SQLite always, PostgreSQL and MariaDB
-# in the slow runs. ``raksha_db`` is a raksha.db.Database migrated to the newest schema on it.
+# in the slow runs. ``raksha_db`` is a raksha.db.Database at the newest schema and without rows, on each
+# backend in turn (``migrated_db_url``: one database per backend per session, emptied before each test).
 
 def _start_db_server(script: str) -> str:
     done = subprocess.run([str(REPO / "scripts" / script)], stdin=subprocess.DEVNULL, capture_output=True,
@@ -285,12 +286,35 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
 
 
-@pytest.fixture
-def raksha_db(empty_db_url: str) -> Iterator[Any]:
-    """A raksha.db.Database at the newest schema, on each backend in turn."""
-    from raksha.db import Database, migrate
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow),
+                                         pytest.param("mariadb", marks=pytest.mark.slow)])
+def migrated_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database at the newest schema on each backend in turn, made once per session (rows and all)."""
+    from raksha.db import migrate
 
-    migrate.upgrade(empty_db_url)
-    db = Database(empty_db_url)
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'raksha.sqlite'}"
+        else:
+            server = request.getfixturevalue("postgres_server" if request.param == "postgresql" else "mariadb_server")
+            url = stack.enter_context(fresh_database(server))
+        migrate.upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def raksha_db(migrated_db_url: str) -> Iterator[Any]:
+    """A raksha.db.Database at the newest schema with no rows, on each backend in turn."""
+    from sqlalchemy import update
+
+    from raksha.db import Database
+    from raksha.db.models import BackupJobRun, Base, VmResourceBackup
+
+    db = Database(migrated_db_url)
+    with db.begin() as s:  # MySQL checks self-references row by row: cut them first
+        s.execute(update(VmResourceBackup).values(vm_resource_backup_backing_id=None))
+        s.execute(update(BackupJobRun).values(parent_run_id=None))
+        for table in reversed(Base.metadata.sorted_tables):
+            s.execute(table.delete())
     yield db
     db.dispose()
