@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from raksha import __version__
-from raksha.cli import db_cmd, serve, vault_cmd
+from raksha.cli import db_cmd, serve, service_cmd, vault_cmd
 from raksha.cli.output import report_error
 from raksha.domain.errors import EXIT_INTERRUPTED, Interrupted, RakshaError
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     vault_cmd.register(sub)
     db_cmd.register(sub)
     serve.register(sub)
+    service_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,78 @@
+"""The CLI's HTTP client of the Raksha API (the CLI talks only to the API, never to the database)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from raksha.domain import errors
+
+DEFAULT_URL = "http://127.0.0.1:8791"
+
+_BY_STATUS: dict[int, type[errors.RakshaError]] = {
+    400: errors.InvalidInput, 401: errors.Unauthorized, 403: errors.Forbidden, 404: errors.NotFound,
+    405: errors.InvalidInput, 409: errors.Conflict, 503: errors.RetryableError,
+}
+
+
+class ApiClient:
+    def __init__(self, url: str | None = None, project: str | None = None, token: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.url = (url or os.environ.get("RAKSHA_URL") or DEFAULT_URL).rstrip("/")
+        self.project = project or os.environ.get("RAKSHA_PROJECT") or os.environ.get("OS_PROJECT_ID") or "default"
+        self.token = token or os.environ.get("RAKSHA_TOKEN") or os.environ.get("OS_TOKEN")
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        url = f"{self.url}/v1/{self.project}{path}"
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["X-Auth-Token"] = self.token
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as err:
+            raise _error(err.code, err.read()) from None
+        except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise errors.RetryableError(f"no Raksha API at {self.url} ({reason}); is `raksha serve` running?",
+                                        code="SERVER_UNREACHABLE") from None
+        return json.loads(payload) if payload else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def wait(self, path: str, key: str, terminal: tuple[str, ...], on_update: Any = None,
+             interval: float = 0.5) -> dict[str, Any]:
+        while True:
+            resource: dict[str, Any] = self.get(path)[key]
+            if on_update is not None:
+                on_update(resource)
+            if resource["status"] in terminal:
+                return resource
+            time.sleep(interval)
+
+
+def _error(status: int, payload: bytes) -> errors.RakshaError:
+    try:
+        doc = json.loads(payload)["error"]
+        code, message = doc["code"], doc["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "HTTP_ERROR", f"HTTP {status}: {payload[:200]!r}"
+    cls = _BY_STATUS.get(status, errors.RakshaError)
+    return cls(message, code=code)
