@@ -178,3 +178,14 @@ def test_the_scheduler_finds_due_jobs_of_every_project(raksha_db: Database) -> N
         db.create_run(s, P1, USER, running.id, backuptype="full")
     with raksha_db.begin() as s:
         assert [j.id for j in db.due_jobs(s, now)] == [due2.id, due.id]
+
+
+def test_readers_do_not_wait_for_a_writer(raksha_db: Database) -> None:
+    with raksha_db.begin() as s:
+        job = db.create_job(s, P1, USER, name="x", vms=["vm"])
+    with raksha_db.begin() as writer:
+        db.update_job(writer, P1, job.id, name="being renamed")
+        with raksha_db.read() as reader:  # while the write transaction is open
+            assert db.get_job(reader, P1, job.id).name == "x"
+    with raksha_db.read() as reader:
+        assert db.get_job(reader, P1, job.id).name == "being renamed"

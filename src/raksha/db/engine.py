@@ -2,7 +2,8 @@
 
 SQLite gets WAL, foreign keys, a busy timeout and ``BEGIN IMMEDIATE`` transactions
 (a transaction takes the write lock when it starts, so two writers queue instead of
-failing on a lock upgrade). Server databases get a pool that pings connections
+failing on a lock upgrade); ``Database.read()`` sessions use a deferred ``BEGIN`` and
+never wait for a writer. Server databases get a pool that pings connections
 before use and recycles them before a server's idle timeout (MySQL's 8 hours).
 """
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 SQLITE_BUSY_TIMEOUT_S = 30
+READ_ONLY = "raksha_read_only"
 
 
 def _is_memory(url: URL) -> bool:
@@ -50,7 +52,8 @@ def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Database.read(): a deferred BEGIN, so WAL readers never wait for a writer.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_recycle=3600, pool_size=5, max_overflow=10)
@@ -67,11 +70,19 @@ class Database:
         self.url = make_url(url)
         self.engine = make_engine(self.url, echo=echo)
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers: sessionmaker[Session] = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
+                                                            expire_on_commit=False)
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
         """A session in a transaction: committed when the block ends, rolled back if it raises."""
         with self.sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading only (API GETs): on SQLite it does not queue behind writers."""
+        with self._readers.begin() as session:
             yield session
 
     def dispose(self) -> None:
