@@ -324,3 +324,48 @@ def test_a_run_killed_mid_transfer_is_collapsed_by_the_next_which_stays_incremen
             assert d.bytes_read < 4 * (256 << 10) * 2
         out.unlink()
     assert not [o for o in group.overlays() if "kill-r2" in o]
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An ext4 image attached to a loop block device (needs root and /dev/loop*)."""
+    image = make_data_disk(tmp_path / "blk.raw", "64M", fmt="raw")
+    done = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"no loop device here: {done.stderr.strip()}")
+    dev = done.stdout.strip()
+    try:
+        yield dev, image
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_block_device_gets_changed_block_incrementals(conn: Any, tmp_path: Path,
+                                                        loop_device: tuple[str, Path]) -> None:
+    dev, _image = loop_device
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    g = GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "vda.qcow2", "64M"), "qcow2"),
+                                          (_image, "raw")], tmp_path, name=f"raksha-snap-blk-{uuid.uuid4().hex[:6]}")
+    file_disk = f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{_image}'/>"
+    assert file_disk in g.xml
+    g.xml = g.xml.replace(file_disk, f"<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+                                     f"<source dev='{dev}'/>")
+    options = {"overlay_dir": str(overlays)}
+    with g:
+        g.wait_for_agent()
+        assert g.dom is not None
+        backup_domains(conn, [g.name], vault, "blk", "r1", strategy="snapshot", snapshot_options=options)
+        sha = write(g, "vdb", "blk.bin", 512 << 10)
+        res = backup_domains(conn, [g.name], vault, "blk", "r2", parent_run="r1", strategy="snapshot",
+                             snapshot_options=options)
+        vdb = next(d for d in res.vms[0].disks if d.target == "vdb")
+        assert vdb.kind == "incremental" and vdb.method == "snapshot-overlay", vdb.tracking
+        assert 512 << 10 <= vdb.bytes_read <= 3 * (512 << 10)
+        chain = [layer.path for layer in disk_chains(g.dom.XMLDesc(0))["vdb"]]
+        assert chain == [str(overlays / f"{os.path.basename(dev)}.raksha-blk-r2.qcow2"), dev]
+        out = tmp_path / "vdb.raw"
+        restore_backup(vault, BackupId("blk", "r2", res.vms[0].uuid, "vdb"), str(out))
+        assert blake3_file(out) == digest(Path(dev), "raw", tmp_path)
+        assert sha256(debugfs_cat(out, "/blk.bin")) == sha

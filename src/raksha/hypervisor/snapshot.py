@@ -319,6 +319,15 @@ def _chain(dom: libvirt.virDomain, target: str) -> list[str]:
     return [layer.path for layer in disk_chains(dom.XMLDesc(0)).get(target, [])]
 
 
+def _mirror_ready(domain_xml: str, target: str) -> bool:
+    """Whether the disk's active block commit has caught up (``<mirror ready='yes'>``) and can pivot."""
+    for disk in ET.fromstring(domain_xml).findall("./devices/disk"):
+        t, mirror = disk.find("target"), disk.find("mirror")
+        if t is not None and t.get("dev") == target and mirror is not None:
+            return mirror.get("ready") == "yes"
+    return False
+
+
 def _wait_job(dom: libvirt.virDomain, target: str, *, pivot: bool, timeout: float) -> None:
     """Wait for the disk's block job to end; an active commit is pivoted once it is ready."""
     deadline = time.monotonic() + timeout
@@ -326,11 +335,9 @@ def _wait_job(dom: libvirt.virDomain, target: str, *, pivot: bool, timeout: floa
         info = dom.blockJobInfo(target, 0)
         if not info:
             return
-        if pivot and info.get("end") and info.get("cur") == info.get("end"):
-            try:
-                dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-            except libvirt.libvirtError:
-                pass  # not ready yet
+        if pivot and _mirror_ready(dom.XMLDesc(0), target):
+            dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            continue
         if time.monotonic() > deadline:
             try:
                 dom.blockJobAbort(target, 0)
