@@ -1,5 +1,6 @@
 """Issue 4's scenario end to end: two running guests, one consistency group, full + two incrementals,
-every point restored to files and to new domains.
+every point restored to files and to new domains; once with the pull strategy (checkpoints), once with
+the seed's snapshot strategy.
 
 Each guest has a boot disk (a qcow2 overlay on a base image the two share) and a data disk; guest A's
 data disk is raw. Between runs each guest writes fresh random files on both disks (``dd`` in the guest

@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from conftest import blake3_file, chunk_image, random_chunk
-from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound, RakshaError
+from raksha.domain.errors import AlreadyExists, ChunkMissing, InvalidInput, NotFound, RakshaError
 from raksha.hypervisor.restore import (
     FILES,
     IN_PLACE,
@@ -149,6 +149,28 @@ def test_an_existing_file_in_the_way_stops_the_whole_restore(point: tuple[Vault,
     assert (tmp_path / "app2.xml").read_text() == "mine"
 
 
+def test_a_vm_that_fails_halfway_leaves_none_of_its_files_and_the_error_says_what_was_done(
+        point: tuple[Vault, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vault, _ = point
+    from raksha.hypervisor import restore as module
+
+    real = module.restore_backup
+
+    def failing(vault: Vault, bid: BackupId, output: str, **kwargs: Any) -> Any:
+        if bid.vm == UUID_A and bid.resource == "vdb":
+            raise ChunkMissing("gone", backup=str(bid))
+        return real(vault, bid, output, **kwargs)
+
+    monkeypatch.setattr(module, "restore_backup", failing)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ChunkMissing) as err:
+        restore(None, vault, RestoreRequest("job", "r1", FILES, vms=["app2", "app1"], target_dir=out, fmt="raw"))
+    assert err.value.details["failed_vm"] == UUID_A
+    assert [vm["source_name"] for vm in err.value.details["restored"]] == ["app2"]
+    assert sorted(os.listdir(out)) == ["app2-interfaces.json", "app2-vda.raw", "app2.xml"]  # none of app1's
+
+
 def test_a_target_dir_that_cannot_be_written_is_named(point: tuple[Vault, dict[str, Path]], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     vault, _ = point
@@ -214,6 +236,7 @@ def test_new_vm_that_libvirt_refuses_leaves_no_images_and_says_why(point: tuple[
         restore(conn, vault, RestoreRequest("job", "r1", NEW_VM, vms=["app2"], names={"app2": "copy"},  # type: ignore[arg-type]
                                             target_dir=tmp_path, fmt="raw"))
     assert err.value.code == "DOMAIN_XML_INVALID" and err.value.details["libvirt_code"] == libvirt.VIR_ERR_XML_DETAIL
+    assert err.value.details["failed_vm"] == UUID_B and err.value.details["restored"] == []
     assert "<name>copy</name>" in conn.defined[0] and "52:54:00:aa:bb:cc" not in conn.defined[0]
     assert not (tmp_path / "copy-vda.raw").exists()  # rolled back: a retry starts clean
 

@@ -509,12 +509,20 @@ def _do_new_vm(conn: libvirt.virConnect, vault: Vault, req: RestoreRequest, vm: 
 
 def _do_files(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> RestoredVm:
     out = RestoredVm(vm.name, vm.uuid)
-    for d in vm.disks:
-        out.disks.append(_restore_disk(vault, d, meter, overwrite=False, threads=req.threads))
-    for path, content in vm.files.items():
-        with open(path, "x", encoding="utf-8") as f:  # "x": never clobber a file that appeared meanwhile
-            f.write(content)
-        out.files.append(path)
+    try:
+        for d in vm.disks:
+            out.disks.append(_restore_disk(vault, d, meter, overwrite=False, threads=req.threads))
+        for path, content in vm.files.items():
+            try:
+                f = open(path, "x", encoding="utf-8")  # noqa: SIM115 - "x": never clobber a file that appeared
+            except FileExistsError:
+                raise AlreadyExists(f"{path} appeared while restoring", code="OUTPUT_EXISTS", paths=[path]) from None
+            with f:
+                out.files.append(path)
+                f.write(content)
+    except BaseException:
+        _remove([d.path for d in out.disks] + out.files)  # this VM's files all or none: a retry starts clean
+        raise
     return out
 
 
@@ -566,13 +574,18 @@ def restore(conn: libvirt.virConnect | None, vault: Vault, request: RestoreReque
     meter = _Meter(sum(d.data_bytes for vm in vms for d in vm.disks), progress)
     report = RestoreReport(req.job, req.run, req.type)
     for vm in vms:
-        if req.type == NEW_VM:
-            assert conn is not None
-            report.vms.append(_do_new_vm(conn, vault, req, vm, meter))
-        elif req.type == FILES:
-            report.vms.append(_do_files(vault, req, vm, meter))
-        else:
-            report.vms.append(_do_in_place(vault, req, vm, meter))
+        try:
+            if req.type == NEW_VM:
+                assert conn is not None
+                report.vms.append(_do_new_vm(conn, vault, req, vm, meter))
+            elif req.type == FILES:
+                report.vms.append(_do_files(vault, req, vm, meter))
+            else:
+                report.vms.append(_do_in_place(vault, req, vm, meter))
+        except RakshaError as err:  # say what was finished before the failure (it stays) and where it failed
+            err.details.setdefault("failed_vm", vm.uuid)
+            err.details.setdefault("restored", [done.to_dict() for done in report.vms])
+            raise
     meter.finish()
     report.seconds = time.monotonic() - start
     return report
