@@ -213,46 +213,56 @@ def test_guest_destroyed_mid_run_fails_alone_and_the_next_run_is_right(conn: lib
         vm.xml = vm.xml.replace("<name>", f"<uuid>{a_uuid}</uuid><name>", 1)
         return vm
 
-    with GuestDomain(conn, guest, [(b_raw.path, "raw")], tmp_path, name="raksha-survivor") as b:
-        with doomed() as a:
-            a.wait_for_agent()
-            b.wait_for_agent()
-            assert a.dom is not None and b.dom is not None
-            names = [a.name, b.name]
-            backup_domains(conn, names, vault, "job", "r1")
-            a_raw.mark("r1")
-            b_raw.mark("r1")
+    # The survivor's disk is a block device (a loop device over its file), as a Cinder LVM or iSCSI volume is.
+    loop = subprocess.run(["losetup", "-f", "--show", str(b_raw.path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    survivor = GuestDomain(conn, guest, [(Path(loop), "raw")], tmp_path, name="raksha-survivor")
+    survivor.xml = survivor.xml.replace("<disk type='file'", "<disk type='block'").replace(
+        f"<source file='{loop}'/>", f"<source dev='{loop}'/>")
+    try:
+        with survivor as b:
+            with doomed() as a:
+                a.wait_for_agent()
+                b.wait_for_agent()
+                assert a.dom is not None and b.dom is not None
+                names = [a.name, b.name]
+                backup_domains(conn, names, vault, "job", "r1")
+                a_raw.mark("r1")
+                b_raw.mark("r1")
 
-            a_raw.write(a, "vdb", 32, 16)  # 2 MiB: still being read when the guest goes
-            b_raw.write(b, "vda", 20, 4)
+                a_raw.write(a, "vdb", 32, 16)  # 2 MiB: still being read when the guest goes
+                b_raw.write(b, "vda", 20, 4)
 
-            def destroy_a(vm: str, target: str, event: ProgressEvent) -> None:
-                if vm == a.name and a.dom is not None and a.dom.isActive():
-                    a.dom.destroy()
+                def destroy_a(vm: str, target: str, event: ProgressEvent) -> None:
+                    if vm == a.name and a.dom is not None and a.dom.isActive():
+                        a.dom.destroy()
 
-            r2 = backup_domains(conn, names, vault, "job", "r2", parent_run="r1", progress=destroy_a)
-            b_raw.mark("r2")
-            res = {vm.name: vm for vm in r2.vms}
-            error = res[a.name].error
-            assert error is not None and error["code"] == "VM_GONE" and "destroyed" in error["message"]
-            assert res[b.name].error is None and disk(res[b.name], "vda").kind == "incremental"
-            assert b.agent("guest-fsfreeze-status") == "thawed"
-            assert b.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE  # no dangling pull job
-            assert not vault.backup_ids(f"job/r2/{a_uuid}")
+                r2 = backup_domains(conn, names, vault, "job", "r2", parent_run="r1", progress=destroy_a)
+                b_raw.mark("r2")
+                res = {vm.name: vm for vm in r2.vms}
+                error = res[a.name].error
+                assert error is not None and error["code"] == "VM_GONE" and "destroyed" in error["message"]
+                assert res[b.name].error is None and disk(res[b.name], "vda").kind == "incremental"
+                assert b.agent("guest-fsfreeze-status") == "thawed"
+                assert b.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE  # no dangling pull job
+                assert not vault.backup_ids(f"job/r2/{a_uuid}")
 
-        # The doomed VM comes back (a new QEMU): the next run reads it in full, the survivor incrementally.
-        with doomed() as a:
-            a.wait_for_agent()
-            a_raw.write(a, "vdb", 8, 4)
-            b_raw.write(b, "vda", 8, 4)
-            r3 = backup_domains(conn, [a.name, b.name], vault, "job", "r3", parent_run="r2")
-            a_raw.mark("r3")
-            b_raw.mark("r3")
-            res = {vm.name: vm for vm in r3.vms}
-            assert all(vm.error is None for vm in r3.vms)
-            assert disk(res[a.name], "vdb").kind == "full" and disk(res[a.name], "vda").kind == "full"
-            assert disk(res[b.name], "vda").kind == "incremental"
-            b_uuid = res[b.name].uuid
+            # The doomed VM comes back (a new QEMU): the next run reads it in full, the survivor incrementally.
+            with doomed() as a:
+                a.wait_for_agent()
+                a_raw.write(a, "vdb", 8, 4)
+                b_raw.write(b, "vda", 8, 4)
+                r3 = backup_domains(conn, [a.name, b.name], vault, "job", "r3", parent_run="r2")
+                a_raw.mark("r3")
+                b_raw.mark("r3")
+                res = {vm.name: vm for vm in r3.vms}
+                assert all(vm.error is None for vm in r3.vms)
+                assert disk(res[a.name], "vdb").kind == "full" and disk(res[a.name], "vda").kind == "full"
+                assert disk(res[b.name], "vda").kind == "incremental"
+                assert disk(res[b.name], "vda").method == "qemu-dirty-bitmap"
+                b_uuid = res[b.name].uuid
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
 
     check_restores(vault, tmp_path, a_uuid, "vdb", a_raw)
     check_restores(vault, tmp_path, b_uuid, "vda", b_raw)
