@@ -2,9 +2,9 @@
 
 Two running guests, each with two ext4 disks (one of the four raw), in one consistency group.
 Every disk keeps exactly one Raksha overlay between runs; its clusters are the next incremental's
-changed extents, for the raw disk too. After a run the overlay below the new one is committed
-into the base, so the base then holds exactly the run's point in time: the restored images must
-be bit-identical to it.
+changed extents, for the raw disk too. Each restored point must be bit-identical to the frozen
+layer hashed during the run, and to the base after the run's commit (which holds exactly the
+point in time once the older overlay is committed into it).
 """
 
 from __future__ import annotations
@@ -123,14 +123,26 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_full_and_two_incrementals_restore_every_point_bit_exact(group: Group) -> None:
+def test_full_and_two_incrementals_restore_every_point_bit_exact(group: Group,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     points: dict[str, dict[tuple[str, str], str]] = {}  # run -> disk -> digest of its point in time
+    frozen: dict[str, dict[tuple[str, str], str]] = {}  # the same, taken from the frozen layer during the run
     files: dict[str, dict[tuple[str, str], str]] = {}  # run -> disk -> sha256 of the file written before it
     results = {}
     parent = None
+    real = group_backup.backup_disk
+
+    def hash_frozen_layer_then_back_up(vault: Vault, source: Any, bid: BackupId, **kw: Any) -> Any:
+        vm, t = source.path.split(":")
+        layer = disk_chains(group.guest(vm).dom.XMLDesc(0))[t][1]  # below the run's new overlay
+        frozen[bid.run][(vm, t)] = digest(Path(layer.path), layer.format, group.dir)
+        return real(vault, source, bid, **kw)
+
+    monkeypatch.setattr(group_backup, "backup_disk", hash_frozen_layer_then_back_up)
     for run in ("r1", "r2", "r3"):
         if parent is not None:
             files[run] = {(vm, t): write(group.guest(vm), t, f"{run}.bin") for vm, t in group.bases}
+        frozen[run] = {}
         results[run] = res = group.run("grp", run, parent)
         assert all(vm.error is None for vm in res.vms), [vm.error for vm in res.vms]
         assert {vm.consistency for vm in res.vms} == {FILESYSTEM} and res.freeze_ms > 0
@@ -143,6 +155,7 @@ def test_full_and_two_incrementals_restore_every_point_bit_exact(group: Group) -
         for base, _fmt in group.bases.values():
             assert backing_file(Path(f"{base}.raksha-grp-{run}.qcow2")) == str(base)
         points[run] = {k: digest(base, fmt, group.dir) for k, (base, fmt) in group.bases.items()}
+        assert points[run] == frozen[run]
         parent = run
 
     for key, d in disks_of(results["r1"]).items():
