@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from conftest import blake3_file, chunk_image, random_chunk
-from raksha.domain.errors import AlreadyExists, ChunkMissing, InvalidInput, NotFound, RakshaError
+from raksha.domain.errors import AlreadyExists, ChunkMissing, InvalidInput, NotFound, RakshaError, VaultCorrupt
 from raksha.hypervisor.restore import (
     FILES,
     IN_PLACE,
@@ -169,6 +169,24 @@ def test_a_vm_that_fails_halfway_leaves_none_of_its_files_and_the_error_says_wha
     assert err.value.details["failed_vm"] == UUID_A
     assert [vm["source_name"] for vm in err.value.details["restored"]] == ["app2"]
     assert sorted(os.listdir(out)) == ["app2-interfaces.json", "app2-vda.raw", "app2.xml"]  # none of app1's
+
+
+def test_a_disk_not_verified_chunk_by_chunk_is_never_reported(
+        point: tuple[Vault, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vault, _ = point
+    from raksha.hypervisor import restore as module
+
+    real = module.restore_backup
+
+    def short(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        result.chunks_verified -= 1  # as if one chunk had been written without its hash checked
+        return result
+
+    monkeypatch.setattr(module, "restore_backup", short)
+    with pytest.raises(VaultCorrupt) as err:
+        restore(None, vault, RestoreRequest("job", "r1", FILES, vms=["app2"], target_dir=tmp_path, fmt="raw"))
+    assert err.value.code == "RESTORE_UNVERIFIED" and not (tmp_path / "app2-vda.raw").exists()
 
 
 def test_a_target_dir_that_cannot_be_written_is_named(point: tuple[Vault, dict[str, Path]], tmp_path: Path,

@@ -462,6 +462,8 @@ def _restore_disk(vault: Vault, d: _DiskPlan, meter: _Meter, *, overwrite: bool,
     disk = RestoredDisk(d.id.resource, key, d.output, d.fmt, res.virtual_size, res.bytes_written, d.chunks,
                         res.chunks_verified, res.content_digest)
     if not disk.verified:
+        if not overwrite:
+            _remove([d.output])
         raise VaultCorrupt(f"restoring {key} verified {disk.chunks_verified} of its {disk.chunks} chunks",
                            code="RESTORE_UNVERIFIED", backup=key, output=d.output)
     return disk
@@ -493,8 +495,8 @@ def _do_new_vm(conn: libvirt.virConnect, vault: Vault, req: RestoreRequest, vm: 
                 dom.create()
             except libvirt.libvirtError as exc:
                 raise HypervisorError(f"restored domain {vm.new_name} did not start: {exc.get_error_message()}",
-                                  code="DOMAIN_START_FAILED", name=vm.new_name,
-                                  libvirt_code=exc.get_error_code()) from None
+                                      code="DOMAIN_START_FAILED", name=vm.new_name,
+                                      libvirt_code=exc.get_error_code()) from None
             out.started = True
     except BaseException:
         if dom is not None:  # roll back: no half-made VM, no orphaned images; a retry starts clean
@@ -544,8 +546,8 @@ def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) 
             dom.create()
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"domain {out.domain} did not start after its disks were restored: "
-                              f"{exc.get_error_message()}", code="DOMAIN_START_FAILED", name=out.domain,
-                              libvirt_code=exc.get_error_code()) from None
+                                  f"{exc.get_error_message()}", code="DOMAIN_START_FAILED", name=out.domain,
+                                  libvirt_code=exc.get_error_code()) from None
         out.started = True
     return out
 
