@@ -9,11 +9,13 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 LINT_DIRS := $(wildcard src tests bench scripts)
 
-.PHONY: help setup demo test test-fast lint bench clean
+.PHONY: help setup demo demo-vault test test-fast lint bench clean
 
 help:
 	@echo "Raksha make targets (run as root on Debian 12):"
-	@echo "  make demo       set up, then run the end-to-end demo (backup, incremental, restore, verify)"
+	@echo "  make demo       set up, then the main job: raksha serve protects two running VMs (full, incremental)"
+	@echo "                  and restores them as new VMs that boot with the data (~1 min)"
+	@echo "  make demo-vault set up, then the vault alone on a 1 GiB image (full, 1% change, incremental, restore)"
 	@echo "  make test       set up, then lint + the whole test suite, slow tests included (what CI runs)"
 	@echo "  make test-fast  set up, then the tests not marked slow (inner loop)"
 	@echo "  make lint       ruff, mypy, import-linter"
@@ -26,8 +28,10 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	@test -f scripts/demo.py || { echo "make: scripts/demo.py does not exist yet" >&2; exit 1; }
 	$(PY) scripts/demo.py
+
+demo-vault: setup
+	$(PY) scripts/demo-vault.py
 
 test: setup
 	scripts/run-tests.sh $(ARGS)
