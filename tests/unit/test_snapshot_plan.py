@@ -37,12 +37,10 @@ def domain_xml(*layers: tuple[str, str]) -> str:
             "<disk type='file' device='cdrom'><target dev='sda' bus='sata'/></disk></devices></domain>")
 
 
-def plan(layers: list[tuple[str, str]], parent: str | None, *, keep: bool = True, exists: bool = True) -> DiskState:
+def plan(layers: list[tuple[str, str]], parent: str | None, *, keep: bool = True) -> DiskState:
     chain = disk_chains(domain_xml(*layers))["vdb"]
-    if exists:
-        for layer in chain:
-            Path(layer.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(layer.path).touch()
+    for layer in chain:  # the layers exist (the strategy checks the parent's overlay file)
+        Path(layer.path).touch()
     return _plan_disk(DISK, chain, "job", "r3", parent, None, keep)
 
 
