@@ -126,7 +126,12 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
     vault = new_vault(tmp_path)
     vda = make_data_disk(tmp_path / "vda.qcow2", "32M")
     raw = RawDisk(tmp_path / "vdb.raw", seed=1)
-    vm = GuestDomain(conn, build_guest(), [(vda, "qcow2"), (raw.path, "raw")], tmp_path, name="raksha-track")
+    # vdc: a qcow2 overlay on a base image; with a backing chain libvirt itself judges the bitmap.
+    base = make_data_disk(tmp_path / "base.qcow2", "32M")
+    vdc = tmp_path / "vdc.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(vdc)], check=True)
+    vm = GuestDomain(conn, build_guest(), [(vda, "qcow2"), (raw.path, "raw"), (vdc, "qcow2")], tmp_path,
+                     name="raksha-track")
     vm.dom = conn.defineXML(vm.xml)  # persistent: its checkpoints outlive a QEMU restart
     vm.dom.create()
     runs: dict[str, GroupResult] = {}
@@ -151,7 +156,7 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         vdb = disk(r2, "vdb")
         assert vdb.kind == "incremental" and "QEMU dirty bitmap raksha-job-r1" in vdb.tracking
         assert written["r2"] <= vdb.bytes_read <= 1.1 * written["r2"] + (64 << 10)  # reads what changed
-        assert disk(r2, "vda").kind == "incremental"
+        assert disk(r2, "vda").kind == "incremental" and disk(r2, "vdc").kind == "incremental"
 
         restart(vm)  # QEMU restarted: the raw disk's bitmap is gone, the checkpoint's is in the qcow2
         r3 = run("r3", "r2", extents=10)
@@ -163,18 +168,21 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
 
         # The checkpoint's bitmap removed behind Raksha's back while the VM is shut off.
         vm.dom.destroy()
-        subprocess.run(["qemu-img", "bitmap", "--remove", str(vda), "raksha-job-r4"], check=True)
+        for image in (vda, vdc):
+            subprocess.run(["qemu-img", "bitmap", "--remove", str(image), "raksha-job-r4"], check=True)
         vm.dom.create()
         vm.wait_for_agent()
         r5 = run("r5", "r4", extents=5)
         assert disk(r5, "vda").kind == "full" and "bitmap is missing" in disk(r5, "vda").tracking
+        assert disk(r5, "vdc").kind == "full" and "libvirt refused the incremental" in disk(r5, "vdc").tracking
         assert disk(r5, "vdb").kind == "full"
         r6 = run("r6", "r5", extents=5)
-        assert disk(r6, "vda").kind == "incremental" and disk(r6, "vdb").kind == "incremental"
+        assert {d.target: d.kind for d in r6.disks} == {"vda": "incremental", "vdb": "incremental",
+                                                        "vdc": "incremental"}
 
         # A crash left the checkpoint's bitmap flagged in-use: QEMU loads it as inconsistent.
         vm.dom.destroy()
-        assert list(image_bitmaps(vda)) == ["raksha-job-r6"]
+        assert list(image_bitmaps(vda)) == list(image_bitmaps(vdc)) == ["raksha-job-r6"]
         leave_in_use(vda)
         vm.dom.create()
         vm.wait_for_agent()
@@ -184,7 +192,8 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert disk(r8, "vda").kind == "incremental" and disk(r8, "vdb").kind == "incremental"
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r8"]
         vm.dom.destroy()
-        assert list(image_bitmaps(vda)) == ["raksha-job-r8"]  # no stale or inconsistent bitmap left behind
+        # No stale or inconsistent bitmap left behind.
+        assert list(image_bitmaps(vda)) == list(image_bitmaps(vdc)) == ["raksha-job-r8"]
 
         # Undefine keeps working with checkpoints (a plain undefine is refused).
         with pytest.raises(libvirt.libvirtError, match="checkpoint"):

@@ -39,7 +39,7 @@ import libvirt_qemu
 
 from raksha.domain.errors import RakshaError
 from raksha.hypervisor.disks import DiskInfo, domain_disks
-from raksha.hypervisor.errors import translate
+from raksha.hypervisor.errors import translate, vm_gone
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
@@ -395,15 +395,18 @@ def _settle(p: DomainPoint, ok: bool) -> None:
         elif not ok and plan.added:
             _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
-    drop = p.parent if ok else (p.checkpoint if p.started else None)
-    if drop is not None and _delete_checkpoint(p.domain, drop):
+    if ok and p.parent is not None and _delete_checkpoint(p.domain, p.parent, metadata_fallback=True):
         # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of the bitmap.
         for plan in p.plans.values():
             if plan.checkpoint_node is not None:
-                _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=drop)
+                _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=p.parent)
+    elif not ok and p.started and not vm_gone(p.domain):
+        # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
+        # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.
+        _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=False)
 
 
-def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
+def _delete_checkpoint(dom: libvirt.virDomain, name: str, *, metadata_fallback: bool) -> bool:
     """Delete a checkpoint with its bitmaps; return True if only its metadata could be deleted."""
     try:
         cp = dom.checkpointLookupByName(name)
@@ -413,6 +416,8 @@ def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
         cp.delete(0)
         return False
     except libvirt.libvirtError:
+        if not metadata_fallback:
+            return False
         try:  # its bitmap is already gone (or broken): forget the metadata
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         except libvirt.libvirtError:
