@@ -247,8 +247,31 @@ def end_stale_exports(paths: set[str]) -> list[int]:
     return stopped
 
 
+def end_stale_commits(dom: libvirt.virDomain, timeout: float) -> list[str]:
+    """Finish block commits a dead Raksha run left on disks whose active layer is a Raksha overlay: an
+    active commit (a rollback or pure mode cut short before its pivot) is pivoted, a plain one waited for.
+    A block job left on the disk would make the next snapshot fail. Returns the disk targets."""
+    done = []
+    for target, chain in disk_chains(dom.XMLDesc(0)).items():
+        if not chain or not is_overlay(chain[0].path):
+            continue
+        try:
+            info = dom.blockJobInfo(target, 0)
+        except libvirt.libvirtError:
+            continue
+        kind = info.get("type") if info else None
+        if kind not in (libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT, libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT):
+            continue
+        _wait_job(dom, target, pivot=kind == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT, timeout=timeout)
+        done.append(target)
+    return done
+
+
 def _prepare(dom: libvirt.virDomain, job: str, run: str, parent_run: str | None, skip: set[str],
-             overlay_dir: str | None, keep_overlay: bool) -> SnapshotDomainPoint:
+             overlay_dir: str | None, keep_overlay: bool, timeout: float) -> SnapshotDomainPoint:
+    finished = end_stale_commits(dom, timeout) if dom.isActive() else []
+    if finished:
+        log.warning("%s: finished block commits an interrupted run left on %s", dom.name(), finished)
     xml = dom.XMLDesc(0)
     chains = disk_chains(xml)
     stopped = end_stale_exports({layer.path for chain in chains.values() for layer in chain})
@@ -412,9 +435,11 @@ def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_
     for dom in domains:
         try:
             points.append(_prepare(dom, job, run, parent_run, (exclude or {}).get(dom.name(), set()),
-                                   overlay_dir, keep_overlay))
-        except libvirt.libvirtError as exc:
-            raise translate(exc, f"{dom.name()}: preparing the snapshot") from exc
+                                   overlay_dir, keep_overlay, job_timeout))
+        except (libvirt.libvirtError, RakshaError, OSError) as exc:  # this domain fails; the others go on
+            error = (translate(exc, f"{dom.name()}: preparing the snapshot") if isinstance(exc, libvirt.libvirtError)
+                     else exc if isinstance(exc, RakshaError) else SourceError(f"{dom.name()}: {exc}"))
+            points.append(SnapshotDomainPoint(dom, [], {}, keep_overlay, error=error))
     group = SnapshotGroupPoint(points)
     name = f"raksha-{job}-{run}"
     ok = False
