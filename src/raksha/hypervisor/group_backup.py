@@ -7,6 +7,8 @@ device) from the QEMU dirty bitmap the parent run added (``pull``). A disk whose
 base is gone (undefined, migrated, QEMU restarted, a bitmap lost or
 inconsistent) is read in full and its ``tracking`` says why. After a good run
 only its own checkpoint and bitmaps are kept, so bitmaps never pile up.
+With ``strategy="snapshot"`` (hosts without checkpoints, snapshot.py) every
+disk's changes are the clusters of the overlay the parent run left on it.
 
 A VM that fails during the run (destroyed mid-read, its job refused) is
 reported on that VM with a stable error code (``VmResult.error``); the other
