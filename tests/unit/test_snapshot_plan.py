@@ -104,3 +104,10 @@ def test_overlay_extents_are_the_clusters_written_in_the_top_layers(tmp_path: Pa
     assert overlay_extents(str(mid)) == [(1 << 20, 64 << 10)]
     assert overlay_extents(str(top)) == [(2 << 20, 64 << 10)]  # zeros written are a change too
     assert overlay_extents(str(top), depth=1) == [(1 << 20, 64 << 10), (2 << 20, 64 << 10)]
+
+
+def test_a_chain_of_overlays_alone_has_its_bottom_as_the_base(tmp_path: Path) -> None:
+    # A restore in place wrote a standalone image over the overlay the domain pointed at.
+    s = plan([(f"{tmp_path}/data.raw.raksha-job-r2.qcow2", "qcow2")], "r2")
+    assert s.base.path == f"{tmp_path}/data.raw.raksha-job-r2.qcow2" and s.stale == [] and not s.incremental
+    assert s.overlay == f"{tmp_path}/data.raw.raksha-job-r2.qcow2.raksha-job-r3.qcow2"

@@ -177,9 +177,8 @@ def _plan_disk(disk: DiskInfo, chain: list[Layer], job: str, run: str, parent_ru
                overlay_dir: str | None, keep_overlay: bool) -> DiskState:
     if not chain:
         raise SourceError(f"disk {disk.target}: no source in the domain XML")
-    base_at = next((i for i, layer in enumerate(chain) if not is_overlay(layer.path)), None)
-    if base_at is None:
-        raise SourceError(f"disk {disk.target}: every layer of its chain is named like a Raksha overlay")
+    # Every layer named like an overlay (a restore in place wrote an image over one): the bottom is the disk.
+    base_at = next((i for i, layer in enumerate(chain) if not is_overlay(layer.path)), len(chain) - 1)
     base = chain[base_at]
     new = overlay_path(base, job, run, overlay_dir)
     state = DiskState(disk.target, below=chain[0], base=base, overlay=new,
