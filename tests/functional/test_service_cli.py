@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from raksha_server import Server  # noqa: E402
+from raksha_server import Server
 
 
 @pytest.fixture(scope="module")
