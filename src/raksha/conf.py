@@ -46,6 +46,15 @@ LIBVIRT_OPTS = [
 SCHEDULER_OPTS = [
     cfg.FloatOpt("tick_seconds", default=5.0, min=0.1, help="How often schedules are checked."),
     cfg.IntOpt("workers", default=2, min=1, help="Runs and restores executed at once."),
+    cfg.FloatOpt("gc_interval_seconds", default=86400.0, min=0,
+                 help="How often every vault's unused chunks are collected (raksha vault gc); 0: never on a "
+                      "timer. Safe while backups run."),
+    cfg.BoolOpt("gc_after_retention", default=True,
+                help="Also collect a vault's garbage soon after retention deleted runs."),
+    cfg.FloatOpt("gc_grace_seconds", default=3600.0, min=0,
+                 help="Packs younger than this are never collected (they may belong to a backup in progress)."),
+    cfg.FloatOpt("gc_max_wait_seconds", default=600.0, min=0,
+                 help="How long a collection waits for running backups before giving up (nothing deleted)."),
 ]
 
 
@@ -59,9 +68,31 @@ def register(conf: cfg.ConfigOpts) -> cfg.ConfigOpts:
     return conf
 
 
+KEYSTONE_GROUP = "keystone_authtoken"
+
+
+def register_keystone(conf: cfg.ConfigOpts) -> cfg.ConfigOpts:
+    """keystonemiddleware's ``[keystone_authtoken]`` options, with those of its ``password`` auth plugin.
+
+    Registered only for ``auth_strategy = keystone`` (importing the middleware costs a quarter second):
+    ``www_authenticate_uri``, ``auth_url``, ``auth_type = password``, ``username``, ``password``,
+    ``project_name``, ``user_domain_name``/``project_domain_name``; ``memcached_servers`` unset keeps the
+    token cache in process. Registering twice is harmless (oslo.config accepts equal options again).
+    """
+    from keystoneauth1 import loading
+    from keystonemiddleware import auth_token
+
+    for group, opts in auth_token.list_opts():
+        conf.register_opts(opts, group=group)
+    conf.register_opts(loading.get_auth_plugin_conf_options("password"), group=KEYSTONE_GROUP)
+    return conf
+
+
 def load(args: list[str] | None = None, *, config_files: list[str] | None = None) -> cfg.ConfigOpts:
     conf = register(cfg.ConfigOpts())
     conf(args or [], project="raksha", default_config_files=config_files or [])
+    if conf.api.auth_strategy == "keystone":
+        register_keystone(conf)
     return conf
 
 

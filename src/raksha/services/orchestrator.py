@@ -73,6 +73,8 @@ class Orchestrator:
         self.agent = agent
         self.restore_dir = restore_dir
         self._cancel: set[str] = set()
+        #: Called after retention deleted runs (the scheduler then collects the vault's garbage).
+        self.on_pruned: Callable[[], None] | None = None
 
     # -- cancellation ----------------------------------------------------------------------------
 
@@ -228,7 +230,8 @@ class Orchestrator:
 
     def delete_run(self, project_id: str, run_id: str) -> None:
         """Delete a run's vault data that no other run references, then the run (resumable: a
-        ``deleting`` run is deleted again from where it stopped)."""
+        ``deleting`` run is deleted again from where it stopped); then the backups of earlier deleted
+        runs that were kept only as this run's backing and that nothing references any more."""
         with self.db.begin() as s:
             run = db.get_run(s, project_id, run_id)
             if run.status != RunStatus.DELETING:
@@ -236,6 +239,13 @@ class Orchestrator:
             job = db.get_job(s, project_id, run.backupjob_id)
             vault_row = self._vault_row(s, project_id, job.vault_service_id)
             backups = [(b.id, b.status, b.vault_backup_id) for b in db.deletable_backups(s, project_id, run_id)]
+        self._delete_backups(project_id, vault_row, backups)
+        with self.db.begin() as s:
+            db.transition_run(s, project_id, run_id, RunStatus.DELETED)
+        self._delete_orphans(project_id)
+
+    def _delete_backups(self, project_id: str, vault_row: VaultService,
+                        backups: list[tuple[str, str, str | None]]) -> None:
         vault = vaults.open_vault(vault_row) if backups else None
         try:
             for backup_id, status, vault_id in backups:
@@ -252,8 +262,21 @@ class Orchestrator:
         finally:
             if vault is not None:
                 vault.close()
-        with self.db.begin() as s:
-            db.transition_run(s, project_id, run_id, RunStatus.DELETED)
+
+    def _delete_orphans(self, project_id: str) -> None:
+        """Backups of deleted runs that were kept as a backing and are referenced no more: each deletion may
+        free the next one down the chain."""
+        for _ in range(1000):
+            with self.db.begin() as s:
+                orphans = db.orphaned_backups(s, project_id)
+                by_vault: dict[str | None, list[tuple[str, str, str | None]]] = {}
+                for b in orphans:
+                    by_vault.setdefault(b.vault_service_id, []).append((b.id, b.status, b.vault_backup_id))
+                rows = {vid: self._vault_row(s, project_id, vid) for vid in by_vault}
+            if not orphans:
+                return
+            for vid, backups in by_vault.items():
+                self._delete_backups(project_id, rows[vid], backups)
 
     def apply_retention(self, project_id: str, job_id: str, policy_doc: dict[str, Any]) -> list[str]:
         """Delete the job's runs its retention policy no longer keeps; returns their ids."""
@@ -274,6 +297,10 @@ class Orchestrator:
                 self.delete_run(project_id, rid)
             except RakshaError:
                 LOG.exception("retention could not delete run %s", rid)
+        if forget:
+            LOG.info("retention of job %s deleted %d run(s)", job_id, len(forget))
+            if self.on_pruned is not None:
+                self.on_pruned()
         return forget
 
     # -- restores --------------------------------------------------------------------------------
@@ -291,6 +318,11 @@ class Orchestrator:
                     db.transition_restore(s, project_id, restore_id, target, error_code=code, error_message=message)
             except Exception:
                 LOG.exception("could not record the failure of restore %s", restore_id)
+            own = os.path.join(self.restore_dir, restore_id)
+            try:
+                os.rmdir(own)  # the server's own directory for it, when the restore left nothing there
+            except OSError:
+                pass
         finally:
             self._cancel.discard(restore_id)
 

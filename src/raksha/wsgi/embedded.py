@@ -44,8 +44,17 @@ class Embedded:
         if conf.api.auth_strategy == "keystone":
             from keystonemiddleware import auth_token
 
-            self.app = auth_token.AuthProtocol(self.app, {"oslo_config_config": conf})
-        self.scheduler = Scheduler(self.db, self.transport, tick=conf.scheduler.tick_seconds)
+            # delay_auth_decision: the middleware marks a missing or bad token (X-Identity-Status: Invalid)
+            # and the API answers 401 AUTH_REQUIRED in its own JSON error form; the middleware then adds
+            # WWW-Authenticate. Its options are read from [keystone_authtoken].
+            config.register_keystone(conf)
+            self.app = auth_token.AuthProtocol(self.app, {"oslo_config_config": conf, "delay_auth_decision": "true"})
+        sched = conf.scheduler
+        self.scheduler = Scheduler(self.db, self.transport, tick=sched.tick_seconds,
+                                   gc_interval=sched.gc_interval_seconds, gc_grace=sched.gc_grace_seconds,
+                                   gc_max_wait=sched.gc_max_wait_seconds)
+        if sched.gc_after_retention:
+            self.orchestrator.on_pruned = self.scheduler.request_gc
 
     def start_background(self) -> None:
         self.scheduler.recover()

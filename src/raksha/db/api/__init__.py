@@ -41,7 +41,7 @@ from raksha.db.api.runs import (
     update_run_vm_resource,
     update_vm_resource_backup,
 )
-from raksha.db.api.system import due_jobs, unfinished_restores, unfinished_runs
+from raksha.db.api.system import all_vault_services, due_jobs, unfinished_restores, unfinished_runs
 from raksha.db.api.vaults import (
     create_vault_service,
     delete_vault_service,
@@ -56,6 +56,7 @@ __all__ = [
     "add_run_vm",
     "add_run_vm_resource",
     "add_vm_resource_backup",
+    "all_vault_services",
     "create_job",
     "create_restore",
     "create_run",

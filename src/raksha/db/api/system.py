@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from raksha.db.models import BackupJob, BackupJobRun, Restore
+from raksha.db.models import BackupJob, BackupJobRun, Restore, VaultService
 from raksha.domain.states import RESTORE, RUN, JobStatus
 
 
@@ -31,4 +31,11 @@ def unfinished_runs(session: Session) -> list[BackupJobRun]:
 def unfinished_restores(session: Session) -> list[Restore]:
     stmt = (select(Restore).where(Restore.deleted.is_(False), Restore.status.in_(RESTORE.active))
             .order_by(Restore.created_at, Restore.id))
+    return list(session.execute(stmt).scalars())
+
+
+def all_vault_services(session: Session) -> list[VaultService]:
+    """Every live vault service, shared or a project's: the vaults whose garbage the scheduler collects."""
+    stmt = select(VaultService).where(VaultService.deleted.is_(False)).order_by(VaultService.created_at,
+                                                                                VaultService.id)
     return list(session.execute(stmt).scalars())

@@ -1,0 +1,181 @@
+"""The scheduler for real: a job's interval schedule fires runs on time on a real server (waitress, SQLite, an
+encrypted local vault) against a real guest, one run of the job at a time, every ``full_every``-th run full;
+its retention deletes old runs after each success (from the API and from the vault, backing chains included)
+and the vault's garbage collection, started by the scheduler after retention, gives their space back."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E402
+from raksha_server import Client, Server  # noqa: E402
+
+from raksha.db import api as db  # noqa: E402
+from raksha.services import vaults  # noqa: E402
+from raksha.vault.operations.verify import verify_vault  # noqa: E402
+
+INTERVAL_H = 0.001  # 3.6 s
+RUNS = 5
+FULL_EVERY = 3
+END = ("available", "partial", "error", "cancelled")
+
+
+def _t(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _vault_ids(srv: Server) -> set[str]:
+    with srv.embedded.db.begin() as s:
+        (row,) = db.all_vault_services(s)
+    vault = vaults.open_vault(row)
+    try:
+        return {str(b) for b in vault.backup_ids()}
+    finally:
+        vault.close()
+
+
+def _pack_bytes(srv: Server) -> int:
+    root = srv.embedded.conf.data_dir
+    return sum(p.stat().st_size for p in Path(root, "vault").rglob("*") if p.is_file() and "locks" not in p.parts)
+
+
+def _churn(vm: GuestDomain) -> None:
+    """Rewrite a file in the guest with new random data (retried while a run has the guest frozen)."""
+    for _ in range(40):
+        try:
+            code, _ = vm.exec("dd if=/dev/urandom of=/mnt/vda/churn.bin bs=64k count=16 2>/dev/null && sync")
+        except libvirt.libvirtError:
+            time.sleep(0.25)
+            continue
+        assert code == 0
+        return
+    raise AssertionError("the guest agent refused guest-exec for 10 s")
+
+
+def _vault_id(disk: dict[str, Any]) -> str:
+    return str(disk["vault_url"].split("/backupjobs/", 1)[1])
+
+
+def test_interval_schedule_full_every_retention_and_gc(conn: libvirt.virConnect, tmp_path: Path) -> None:
+    with GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "s.qcow2", "32M"), "qcow2")], tmp_path,
+                     name="raksha-sched-a") as vm, \
+            Server(tmp_path / "srv", libvirt_uri=conn.getURI(), scheduler__gc_interval_seconds=0,
+                   scheduler__gc_grace_seconds=1.0) as srv:
+        vm.wait_for_agent(timeout=240)
+        api: Client = srv.client("sched")
+        resp = api.post("/backupjobs", {"backupjob": {
+            "name": "every-3.6s", "vms": [{"id": vm.name}],
+            "schedule": {"interval_hours": INTERVAL_H, "full_every": FULL_EVERY},
+            "retention": {"keep_last": 2}}})
+        assert resp.status == 201, resp
+        job = resp.body["backupjob"]
+        runs_path = f"/backupjobs/{job['id']}/backupjobsruns"
+
+        seen: dict[str, dict[str, Any]] = {}  # every run as last seen, deleted ones included
+        busy_refusals = 0
+        churned: set[str] = set()
+        manual: set[str] = set()
+        peak = 0
+        deadline = time.monotonic() + 900
+        while True:
+            assert time.monotonic() < deadline, f"only {len(seen)} runs after 900 s: {list(seen.values())}"
+            listed = api.get(f"{runs_path}?limit=50").body["backupjobruns"]
+            for run in listed:
+                seen[run["id"]] = run
+            peak = max(peak, _pack_bytes(srv))
+            working = [r for r in listed if r["status"] not in END]
+            assert len(working) <= 1, working
+            if len(seen) >= RUNS:
+                break
+            if working and working[0]["status"] in ("snapshotting", "uploading") and busy_refusals < 2:
+                # A run asked for while the scheduled one works is refused: the job's lock.
+                late = api.post(f"/backupjobs/{job['id']}/full")
+                if late.status == 409:
+                    assert late.body["error"]["code"] == "JOB_BUSY", late
+                    busy_refusals += 1
+                else:  # the scheduled run had just ended: this one is a (full) run of the sequence now
+                    assert late.status == 202, late
+                    manual.add(late.body["backupjobrun"]["id"])
+            for run in listed:  # new data for every run: each one leaves chunks only it references
+                if run["status"] in END and run["id"] not in churned:
+                    churned.add(run["id"])
+                    _churn(vm)
+            time.sleep(0.3)
+        # Enough: stop the schedule (the run in progress, if any, ends normally) and let everything settle.
+        upd = api.put(f"/backupjobs/{job['id']}", {"backupjob": {"schedule": {
+            "interval_hours": INTERVAL_H, "full_every": FULL_EVERY, "enabled": False}}})
+        assert upd.status == 200 and upd.body["backupjob"]["schedule"]["next_run_at"] is None, upd
+        while True:
+            listed = api.get(f"{runs_path}?limit=50").body["backupjobruns"]
+            for run in listed:
+                seen[run["id"]] = run
+            if all(r["status"] in END for r in listed):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        time.sleep(1.0)  # retention runs right after the last run's status is written
+        listed = api.get(f"{runs_path}?limit=50").body["backupjobruns"]
+
+        history = sorted(seen.values(), key=lambda r: r["created_at"])
+        assert all(r["status"] == "available" for r in history), history
+        # On time: the first run one interval after the job was made, each next one an interval after the
+        # previous one started, or as soon as that one ended when it took longer than the interval.
+        interval = INTERVAL_H * 3600
+        first = _t(history[0]["created_at"]) - _t(job["created_at"])
+        assert interval - 0.5 <= first <= interval + 3.0, first
+        for prev, nxt in pairwise(history):
+            gap_from_start = _t(nxt["created_at"]) - _t(prev["created_at"])
+            assert gap_from_start >= interval - 0.5 or nxt["description"] != "scheduled", (prev, nxt)
+            due = max(_t(prev["created_at"]) + interval, _t(prev["finished_at"]))
+            assert _t(nxt["created_at"]) <= due + 3.0, (prev, nxt)
+            # Never two runs of the job at once.
+            assert _t(prev["finished_at"]) <= _t(nxt["started_at"]), (prev, nxt)
+        # full_every 3: the 1st, 4th, 7th... run of the job is full, the others incremental.
+        kinds = [r["type"] for r in history]
+        assert kinds == ["full" if i % FULL_EVERY == 0 or r["id"] in manual else "incremental"
+                         for i, r in enumerate(history)], kinds
+        for r in history[1:]:
+            if r["type"] == "incremental":
+                assert r["parent_run_id"] is not None
+                assert all(d["bytes_read"] < 16 << 20 for vm_ in r["vms"] for d in vm_["disks"]), r
+
+        # Retention keep_last=2: only the two newest runs are left, the others are gone from the API...
+        assert [r["id"] for r in listed] == [history[-1]["id"], history[-2]["id"]]
+        for old in history[:-2]:
+            assert api.get(f"/backupjobruns/{old['id']}").status == 404
+        # ...and from the vault: what is left is the kept runs' backups and the backing chain an incremental
+        # kept still references (never a backup of a deleted run that nothing references).
+        kept_ids = {_vault_id(d) for r in listed for vm_ in r["vms"] for d in vm_["disks"]}
+        chain: set[str] = set()
+        oldest_kept = history[-2]
+        i = len(history) - 2
+        while oldest_kept["type"] == "incremental":
+            i -= 1
+            oldest_kept = history[i]
+            chain |= {_vault_id(d) for vm_ in oldest_kept["vms"] for d in vm_["disks"]}
+        assert _vault_ids(srv) == kept_ids | chain
+        # The scheduler collected the garbage after retention: the deleted runs' space came back.
+        gc_deadline = time.monotonic() + 120
+        while _pack_bytes(srv) >= peak:
+            assert time.monotonic() < gc_deadline, (peak, _pack_bytes(srv), srv.embedded.scheduler.last_gc)
+            time.sleep(0.5)
+        with srv.embedded.db.begin() as s:
+            (row,) = db.all_vault_services(s)
+        vault = vaults.open_vault(row)
+        try:
+            report = verify_vault(vault)
+        finally:
+            vault.close()
+        assert report.ok, report
+        print(f"\n{len(history)} runs {kinds}; busy refusals {busy_refusals}; vault {peak} -> {_pack_bytes(srv)} "
+              f"bytes; last gc {srv.embedded.scheduler.last_gc}")
