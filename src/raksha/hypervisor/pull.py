@@ -92,6 +92,7 @@ def end_stale_job(dom: libvirt.virDomain) -> bool:
         dom.abortJob()
     except libvirt.libvirtError:
         pass
+    _wait_job_end(dom)
     try:
         if _agent(dom, "guest-fsfreeze-status") == "frozen":
             _agent(dom, "guest-fsfreeze-thaw")
@@ -247,6 +248,16 @@ def _has_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
         dom.checkpointLookupByName(name)
     except libvirt.libvirtError:
         return False
+    return True
+
+
+def _wait_job_end(dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
+    """Wait until an aborted pull job has ended: libvirt returns from abortJob before QEMU's jobs finish."""
+    deadline = time.monotonic() + timeout
+    while _has_job(dom) and not vm_gone(dom):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
     return True
 
 
@@ -518,6 +529,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                     p.domain.abortJob()
                 except libvirt.libvirtError:
                     pass  # the domain vanished; nothing left to end
+        for p in points:
+            if p.started:
+                _wait_job_end(p.domain)
             try:
                 _settle(p, ok and p.started and p.error is None)
             except libvirt.libvirtError:
