@@ -16,6 +16,7 @@ import libvirt
 from raksha.domain.errors import Interrupted, NotFound
 from raksha.hypervisor.errors import translate
 from raksha.hypervisor.group_backup import GroupResult, backup_domains
+from raksha.hypervisor.pull import end_stale_job
 from raksha.hypervisor.restore import RestoreReport, RestoreRequest, restore
 from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.repository import Vault
@@ -59,6 +60,22 @@ class LibvirtAgent:
                 continue
             return {"uuid": dom.UUIDString(), "name": dom.name()}
         raise NotFound(f"no VM {ref!r} on {self.uri} (a libvirt domain name or UUID)", code="VM_NOT_FOUND", vm=ref)
+
+    def end_stale_jobs(self, refs: list[str]) -> list[str]:
+        """After a restart: end the pull jobs a dead Raksha process left open on these VMs and thaw their guests
+        (a job of a live process, or of another tool, is left alone). Returns the VMs that had one."""
+        ended = []
+        conn = self._conn()
+        for ref in refs:
+            for lookup in (conn.lookupByUUIDString, conn.lookupByName):
+                try:
+                    dom = lookup(ref)
+                except libvirt.libvirtError:
+                    continue
+                if end_stale_job(dom):
+                    ended.append(dom.name())
+                break
+        return ended
 
     def backup(self, vault: Vault, job: str, run: str, names: list[str], *, parent_run: str | None,
                exclude: dict[str, set[str]], progress: ProgressHook, cancelled: Callable[[], bool]) -> GroupResult:

@@ -52,6 +52,7 @@ class Scheduler:
         with self.db.begin() as s:
             runs = [(r.project_id, r.id, r.status) for r in db.unfinished_runs(s)]
             restores = [(r.project_id, r.id, r.status) for r in db.unfinished_restores(s)]
+        interrupted_vms: list[str] = []
         for project, run_id, status in runs:
             try:
                 if status == RunStatus.QUEUED:
@@ -61,6 +62,7 @@ class Scheduler:
                 else:
                     with self.db.begin() as s:
                         run = db.get_run(s, project, run_id)
+                        interrupted_vms += [vm.vm_id for vm in run.vms]
                         for vm in run.vms:
                             if vm.status in ("queued", "snapshotting", "uploading"):
                                 db.transition_run_vm(s, project, vm.id, "error", error_code="INTERRUPTED",
@@ -69,6 +71,13 @@ class Scheduler:
                                       error_message="the server stopped during the run; run it again")
             except RakshaError:
                 LOG.exception("could not recover run %s", run_id)
+        if interrupted_vms:
+            try:  # the dead process's pull jobs: ended and their guests thawed now, not at the next run
+                ended = self.rpc.call("agent", "end_stale_jobs", refs=sorted(set(interrupted_vms)))
+                if ended:
+                    LOG.info("ended the pull jobs an interrupted run left on %s", ", ".join(ended))
+            except Exception:
+                LOG.exception("could not end the pull jobs of interrupted runs")
         for project, restore_id, status in restores:
             try:
                 if status == "queued":
