@@ -1,7 +1,8 @@
-"""A run killed with SIGKILL never leaves a guest frozen or a pull job that breaks the next run."""
+"""A run killed with SIGKILL never leaves a guest frozen, or a pull job or bitmap that breaks the next run."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,12 +16,14 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
-from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
-from raksha.hypervisor.pull import FILESYSTEM  # noqa: E402
+from raksha.hypervisor.group_backup import backup_domains, checkpoint_name  # noqa: E402
+from raksha.hypervisor.pull import FILESYSTEM, qmp  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.restore import restore_backup  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 
 # Stands for a Raksha process in the middle of its work: it holds what a real run holds at that point.
@@ -28,7 +31,10 @@ MID_TRANSFER = """
 import sys, time, libvirt
 from raksha.hypervisor.pull import consistency_group
 dom = libvirt.open("qemu:///system").lookupByName(sys.argv[1])
-with consistency_group([(dom, None)], "raksha-killed") as point:
+parent = sys.argv[2] if len(sys.argv) > 2 else None
+with consistency_group([(dom, parent)], "raksha-killed") as point:
+    if point.domains[0].error is not None:
+        raise point.domains[0].error
     src = point.domains[0].source(point.domains[0].disks[0])
     src.pread(0, 65536)
     print("transferring", flush=True)
@@ -44,8 +50,8 @@ time.sleep(600)
 
 
 
-def kill_when(script: str, domain: str, marker: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), domain], stdout=subprocess.PIPE,
+def kill_when(script: str, domain: str, marker: str, *args: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), domain, *args], stdout=subprocess.PIPE,
                             text=True)
     try:
         assert proc.stdout is not None
@@ -57,8 +63,9 @@ def kill_when(script: str, domain: str, marker: str) -> None:
 
 def test_next_run_after_a_kill_mid_transfer_and_mid_freeze(conn: libvirt.virConnect, tmp_path: Path) -> None:
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
-    with GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2")], tmp_path,
-                     name="raksha-kill-a") as vm:
+    disks = [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2"),
+             (make_data_disk(tmp_path / "b.raw", "32M", fmt="raw"), "raw")]  # raw: tracked by a QEMU bitmap
+    with GuestDomain(conn, build_guest(), disks, tmp_path, name="raksha-kill-a") as vm:
         vm.wait_for_agent()
         assert vm.dom is not None
 
@@ -76,5 +83,21 @@ def test_next_run_after_a_kill_mid_transfer_and_mid_freeze(conn: libvirt.virConn
         assert vm.agent("guest-fsfreeze-status") == "thawed"
         assert second.vms[0].consistency == FILESYSTEM
         assert "interrupted run" in second.vms[0].why
-        assert second.vms[0].disks[0].kind == "incremental"
+        assert [d.kind for d in second.vms[0].disks] == ["incremental", "incremental"]
         assert vm.exec("echo alive > /mnt/vda/alive && sync")[0] == 0  # the guest writes again
+
+        # Killed mid-transfer of an incremental (the raw disk's parent bitmap was copied and read):
+        # the parent bitmap and checkpoint still make the next run a correct incremental.
+        kill_when(MID_TRANSFER, vm.name, "transferring", checkpoint_name("job", "run2"))
+        data = os.urandom(48 << 10)
+        assert vm.exec("cat > /mnt/vdb/after-kill.bin && sync", stdin=data)[0] == 0
+        third = backup_domains(conn, [vm.name], vault, "job", "run3", parent_run="run2")
+        assert [d.kind for d in third.vms[0].disks] == ["incremental", "incremental"]
+        assert vm.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+        (vdb,) = [dev["inserted"] for dev in qmp(vm.dom, "query-block")
+                  if dev.get("inserted", {}).get("file", "").endswith("b.raw")]
+        bitmaps = [b.get("name") for b in vdb.get("dirty-bitmaps", [])]
+        assert "raksha-job-run3" in bitmaps and not any(b and b.endswith("~read") for b in bitmaps)
+        out = tmp_path / "run3-vdb.raw"
+        restore_backup(vault, BackupId.parse(f"job/run3/{third.vms[0].uuid}/vdb"), str(out))
+        assert debugfs_cat(out, "/after-kill.bin") == data

@@ -278,6 +278,9 @@ def _plan_disks(p: DomainPoint) -> None:
         nodes, qmp_error = None, str(exc)
     has_checkpoint = parent is not None and _has_checkpoint(p.domain, parent)
     idle = not _has_job(p.domain)
+    if idle and p.checkpoint != parent and _has_checkpoint(p.domain, p.checkpoint):
+        # Left by a killed attempt at this same run: deleting it merges its bitmaps into its parent's.
+        _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
     for disk in p.disks:
         node = (nodes or {}).get(disk.target)
         bitmaps = _bitmaps(node) if node else {}
