@@ -85,6 +85,8 @@ class Server:
         conf.set_override("data_dir", str(data_dir))
         conf.set_override("uri", libvirt_uri, group="libvirt")
         conf.set_override("tick_seconds", 0.2, group="scheduler")
+        if any(key.startswith(config.KEYSTONE_GROUP + "__") for key in overrides):
+            config.register_keystone(conf)
         for key, value in overrides.items():
             group, _, opt = key.rpartition("__")
             conf.set_override(opt, value, group=group or None)
