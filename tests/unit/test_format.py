@@ -16,7 +16,7 @@ import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from raksha.domain.errors import InvalidInput, VaultCorrupt, VaultFormatUnsupported
-from raksha.vault.format.blob import decode_blob, encode_blob
+from raksha.vault.format.blob import BlobDecoder, BlobEncoder, decode_blob, encode_blob, looks_incompressible
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import (
     BACKUP_MAGIC,
@@ -203,6 +203,77 @@ def test_blob_is_bound_to_its_chunk_id(crypto: Crypto) -> None:
         decode_blob(blob_a, cid_b, len(b), crypto, zstandard.ZstdDecompressor(), what="t")
     with pytest.raises(VaultCorrupt):  # nor with a wrong length
         decode_blob(blob_a, cid_a, len(a) - 1, crypto, zstandard.ZstdDecompressor(), what="t")
+
+
+def _text(n: int) -> bytes:
+    return (b"Nov 25 20:16:12 vm-07 sshd[4242]: Accepted publickey for ubuntu from 10.0.0.7\n" * (n // 70 + 1))[:n]
+
+
+# Chunks the engine's reusing encoder meets: compressible, incompressible (1 MiB and 64 KiB, the
+# smallest chunk size), half and half (the probe must not call it incompressible), a short tail.
+MIXED_CHUNKS = {
+    "text-1MiB": _text(1 << 20),
+    "random-1MiB": os.urandom(1 << 20),
+    "random-64KiB": os.urandom(64 << 10),
+    "random-then-text": os.urandom(512 << 10) + _text(512 << 10),
+    "text-with-random-quarters": b"".join(os.urandom(128 << 10) + _text(128 << 10) for _ in range(4)),
+    "short-tail": _text(5000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_CHUNKS))
+def test_reusing_encoder_and_decoder_match_the_plain_functions(crypto: Crypto, name: str) -> None:
+    data = MIXED_CHUNKS[name]
+    cid = crypto.chunk_id(data)
+    encoder, decoder = BlobEncoder(crypto, 1, 1 << 20), BlobDecoder(crypto, 1 << 20)
+    blob = bytes(encoder.encode(data, cid))
+    blob_again = bytes(encoder.encode(data, cid))  # the buffers are reused: the first view is stale now
+    plain = encode_blob(data, cid, crypto, zstandard.ZstdCompressor(level=1))
+    out = memoryview(bytearray(1 << 20))
+    for b in (blob, blob_again, plain):
+        assert decode_blob(b, cid, len(data), crypto, zstandard.ZstdDecompressor(), what="t") == data
+        assert decoder.decode_into(b, cid, len(data), out, what="t") == data
+    if not crypto.encrypted:
+        assert blob == blob_again
+        # Stored raw only when compressing does not pay (or the probe says so for a random chunk).
+        expect_raw = name in ("random-1MiB", "random-64KiB")
+        assert blob[0] == (BLOB_RAW if expect_raw else BLOB_ZSTD)
+        assert plain[0] == blob[0]
+    assert len(blob) <= len(plain) + (1 << 10)  # the probe never costs more than noise in size
+
+
+def test_probe_skips_compressing_only_incompressible_chunks() -> None:
+    comp = zstandard.ZstdCompressor(level=1)
+    assert looks_incompressible(MIXED_CHUNKS["random-1MiB"], comp)
+    assert looks_incompressible(MIXED_CHUNKS["random-64KiB"], comp)
+    for name in ("text-1MiB", "random-then-text", "text-with-random-quarters", "short-tail"):
+        assert not looks_incompressible(MIXED_CHUNKS[name], comp), name
+    assert not looks_incompressible(bytes(1 << 20), comp)
+    encoder = BlobEncoder(Crypto(), 1, 1 << 20)
+    raw = encoder.encode(MIXED_CHUNKS["random-1MiB"], b"\x01" * 32)
+    assert raw[0] == BLOB_RAW and raw[1:] == MIXED_CHUNKS["random-1MiB"]
+    assert encoder.probe_skipped == 1 and encoder.stored_raw == 1
+    unprobed = BlobEncoder(Crypto(), 1, 1 << 20, probe=False)
+    assert unprobed.encode(MIXED_CHUNKS["random-1MiB"], b"\x01" * 32) == raw  # zstd gives up the same way
+    assert unprobed.probe_skipped == 0 and unprobed.stored_raw == 1
+
+
+@pytest.mark.parametrize("kind", ["compressed", "raw"])
+def test_reusing_decoder_detects_every_flip_and_truncation(crypto: Crypto, kind: str) -> None:
+    data = (b"abcdefgh" * 512) if kind == "compressed" else os.urandom(4096)
+    cid = crypto.chunk_id(data)
+    blob = bytes(BlobEncoder(crypto, 1, 1 << 16).encode(data, cid))
+    decoder, out = BlobDecoder(crypto, 1 << 16), memoryview(bytearray(1 << 16))
+    assert_all_damage_detected(blob, lambda b: decoder.decode_into(b, cid, len(data), out, what="t"),
+                               version_at=None)
+    other = b"B" * len(data)
+    with pytest.raises(VaultCorrupt):  # bound to its id
+        decoder.decode_into(blob, crypto.chunk_id(other), len(data), out, what="t")
+    with pytest.raises(VaultCorrupt):  # and to its length
+        decoder.decode_into(blob, cid, len(data) - 1, out, what="t")
+    if kind == "raw":
+        with pytest.raises(VaultCorrupt):  # a blob longer than any chunk of the vault
+            BlobDecoder(crypto, 1024).decode_into(blob, cid, len(data), out, what="t")
 
 
 # -- packs (§6) -------------------------------------------------------------------------------------

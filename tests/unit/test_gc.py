@@ -439,11 +439,11 @@ def test_packs_of_an_interrupted_backup_are_garbage(three_backups: tuple[Vault, 
     class DiesHalfWay(RawSource):
         reads = 0
 
-        def pread(self, offset: int, length: int) -> bytes:
+        def readinto(self, offset: int, buf: memoryview) -> None:  # what the engine reads raw images with
             DiesHalfWay.reads += 1
             if DiesHalfWay.reads > 60:
                 raise Interrupted
-            return super().pread(offset, length)
+            super().readinto(offset, buf)
 
     before = pack_ids(vault)
     source = DiesHalfWay(str(new_img))
@@ -652,12 +652,12 @@ class SlowSource(RawSource):
         self.gate = gate
         self.reading = threading.Event()  # set at the first read: the backup has read index and condemned lists
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def readinto(self, offset: int, buf: memoryview) -> None:  # what the engine reads raw images with
         self.reading.set()
         if self.gate is not None:
             assert self.gate.wait(60)
         time.sleep(self.delay)
-        return super().pread(offset, length)
+        super().readinto(offset, buf)
 
 
 def run_in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

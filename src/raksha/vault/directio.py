@@ -16,6 +16,7 @@ import mmap
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 from raksha.domain.errors import BackendError, StorageFull
 
@@ -61,17 +62,36 @@ def _pwrite_fully(fd: int, data: memoryview | bytes, offset: int) -> OSError | N
     return None
 
 
+class Hasher(Protocol):
+    def update(self, data: memoryview, /) -> object: ...
+
+
 class SequentialFile:
     """An append-only file written in aligned blocks through two page-aligned buffers.
 
     While one buffer is written by a background thread the caller fills the other, so a writer
-    holding a lock around ``write`` never waits for the disk unless it outpaces it.
+    holding a lock around ``write`` never waits for the disk unless it outpaces it. With a
+    ``hasher``, that thread also feeds it every byte written, in order: hashing costs the
+    writers (and whatever lock they hold) nothing but the copy into the buffer.
     """
 
-    def __init__(self, path: Path, buffer_size: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        path: Path,
+        buffer_size: int = 4 << 20,
+        hasher: Hasher | None = None,
+        buffers: list[mmap.mmap] | None = None,
+    ) -> None:
+        """``buffers``: two equal page-aligned buffers lent by the caller (reused from file to file, so
+        their pages are faulted in once); they stay open after ``close``."""
         self.path = path
+        self.hasher = hasher
         self.fd, self.direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-        self._buffers = [mmap.mmap(-1, buffer_size), mmap.mmap(-1, buffer_size)]
+        self._owned = buffers is None
+        if buffers is None:
+            buffers = [mmap.mmap(-1, buffer_size), mmap.mmap(-1, buffer_size)]
+        buffer_size = len(buffers[0])
+        self._buffers = buffers
         self._buf = self._buffers[0]
         self._cap = buffer_size
         self._fill = 0
@@ -80,7 +100,7 @@ class SequentialFile:
         self._error: BaseException | None = None
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             n = min(len(view), self._cap - self._fill)
@@ -89,14 +109,16 @@ class SequentialFile:
             self.size += n
             view = view[n:]
             if self._fill == self._cap:
-                self._write_behind(self._cap)
+                self._write_behind(self._cap, self._cap)
 
-    def _write_behind(self, length: int) -> None:
+    def _write_behind(self, length: int, logical: int) -> None:
         self._wait()  # the other buffer's write is done: it may be refilled
-        buf, offset = self._buf, self._flushed
+        buf, offset, hasher = self._buf, self._flushed, self.hasher
 
         def run() -> None:
             try:
+                if hasher is not None:
+                    hasher.update(memoryview(buf)[:logical])  # in file order: one write at a time
                 pwrite_all(self.fd, memoryview(buf)[:length], offset, str(self.path))
             except BaseException as exc:  # re-raised in the caller's thread
                 self._error = exc
@@ -121,7 +143,7 @@ class SequentialFile:
             size = self.size
             padded = -(-self._fill // ALIGN) * ALIGN
             self._buf[self._fill : padded] = bytes(padded - self._fill)
-            self._write_behind(padded)
+            self._write_behind(padded, self._fill)
             self.size = size
         self._wait()
         if self._flushed != self.size:
@@ -135,12 +157,26 @@ class SequentialFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        for buf in self._buffers:
+        for buf in self._buffers if self._owned else []:
             if not buf.closed:
                 try:
                     buf.close()
                 except BufferError:
                     pass  # still viewed by someone: unmapped when the last view goes, never worth an error
+
+
+class AlignedBuffers:
+    """Page-aligned buffers (anonymous mmaps), one per thread, reused for every chunk."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._local = threading.local()
+
+    def get(self) -> mmap.mmap:
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, self.size)
+        return buf
 
 
 _local = threading.local()
@@ -183,3 +219,37 @@ def pread_direct(path: str | Path, offset: int, length: int) -> bytes | None:
         return bytes(buf[lo : lo + max(0, min(length, done - lo))])
     finally:
         os.close(fd)
+
+
+def pread_into(path: str | Path, offset: int, length: int, buf: mmap.mmap) -> memoryview:
+    """Read ``length`` bytes at ``offset`` into the page-aligned ``buf`` and return a view of them
+    (shorter at the end of the file). Bypasses the page cache where the filesystem allows it; ``buf``
+    needs ``aligned_span(offset, length)`` bytes."""
+    start = offset - offset % ALIGN
+    end = -(-(offset + length) // ALIGN) * ALIGN
+    if end - start > len(buf):
+        raise ValueError("buffer too small for the aligned range")
+    fd, direct = open_direct(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not direct:
+            start, end = offset, offset + length  # buffered: no alignment needed
+        view = memoryview(buf)
+        done = 0
+        try:
+            while start + done < end:
+                n = os.preadv(fd, [view[done : end - start]], start + done)
+                if n <= 0:
+                    break  # end of file
+                done += n
+        finally:
+            view.release()
+        lo = offset - start
+        return memoryview(buf)[lo : lo + max(0, min(length, done - lo))]
+    finally:
+        os.close(fd)
+
+
+def aligned_span(offset: int, length: int) -> int:
+    """Bytes an aligned read of ``[offset, offset + length)`` covers."""
+    return -(-(offset + length) // ALIGN) * ALIGN - (offset - offset % ALIGN)
+

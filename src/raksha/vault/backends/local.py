@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import re
 import secrets
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from raksha.domain.errors import AlreadyExists, BackendError, InvalidInput, NotFound, RakshaError, StorageFull
 from raksha.vault.backends.base import ObjectInfo, check_key
-from raksha.vault.directio import pread_direct
+from raksha.vault.directio import pread_direct, pread_into
 
 DIRECT_READ_MIN = 64 << 10  # blobs; small reads (headers, locks) stay buffered
 
@@ -186,6 +187,18 @@ class LocalBackend:
                 return b"".join(parts)
             finally:
                 os.close(fd)
+        except OSError as exc:
+            raise self._error(key, exc, "read", reading=True) from exc
+
+    def get_range_into(self, key: str, offset: int, length: int, buf: mmap.mmap) -> memoryview:
+        """``get_range`` into the page-aligned ``buf`` (``directio.aligned_span(offset, length)`` bytes
+        or more): a view of ``buf``, valid until it is reused. Not part of the Backend protocol; the
+        engine uses it where a backend has it, so restores allocate nothing per blob."""
+        check_object_key(key)
+        if offset < 0 or length < 0:
+            raise InvalidInput(f"invalid range {offset}+{length} for {key!r}", code="INVALID_RANGE")
+        try:
+            return pread_into(self._root / key, offset, length, buf)
         except OSError as exc:
             raise self._error(key, exc, "read", reading=True) from exc
 

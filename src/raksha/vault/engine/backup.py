@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import zstandard
-
 from raksha.domain.errors import AlreadyExists, InvalidInput, RakshaError
+from raksha.vault.directio import AlignedBuffers
+from raksha.vault.engine.blobio import BlobReader
 from raksha.vault.engine.packer import Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
-from raksha.vault.format.blob import decode_blob, encode_blob
+from raksha.vault.format.blob import BlobDecoder, BlobEncoder
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
@@ -136,9 +136,12 @@ class _Backup:
         self.size = source.virtual_size
         self.stats = BackupStats(virtual_size=self.size)
         self._lock = threading.Lock()
-        self._compressors = threading.local()
+        self._local = threading.local()  # per thread: a BlobEncoder, a BlobDecoder
+        self._chunk_buffers = AlignedBuffers(self.chunk_size)  # per thread: the chunk being backed up
+        self._blobs = BlobReader(vault)
+        self._zero_ids: dict[int, bytes] = {}
         self._zero = bytes(self.chunk_size)
-        self.patch: dict[int, list[Extent]] = {}
+        self.patch: dict[int, list[Extent]] = {}  # chunks changed in part: the changed ranges
         self._started = datetime.now(UTC)
 
     def run(self) -> BackupResult:
@@ -177,13 +180,13 @@ class _Backup:
     def _plan(self, n: int) -> list[int]:
         """Chunks to read; ids of the others are set here (zero, or the parent's)."""
         if self.parent_id is None:
-            return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
+            return self._with_data()
         parent = self.vault.read_manifest(self.parent_id)
         if parent.chunk_size != self.chunk_size:
             raise InvalidInput(f"parent {self.parent_id} has another chunk size", code="PARENT_MISMATCH")
         self.parent = parent
         if self.changed is None:  # no change tracking: read everything that holds data
-            return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
+            return self._with_data()
         must = set(chunks_touching(self.changed, self.chunk_size, self.size))
         # A chunk changed in part is rebuilt from the parent's copy and only the changed bytes are read from
         # the source: the load on the VM's storage follows what changed, not the chunk size.
@@ -206,51 +209,72 @@ class _Backup:
                 continue
             # Not reusable (beyond the parent's end, or its chunk is gone): read it if it may hold data.
             if with_data is None:
-                with_data = set(chunks_touching(self.source.data_extents(), self.chunk_size, self.size))
+                with_data = set(self._with_data())
             if i in with_data:
                 must.add(i)
         return sorted(must)
 
-    def _patched(self, i: int, length: int) -> tuple[bytes, int] | None:
-        """The parent's chunk with the changed ranges read from the source; None if the parent's copy fails."""
+    def _zero_id(self, length: int) -> bytes:
+        """The chunk id all-zero data of ``length`` bytes would have: a chunk whose id equals it is all
+        zero (as surely as ids identify chunks at all), found without comparing a single byte."""
+        cid = self._zero_ids.get(length)
+        if cid is None:
+            cid = self._zero_ids[length] = self.vault.crypto.chunk_id(bytes(length))
+        return cid
+
+    def _read(self, offset: int, out: memoryview) -> None:
+        readinto = getattr(self.source, "readinto", None)
+        if readinto is not None:
+            readinto(offset, out)
+        else:
+            out[:] = self.source.pread(offset, len(out))
+
+    def _with_data(self) -> list[int]:
+        # Whole chunks are read even where part of one is a hole: O_DIRECT reads of holes cost the
+        # device nothing, and one 1 MiB read is cheaper than several small ones (measured: slower).
+        return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
+
+    def _patched(self, i: int, out: memoryview) -> int | None:
+        """Fill ``out`` with the parent's chunk and the changed ranges read from the source; the bytes
+        read, or None if the parent's copy fails."""
         pid = self.parent.chunk_ids[i]
         if pid == ZERO_ID:
-            base = bytearray(length)
+            out[:] = self._zero[: len(out)]
         else:
             loc = self.index.get(pid)
             if loc is None:
                 return None
-            dec = getattr(self._compressors, "d", None)
-            if dec is None:
-                dec = self._compressors.d = zstandard.ZstdDecompressor()
+            decoder = getattr(self._local, "decoder", None)
+            if decoder is None:
+                decoder = self._local.decoder = BlobDecoder(self.vault.crypto, self.chunk_size)
             try:
-                base = bytearray(decode_blob(self.vault.read_blob(loc), pid, length, self.vault.crypto, dec,
-                                             what=f"parent chunk {pid.hex()}"))
+                decoder.decode_into(self._blobs.read(loc), pid, len(out), out, what=f"parent chunk {pid.hex()}")
             except RakshaError:
                 return None  # damaged or gone: read the whole chunk from the source instead
         read = 0
         for off, n in self.patch[i]:
-            base[off : off + n] = self.source.pread(i * self.chunk_size + off, n)
+            self._read(i * self.chunk_size + off, out[off : off + n])
             read += n
-        return bytes(base), read
+        return read
 
     def _one_chunk(self, i: int) -> None:
         length = self._length(i)
-        patched = self._patched(i, length) if i in self.patch else None
-        if patched is not None:
-            data, read = patched
-        else:
-            data, read = self.source.pread(i * self.chunk_size, length), length
+        data = memoryview(self._chunk_buffers.get())[:length]
+        read = self._patched(i, data) if i in self.patch else None
+        patched = read is not None
+        if read is None:
+            self._read(i * self.chunk_size, data)
+            read = length
         with self._lock:
             self.stats.bytes_read += read
             self.stats.chunks_read += 1
-            self.stats.chunks_patched += patched is not None
-        if data == (self._zero if length == self.chunk_size else bytes(length)):  # memcmp, not a loop
+            self.stats.chunks_patched += patched
+        cid = self.vault.crypto.chunk_id(data)
+        if cid == self._zero_id(length):
             self.progress.add(length)
             with self._lock:
                 self.stats.chunks_zero += 1
             return
-        cid = self.vault.crypto.chunk_id(data)
         self.ids[i] = cid
         with self._lock:
             new = not self._stored(cid)
@@ -260,10 +284,11 @@ class _Backup:
             else:
                 self.stats.chunks_deduplicated += 1
         if new:
-            comp = getattr(self._compressors, "c", None)
-            if comp is None:  # zstandard objects are not thread-safe: one per thread
-                comp = self._compressors.c = zstandard.ZstdCompressor(level=self.vault.config.compression_level)
-            blob = encode_blob(data, cid, self.vault.crypto, comp)
+            encoder = getattr(self._local, "encoder", None)
+            if encoder is None:  # zstandard objects are not thread-safe, and the buffers are reused: one per thread
+                encoder = self._local.encoder = BlobEncoder(
+                    self.vault.crypto, self.vault.config.compression_level, self.chunk_size)
+            blob = encoder.encode(data, cid)
             self.packer.add(cid, blob, length)
             with self._lock:
                 self.stats.bytes_stored += len(blob)

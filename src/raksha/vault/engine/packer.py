@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,24 +21,37 @@ from raksha.vault.repository import Vault
 
 @dataclass
 class _OpenPack:
-    file: SequentialFile
+    file: SequentialFile  # hashes what it writes, in its writer thread (off the packer's lock)
     hasher: blake3.blake3
+    buffers: list[mmap.mmap]
     entries: list[PackEntry] = field(default_factory=list)
 
 
+WRITE_BUFFER = 4 << 20  # two per open pack, written behind while the other fills
+
+
+MAX_SEALING = 2  # full packs waiting for their fsyncs and index at once; then ``add`` waits
+
+
 class Packer:
-    """Thread-safe: workers call ``add``; a full pack is sealed by the worker that filled it."""
+    """Thread-safe: workers call ``add``; full packs are sealed (fsynced, stored, indexed) in order by a
+    background thread, so the workers go on reading and compressing meanwhile. ``flush`` seals the
+    last pack and waits for all of them; a sealing error is raised by the next ``add`` or ``flush``."""
 
     def __init__(self, vault: Vault) -> None:
         self._vault = vault
         self._lock = threading.Lock()
         self._current: _OpenPack | None = None
         self._staged: list[Path] = []
+        self._spare: list[list[mmap.mmap]] = []  # write buffers of sealed packs, for the next ones
         self.packs_written = 0
         self.bytes_written = 0
         self.indexes_written: list[str] = []  # one per sealed pack, in order
+        self._sealer: ThreadPoolExecutor | None = None
+        self._sealing: list[Future[None]] = []
 
-    def add(self, chunk_id: bytes, blob: bytes, raw_length: int) -> None:
+    def add(self, chunk_id: bytes, blob: bytes | memoryview, raw_length: int) -> None:
+        """Append a blob; it is copied before this returns, so ``blob`` may be a reused buffer."""
         full: _OpenPack | None = None
         with self._lock:
             pack = self._current or self._open()
@@ -46,13 +61,15 @@ class Packer:
             if pack.file.size >= self._vault.config.pack_size:
                 full, self._current = pack, None
         if full is not None:
-            self._seal(full)
+            self._submit(full)
 
     def flush(self) -> None:
         with self._lock:
             pack, self._current = self._current, None
         if pack is not None:
-            self._seal(pack)
+            self._submit(pack)
+        self._wait(0)
+        self._stop()
 
     def abort(self) -> None:
         """Remove staged files of an unfinished backup; stored packs stay (a rerun reuses them)."""
@@ -60,13 +77,46 @@ class Packer:
             if self._current is not None:
                 self._current.file.close()
                 self._current = None
+        try:
+            self._wait(0)
+        except BaseException:
+            pass  # the error that made us abort is already on its way
+        self._stop()
+        with self._lock:
             for p in self._staged:
                 p.unlink(missing_ok=True)
+
+    def _submit(self, pack: _OpenPack) -> None:
+        with self._lock:
+            if self._sealer is None:
+                self._sealer = ThreadPoolExecutor(1, thread_name_prefix="raksha-pack-sealer")
+            self._sealing.append(self._sealer.submit(self._seal, pack))
+        self._wait(MAX_SEALING)
+
+    def _wait(self, at_most: int) -> None:
+        """Wait until at most ``at_most`` packs are being sealed; raise the first sealing error."""
+        while True:
+            with self._lock:
+                for f in [f for f in self._sealing if f.done()]:
+                    self._sealing.remove(f)
+                    f.result()  # raises what sealing raised
+                if len(self._sealing) <= at_most:
+                    return
+                oldest = self._sealing[0]
+            wait([oldest])
+
+    def _stop(self) -> None:
+        with self._lock:
+            sealer, self._sealer = self._sealer, None
+        if sealer is not None:
+            sealer.shutdown(wait=True)
 
     def _open(self) -> _OpenPack:
         path = self._vault.backend.staging_dir() / f"pack-{os.getpid()}-{os.urandom(8).hex()}.partial"
         try:
-            pack = _OpenPack(SequentialFile(path), blake3.blake3())
+            hasher = blake3.blake3()
+            buffers = self._spare.pop() if self._spare else [mmap.mmap(-1, WRITE_BUFFER), mmap.mmap(-1, WRITE_BUFFER)]
+            pack = _OpenPack(SequentialFile(path, hasher=hasher, buffers=buffers), hasher, buffers)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull(f"no space left in {path.parent} for a new pack") from exc
@@ -76,16 +126,17 @@ class Packer:
         self._write(pack, new_pack_preamble())
         return pack
 
-    def _write(self, pack: _OpenPack, data: bytes) -> None:
+    def _write(self, pack: _OpenPack, data: bytes | memoryview) -> None:
         pack.file.write(data)
-        pack.hasher.update(data)
 
     def _seal(self, pack: _OpenPack) -> None:
         try:
             self._write(pack, encode_pack_trailer(pack.entries, self._vault.crypto))
-            pack.file.finish()
+            pack.file.finish()  # every byte is hashed once this returns
         finally:
             pack.file.close()
+            with self._lock:
+                self._spare.append(pack.buffers)
         path, size = pack.file.path, pack.file.size
         pack_id = pack.hasher.hexdigest()
         try:

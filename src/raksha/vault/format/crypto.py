@@ -46,6 +46,23 @@ class Crypto:
     def open(self, data: bytes, aad: bytes, *, what: str) -> bytes:
         return data
 
+    def seal_into(self, data: memoryview, aad: bytes, out: bytearray) -> memoryview:
+        """``seal`` into the reused buffer ``out`` (at least ``sealed_size(len(data))`` bytes); a view of it."""
+        n = len(data)
+        view = memoryview(out)
+        view[:n] = data
+        return view[:n]
+
+    def open_into(self, data: bytes | bytearray | memoryview, aad: bytes, out: bytearray, *, what: str) -> memoryview:
+        """``open`` into the reused buffer ``out``; a view of it."""
+        n = len(data)
+        view = memoryview(out)
+        view[:n] = data
+        return view[:n]
+
+    def sealed_size(self, n: int) -> int:
+        return n
+
 
 class EncryptedCrypto(Crypto):
     """AES-256-GCM with random nonces; ids are BLAKE3 keyed with a secret so they leak nothing."""
@@ -70,3 +87,25 @@ class EncryptedCrypto(Crypto):
             return self._aead.decrypt(data[:NONCE_SIZE], data[NONCE_SIZE:], aad)
         except InvalidTag:
             raise VaultCorrupt(f"{what}: authentication failed (damaged or tampered)", object=what) from None
+
+    def seal_into(self, data: memoryview, aad: bytes, out: bytearray) -> memoryview:
+        nonce = os.urandom(NONCE_SIZE)
+        size = NONCE_SIZE + len(data) + TAG_SIZE
+        view = memoryview(out)
+        view[:NONCE_SIZE] = nonce
+        self._aead.encrypt_into(nonce, data, aad, view[NONCE_SIZE:size])
+        return view[:size]
+
+    def open_into(self, data: bytes | bytearray | memoryview, aad: bytes, out: bytearray, *, what: str) -> memoryview:
+        if len(data) < NONCE_SIZE + TAG_SIZE:
+            raise VaultCorrupt(f"{what}: truncated ciphertext ({len(data)} bytes)", object=what)
+        view, src = memoryview(out), memoryview(data)
+        n = len(src) - NONCE_SIZE - TAG_SIZE
+        try:
+            self._aead.decrypt_into(bytes(src[:NONCE_SIZE]), src[NONCE_SIZE:], aad, view[:n])
+        except InvalidTag:
+            raise VaultCorrupt(f"{what}: authentication failed (damaged or tampered)", object=what) from None
+        return view[:n]
+
+    def sealed_size(self, n: int) -> int:
+        return NONCE_SIZE + n + TAG_SIZE
