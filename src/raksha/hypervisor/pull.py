@@ -2,7 +2,8 @@
 
 Freeze every guest that has an agent, start every domain's backup job (one job
 covers all disks of a domain, atomically), thaw, then read each disk's NBD
-export. The run records the consistency it reached per domain and the freeze
+export. Freezes, job starts and thaws each go to all domains at once
+(strategy.each), so the window does not grow with the number of VMs. The run records the consistency it reached per domain and the freeze
 window. Every pull job is ended (abortJob) whatever happens, and no guest is
 left frozen.
 
@@ -40,6 +41,7 @@ import libvirt_qemu
 from raksha.domain.errors import RakshaError
 from raksha.hypervisor.disks import DiskInfo, domain_disks
 from raksha.hypervisor.errors import translate, vm_gone
+from raksha.hypervisor.strategy import each, freeze_guests, thaw_guests, thaw_leftovers
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
@@ -476,7 +478,6 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         disks = domain_disks(dom.XMLDesc(0))
         points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(workdir, f"{i}.sock"),
                                   checkpoint, None, excluded=[d for d in disks if d.target in skip], parent=parent))
-    frozen: list[DomainPoint] = []
     group = GroupPoint(points)
     ok = False
     try:
@@ -486,38 +487,28 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                 _add_bitmaps(p)
             except libvirt.libvirtError as exc:
                 p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
-        t0 = time.monotonic()
+        live = [p for p in points if p.error is None]
+        for p in live:
+            os.makedirs(os.path.join(workdir, p.domain.UUIDString()), exist_ok=True)
         if freeze:
-            for p in points:
-                if p.error is not None:
-                    continue
-                try:
-                    if _agent(p.domain, "guest-fsfreeze-status") == "frozen":
-                        # Left frozen by a run that died inside its freeze window: never ours to keep.
-                        _agent(p.domain, "guest-fsfreeze-thaw")
-                        p.why = "found frozen by an interrupted run; thawed first. "
-                    _agent(p.domain, "guest-fsfreeze-freeze")
-                    frozen.append(p)
-                except libvirt.libvirtError as exc:
-                    p.why += f"no freeze: {exc.get_error_message()}"
+            thaw_leftovers(live)  # left frozen by a run that died inside its window: never ours to keep
+        # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.
+        t0 = time.monotonic()
+        frozen = freeze_guests(live) if freeze else []
         try:
-            for p in points:
-                if p.error is not None:
-                    continue
-                scratch = os.path.join(workdir, p.domain.UUIDString())
-                os.makedirs(scratch, exist_ok=True)
-                try:
-                    _begin(p, scratch)
-                except libvirt.libvirtError as exc:
-                    p.error = translate(exc, f"{p.domain.name()}: the backup job did not start")
+            started = each(lambda p: _begin(p, os.path.join(workdir, p.domain.UUIDString())), live)
         finally:
-            for p in frozen:
-                try:
-                    _agent(p.domain, "guest-fsfreeze-thaw")
-                    p.consistency = FILESYSTEM if p.started else CRASH
-                except libvirt.libvirtError as exc:
-                    p.why = f"thaw failed: {exc.get_error_message()}"
+            thawed = thaw_guests(frozen)
             group.freeze_ms = (time.monotonic() - t0) * 1000
+        thawed_ids = {id(t) for t in thawed}  # a guest whose thaw failed is not claimed filesystem-consistent
+        for p in live:
+            if id(p) in thawed_ids:
+                p.consistency = FILESYSTEM if p.started else CRASH
+        for p, err in zip(live, started, strict=True):
+            if isinstance(err, libvirt.libvirtError):
+                p.error = translate(err, f"{p.domain.name()}: the backup job did not start")
+            elif err is not None:
+                raise err
         for p in points:
             if p.started:
                 _read_parent_bitmaps(p)
