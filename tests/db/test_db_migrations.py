@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from conftest import run_raksha
+from conftest import RAKSHA, cli_env, run_raksha
 from raksha.db import make_engine, migrate
 from raksha.db.models import Base
 
@@ -36,6 +38,18 @@ def test_an_empty_database_migrates_to_the_newest_schema(empty_db_url: str) -> N
 
 def test_upgrading_twice_changes_nothing(empty_db_url: str) -> None:
     assert migrate.upgrade(empty_db_url) == migrate.upgrade(empty_db_url) == migrate.head()
+
+
+def test_services_starting_together_migrate_once(empty_db_url: str) -> None:
+    """Three processes upgrading one empty database at once: one creates the schema, the others wait and find it."""
+    # Processes, as services are: alembic's context is process-global, so threads would share it.
+    procs = [subprocess.Popen([str(RAKSHA), "db", "upgrade", "--url", empty_db_url, "--json"], env=cli_env(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outcomes = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    assert [rc for _out, _err, rc in outcomes] == [0, 0, 0], outcomes
+    assert [json.loads(out)["to"] for out, _err, _rc in outcomes] == [migrate.head()] * 3
+    assert migrate.current(empty_db_url) == migrate.head()
 
 
 def test_the_models_and_the_migrations_describe_the_same_schema(empty_db_url: str) -> None:

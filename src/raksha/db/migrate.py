@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +19,9 @@ from sqlalchemy.engine import URL
 from raksha.db.engine import make_engine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# alembic keeps its running context in module globals: one migration per process at a time.
+# Across processes (services starting together) env.py takes a database lock.
+_IN_PROCESS = threading.Lock()
 
 
 def alembic_config(engine: Engine | None = None) -> Config:
@@ -45,7 +49,8 @@ def upgrade(url: str | URL | Engine, revision: str = "head") -> str | None:
     """Migrate the database at ``url`` to ``revision`` (the newest by default); returns where it is now."""
     engine, own = _engine(url)
     try:
-        command.upgrade(alembic_config(engine), revision)
+        with _IN_PROCESS:
+            command.upgrade(alembic_config(engine), revision)
         return current(engine)
     finally:
         if own:
@@ -55,7 +60,8 @@ def upgrade(url: str | URL | Engine, revision: str = "head") -> str | None:
 def downgrade(url: str | URL | Engine, revision: str) -> str | None:
     engine, own = _engine(url)
     try:
-        command.downgrade(alembic_config(engine), revision)
+        with _IN_PROCESS:
+            command.downgrade(alembic_config(engine), revision)
         return current(engine)
     finally:
         if own:

@@ -7,6 +7,7 @@ later migrations can alter columns there too.
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
 
 from raksha.db.models import Base
 
@@ -26,8 +27,26 @@ def run_migrations_online() -> None:
             compare_type=True,
         )
         with context.begin_transaction():
+            _serialize(connection)
             context.run_migrations()
         connection.commit()
+        if connection.dialect.name in ("mysql", "mariadb"):
+            connection.exec_driver_sql("SELECT RELEASE_LOCK('raksha_migrations')")
+
+
+def _serialize(connection: Connection) -> None:
+    """One migration at a time per database: services starting together must not both create the tables.
+
+    The second waits, then finds the schema at head and does nothing. SQLite's ``BEGIN IMMEDIATE``
+    (raksha.db.engine) already serializes.
+    """
+    name = connection.dialect.name
+    if name == "postgresql":
+        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7007200601)")
+    elif name in ("mysql", "mariadb"):
+        got = connection.exec_driver_sql("SELECT GET_LOCK('raksha_migrations', 300)").scalar()
+        if got != 1:
+            raise RuntimeError("another migration of this database has held its lock for 5 minutes")
 
 
 if context.is_offline_mode():
