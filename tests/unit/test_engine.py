@@ -503,3 +503,31 @@ def test_a_damaged_parent_chunk_is_read_whole_from_the_source_instead(tmp_path: 
     assert inc.stats.chunks_patched == 0 and inc.stats.bytes_read == MIB
     restore(vault, "job1/run2/vm1/vda", outputs / "new.img")
     assert blake3_file(outputs / "new.img") == blake3_file(changed)
+
+
+def test_restore_leaves_holes_inside_chunks_sparse(new_vault: MakeVault, tmp_path: Path, outputs: Path) -> None:
+    """A chunk half data, half hole restores identical, with the hole not written (a fresh image is zero)."""
+    image = tmp_path / "holey.img"
+    data = os.urandom(MIB // 2)
+    with open(image, "wb") as f:
+        f.truncate(4 * MIB)
+        f.seek(MIB)
+        f.write(data)  # chunk 1: data, then a hole
+        f.seek(2 * MIB + 64 * 1024)
+        f.write(data[:8192])  # chunk 2: hole, 8 KiB of data, hole
+    vault = new_vault()
+    backup(vault, image, "job1/run1/vm1/vda")
+    restore(vault, "job1/run1/vm1/vda", outputs / "holey.img")
+    assert blake3_file(outputs / "holey.img") == blake3_file(image)
+    assert allocated(outputs / "holey.img") <= allocated(image) + 64 * 1024
+
+
+def test_backup_of_a_chunk_of_allocated_zeros_stores_nothing(new_vault: MakeVault, tmp_path: Path) -> None:
+    """Zero chunks are recognised by their id, also when the source holds them as data, not holes."""
+    image = tmp_path / "zeros.img"
+    image.write_bytes(bytes(2 * MIB) + os.urandom(1536))  # two allocated zero chunks and a short tail
+    vault = new_vault(encrypted=True)
+    result = backup(vault, image, "job1/run1/vm1/vda")
+    assert result.stats.chunks_zero == 2 and result.stats.chunks_new == 1
+    manifest = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda"))
+    assert manifest.chunk_ids[:2] == [ZERO_ID, ZERO_ID]

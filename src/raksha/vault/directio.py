@@ -253,3 +253,29 @@ def aligned_span(offset: int, length: int) -> int:
     """Bytes an aligned read of ``[offset, offset + length)`` covers."""
     return -(-(offset + length) // ALIGN) * ALIGN - (offset - offset % ALIGN)
 
+
+
+_ZERO_BLOCK = bytes(ALIGN)
+
+
+def nonzero_runs(buf: mmap.mmap, length: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the runs of ``buf[:length]`` that are not whole all-zero blocks, in order.
+
+    A fresh (sparse) target needs only these written: the rest already reads as zeros, and not
+    writing it saves the device that much I/O and leaves the image sparse. Starts are block-aligned;
+    the last run may end unaligned at ``length``. Costs one ``find`` for a chunk without a zero block.
+    """
+    if buf.find(_ZERO_BLOCK, 0, length) == -1:
+        return [(0, length)]
+    runs: list[tuple[int, int]] = []
+    start = -1
+    for a in range(0, length, ALIGN):
+        zero = a + ALIGN <= length and buf[a : a + ALIGN] == _ZERO_BLOCK
+        if zero and start >= 0:
+            runs.append((start, a))
+            start = -1
+        elif not zero and start < 0:
+            start = a
+    if start >= 0:
+        runs.append((start, length))
+    return runs
