@@ -90,3 +90,10 @@ def test_an_unreachable_database_is_a_coded_error_not_a_traceback(tmp_path: Any)
     rc, _out, err = run_raksha("db", "version", "--url", f"postgresql+psycopg://nobody@/x?host={tmp_path}")
     assert rc == 8
     assert "[DATABASE_UNAVAILABLE]" in err and "Traceback" not in err
+
+
+def test_without_a_url_the_database_is_sqlite_in_the_data_directory(tmp_path: Any) -> None:
+    rc, out, err = run_raksha("db", "sync", "--json", env={"RAKSHA_DATA_DIR": str(tmp_path / "data")})
+    assert rc == 0, err
+    assert json.loads(out)["url"] == f"sqlite:///{tmp_path / 'data' / 'raksha.sqlite'}"
+    assert (tmp_path / "data" / "raksha.sqlite").is_file()
