@@ -7,12 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-
 from raksha.cli.output import emit
-from raksha.db import migrate
 from raksha.domain.errors import BackendError
+
+# SQLAlchemy and alembic load only when a db command runs: every other command starts faster.
 
 ENV_URL = "RAKSHA_DATABASE_URL"
 
@@ -26,6 +24,8 @@ def default_url() -> str:
 
 
 def _url(args: argparse.Namespace) -> str:
+    from sqlalchemy.engine import make_url
+
     url: str = args.url or default_url()
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
@@ -34,11 +34,15 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _shown(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
     return make_url(url).render_as_string(hide_password=True)
 
 
 def _database_errors(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
             return int(func(args))
         except SQLAlchemyError as err:
@@ -49,6 +53,8 @@ def _database_errors(func: Any) -> Any:
 
 @_database_errors
 def cmd_upgrade(args: argparse.Namespace) -> int:
+    from raksha.db import migrate
+
     url = _url(args)
     before = migrate.current(url)
     after = migrate.upgrade(url, args.revision)
@@ -59,6 +65,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 @_database_errors
 def cmd_version(args: argparse.Namespace) -> int:
+    from raksha.db import migrate
+
     url = _url(args)
     rev, head = migrate.current(url), migrate.head()
     emit({"url": _shown(url), "current": rev, "head": head, "up_to_date": rev == head}, args.json,

@@ -9,8 +9,6 @@ import sys
 import time
 from typing import Any
 
-from raksha import conf as config
-
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the all-in-one server (API, scheduler, agent)",
@@ -28,6 +26,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from waitress.server import create_server
 
+    from raksha import conf as config  # oslo.config and the service load only for `serve`
     from raksha.wsgi.embedded import Embedded
 
     started = time.monotonic()
