@@ -275,6 +275,12 @@ def fresh_database(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def fresh_db() -> Callable[[str], contextlib.AbstractContextManager[str]]:
+    """:func:`fresh_database` for test modules: ``with fresh_db(postgres_server) as url:``."""
+    return fresh_database
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow),
                         pytest.param("mariadb", marks=pytest.mark.slow)])
 def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:

@@ -1,4 +1,5 @@
-"""The REST API over HTTP against a real server (waitress, SQLite, libvirt's built-in ``test:///default`` host).
+"""The REST API over HTTP against a real server (waitress, libvirt's built-in ``test:///default`` host), on SQLite
+and (slow) on a real PostgreSQL.
 
 Runs on the test host fail (it has no disks to read): that is what the wrong-state cases use.
 The full job → run → restore cycle on real guests is in test_service_cycle.py.
@@ -6,6 +7,7 @@ The full job → run → restore cycle on real guests is in test_service_cycle.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 VM = "test"  # the domain libvirt's test driver always has
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with Server(tmp_path_factory.mktemp("raksha-api")) as srv:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The embedded server on SQLite (its default) and on a real PostgreSQL (a fresh database on the server
+    scripts/start-postgres.sh starts)."""
+    with contextlib.ExitStack() as stack:
+        overrides = {}
+        if request.param == "postgresql":
+            fresh = request.getfixturevalue("fresh_db")
+            overrides["database__connection"] = stack.enter_context(
+                fresh(request.getfixturevalue("postgres_server")))
+        srv = stack.enter_context(Server(tmp_path_factory.mktemp("raksha-api"), **overrides))
         yield srv
 
 
@@ -106,6 +116,9 @@ def test_pagination_follows_next_links_and_filters(t1: Client) -> None:
     (b'{"backupjob": {"name": "x", "vms": [{"id": "test"}], "retention": {"keep_last": -1}}}', "BODY_INVALID"),
     (b'{"backupjob": {"name": "x", "vms": [{"id": "no-such-vm"}]}}', "VM_NOT_FOUND"),
     (b'{"backupjob": {"name": "x", "vms": [{"id": "test"}], "vault_service": "nope"}}', "VAULT_SERVICE_NOT_FOUND"),
+    # PostgreSQL cannot store a NUL character: refused alike on every backend, never a 500
+    (b'{"backupjob": {"name": "a\\u0000b", "vms": [{"id": "test"}]}}', "VALUE_INVALID"),
+    (b'{"backupjob": {"name": "x", "vms": [{"id": "te\\u0000st"}]}}', "VALUE_INVALID"),
 ])
 def test_bad_bodies_get_400_with_a_stable_code(t1: Client, raw: bytes, code: str) -> None:
     resp = t1.request("POST", "/backupjobs", raw=raw)
@@ -122,6 +135,21 @@ def test_unknown_paths_methods_and_ids(t1: Client) -> None:
         resp = t1.get(path)
         assert resp.status == 404, (path, resp)
         assert resp.body["error"]["code"].endswith("_NOT_FOUND")
+
+
+def test_values_a_database_cannot_keep_are_refused_alike_on_every_backend(server: Server, t1: Client) -> None:
+    for path in ("/backupjobs/%00", "/backupjobs?name=%00", "/restores?status=a%00"):
+        resp = t1.get(path)
+        assert resp.status == 400 and resp.body["error"]["code"] == "VALUE_INVALID", (path, resp)
+    job = _job(t1, "nul")
+    resp = t1.put(f"/backupjobs/{job['id']}", {"backupjob": {"description": "a\u0000"}})
+    assert resp.status == 400 and resp.body["error"]["code"] == "VALUE_INVALID", resp
+    long_tenant = server.client("t" * 256)
+    for resp in (long_tenant.get("/backupjobs"),
+                 long_tenant.post("/backupjobs", {"backupjob": {"name": "x", "vms": [{"id": VM}]}})):
+        assert resp.status == 400 and resp.body["error"]["code"] == "PROJECT_ID_INVALID", resp
+    assert server.client("t" * 255).get("/backupjobs").status == 200
+    assert _job(t1, "\U0001f600" * 255)["name"] == "\U0001f600" * 255  # 255 characters, not bytes
 
 
 def test_no_tenant_sees_or_touches_another_tenants_job(server: Server, t1: Client) -> None:
@@ -187,6 +215,7 @@ def test_the_2013_client_dialect(server: Server) -> None:
     assert [j["id"] for j in detail] == [job["id"]]
     prepared = old.post(f"/backupjobs/{job['id']}?prepare=1")
     assert prepared.status == 202 and prepared.body["backupjobrun"]["status"] == "prepared"
+    jsonschema.validate(prepared.body["backupjobrun"], views.PREPARED_RUN)
     ran = old.post(f"/backupjobs/{job['id']}")
     assert ran.status == 202 and ran.body["backupjobrun"]["type"] == "full"
     run_id = ran.body["backupjobrun"]["id"]

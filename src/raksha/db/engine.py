@@ -15,8 +15,11 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+from raksha.domain.errors import InvalidInput
 
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY = "raksha_read_only"
@@ -59,6 +62,11 @@ def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_recycle=3600, pool_size=5, max_overflow=10)
 
 
+def _refused(exc: DataError) -> InvalidInput:
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    return InvalidInput(f"the database refused a value: {reason}", code="VALUE_INVALID")
+
+
 class Database:
     """An engine and its session factory. ``with db.begin() as session:`` is one transaction.
 
@@ -75,15 +83,24 @@ class Database:
 
     @contextmanager
     def begin(self) -> Iterator[Session]:
-        """A session in a transaction: committed when the block ends, rolled back if it raises."""
-        with self.sessions.begin() as session:
-            yield session
+        """A session in a transaction: committed when the block ends, rolled back if it raises.
+
+        A value the database refuses (too long for its column, a NUL character on PostgreSQL, out of
+        range) is ``VALUE_INVALID``, never a driver's error."""
+        try:
+            with self.sessions.begin() as session:
+                yield session
+        except DataError as exc:
+            raise _refused(exc) from exc
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reading only (API GETs): on SQLite it does not queue behind writers."""
-        with self._readers.begin() as session:
-            yield session
+        try:
+            with self._readers.begin() as session:
+                yield session
+        except DataError as exc:
+            raise _refused(exc) from exc
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -6,7 +6,10 @@ once (202) and watches its status and progress.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from raksha.db import Database
 from raksha.db import api as db
@@ -18,10 +21,48 @@ from raksha.rpc.inproc import InProcessTransport
 from raksha.services import schedule, views
 from raksha.services.agent import LibvirtAgent
 
+#: The longest project id the database keeps (its column; Keystone's are 32 or 64 characters).
+MAX_PROJECT_ID = 255
+T = TypeVar("T")
+
 
 def _project(ctx: RequestContext) -> str:
     assert ctx.project_id is not None  # the API checked it equals the path's tenant
+    if len(ctx.project_id) > MAX_PROJECT_ID:
+        raise InvalidInput(f"a project id is at most {MAX_PROJECT_ID} characters", code="PROJECT_ID_INVALID")
     return ctx.project_id
+
+
+def _no_nul(value: Any, where: str) -> None:
+    """Text with a NUL character is refused on every backend alike (PostgreSQL cannot store one)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput(f"{where or 'a value'} contains a NUL character", code="VALUE_INVALID",
+                               field=where or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key, where)
+            _no_nul(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _no_nul(item, where)
+
+
+def _checked(method: Callable[..., T]) -> Callable[..., T]:
+    """The same answer from every database backend: the caller's project and every id, filter and body
+    value checked before any query (PostgreSQL refuses what SQLite would store)."""
+
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(self: Any, ctx: RequestContext, *args: Any, **kwargs: Any) -> T:
+        _project(ctx)
+        for name, arg in signature.bind(self, ctx, *args, **kwargs).arguments.items():
+            if name not in ("self", "ctx"):
+                _no_nul(arg, "" if name in ("spec", "filters") else name)  # a body's or query's own names
+        return method(self, ctx, *args, **kwargs)
+
+    return wrapper
 
 
 def _base(ctx: RequestContext) -> str:
@@ -81,34 +122,40 @@ class Service:
                 return str(row.id)
         raise InvalidInput(f"no vault service {ref!r}", code="VAULT_SERVICE_NOT_FOUND")
 
+    @_checked
     def list_jobs(self, ctx: RequestContext, *, limit: int, marker: str | None,
                   filters: dict[str, Any]) -> list[dict[str, Any]]:
         with self.db.begin() as s:
             jobs = db.list_jobs(s, _project(ctx), limit=limit, marker=marker, **filters)
             return [self._job_view(s, j, ctx) for j in jobs]
 
+    @_checked
     def get_job(self, ctx: RequestContext, job_id: str) -> dict[str, Any]:
         with self.db.begin() as s:
             return self._job_view(s, db.get_job(s, _project(ctx), job_id), ctx)
 
+    @_checked
     def create_job(self, ctx: RequestContext, spec: dict[str, Any]) -> dict[str, Any]:
         with self.db.begin() as s:
             fields = self._job_fields(s, ctx, spec, creating=True)
             job = db.create_job(s, _project(ctx), ctx.user_id or "", **fields)
             return self._job_view(s, job, ctx)
 
+    @_checked
     def update_job(self, ctx: RequestContext, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
         with self.db.begin() as s:
             db.get_job(s, _project(ctx), job_id)
             job = db.update_job(s, _project(ctx), job_id, **self._job_fields(s, ctx, spec, creating=False))
             return self._job_view(s, job, ctx)
 
+    @_checked
     def delete_job(self, ctx: RequestContext, job_id: str) -> None:
         with self.db.begin() as s:
             db.delete_job(s, _project(ctx), job_id)
 
     # -- runs --------------------------------------------------------------------------------------
 
+    @_checked
     def start_run(self, ctx: RequestContext, job_id: str, kind: str, *, description: str | None = None,
                   prepare_only: bool = False) -> dict[str, Any]:
         project = _project(ctx)
@@ -133,6 +180,7 @@ class Service:
         self.rpc.cast("orchestrator", "run_backup", project_id=project, run_id=run.id)
         return view
 
+    @_checked
     def list_runs(self, ctx: RequestContext, *, job_id: str | None, limit: int, marker: str | None,
                   filters: dict[str, Any]) -> list[dict[str, Any]]:
         f: dict[str, Any] = dict(filters)
@@ -142,16 +190,19 @@ class Service:
             runs = db.list_runs(s, _project(ctx), job_id=job_id, limit=limit, marker=marker, details=True, **f)
             return [views.run_view(r, _base(ctx)) for r in runs]
 
+    @_checked
     def get_run(self, ctx: RequestContext, run_id: str, *, job_id: str | None = None) -> dict[str, Any]:
         with self.db.begin() as s:
             return views.run_view(db.get_run(s, _project(ctx), run_id, job_id=job_id), _base(ctx))
 
+    @_checked
     def update_run(self, ctx: RequestContext, run_id: str, *, job_id: str | None, description: str | None,
                    ) -> dict[str, Any]:
         with self.db.begin() as s:
             db.get_run(s, _project(ctx), run_id, job_id=job_id)
             return views.run_view(db.update_run(s, _project(ctx), run_id, description=description), _base(ctx))
 
+    @_checked
     def delete_run(self, ctx: RequestContext, run_id: str, *, job_id: str | None = None) -> None:
         project = _project(ctx)
         with self.db.begin() as s:
@@ -161,6 +212,7 @@ class Service:
                                code="RUN_IN_PROGRESS", id=run.id, status=run.status)
         self.rpc.call("orchestrator", "delete_run", project_id=project, run_id=run_id)
 
+    @_checked
     def cancel_run(self, ctx: RequestContext, run_id: str) -> dict[str, Any]:
         project = _project(ctx)
         with self.db.begin() as s:
@@ -178,6 +230,7 @@ class Service:
 
     # -- restores ----------------------------------------------------------------------------------
 
+    @_checked
     def start_restore(self, ctx: RequestContext, run_id: str, *, job_id: str | None,
                       spec: dict[str, Any]) -> dict[str, Any]:
         project = _project(ctx)
@@ -198,6 +251,7 @@ class Service:
             job_id = None  # the run was deleted since
         return views.restore_view(r, _base(ctx), job_id=job_id)
 
+    @_checked
     def list_restores(self, ctx: RequestContext, *, limit: int, marker: str | None,
                       filters: dict[str, Any]) -> list[dict[str, Any]]:
         f: dict[str, Any] = dict(filters)
@@ -209,10 +263,12 @@ class Service:
             return [self._restore_view(s, ctx, r)
                     for r in db.list_restores(s, _project(ctx), limit=limit, marker=marker, **f)]
 
+    @_checked
     def get_restore(self, ctx: RequestContext, restore_id: str) -> dict[str, Any]:
         with self.db.begin() as s:
             return self._restore_view(s, ctx, db.get_restore(s, _project(ctx), restore_id))
 
+    @_checked
     def cancel_restore(self, ctx: RequestContext, restore_id: str) -> dict[str, Any]:
         project = _project(ctx)
         with self.db.begin() as s:
