@@ -55,8 +55,11 @@ def error_response(status: int, code: str, message: str, *, retryable: bool = Fa
 def from_exception(err: BaseException, request_id: str) -> webob.Response:
     if isinstance(err, errors.RakshaError):
         d = err.to_dict()
-        return error_response(status_for(err), err.code, err.message, retryable=err.retryable,
+        resp = error_response(status_for(err), err.code, err.message, retryable=err.retryable,
                               request_id=request_id, details=d.get("details"))
+        if isinstance(err, MethodNotAllowed):  # RFC 9110: a 405 names the methods the resource has
+            resp.headers["Allow"] = ", ".join((d.get("details") or {}).get("allowed", []))
+        return resp
     LOG.exception("request %s failed", request_id)
     return error_response(500, "INTERNAL_ERROR", "the server failed to handle the request; see its log",
                           request_id=request_id)

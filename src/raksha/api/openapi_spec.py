@@ -21,6 +21,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
     "Error": views.ERROR,
     "Backupjob": views.BACKUPJOB,
     "Backupjobrun": views.BACKUPJOBRUN,
+    "BackupjobrunPrepared": views.PREPARED_RUN,
     "Restore": views.RESTORE,
     "BackupjobCreate": job_schema.CREATE,
     "BackupjobUpdate": job_schema.UPDATE,
@@ -94,7 +95,9 @@ def build() -> dict[str, Any]:
                        {"name": "marker", "in": "query", "schema": {"type": "string"}}]
             params += [{"name": f, "in": "query", "schema": {"type": "string"}} for f in _LIST_QUERY[handler]]
         if handler is backupjob.run_once and path.endswith("{id}"):
-            params.append({"name": "prepare", "in": "query", "schema": {"enum": ["0", "1", "true", "false"]}})
+            params.append({"name": "prepare", "in": "query", "schema": {"enum": list(backupjob.PREPARE)}})
+            answer = {"type": "object", "required": ["backupjobrun"], "properties": {
+                "backupjobrun": {"anyOf": [ref("Backupjobrun"), ref("BackupjobrunPrepared")]}}}
         responses: dict[str, Any] = {str(status): {"description": summary}}
         if answer is not None:
             responses[str(status)]["content"] = {"application/json": {"schema": answer}}

@@ -30,18 +30,25 @@ def json_body(req: webob.Request, schema: dict[str, Any] | None, *, optional: bo
         if problems:
             first = problems[0]
             where = "/".join(str(p) for p in first.absolute_path) or "(body)"
-            raise InvalidInput(f"invalid body at {where}: {first.message}", code="BODY_INVALID",
-                               errors=[f"{'/'.join(str(p) for p in e.absolute_path) or '(body)'}: {e.message}"
+            raise InvalidInput(f"invalid body at {where}: {_message(first)}", code="BODY_INVALID",
+                               errors=[f"{'/'.join(str(p) for p in e.absolute_path) or '(body)'}: {_message(e)}"
                                        for e in problems[:10]])
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object", code="BODY_INVALID")
     return body
 
 
+def _message(err: jsonschema.ValidationError) -> str:
+    """The schema's own words for a rule that spans fields (``anyOf``/``not`` with a ``description``)."""
+    if err.validator in ("anyOf", "oneOf", "not") and isinstance(err.schema, dict) and err.schema.get("description"):
+        return str(err.schema["description"])
+    return str(err.message)
+
+
 def query_int(req: webob.Request, name: str, default: int | None, *, minimum: int = 0,
               maximum: int | None = None) -> int | None:
     raw = req.GET.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)

@@ -9,8 +9,10 @@ from raksha.api.handlers.common import page_args, page_links
 from raksha.api.schemas import backupjob as schema
 from raksha.api.schemas import backupjobrun as run_schema
 from raksha.api.validation import json_body
+from raksha.domain.errors import InvalidInput
 
 FILTERS = ("status", "name")
+PREPARE = ("0", "1", "true", "false")  # ?prepare=1: the 2013 client's "only prepare the run"
 
 
 def list_jobs(req: ApiRequest) -> webob.Response:
@@ -48,7 +50,11 @@ def _start(req: ApiRequest, kind: str) -> webob.Response:
     req.authorize("backupjob:run")
     body = json_body(req.http, run_schema.START, optional=True)
     description = (body.get("backupjobrun") or {}).get("description")
-    prepare_only = req.http.GET.get("prepare") in ("1", "true", "yes")
+    prepare = req.http.GET.get("prepare")
+    if prepare not in (None, *PREPARE):
+        raise InvalidInput(f"query parameter prepare must be one of {', '.join(PREPARE)}, not {prepare!r}",
+                           code="QUERY_INVALID")
+    prepare_only = prepare in ("1", "true")
     run = req.service.start_run(req.ctx, req.params["id"], kind, description=description, prepare_only=prepare_only)
     return json_response({"backupjobrun": run}, status=202)
 

@@ -6,7 +6,10 @@ from typing import Any
 
 NAME = {"type": "string", "minLength": 1, "maxLength": 255}
 DESCRIPTION = {"type": ["string", "null"], "maxLength": 1024}
-VM_REF = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[^/\s]+$"}
+# No "/" and no white space. The space characters are spelled out: "\s" means one set in Python's re (which
+# validates) and another in ECMA-262 (which OpenAPI clients and generators use); this is their union.
+WHITE_SPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+VM_REF = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": rf"^[^/{WHITE_SPACE}]+$"}
 
 VM = {
     "type": "object",
@@ -55,14 +58,21 @@ _COMMON: dict[str, Any] = {
     "hours": {"type": ["integer", "null"], "minimum": 1, "maximum": 24 * 366},
 }
 
+# A job names its VMs in "vms", or the 2013 client's "instance_id" (one VM): never both.
+_NOT_BOTH = {"description": "give vms or the 2013 client's instance_id, not both",
+             "not": {"required": ["vms", "instance_id"]}}
+_ONE_OF_THEM = {"description": 'a backup job needs vms: [{"id": <domain name or UUID>}, ...] '
+                               "(or the 2013 client's instance_id)",
+                "anyOf": [{"required": ["vms"]}, {"required": ["instance_id"]}]}
+
 CREATE = {
     "type": "object",
     "properties": {
         "backupjob": {
             "type": "object",
             "properties": _COMMON,
-            # "vms", or the 2013 client's "instance_id": checked by the service with a clear message.
             "required": ["name"],
+            "allOf": [_ONE_OF_THEM, _NOT_BOTH],
             "additionalProperties": False,
         }
     },
@@ -73,7 +83,8 @@ CREATE = {
 UPDATE = {
     "type": "object",
     "properties": {
-        "backupjob": {"type": "object", "properties": _COMMON, "minProperties": 1, "additionalProperties": False}
+        "backupjob": {"type": "object", "properties": _COMMON, "minProperties": 1, "allOf": [_NOT_BOTH],
+                      "additionalProperties": False}
     },
     "required": ["backupjob"],
     "additionalProperties": False,

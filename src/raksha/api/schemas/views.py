@@ -67,6 +67,17 @@ BACKUPJOBRUN: dict[str, Any] = {
     },
 }
 
+# POST v1/{tenant_id}/backupjobs/{id}?prepare=1 (the 2013 client): what a run would do, nothing started.
+PREPARED_RUN: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "backupjob_id", "type", "status", "vms"],
+    "properties": {
+        "id": {"type": "null"}, "backupjob_id": STR, "type": {"enum": ["full", "incremental"]},
+        "status": {"const": "prepared"},
+        "vms": {"type": "array", "items": {"type": "object", "required": ["vm_id"], "properties": {"vm_id": STR}}},
+    },
+}
+
 RESTORE: dict[str, Any] = {
     "type": "object",
     "required": ["id", "backupjobrun_id", "type", "status", "progress_percent", "results", "created_at"],
