@@ -286,6 +286,7 @@ def drop_domain(srv: Server, name: str | None) -> None:
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)?")
 REQ = re.compile(r"req-[0-9a-f-]{36}")
+DIGEST = re.compile(r"\b[0-9a-f]{64}\b")  # keyed by the vault's key: new with every vault
 
 
 class Stabilizer:
@@ -308,6 +309,7 @@ class Stabilizer:
             s = s.replace(f"http://127.0.0.1:{port}", BASE)
         s = REQ.sub("req-9f1c0de4-1b6e-4f8e-a0c4-5d2f0b7e3a61", s)
         s = STAMP.sub("2026-11-25T09:00:00Z", s)
+        s = DIGEST.sub(lambda m: self.ids.setdefault(m.group(0), f"{len(self.ids):064x}"), s)
         return UUID.sub(self._id, s)
 
     def value(self, v: Any) -> Any:
@@ -383,6 +385,26 @@ at `GET /openapi.json`); `tests/functional/test_api_fuzz.py` fuzzes the server a
   and oslo.policy decides per call: readers list and show, members also create, update, delete, run, restore
   and cancel (admins too). `[api] policy_file` overrides any rule (`raksha:backupjob:create` and so on). The
   2013 client's `X-Auth-Project-Id` header is accepted and must name the token's project (id or name).
+  A cloud's `raksha.conf` (the service user needs Keystone's `service` role to validate tokens; with
+  `memcached_servers` unset, validated tokens are cached in the process):
+
+  ```ini
+  [api]
+  auth_strategy = keystone
+  # policy_file = /etc/raksha/policy.yaml   e.g.  "raksha:backupjob:create": "role:reader"
+
+  [keystone_authtoken]
+  www_authenticate_uri = http://keystone.example:5000/v3
+  auth_url = http://keystone.example:5000/v3
+  auth_type = password
+  username = raksha
+  password = SECRET
+  project_name = service
+  user_domain_name = Default
+  project_domain_name = Default
+  ```
+
+  `scripts/start-keystone.sh` runs a real Keystone on loopback for the tests (`tests/functional/test_api_keystone.py`).
 - **Bodies** wrap the resource: `{"backupjob": {...}}`, `{"backupjobrun": {...}}`, `{"restore": {...}}`. Long
   work (runs, restores, cancels) answers `202 Accepted` with the resource and its `status`; watch it with `GET`
   (`progress_percent`, `bytes_done`, `bytes_total`, `eta_seconds`).
