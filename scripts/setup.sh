@@ -104,10 +104,10 @@ fi
 if (( installed )); then
     say "python dependencies up to date (pyproject.toml unchanged)"
 else
-    say "installing raksha (editable) with test extras into .venv"
+    say "installing raksha (editable) with test and osc extras into .venv"
     rm -f "$STAMP"
-    (cd "$REPO" && "$VENV/bin/python" -m pip install -q -e '.[test]') \
-        || die "pip install -e '.[test]' failed"
+    (cd "$REPO" && "$VENV/bin/python" -m pip install -q -e '.[test,osc]') \
+        || die "pip install -e '.[test,osc]' failed"
     printf '%s\n' "$want_hash" >"$STAMP"
 fi
 
