@@ -105,6 +105,8 @@ def build() -> dict[str, Any]:
             for code in _ERRORS:
                 responses[code] = {"$ref": f"#/components/responses/E{code}"}
         op: dict[str, Any] = {"operationId": _op_id(method, path), "summary": summary, "responses": responses}
+        if path.startswith("/v1/"):
+            op["security"] = [{"keystone": []}, {}]  # a token in a cloud; none in the embedded mode
         if params:
             op["parameters"] = params
         if body is not None:
@@ -119,5 +121,9 @@ def build() -> dict[str, Any]:
             "schemas": COMPONENTS,
             "responses": {f"E{code}": {"description": text, "content": {"application/json": {"schema": ref("Error")}}}
                           for code, text in _ERRORS.items()},
+            "securitySchemes": {"keystone": {
+                "type": "apiKey", "in": "header", "name": "X-Auth-Token",
+                "description": "A Keystone token scoped to the path's tenant ([api] auth_strategy = keystone); "
+                               "the embedded all-in-one (noauth) needs none."}},
         },
     }
