@@ -2,7 +2,8 @@
 
 Every tick, jobs whose ``next_run_at`` has come get a run (full or incremental by their policy)
 and their next time. A job never has two runs at once: the run takes the job's lock, and a
-job still running when its time comes is simply rescheduled. On start, runs and restores that
+job still running when its time comes gets its next run as soon as that one ends (one run,
+however many times were missed meanwhile). On start, runs and restores that
 were working when the previous process stopped are failed with ``INTERRUPTED`` (their vault
 data is complete per disk or absent: nothing half-written is ever used); queued ones are
 started again; deletions resume.
