@@ -7,6 +7,7 @@ the API on 127.0.0.1:8791, libvirt at qemu:///system.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from oslo_config import cfg
 
@@ -86,6 +87,12 @@ def register_keystone(conf: cfg.ConfigOpts) -> cfg.ConfigOpts:
         conf.register_opts(opts, group=group)
     conf.register_opts(loading.get_auth_plugin_conf_options("password"), group=KEYSTONE_GROUP)
     return conf
+
+
+def list_opts() -> list[tuple[str | None, Sequence[cfg.Opt]]]:
+    """Every option, for ``oslo-config-generator --namespace raksha`` (a sample raksha.conf)."""
+    return [(None, DEFAULT_OPTS), ("api", API_OPTS), ("database", DATABASE_OPTS), ("vault", VAULT_OPTS),
+            ("libvirt", LIBVIRT_OPTS), ("scheduler", SCHEDULER_OPTS)]
 
 
 def load(args: list[str] | None = None, *, config_files: list[str] | None = None) -> cfg.ConfigOpts:
