@@ -157,6 +157,7 @@ def test_interval_schedule_full_every_retention_and_gc(conn: libvirt.virConnect,
         time.sleep(1.0)  # retention runs right after the last run's status is written
         listed = api.get(f"{runs_path}?limit=50").body["backupjobruns"]
 
+        assert busy_refusals >= 1  # a run asked for while a scheduled one worked was refused at least once
         history = sorted(seen.values(), key=lambda r: r["created_at"])
         assert all(r["status"] == "available" for r in history), history
         # On time: the first run one interval after the job was made, each next one an interval after the
