@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable
 
-from raksha.vault.directio import ALIGN, AlignedBuffers, aligned_span
+from raksha.vault.directio import aligned_span
 from raksha.vault.format.index import Location
 from raksha.vault.format.pack import pack_key
 from raksha.vault.repository import Vault
@@ -29,9 +30,8 @@ class BlobReader:
     def read_range(self, key: str, offset: int, length: int) -> memoryview | bytes:
         if self._into is None:
             return self._vault.backend.get_range(key, offset, length)
-        buffers: AlignedBuffers | None = getattr(self._local, "buffers", None)
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
         need = aligned_span(offset, length)
-        if buffers is None or buffers.size < need:
-            size = max(need, 1 << 20)
-            buffers = self._local.buffers = AlignedBuffers(-(-size // ALIGN) * ALIGN)
-        return self._into(key, offset, length, buffers.get())
+        if buf is None or len(buf) < need:
+            buf = self._local.buf = mmap.mmap(-1, max(need, 1 << 20))  # anonymous maps are page-aligned
+        return self._into(key, offset, length, buf)
