@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ def guest(conn: libvirt.virConnect, tmp_path_factory: pytest.TempPathFactory) ->
     with GuestDomain(conn, build_guest(), disks, work, name="raksha-cancel-a") as vm:
         vm.wait_for_agent(timeout=240)
         yield vm
+
+
+def _t(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _settled(vm: GuestDomain) -> None:
@@ -96,6 +101,10 @@ def test_cancel_a_run_and_restores_mid_transfer(conn: libvirt.virConnect, guest:
         run = api.post(f"/backupjobs/{job['id']}/full").body["backupjobrun"]
         run = api.wait(f"/backupjobruns/{run['id']}", "backupjobrun", until=RUN_END, timeout=600)
         assert run["status"] == "available", run
+        disks = {d["target"]: d for d in run["vms"][0]["disks"]}
+        print(f"\nfull run: { {t: (d['bytes_read'], d['bytes_stored']) for t, d in disks.items()} }, "
+              f"{_t(run['finished_at']) - _t(run['started_at']):.1f} s")
+        assert sorted(disks) == ["vda", "vdb"]
         _settled(guest)
 
         # A files restore cancelled mid-way leaves nothing in its directory.
@@ -126,6 +135,34 @@ def test_cancel_a_run_and_restores_mid_transfer(conn: libvirt.virConnect, guest:
         assert not (restored / restore_id).exists() or not os.listdir(restored / restore_id)
         print(f"\nrun cancelled {cancel_s:.2f} s after the cancel (at {moving['bytes_done']} of "
               f"{moving['bytes_total']} bytes)")
+
+        # Two VMs: the one restored whole before the cancel goes too; a cancelled restore leaves nothing.
+        with GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "b.qcow2", "32M"), "qcow2")], tmp_path,
+                         name="raksha-cancel-b") as small:
+            small.wait_for_agent(timeout=240)
+            both = api.post("/backupjobs", {"backupjob": {"name": "two", "vms": [{"id": small.name},
+                                                                                 {"id": guest.name}]}})
+            assert both.status == 201, both
+            run = api.post(f"/backupjobs/{both.body['backupjob']['id']}/full").body["backupjobrun"]
+            run = api.wait(f"/backupjobruns/{run['id']}", "backupjobrun", until=RUN_END, timeout=600)
+            assert run["status"] == "available", run
+        out = tmp_path / "out2"
+        out.mkdir()
+        started = api.post(f"/backupjobruns/{run['id']}", {"restore": {
+            "type": "files", "vms": ["raksha-cancel-b", guest.name], "target": {"directory": str(out),
+                                                                               "format": "raw"}}})
+        assert started.status == 202, started
+        rpath = f"/restores/{started.body['restore']['id']}"
+        deadline = time.monotonic() + 120
+        while not any(name.startswith(guest.name) for name in os.listdir(out)):  # the small VM done, the big begun
+            assert time.monotonic() < deadline, os.listdir(out)
+            time.sleep(0.01)
+        finished_first = sorted(os.listdir(out))
+        assert api.post(f"{rpath}/cancel").status == 202
+        restore = api.wait(rpath, "restore", until=("available", "error", "cancelled"), timeout=120)
+        assert restore["status"] == "cancelled", restore
+        assert any(name.startswith("raksha-cancel-b") for name in finished_first), finished_first
+        assert sorted(os.listdir(out)) == []
 
 
 class ServeProcess:

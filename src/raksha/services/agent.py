@@ -7,6 +7,7 @@ the in-process transport passes as they are (a remote transport turns them into 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,29 @@ class LibvirtAgent:
                     ended.append(dom.name())
                 break
         return ended
+
+    def discard_restored(self, restore_type: str, restored: list[dict[str, Any]]) -> None:
+        """Undo what a cancelled restore finished before the cancel (VMs restored whole: new domains and their
+        disks, or image files); an in-place restore cannot be undone and is left as it is."""
+        if restore_type == "in_place":
+            return
+        for vm in restored:
+            if restore_type == "new_vm" and (vm.get("uuid") or vm.get("domain")):
+                conn = self._conn()
+                try:
+                    dom = (conn.lookupByUUIDString(vm["uuid"]) if vm.get("uuid")
+                           else conn.lookupByName(vm["domain"]))
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefine()
+                except libvirt.libvirtError:
+                    pass  # already gone
+            for path in [d.get("path") for d in vm.get("disks", [])] + list(vm.get("files", [])):
+                if path:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
 
     def backup(self, vault: Vault, job: str, run: str, names: list[str], *, parent_run: str | None,
                exclude: dict[str, set[str]], progress: ProgressHook, cancelled: Callable[[], bool]) -> GroupResult:

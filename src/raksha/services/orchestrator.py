@@ -312,6 +312,13 @@ class Orchestrator:
             LOG.exception("restore %s failed", restore_id)
             code = exc.code if isinstance(exc, RakshaError) else "INTERNAL_ERROR"
             message = exc.message if isinstance(exc, RakshaError) else f"{type(exc).__name__}: {exc}"
+            if code == "CANCELLED" and isinstance(exc, RakshaError) and exc.details.get("restored"):
+                try:  # a cancelled restore leaves nothing: not even the VMs it finished before the cancel
+                    with self.db.begin() as s:
+                        restore_type = db.get_restore(s, project_id, restore_id).restore_type
+                    self.agent.discard_restored(restore_type, exc.details["restored"])
+                except Exception:
+                    LOG.exception("could not remove what cancelled restore %s made", restore_id)
             try:
                 with self.db.begin() as s:
                     target = "cancelled" if code == "CANCELLED" else "error"
