@@ -888,6 +888,8 @@ def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[F
     errors = {name: r.error for name, r in results.items() if r.error}
     for name, error in errors.items():
         print(f"error: {name}: {error}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores")
 
 
 def machine_info(results: dict[str, ToolResult]) -> dict[str, Any]:
@@ -903,6 +905,8 @@ def machine_info(results: dict[str, ToolResult]) -> dict[str, Any]:
             "",
         )
     return {
+        # Other work on the machine shows here: timings under load are longer and noisier for every tool.
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(),
         "cpu": cpu,
         "memory": meminfo.split(":", 1)[-1].strip(),
