@@ -229,6 +229,24 @@ def test_server_killed_mid_run_recovers(conn: libvirt.virConnect, guest: GuestDo
         assert run["status"] == "available", run
         assert run["vms"][0]["consistency"] == "filesystem"
         _settled(guest)
+
+        # Killed in the middle of a new-VM restore: on restart it is error INTERRUPTED, and its half-written
+        # disks are gone from the server's directory.
+        started = api.post(f"/backupjobruns/{run['id']}", {"restore": {
+            "type": "new_vm", "target": {"name_prefix": "kx", "start": False}}})
+        assert started.status == 202, started
+        restore_id = started.body["restore"]["id"]
+        _until_moving(api, f"/restores/{restore_id}", "restore", "restoring")
+    finally:
+        server.kill()
+    partial = data / "restored" / restore_id
+    assert partial.is_dir() and os.listdir(partial)  # what the killed server was writing
+    api = server.start()
+    try:
+        restore = api.get(f"/restores/{restore_id}").body["restore"]
+        assert restore["status"] == "error" and restore["error"]["code"] == "INTERRUPTED", restore
+        assert not partial.exists()
+        assert not [d for d in conn.listAllDomains() if d.name().startswith("kx-")]
     finally:
         server.kill(signal.SIGTERM)
     print(f"\nrestarted and recovered in {ready_s:.2f} s")

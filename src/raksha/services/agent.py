@@ -8,6 +8,7 @@ the in-process transport passes as they are (a remote transport turns them into 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,29 @@ class LibvirtAgent:
                     ended.append(dom.name())
                 break
         return ended
+
+    def discard_domains_under(self, names: list[str], directory: str) -> list[str]:
+        """Undefine (and stop) the domains of ``names`` whose disks all lie in ``directory``: what an interrupted
+        new-VM restore defined there. Any other domain of such a name is left alone. Returns those removed."""
+        removed = []
+        conn = self._conn()
+        prefix = os.path.join(os.path.realpath(directory), "")
+        for name in names:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            sources = re.findall(r"<source file='([^']*)'", dom.XMLDesc(0))
+            if not sources or not all(os.path.realpath(src).startswith(prefix) for src in sources):
+                continue
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+                removed.append(name)
+            except libvirt.libvirtError:
+                pass
+        return removed
 
     def discard_restored(self, restore_type: str, restored: list[dict[str, Any]]) -> None:
         """Undo what a cancelled restore finished before the cancel (VMs restored whole: new domains and their

@@ -8,6 +8,7 @@ written at most once a second. A cancel is seen at the next progress report of a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -333,6 +334,28 @@ class Orchestrator:
         finally:
             self._cancel.discard(restore_id)
 
+    def discard_interrupted_restore(self, project_id: str, restore_id: str) -> None:
+        """After a restart: remove what a restore killed mid-way made in the server's own directory for it
+        (its disks; for new VMs, the domains defined on them). A directory the caller named is left as it is."""
+        with self.db.begin() as s:
+            r = db.get_restore(s, project_id, restore_id)
+            if (r.target or {}).get("directory"):
+                return
+            names: list[str] = []
+            if r.restore_type == "new_vm":
+                try:
+                    run = db.get_run(s, project_id, r.backupjobrun_id)
+                except NotFound:
+                    run = None
+                if run is not None:
+                    vms = (r.selection or {}).get("vms") or [vm.vm_id for vm in run.vms]
+                    prefix = (r.target or {}).get("name_prefix") or f"restored-{restore_id[:8]}"
+                    names = list(_new_names(run, vms, prefix).values())
+        directory = os.path.join(self.restore_dir, restore_id)
+        if names and os.path.isdir(directory):
+            self.agent.discard_domains_under(names, directory)
+        _discard_tree(directory)
+
     def _run_restore(self, project_id: str, restore_id: str) -> None:
         with self.db.begin() as s:
             r = db.get_restore(s, project_id, restore_id)
@@ -377,6 +400,18 @@ class Orchestrator:
         with self.db.begin() as s:
             db.transition_restore(s, project_id, restore_id, "available", results=report.to_dict(),
                                   progress_percent=100, eta_seconds=0, bytes_done=report.bytes_written)
+
+
+def _discard_tree(directory: str) -> None:
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, name))
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(root, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
 
 
 def _new_names(run: BackupJobRun, vms: list[str], prefix: str) -> dict[str, str]:

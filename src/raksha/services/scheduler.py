@@ -87,6 +87,11 @@ class Scheduler:
                     with self.db.begin() as s:
                         db.transition_restore(s, project, restore_id, "error", error_code="INTERRUPTED",
                                               error_message="the server stopped during the restore; run it again")
+                    try:  # its half-written disks in the server's own directory, and VMs defined on them
+                        self.rpc.call("orchestrator", "discard_interrupted_restore", project_id=project,
+                                      restore_id=restore_id)
+                    except Exception:
+                        LOG.exception("could not remove what interrupted restore %s made", restore_id)
             except RakshaError:
                 LOG.exception("could not recover restore %s", restore_id)
 
