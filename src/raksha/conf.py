@@ -51,7 +51,7 @@ SCHEDULER_OPTS = [
                  help="How often every vault's unused chunks are collected (raksha vault gc); 0: never on a "
                       "timer. Safe while backups run."),
     cfg.BoolOpt("gc_after_retention", default=True,
-                help="Also collect a vault's garbage soon after retention deleted runs."),
+                help="Also collect a vault's garbage soon after runs were deleted (retention, the API)."),
     cfg.FloatOpt("gc_grace_seconds", default=3600.0, min=0,
                  help="Packs younger than this are never collected (they may belong to a backup in progress)."),
     cfg.FloatOpt("gc_max_wait_seconds", default=600.0, min=0,

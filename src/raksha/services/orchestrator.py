@@ -74,7 +74,7 @@ class Orchestrator:
         self.agent = agent
         self.restore_dir = restore_dir
         self._cancel: set[str] = set()
-        #: Called after retention deleted runs (the scheduler then collects the vault's garbage).
+        #: Called after runs were deleted (retention, the API): the scheduler then collects the vault's garbage.
         self.on_pruned: Callable[[], None] | None = None
 
     # -- cancellation ----------------------------------------------------------------------------
@@ -229,10 +229,11 @@ class Orchestrator:
 
     # -- deleting runs, retention ----------------------------------------------------------------
 
-    def delete_run(self, project_id: str, run_id: str) -> None:
+    def delete_run(self, project_id: str, run_id: str, *, collect: bool = True) -> None:
         """Delete a run's vault data that no other run references, then the run (resumable: a
         ``deleting`` run is deleted again from where it stopped); then the backups of earlier deleted
-        runs that were kept only as this run's backing and that nothing references any more."""
+        runs that were kept only as this run's backing and that nothing references any more.
+        ``collect``: ask for the vault's garbage collection afterwards (``on_pruned``)."""
         with self.db.begin() as s:
             run = db.get_run(s, project_id, run_id)
             if run.status != RunStatus.DELETING:
@@ -244,6 +245,8 @@ class Orchestrator:
         with self.db.begin() as s:
             db.transition_run(s, project_id, run_id, RunStatus.DELETED)
         self._delete_orphans(project_id)
+        if collect and self.on_pruned is not None:
+            self.on_pruned()
 
     def _delete_backups(self, project_id: str, vault_row: VaultService,
                         backups: list[tuple[str, str, str | None]]) -> None:
@@ -295,7 +298,7 @@ class Orchestrator:
             return []
         for rid in forget:
             try:
-                self.delete_run(project_id, rid)
+                self.delete_run(project_id, rid, collect=False)
             except RakshaError:
                 LOG.exception("retention could not delete run %s", rid)
         if forget:

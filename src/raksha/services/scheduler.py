@@ -10,8 +10,8 @@ started again; deletions resume.
 
 Vault space that no backup uses any more (after retention or a deleted run) is reclaimed by the
 vault's garbage collection (raksha.vault.operations.gc: mark and sweep with a grace period, safe
-while backups run), on its own thread: every ``gc_interval`` seconds, and soon after retention
-deleted runs.
+while backups run), on its own thread: every ``gc_interval`` seconds, and soon after runs were
+deleted (retention, the API).
 """
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ class Scheduler:
             rows = db.all_vault_services(s)
         reports: dict[str, dict[str, Any]] = {}
         for row in rows:
+            if row.type != "local":
+                continue  # a remote vault is collected by the agent that reaches it (next issue)
             try:
                 if not (vaults.local_path(row) / "config").exists():
                     continue  # never used yet: nothing to collect (and nothing is made here)
