@@ -1,5 +1,5 @@
 """The REST API over HTTP against a real server (waitress, libvirt's built-in ``test:///default`` host), on SQLite
-and (slow) on a real PostgreSQL.
+and (slow) on a real PostgreSQL and MariaDB.
 
 Runs on the test host fail (it has no disks to read): that is what the wrong-state cases use.
 The full job → run → restore cycle on real guests is in test_service_cycle.py.
@@ -26,16 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 VM = "test"  # the domain libvirt's test driver always has
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow),
+                                        pytest.param("mariadb", marks=pytest.mark.slow)])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The embedded server on SQLite (its default) and on a real PostgreSQL (a fresh database on the server
-    scripts/start-postgres.sh starts)."""
+    """The embedded server on SQLite (its default), and on a real PostgreSQL and MariaDB (a fresh database on
+    the server scripts/start-postgres.sh or start-mariadb.sh starts)."""
     with contextlib.ExitStack() as stack:
         overrides = {}
-        if request.param == "postgresql":
+        if request.param != "sqlite":
             fresh = request.getfixturevalue("fresh_db")
             overrides["database__connection"] = stack.enter_context(
-                fresh(request.getfixturevalue("postgres_server")))
+                fresh(request.getfixturevalue(f"{'postgres' if request.param == 'postgresql' else 'mariadb'}_server")))
         srv = stack.enter_context(Server(tmp_path_factory.mktemp("raksha-api"), **overrides))
         yield srv
 
