@@ -82,8 +82,8 @@ def test_cron_schedule_fires_on_its_seconds_and_gc_runs_on_its_interval(tmp_path
             assert time.monotonic() < deadline, runs
             time.sleep(0.2)
         for run in runs:
-            # Fired at a multiple of 3 s (the scheduler ticks every 0.2 s here).
-            assert _t(run["created_at"]) % 3 < 1.0, run["created_at"]
+            # Fired at a multiple of 3 s (the scheduler ticks every 0.2 s here; slack for a loaded machine).
+            assert _t(run["created_at"]) % 3 < 1.5, run["created_at"]
             assert run["description"] == "scheduled" and run["type"] == "full"  # nothing to build on
         # The first run made the vault; the periodic collection has visited it since.
         deadline = time.monotonic() + 10
