@@ -217,7 +217,6 @@ def test_the_2013_client_dialect(server: Server) -> None:
     prepared = old.post(f"/backupjobs/{job['id']}?prepare=1")
     assert prepared.status == 202 and prepared.body["backupjobrun"]["status"] == "prepared"
     jsonschema.validate(prepared.body["backupjobrun"], views.PREPARED_RUN)
-    jsonschema.validate(prepared.body["backupjobrun"], views.PREPARED_RUN)
     ran = old.post(f"/backupjobs/{job['id']}")
     assert ran.status == 202 and ran.body["backupjobrun"]["type"] == "full"
     run_id = ran.body["backupjobrun"]["id"]
