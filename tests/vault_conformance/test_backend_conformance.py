@@ -1,6 +1,7 @@
 """What every vault backend promises, as runnable examples of the Backend protocol.
 
-Each test runs against every backend in conftest.BACKEND_FACTORIES.
+Each test runs against every backend in conformance_backends.BACKEND_FACTORIES (the ``backend``
+fixture; a module, not a conftest.py, so it never shadows tests/conftest.py's helpers).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conformance_backends import backend  # noqa: F401 - the fixture every test here takes
 
 from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound
 from raksha.vault.backends.base import Backend, ObjectInfo
