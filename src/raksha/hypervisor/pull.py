@@ -2,10 +2,9 @@
 
 Freeze every guest that has an agent, start every domain's backup job (one job
 covers all disks of a domain, atomically), thaw, then read each disk's NBD
-export. Freezes, job starts and thaws each go to all domains at once
-(strategy.each), so the window does not grow with the number of VMs. The run
-records the consistency it reached per domain and the freeze window. Every pull job is ended (abortJob) whatever happens, and no guest is
-left frozen.
+export. Freezes, job starts and thaws each go to all domains at once (strategy.each), so the window
+does not grow with the number of VMs. The run records the consistency it reached per domain and the
+freeze window. Every pull job is ended (abortJob) whatever happens, and no guest is left frozen.
 
 How each disk's changes are found (docs/design/changed-block-tracking.md):
 
