@@ -77,3 +77,37 @@ def test_job_full_incremental_and_restore_to_new_vms_through_the_api(conn: libvi
         finally:
             for copy in copies:
                 copy.__exit__(None, None, None)
+
+
+def test_a_vm_gone_before_the_run_makes_it_partial_and_the_rest_restorable(conn: libvirt.virConnect,
+                                                                          tmp_path: Path) -> None:
+    guest = build_guest()
+    with GuestDomain(conn, guest, [(make_data_disk(tmp_path / "a.qcow2", "32M"), "qcow2")], tmp_path,
+                     name="raksha-part-a") as a, \
+            Server(tmp_path / "srv", libvirt_uri=conn.getURI()) as srv:
+        gone = GuestDomain(conn, guest, [(make_data_disk(tmp_path / "b.qcow2", "32M"), "qcow2")], tmp_path,
+                           name="raksha-part-b")
+        with gone:
+            api = srv.client("demo")
+            job = api.post("/backupjobs", {"backupjob": {
+                "name": "two", "vms": [{"id": "raksha-part-a"}, {"id": "raksha-part-b"}]}}).body["backupjob"]
+        # raksha-part-b no longer exists when the run starts.
+        a.wait_for_agent(timeout=240)
+        started = api.post(f"/backupjobs/{job['id']}/full").body["backupjobrun"]
+        run = api.wait(f"/backupjobruns/{started['id']}", "backupjobrun",
+                       until=("available", "partial", "error"), timeout=600)
+        assert run["status"] == "partial", run
+        by_ref = {vm["name"] or vm["vm_id"]: vm for vm in run["vms"]}
+        assert by_ref["raksha-part-a"]["status"] == "available"
+        assert by_ref["raksha-part-b"]["status"] == "error"
+        assert by_ref["raksha-part-b"]["error"]["code"] == "VM_NOT_FOUND"
+        # A partial run restores the VMs that made it.
+        out = tmp_path / "files"
+        out.mkdir()
+        r = api.post(f"/backupjobruns/{run['id']}", {"restore": {"type": "files",
+                                                                 "target": {"directory": str(out)}}})
+        assert r.status == 202, r
+        done = api.wait(f"/restores/{r.body['restore']['id']}", "restore", until=("available", "error"))
+        assert done["status"] == "available", done
+        assert [vm["source_name"] for vm in done["results"]] == ["raksha-part-a"]
+        assert all(d["verified"] for vm in done["results"] for d in vm["disks"])
