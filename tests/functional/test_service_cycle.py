@@ -28,6 +28,9 @@ def test_job_full_incremental_and_restore_to_new_vms_through_the_api(conn: libvi
             Server(tmp_path / "srv", libvirt_uri=conn.getURI()) as srv:
         a.wait_for_agent(timeout=240)
         b.wait_for_agent(timeout=240)
+        # a has an application hook (installed into its running root), b none: a reaches application.
+        assert a.exec("mkdir -p /etc/raksha/hooks && printf '#!/bin/sh\\nsync\\n' > /etc/raksha/hooks/pre-freeze"
+                      " && chmod 755 /etc/raksha/hooks/pre-freeze")[0] == 0
         api = srv.client("demo")
         job = api.post("/backupjobs", {"backupjob": {
             "name": "app", "vms": [{"id": "raksha-svc-a"}, {"id": b.dom.UUIDString()}]}}).body["backupjob"]
@@ -42,7 +45,10 @@ def test_job_full_incremental_and_restore_to_new_vms_through_the_api(conn: libvi
             run = runs[step]
             assert run["status"] == "available", run
             assert run["type"] == kind and run["progress_percent"] == 100
-            assert run["consistency"] == "filesystem"  # both guests answered their agent and froze
+            assert run["consistency"] == "filesystem"  # the weakest: both guests froze, only a had a hook
+            levels = {vm["name"]: (vm["consistency"], vm["consistency_note"]) for vm in run["vms"]}
+            assert levels["raksha-svc-a"][0] == "application", levels
+            assert levels["raksha-svc-b"][0] == "filesystem" and "no pre-freeze hook" in levels["raksha-svc-b"][1]
             assert {vm["name"] for vm in run["vms"]} == {"raksha-svc-a", "raksha-svc-b"}
             for vm in run["vms"]:
                 (disk,) = vm["disks"]

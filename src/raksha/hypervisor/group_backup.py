@@ -30,7 +30,7 @@ from raksha.hypervisor.disks import backing_chain, domain_interfaces
 from raksha.hypervisor.errors import translate, vm_gone
 from raksha.hypervisor.pull import consistency_group
 from raksha.hypervisor.snapshot import snapshot_group
-from raksha.hypervisor.strategy import STRATEGIES, DomainPoint, GroupPoint
+from raksha.hypervisor.strategy import LEVELS, STRATEGIES, DomainPoint, GroupPoint, Hooks
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.format.naming import BackupId
@@ -65,6 +65,8 @@ class GroupResult:
     run: str
     freeze_ms: float
     vms: list[VmResult]
+    pre_freeze_ms: float = 0.0  # the guests' pre-freeze hooks, all at once, before the window
+    post_thaw_ms: float = 0.0  # their post-thaw hooks, after it
 
 
 def checkpoint_name(job: str, run: str) -> str:
@@ -78,12 +80,24 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                    *, parent_run: str | None = None, threads: int | None = None,
                    exclude: dict[str, set[str]] | None = None,
                    progress: ProgressHook | None = None, strategy: str = "pull",
-                   snapshot_options: dict[str, Any] | None = None) -> GroupResult:
+                   snapshot_options: dict[str, Any] | None = None, consistency: str | None = None,
+                   hooks: Hooks | None = None) -> GroupResult:
     """``strategy`` "pull" (checkpoints, pull.py) or "snapshot" (external snapshots for hosts without
-    checkpoint support, snapshot.py; ``snapshot_options`` go to ``snapshot_group``)."""
+    checkpoint support, snapshot.py; ``snapshot_options`` go to ``snapshot_group``).
+
+    ``consistency`` is the level wanted (None: the best each VM can reach): ``application`` runs the
+    guests' hooks around the freeze (``hooks``: their paths and timeout, default ``Hooks()``),
+    ``filesystem`` only freezes, ``crash`` does not freeze. Each VM records the level it reached and why."""
     if strategy not in STRATEGIES:
         raise InvalidInput(f"unknown backup strategy {strategy!r}: one of {', '.join(STRATEGIES)}",
                            code="INVALID_STRATEGY")
+    if consistency is not None and consistency not in LEVELS:
+        raise InvalidInput(f"unknown consistency level {consistency!r}: one of {', '.join(LEVELS)}",
+                           code="INVALID_CONSISTENCY")
+    freeze = consistency != "crash"
+    run_hooks = Hooks.for_level(consistency, hooks)
+    wanted_note = {"crash": "crash consistency wanted: not frozen. ",
+                   "filesystem": "filesystem consistency wanted: no guest hooks run. "}.get(consistency or "", "")
     doms = []
     for name in names:
         try:
@@ -95,12 +109,14 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
     # Each domain's disks are tracked from the parent run's checkpoint (qcow2) or QEMU bitmap (raw);
     # the group decides per disk whether that base is usable (pull.py) and keeps only the newest one.
     group: AbstractContextManager[GroupPoint] = (
-        snapshot_group(doms, job, run, parent_run, exclude=exclude, **(snapshot_options or {}))
+        snapshot_group(doms, job, run, parent_run, exclude=exclude, freeze=freeze, hooks=run_hooks,
+                       **(snapshot_options or {}))
         if strategy == "snapshot" else
-        consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude))
+        consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude,
+                          freeze=freeze, hooks=run_hooks))
     with group as point:
         for p in point.domains:
-            vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, p.why)
+            vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, wanted_note + p.why)
             vm.excluded = [d.target for d in p.excluded]
             results.append(vm)
             if p.error is None:
@@ -110,8 +126,8 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                     p.fail(_vm_error(p.domain, vm.name, exc))
             if p.error is not None:
                 vm.error = p.error.to_dict()
-        freeze_ms = point.freeze_ms
-    return GroupResult(job, run, freeze_ms, results)
+        freeze_ms, hook_run = point.freeze_ms, point.hooks
+    return GroupResult(job, run, freeze_ms, results, hook_run.pre_freeze_ms, hook_run.post_thaw_ms)
 
 
 def _vm_error(dom: libvirt.virDomain, name: str, exc: Exception) -> RakshaError:

@@ -40,11 +40,21 @@ import libvirt_qemu
 from raksha.domain.errors import RakshaError
 from raksha.hypervisor.disks import DiskInfo, domain_disks
 from raksha.hypervisor.errors import translate, vm_gone
-from raksha.hypervisor.strategy import each, freeze_guests, thaw_guests, thaw_leftovers
+from raksha.hypervisor.strategy import (
+    CRASH,
+    FILESYSTEM,
+    HookRun,
+    Hooks,
+    each,
+    freeze_guests,
+    post_thaw,
+    pre_freeze,
+    thaw_guests,
+    thaw_leftovers,
+)
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
-CRASH, FILESYSTEM = "crash", "filesystem"
 WORKDIR_PREFIX = "raksha-pull-"  # + "<pid>-": tells whose pull job an export socket belongs to
 _SOCKET_OWNER = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
 
@@ -182,6 +192,7 @@ class DomainPoint:
 class GroupPoint:
     domains: list[DomainPoint]
     freeze_ms: float = 0.0
+    hooks: HookRun = field(default_factory=HookRun)  # the pre-freeze/post-thaw hooks, and their time
     started_at: float = field(default_factory=time.time)
 
 
@@ -460,13 +471,16 @@ def _begin(p: DomainPoint, scratch: str) -> None:
 
 @contextmanager
 def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], checkpoint: str,
-                      *, freeze: bool = True, exclude: dict[str, set[str]] | None = None) -> Iterator[GroupPoint]:
+                      *, freeze: bool = True, exclude: dict[str, set[str]] | None = None,
+                      hooks: Hooks | None = None) -> Iterator[GroupPoint]:
     """Take one point in time over ``domains``, each with the parent run's checkpoint/bitmap name (or None).
 
     ``checkpoint`` names this run's libvirt checkpoint and raw-disk bitmaps. ``exclude`` maps a
     domain name to disk targets left out (and recorded). Yields while every domain's pull job is
     open; ends them all on exit. A domain whose job could not start has ``error`` set and no
     exports; the others go on. ``DomainPoint.fail()`` marks a domain the caller could not back up.
+    ``hooks``: the guest scripts run before the freeze and after the thaw (strategy.Hooks; None: none);
+    a frozen guest whose pre-freeze hook exited 0 reaches ``application``.
     """
     for dom, _parent in domains:
         end_stale_job(dom)
@@ -491,18 +505,22 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             os.makedirs(os.path.join(workdir, p.domain.UUIDString()), exist_ok=True)
         if freeze:
             thaw_leftovers(live)  # left frozen by a run that died inside its window: never ours to keep
+            group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.
         t0 = time.monotonic()
-        frozen = freeze_guests(live) if freeze else []
         try:
-            started = each(lambda p: _begin(p, os.path.join(workdir, p.domain.UUIDString())), live)
+            frozen = freeze_guests(live) if freeze else []
+            try:
+                started = each(lambda p: _begin(p, os.path.join(workdir, p.domain.UUIDString())), live)
+            finally:
+                thawed = thaw_guests(frozen)
+                group.freeze_ms = (time.monotonic() - t0) * 1000
         finally:
-            thawed = thaw_guests(frozen)
-            group.freeze_ms = (time.monotonic() - t0) * 1000
+            post_thaw(group.hooks, hooks)  # after the thaw, whatever happened: what the pre-freeze hook did is undone
         thawed_ids = {id(t) for t in thawed}  # a guest whose thaw failed is not claimed filesystem-consistent
         for p in live:
             if id(p) in thawed_ids:
-                p.consistency = FILESYSTEM if p.started else CRASH
+                p.consistency = group.hooks.reached(p, FILESYSTEM if p.started else CRASH)
         for p, err in zip(live, started, strict=True):
             if isinstance(err, libvirt.libvirtError):
                 p.error = translate(err, f"{p.domain.name()}: the backup job did not start")

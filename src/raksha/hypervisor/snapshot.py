@@ -30,8 +30,19 @@ import libvirt
 from raksha.domain.errors import RakshaError, SourceError, VmGone
 from raksha.hypervisor.disks import DiskInfo, domain_disks
 from raksha.hypervisor.errors import translate
-from raksha.hypervisor.pull import CRASH, FILESYSTEM
-from raksha.hypervisor.strategy import alive, each, freeze_guests, thaw_guests, thaw_leftovers
+from raksha.hypervisor.strategy import (
+    CRASH,
+    FILESYSTEM,
+    HookRun,
+    Hooks,
+    alive,
+    each,
+    freeze_guests,
+    post_thaw,
+    pre_freeze,
+    thaw_guests,
+    thaw_leftovers,
+)
 from raksha.vault.sources.base import Extent, merge_extents
 from raksha.vault.sources.nbd import EXPORT_DIR_PREFIX, NbdSource, QemuNbdExport
 
@@ -169,6 +180,7 @@ class SnapshotDomainPoint:
 class SnapshotGroupPoint:
     domains: list[SnapshotDomainPoint]
     freeze_ms: float = 0.0
+    hooks: HookRun = field(default_factory=HookRun)  # the pre-freeze/post-thaw hooks, and their time
     started_at: float = field(default_factory=time.time)
     cleanup_errors: list[str] = field(default_factory=list)  # layers left for the next run to collapse
 
@@ -419,7 +431,7 @@ def _roll_back_disk(p: SnapshotDomainPoint, s: DiskState, timeout: float) -> Non
 def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_run: str | None = None, *,
                    freeze: bool = True, exclude: dict[str, set[str]] | None = None,
                    overlay_dir: str | None = None, keep_overlay: bool = True,
-                   job_timeout: float = 3600.0) -> Iterator[SnapshotGroupPoint]:
+                   job_timeout: float = 3600.0, hooks: Hooks | None = None) -> Iterator[SnapshotGroupPoint]:
     """Take one point in time over ``domains`` with external snapshots, as run ``run`` of ``job``.
 
     ``parent_run`` is the run whose overlay should be the active layer of every disk (its clusters are
@@ -428,7 +440,9 @@ def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_
     the run, so the next run reads in full. A domain whose snapshot fails, or that the caller marks
     with ``fail()``, has its new overlays pivoted back and deleted on exit; the others have their old
     layers committed (a failure there is logged and left for the next run, which collapses it). An
-    exception out of the ``with`` body rolls every domain back.
+    exception out of the ``with`` body rolls every domain back. ``hooks``: the guest scripts run before the
+    freeze and after the thaw (strategy.Hooks); a frozen guest whose pre-freeze hook exited 0 reaches
+    ``application``.
     """
     points = []
     for dom in domains:
@@ -450,19 +464,24 @@ def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_
         live = [p for p in points if p.error is None]
         if freeze:
             thaw_leftovers(live)
+            group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
         t0 = time.monotonic()
-        frozen = freeze_guests(live) if freeze else []
         try:
-            for p, err in zip(live, each(_snapshot(name), live), strict=True):
-                if isinstance(err, libvirt.libvirtError):  # atomic: none of its disks has the new overlay
-                    p.error = translate(err, f"{p.domain.name()}: the external snapshot failed")
-                elif err is not None:
-                    raise err
+            frozen = freeze_guests(live) if freeze else []
+            try:
+                for p, err in zip(live, each(_snapshot(name), live), strict=True):
+                    if isinstance(err, libvirt.libvirtError):  # atomic: none of its disks has the new overlay
+                        p.error = translate(err, f"{p.domain.name()}: the external snapshot failed")
+                    elif err is not None:
+                        raise err
+            finally:
+                thawed = thaw_guests(frozen)
+                for p in points:
+                    p.consistency = group.hooks.reached(
+                        p, FILESYSTEM if p in thawed and p.error is None else CRASH)
+                group.freeze_ms = (time.monotonic() - t0) * 1000
         finally:
-            thawed = thaw_guests(frozen)
-            for p in points:
-                p.consistency = FILESYSTEM if p in thawed and p.error is None else CRASH
-            group.freeze_ms = (time.monotonic() - t0) * 1000
+            post_thaw(group.hooks, hooks)  # after the thaw, whatever happened: what the pre-freeze hook did is undone
         for p in points:
             if p.error is None:
                 _map_changes(p)

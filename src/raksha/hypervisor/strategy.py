@@ -7,13 +7,21 @@ reports a domain it could not back up with ``fail``. Leaving the context ends th
 domains that completed keep what the next incremental needs, the failed ones keep their previous
 base. ``pull`` (libvirt checkpoints, pull.py) and ``snapshot`` (external snapshots, snapshot.py)
 have this shape.
+
+Both freeze the same way (the helpers below): every guest's pre-freeze hook at once (``pre_freeze``),
+then the window: freeze all, take the point, thaw all; then every post-thaw hook (``post_thaw``). A
+guest frozen after its pre-freeze hook exited 0 reaches ``application``, frozen alone ``filesystem``,
+else ``crash`` (docs/adr/0008-application-consistency.md).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -76,6 +84,9 @@ class GroupPoint(Protocol):
 
     @property
     def freeze_ms(self) -> float: ...
+
+    @property
+    def hooks(self) -> HookRun: ...
 
 
 class Freezable(Protocol):
@@ -157,3 +168,146 @@ def thaw_guests(frozen: Sequence[Freezable], timeout: int = 10, attempts: int = 
                     raise
 
     return [p for p, err in zip(frozen, each(one, frozen), strict=True) if err is None]
+
+
+# ---------------------------------------------------------------- application consistency: guest hooks
+CRASH, FILESYSTEM, APPLICATION = "crash", "filesystem", "application"
+LEVELS = (CRASH, FILESYSTEM, APPLICATION)  # weakest first
+DEFAULT_PRE_FREEZE = "/etc/raksha/hooks/pre-freeze"
+DEFAULT_POST_THAW = "/etc/raksha/hooks/post-thaw"
+HOOK_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The guest scripts run around the freeze (docs/adr/0008-application-consistency.md).
+
+    Each is run through the guest agent (``guest-exec``, no shell) with one argument, ``freeze`` or ``thaw``
+    as qemu-ga passes to its own fsfreeze-hook (so one script can serve as both, and an existing
+    fsfreeze-hook script can be named here), and killed after ``timeout`` s. ``None`` for a path: not run.
+    """
+
+    pre_freeze: str | None = DEFAULT_PRE_FREEZE
+    post_thaw: str | None = DEFAULT_POST_THAW
+    timeout: float = 60.0
+
+    @classmethod
+    def for_level(cls, wanted: str | None, hooks: Hooks | None = None) -> Hooks | None:
+        """The hooks a run that wants ``wanted`` runs: none below ``application``."""
+        if wanted in (CRASH, FILESYSTEM):
+            return None
+        return hooks or cls()
+
+
+@dataclass
+class HookRun:
+    """What the hooks did in one run: which guests' pre-freeze hook exited 0, which were started at all
+    (their post-thaw hook runs, to undo whatever the pre-freeze hook did), and the time each phase took."""
+
+    ok: list[Any] = field(default_factory=list)
+    started: list[Any] = field(default_factory=list)
+    pre_freeze_ms: float = 0.0
+    post_thaw_ms: float = 0.0
+
+    def reached(self, p: object, level: str) -> str:
+        """``p``'s level: ``application`` when it was frozen (``filesystem``) and its pre-freeze hook exited 0."""
+        return APPLICATION if level == FILESYSTEM and any(p is q for q in self.ok) else level
+
+
+class HookMissing(Exception):
+    """The hook is not in the guest."""
+
+
+def guest_exec(dom: libvirt.virDomain, path: str, args: Sequence[str], timeout: float) -> tuple[int, str]:
+    """Run ``path args`` in the guest through its agent and wait up to ``timeout`` s; return (exit code, the
+    end of its stderr). A process still running then is killed (``kill -KILL <pid>`` in the guest) and
+    ``TimeoutError`` raised; ``HookMissing`` if there is no such file; ``libvirt.libvirtError`` if the
+    agent does not answer or cannot start it."""
+    cmd = {"execute": "guest-exec", "arguments": {"path": path, "arg": list(args), "capture-output": True}}
+    try:
+        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0)
+    except libvirt.libvirtError as exc:
+        if "No such file or directory" in (exc.get_error_message() or ""):
+            raise HookMissing(path) from None
+        raise
+    pid = json.loads(reply)["return"]["pid"]
+    deadline = time.monotonic() + timeout
+    status = {"pid": pid}
+    while True:
+        st = json.loads(libvirt_qemu.qemuAgentCommand(
+            dom, json.dumps({"execute": "guest-exec-status", "arguments": status}), 10, 0))["return"]
+        if st.get("exited"):
+            err = base64.b64decode(st.get("err-data", "")).decode(errors="replace").strip()
+            code = st["exitcode"] if "exitcode" in st else 128 + int(st.get("signal", 0))
+            return int(code), err[-300:]
+        if time.monotonic() > deadline:
+            _kill(dom, pid)
+            raise TimeoutError(f"still running after {timeout:g} s, killed")
+        time.sleep(HOOK_POLL_S)
+
+
+def _kill(dom: libvirt.virDomain, pid: int) -> None:
+    """Kill a guest-exec'd process and its children (a hook's ``sleep``, found in /proc: no pkill in busybox);
+    plain ``kill`` where there is no sh."""
+    children = (f"for s in /proc/[0-9]*/stat; do read -r c _ _ pp _ < $s 2>/dev/null; "
+                f"[ \"$pp\" = {pid} ] && kill -KILL $c; done; kill -KILL {pid}")
+    for path, args in (("/bin/sh", ["-c", children]), ("kill", ["-KILL", str(pid)])):
+        cmd = {"execute": "guest-exec", "arguments": {"path": path, "arg": args}}
+        try:
+            libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0)
+            return
+        except libvirt.libvirtError:
+            continue  # no sh: plain kill; no agent: it is reaped when it ends
+
+
+def _run_hook(p: Freezable, path: str, phase: str, arg: str, timeout: float) -> str:
+    """Run one hook on ``p``: "ok", "missing", "failed", "timeout" or "no-agent"; ``p.why`` says what happened."""
+    t0 = time.monotonic()
+    try:
+        code, err = guest_exec(p.domain, path, [arg], timeout)
+    except HookMissing:
+        p.why += f"no {phase} hook at {path}. "
+        return "missing"
+    except TimeoutError as exc:
+        p.why += f"{phase} hook {path} {exc}. "
+        return "timeout"
+    except libvirt.libvirtError as exc:
+        msg = exc.get_error_message() or str(exc)
+        if "Failed to execute" in msg or "Permission denied" in msg:  # there, but not runnable
+            p.why += f"{phase} hook {path} could not run: {msg}. "
+            return "failed"
+        return "no-agent"  # the freeze says why
+    took = time.monotonic() - t0
+    if code != 0:
+        p.why += f"{phase} hook {path} exited {code} after {took:.1f} s" + (f": {err}" if err else "") + ". "
+        return "failed"
+    p.why += f"{phase} hook ran ({took:.1f} s). "
+    return "ok"
+
+
+def pre_freeze(points: Sequence[Freezable], hooks: Hooks | None) -> HookRun:
+    """Each guest's pre-freeze hook, all at once, before the freeze window opens (each bounded by the timeout)."""
+    run = HookRun()
+    if hooks is None or hooks.pre_freeze is None or not points:
+        return run
+    path, t0 = hooks.pre_freeze, time.monotonic()
+    outcomes: list[str] = [""] * len(points)
+
+    def one(i: int) -> None:
+        outcomes[i] = _run_hook(points[i], path, "pre-freeze", "freeze", hooks.timeout)
+
+    each(one, list(range(len(points))))
+    run.pre_freeze_ms = (time.monotonic() - t0) * 1000
+    run.ok = [p for p, o in zip(points, outcomes, strict=True) if o == "ok"]
+    run.started = [p for p, o in zip(points, outcomes, strict=True) if o in ("ok", "failed", "timeout")]
+    return run
+
+
+def post_thaw(run: HookRun, hooks: Hooks | None) -> None:
+    """The post-thaw hook of every guest whose pre-freeze hook was started, all at once, after the thaw.
+    Its failure is recorded in ``why``; it does not lower the level (the point in time was taken)."""
+    if hooks is None or hooks.post_thaw is None or not run.started:
+        return
+    path, t0 = hooks.post_thaw, time.monotonic()
+    each(lambda p: _run_hook(p, path, "post-thaw", "thaw", hooks.timeout), run.started)
+    run.post_thaw_ms = (time.monotonic() - t0) * 1000

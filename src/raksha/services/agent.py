@@ -126,14 +126,16 @@ class LibvirtAgent:
                         pass
 
     def backup(self, vault: Vault, job: str, run: str, names: list[str], *, parent_run: str | None,
-               exclude: dict[str, set[str]], progress: ProgressHook, cancelled: Callable[[], bool]) -> GroupResult:
+               exclude: dict[str, set[str]], progress: ProgressHook, cancelled: Callable[[], bool],
+               consistency: str | None = None) -> GroupResult:
+        """``consistency``: the level the job wants (None: the best each VM reaches; see ``backup_domains``)."""
         def hook(vm: str, disk: str, event: ProgressEvent) -> None:
             if cancelled():
                 raise Interrupted(f"run {run} was cancelled", code="CANCELLED")
             progress(vm, disk, event)
 
         return backup_domains(self._conn(), names, vault, job, run, parent_run=parent_run, exclude=exclude,
-                              progress=hook, strategy=self.strategy)
+                              progress=hook, strategy=self.strategy, consistency=consistency)
 
     def restore(self, vault: Vault, request: RestoreRequest, *, progress: Callable[[ProgressEvent], None],
                 cancelled: Callable[[], bool]) -> RestoreReport:

@@ -113,6 +113,7 @@ class Orchestrator:
             job = db.get_job(s, project_id, run.backupjob_id)
             vault_row = self._vault_row(s, project_id, job.vault_service_id)
             excluded = job.excluded_disks or {}
+            wanted = job.consistency  # crash | filesystem | application; None: the best each VM reaches
             for vm in run.vms:
                 db.transition_run_vm(s, project_id, vm.id, VmStatus.SNAPSHOTTING)
             vms = [(vm.id, vm.vm_id) for vm in run.vms]
@@ -138,7 +139,8 @@ class Orchestrator:
             vault = vaults.open_vault(vault_row)
             try:
                 result = self.agent.backup(vault, job.id, run_id, list(names), parent_run=run.parent_run_id,
-                                           exclude=exclude, progress=meter, cancelled=self._cancelled(run_id))
+                                           exclude=exclude, progress=meter, cancelled=self._cancelled(run_id),
+                                           consistency=wanted)
             finally:
                 vault.close()
         with self.db.begin() as s:

@@ -1,0 +1,132 @@
+"""Application-consistent backups: the guests' pre-freeze and post-thaw hooks, run through the agent.
+
+One group of five running guests, booted once and backed up with both strategies:
+
+- ``app``: hooks that append their phase to a file on the data disk. It reaches ``application``; the
+  backed-up point holds the pre-freeze line and not the post-thaw one (the hook ran before the point,
+  its partner after it);
+- ``failing``: a pre-freeze hook that exits 3: still frozen, ``filesystem``, and the reason;
+- ``hung``: a pre-freeze hook that sleeps: killed at the timeout, ``filesystem``; the run completes and
+  the hang is not inside the freeze window;
+- ``plain``: no hooks: ``filesystem``, saying so;
+- ``bare``: no agent: ``crash``.
+
+A run that wants only ``filesystem`` runs no hook.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
+
+from raksha.hypervisor.group_backup import GroupResult, backup_domains  # noqa: E402
+from raksha.hypervisor.strategy import (  # noqa: E402
+    APPLICATION,
+    CRASH,
+    DEFAULT_POST_THAW,
+    DEFAULT_PRE_FREEZE,
+    FILESYSTEM,
+    Hooks,
+)
+from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.restore import restore_backup  # noqa: E402
+from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.format.naming import BackupId  # noqa: E402
+from raksha.vault.repository import Vault  # noqa: E402
+
+TIMEOUT = 4.0  # the hooks' timeout in these runs: the hung hook is killed after it
+LOG_HOOK = '#!/bin/sh\necho "$1 $(cut -d" " -f1 /proc/uptime)" >> /mnt/vda/hooks.log\n'
+HOOKS = {
+    "app": {DEFAULT_PRE_FREEZE: LOG_HOOK, DEFAULT_POST_THAW: LOG_HOOK},
+    "failing": {DEFAULT_PRE_FREEZE: "#!/bin/sh\necho 'database refuses to quiesce' >&2\nexit 3\n"},
+    "hung": {DEFAULT_PRE_FREEZE: "#!/bin/sh\nsleep 1000\n"},
+    "plain": {},
+}
+
+
+def install(guest: GuestDomain, hooks: dict[str, str]) -> None:
+    """Write the hooks into the running guest (its root is a tmpfs) and make them executable."""
+    for path, script in hooks.items():
+        code, _ = guest.exec(f"mkdir -p {Path(path).parent} && cat > {path} && chmod 755 {path}",
+                             stdin=script.encode())
+        assert code == 0
+
+
+def by_name(result: GroupResult) -> dict[str, tuple[str, str]]:
+    return {vm.name: (vm.consistency, vm.why) for vm in result.vms}
+
+
+def test_hooks_around_the_freeze_with_both_strategies(conn: libvirt.virConnect, tmp_path: Path) -> None:
+    guest = build_guest()
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    names = ["app", "failing", "hung", "plain", "bare"]
+    disks = {n: make_data_disk(tmp_path / f"{n}.raw", "24M", fmt="raw") for n in names}
+    doms = [GuestDomain(conn, guest, [(disks[n], "raw")], tmp_path, name=f"raksha-ac-{n}", agent=n != "bare")
+            for n in names]
+    try:
+        for d in doms:
+            d.__enter__()
+        guests = dict(zip(names, doms, strict=True))
+        for n in HOOKS:
+            guests[n].wait_for_agent()
+            install(guests[n], HOOKS[n])
+        full = [f"raksha-ac-{n}" for n in names]
+        results: dict[str, GroupResult] = {}
+        walls: dict[str, float] = {}
+        for strategy in ("pull", "snapshot"):
+            t0 = time.monotonic()
+            results[strategy] = backup_domains(
+                conn, full, vault, f"ac-{strategy}", "r1", strategy=strategy, hooks=Hooks(timeout=TIMEOUT),
+                snapshot_options={"keep_overlay": False} if strategy == "snapshot" else None)
+            walls[strategy] = time.monotonic() - t0
+        # Only filesystem wanted: no hook runs.
+        fs_only = backup_domains(conn, full, vault, "ac-fs", "r1", consistency="filesystem")
+        _, live_log = guests["app"].exec("cat /mnt/vda/hooks.log")
+        _, leftovers = guests["hung"].exec(  # the killed hook's children too
+            "n=0; for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f | grep -q '^sleep 1000' && n=$((n+1)); done; "
+            "echo $n")
+        frozen = [d.agent("guest-fsfreeze-status") for d in doms if d.name != "raksha-ac-bare"]
+        uuid_app = guests["app"].dom.UUIDString() if guests["app"].dom else ""
+    finally:
+        for d in doms:
+            d.__exit__(None, None, None)
+
+    for strategy, result in results.items():
+        levels = by_name(result)
+        assert {n: level for n, (level, _) in levels.items()} == {
+            "raksha-ac-app": APPLICATION, "raksha-ac-failing": FILESYSTEM, "raksha-ac-hung": FILESYSTEM,
+            "raksha-ac-plain": FILESYSTEM, "raksha-ac-bare": CRASH}, (strategy, levels)
+        why = {n.removeprefix("raksha-ac-"): w for n, (_, w) in levels.items()}
+        assert "pre-freeze hook ran" in why["app"] and "post-thaw hook ran" in why["app"]
+        assert "exited 3" in why["failing"] and "database refuses" in why["failing"]
+        assert f"still running after {TIMEOUT:g} s, killed" in levels["raksha-ac-hung"][1]
+        assert f"no pre-freeze hook at {DEFAULT_PRE_FREEZE}" in levels["raksha-ac-plain"][1]
+        assert "no freeze" in levels["raksha-ac-bare"][1]
+        assert all(vm.error is None and vm.disks for vm in result.vms), strategy
+        # The hung hook is bounded by the timeout, and its time is outside the freeze window.
+        assert TIMEOUT * 1000 <= result.pre_freeze_ms < TIMEOUT * 1000 + 10_000, result.pre_freeze_ms
+        assert result.freeze_ms < TIMEOUT * 1000, result.freeze_ms
+        assert walls[strategy] < 120
+        print(f"{strategy}: freeze {result.freeze_ms:.0f} ms, pre-freeze hooks {result.pre_freeze_ms:.0f} ms, "
+              f"post-thaw hooks {result.post_thaw_ms:.0f} ms, run {walls[strategy]:.1f} s; "
+              f"app: {levels['raksha-ac-app'][1]}")
+    assert {vm.name: vm.consistency for vm in fs_only.vms}["raksha-ac-app"] == FILESYSTEM
+    assert fs_only.pre_freeze_ms == 0 and all(vm.why.startswith("filesystem consistency wanted: no guest hooks run")
+                                              and "hook ran" not in vm.why for vm in fs_only.vms)
+    assert set(frozen) == {"thawed"} and leftovers.strip() == b"0"
+
+    # The pre-freeze line of each run is inside its point in time; the post-thaw line came after it.
+    phases = [line.split()[0] for line in live_log.decode().splitlines()]
+    assert phases == ["freeze", "thaw"] * 2  # the argument each got, as qemu-ga's fsfreeze-hook gets
+    for i, strategy in enumerate(("pull", "snapshot")):
+        out = tmp_path / f"{strategy}.raw"
+        restore_backup(vault, BackupId.parse(f"ac-{strategy}/r1/{uuid_app}/vda"), str(out))
+        assert debugfs_cat(out, "/hooks.log").decode().splitlines() == live_log.decode().splitlines()[:2 * i + 1]
