@@ -43,6 +43,14 @@ LIBVIRT_OPTS = [
     cfg.StrOpt("strategy", default="pull", choices=["pull", "snapshot"],
                help="pull: checkpoints + pull backup (default); snapshot: the seed's external snapshots."),
     cfg.StrOpt("restore_dir", default=None, help="Where new VMs' disks are written; default data_dir/restored."),
+    cfg.StrOpt("pre_freeze_hook", default="/etc/raksha/hooks/pre-freeze",
+               help="Path in the guest of the script run (guest-exec, argument 'freeze') before the freeze; a "
+                    "guest whose script exits 0 is backed up application-consistent. Empty: none."),
+    cfg.StrOpt("post_thaw_hook", default="/etc/raksha/hooks/post-thaw",
+               help="Path in the guest of the script run (argument 'thaw') after the thaw. Empty: none."),
+    cfg.FloatOpt("hook_timeout", default=60.0, min=1.0,
+                 help="Seconds a guest hook may run before it is killed (the guest is still frozen and backed up "
+                      "filesystem-consistent)."),
 ]
 SCHEDULER_OPTS = [
     cfg.FloatOpt("tick_seconds", default=5.0, min=0.1, help="How often schedules are checked."),

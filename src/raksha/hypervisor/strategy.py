@@ -271,6 +271,9 @@ def _run_hook(p: Freezable, path: str, phase: str, arg: str, timeout: float) -> 
     except TimeoutError as exc:
         p.why += f"{phase} hook {path} {exc}. "
         return "timeout"
+    except (KeyError, ValueError, TypeError) as exc:  # an agent reply without the fields guest-exec promises
+        p.why += f"{phase} hook {path}: unexpected guest agent reply ({exc!r}). "
+        return "failed"
     except libvirt.libvirtError as exc:
         msg = exc.get_error_message() or str(exc)
         if "Failed to execute" in msg or "Permission denied" in msg:  # there, but not runnable

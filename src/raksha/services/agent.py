@@ -20,6 +20,7 @@ from raksha.hypervisor.errors import translate
 from raksha.hypervisor.group_backup import GroupResult, backup_domains
 from raksha.hypervisor.pull import end_stale_job
 from raksha.hypervisor.restore import RestoreReport, RestoreRequest, restore
+from raksha.hypervisor.strategy import Hooks
 from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.repository import Vault
 
@@ -35,9 +36,10 @@ libvirt.registerErrorHandler(_quiet, None)
 
 
 class LibvirtAgent:
-    def __init__(self, uri: str, *, strategy: str = "pull") -> None:
+    def __init__(self, uri: str, *, strategy: str = "pull", hooks: Hooks | None = None) -> None:
         self.uri = uri
         self.strategy = strategy
+        self.hooks = hooks  # the guests' application hooks (None: the defaults, strategy.Hooks())
         self._local = threading.local()
 
     def _conn(self) -> libvirt.virConnect:
@@ -135,7 +137,8 @@ class LibvirtAgent:
             progress(vm, disk, event)
 
         return backup_domains(self._conn(), names, vault, job, run, parent_run=parent_run, exclude=exclude,
-                              progress=hook, strategy=self.strategy, consistency=consistency)
+                              progress=hook, strategy=self.strategy, consistency=consistency,
+                              hooks=self.hooks)
 
     def restore(self, vault: Vault, request: RestoreRequest, *, progress: Callable[[ProgressEvent], None],
                 cancelled: Callable[[], bool]) -> RestoreReport:

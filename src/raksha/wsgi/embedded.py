@@ -13,6 +13,7 @@ from raksha.api.app import Application
 from raksha.api.policies import Policy
 from raksha.db import Database
 from raksha.db.migrate import upgrade
+from raksha.hypervisor.strategy import Hooks
 from raksha.rpc.inproc import InProcessTransport
 from raksha.services import vaults
 from raksha.services.agent import LibvirtAgent
@@ -34,7 +35,9 @@ class Embedded:
             vaults.ensure_default(s, config.vault_path(conf), encrypt=conf.vault.encrypt,
                                   key_file=config.vault_key_file(conf))
         self.transport = InProcessTransport(conf.scheduler.workers)
-        self.agent = LibvirtAgent(conf.libvirt.uri, strategy=conf.libvirt.strategy)
+        self.agent = LibvirtAgent(conf.libvirt.uri, strategy=conf.libvirt.strategy,
+                                  hooks=Hooks(conf.libvirt.pre_freeze_hook or None, conf.libvirt.post_thaw_hook or None,
+                                              conf.libvirt.hook_timeout))
         self.orchestrator = Orchestrator(self.db, self.agent, restore_dir=config.restore_dir(conf))
         self.transport.register("orchestrator", self.orchestrator)
         self.transport.register("agent", self.agent)
