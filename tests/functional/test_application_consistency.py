@@ -1,11 +1,14 @@
 """Application-consistent backups: the guests' pre-freeze and post-thaw hooks, run through the agent.
 
-One group of five running guests, booted once and backed up with both strategies:
+One group of six running guests, booted once and backed up with both strategies:
 
 - ``app``: hooks that append their phase to a file on the data disk. It reaches ``application``; the
   backed-up point holds the pre-freeze line and not the post-thaw one (the hook ran before the point,
   its partner after it);
-- ``failing``: a pre-freeze hook that exits 3: still frozen, ``filesystem``, and the reason;
+- ``failing``: a pre-freeze hook that exits 3: still frozen, ``filesystem``, and the reason (its
+  post-thaw hook is not executable, and says so);
+- ``postfail``: a good pre-freeze hook and a post-thaw hook that exits 5: ``application`` (the point
+  was taken quiesced), the failure recorded, the guest thawed;
 - ``hung``: a pre-freeze hook that sleeps: killed at the timeout, ``filesystem``; the run completes and
   the hang is not inside the freeze window;
 - ``plain``: no hooks: ``filesystem``, saying so;
@@ -46,16 +49,18 @@ TIMEOUT = 4.0  # the hooks' timeout in these runs: the hung hook is killed after
 LOG_HOOK = '#!/bin/sh\necho "$1 $(cut -d" " -f1 /proc/uptime)" >> /mnt/vda/hooks.log\n'
 HOOKS = {
     "app": {DEFAULT_PRE_FREEZE: LOG_HOOK, DEFAULT_POST_THAW: LOG_HOOK},
-    "failing": {DEFAULT_PRE_FREEZE: "#!/bin/sh\necho 'database refuses to quiesce' >&2\nexit 3\n"},
+    "failing": {DEFAULT_PRE_FREEZE: "#!/bin/sh\necho 'database refuses to quiesce' >&2\nexit 3\n",
+                DEFAULT_POST_THAW: "#!/bin/sh\nexit 0\n"},
+    "postfail": {DEFAULT_PRE_FREEZE: "#!/bin/sh\nexit 0\n", DEFAULT_POST_THAW: "#!/bin/sh\necho oops >&2\nexit 5\n"},
     "hung": {DEFAULT_PRE_FREEZE: "#!/bin/sh\nsleep 1000\n"},
     "plain": {},
 }
 
 
-def install(guest: GuestDomain, hooks: dict[str, str]) -> None:
+def install(guest: GuestDomain, hooks: dict[str, str], mode: str = "755") -> None:
     """Write the hooks into the running guest (its root is a tmpfs) and make them executable."""
     for path, script in hooks.items():
-        code, _ = guest.exec(f"mkdir -p {Path(path).parent} && cat > {path} && chmod 755 {path}",
+        code, _ = guest.exec(f"mkdir -p {Path(path).parent} && cat > {path} && chmod {mode} {path}",
                              stdin=script.encode())
         assert code == 0
 
@@ -67,7 +72,7 @@ def by_name(result: GroupResult) -> dict[str, tuple[str, str]]:
 def test_hooks_around_the_freeze_with_both_strategies(conn: libvirt.virConnect, tmp_path: Path) -> None:
     guest = build_guest()
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
-    names = ["app", "failing", "hung", "plain", "bare"]
+    names = ["app", "failing", "postfail", "hung", "plain", "bare"]
     disks = {n: make_data_disk(tmp_path / f"{n}.raw", "24M", fmt="raw") for n in names}
     doms = [GuestDomain(conn, guest, [(disks[n], "raw")], tmp_path, name=f"raksha-ac-{n}", agent=n != "bare")
             for n in names]
@@ -78,6 +83,7 @@ def test_hooks_around_the_freeze_with_both_strategies(conn: libvirt.virConnect, 
         for n in HOOKS:
             guests[n].wait_for_agent()
             install(guests[n], HOOKS[n])
+        install(guests["failing"], {DEFAULT_POST_THAW: HOOKS["failing"][DEFAULT_POST_THAW]}, mode="644")
         full = [f"raksha-ac-{n}" for n in names]
         results: dict[str, GroupResult] = {}
         walls: dict[str, float] = {}
@@ -102,11 +108,14 @@ def test_hooks_around_the_freeze_with_both_strategies(conn: libvirt.virConnect, 
     for strategy, result in results.items():
         levels = by_name(result)
         assert {n: level for n, (level, _) in levels.items()} == {
-            "raksha-ac-app": APPLICATION, "raksha-ac-failing": FILESYSTEM, "raksha-ac-hung": FILESYSTEM,
+            "raksha-ac-app": APPLICATION, "raksha-ac-failing": FILESYSTEM, "raksha-ac-postfail": APPLICATION,
+            "raksha-ac-hung": FILESYSTEM,
             "raksha-ac-plain": FILESYSTEM, "raksha-ac-bare": CRASH}, (strategy, levels)
         why = {n.removeprefix("raksha-ac-"): w for n, (_, w) in levels.items()}
         assert "pre-freeze hook ran" in why["app"] and "post-thaw hook ran" in why["app"]
         assert "exited 3" in why["failing"] and "database refuses" in why["failing"]
+        assert "post-thaw hook" in why["failing"] and "could not run" in why["failing"], why["failing"]
+        assert "post-thaw hook /etc/raksha/hooks/post-thaw exited 5" in why["postfail"] and "oops" in why["postfail"]
         assert f"still running after {TIMEOUT:g} s, killed" in levels["raksha-ac-hung"][1]
         assert f"no pre-freeze hook at {DEFAULT_PRE_FREEZE}" in levels["raksha-ac-plain"][1]
         assert "no freeze" in levels["raksha-ac-bare"][1]
