@@ -261,7 +261,8 @@ def _kill(dom: libvirt.virDomain, pid: int) -> None:
 
 
 def _run_hook(p: Freezable, path: str, phase: str, arg: str, timeout: float) -> str:
-    """Run one hook on ``p``: "ok", "missing", "failed", "timeout" or "no-agent"; ``p.why`` says what happened."""
+    """Run one hook on ``p``: "ok", "missing", "unrunnable", "failed", "timeout" or "no-agent"; ``p.why`` says
+    what happened."""
     t0 = time.monotonic()
     try:
         code, err = guest_exec(p.domain, path, [arg], timeout)
@@ -278,7 +279,7 @@ def _run_hook(p: Freezable, path: str, phase: str, arg: str, timeout: float) -> 
         msg = exc.get_error_message() or str(exc)
         if "Failed to execute" in msg or "Permission denied" in msg:  # there, but not runnable
             p.why += f"{phase} hook {path} could not run: {msg}. "
-            return "failed"
+            return "unrunnable"
         return "no-agent"  # the freeze says why
     took = time.monotonic() - t0
     if code != 0:
