@@ -139,3 +139,35 @@ def test_hooks_around_the_freeze_with_both_strategies(conn: libvirt.virConnect, 
         out = tmp_path / f"{strategy}.raw"
         restore_backup(vault, BackupId.parse(f"ac-{strategy}/r1/{uuid_app}/vda"), str(out))
         assert debugfs_cat(out, "/hooks.log").decode().splitlines() == live_log.decode().splitlines()[:2 * i + 1]
+
+
+def test_a_guest_whose_agent_hangs_is_not_frozen_and_does_not_hold_the_window(conn: libvirt.virConnect,
+                                                                              tmp_path: Path) -> None:
+    """The agent of ``stuck`` is stopped (SIGSTOP) after it answered once: its pre-freeze hook gets no answer
+    within the agent timeout, so it is not frozen (``crash``, and why) and the others' window does not wait
+    for a freeze that would time out too."""
+    guest = build_guest()
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    with GuestDomain(conn, guest, [(make_data_disk(tmp_path / "app.raw", "24M", fmt="raw"), "raw")], tmp_path,
+                     name="raksha-ac2-app") as app, \
+            GuestDomain(conn, guest, [(make_data_disk(tmp_path / "stuck.raw", "24M", fmt="raw"), "raw")], tmp_path,
+                        name="raksha-ac2-stuck") as stuck:
+        for g in (app, stuck):
+            g.wait_for_agent()
+        install(app, HOOKS["app"])
+        install(stuck, HOOKS["app"])
+        assert stuck.exec("(sleep 1; kill -STOP $(pidof qemu-ga)) >/dev/null 2>&1 &")[0] == 0
+        time.sleep(2)
+        t0 = time.monotonic()
+        result = backup_domains(conn, ["raksha-ac2-app", "raksha-ac2-stuck"], vault, "ac2", "r1",
+                                hooks=Hooks(timeout=TIMEOUT))
+        wall = time.monotonic() - t0
+        assert app.agent("guest-fsfreeze-status") == "thawed"
+    levels = by_name(result)
+    assert levels["raksha-ac2-app"][0] == APPLICATION, levels
+    assert levels["raksha-ac2-stuck"][0] == CRASH and "did not answer the pre-freeze hook" in levels[
+        "raksha-ac2-stuck"][1], levels
+    assert all(vm.error is None and vm.disks for vm in result.vms)
+    assert result.freeze_ms < TIMEOUT * 1000, result.freeze_ms  # a freeze of stuck would hold it >= 10 s
+    print(f"stuck agent: freeze {result.freeze_ms:.0f} ms, pre-freeze hooks {result.pre_freeze_ms:.0f} ms, "
+          f"run {wall:.1f} s; stuck: {levels['raksha-ac2-stuck'][1]}")

@@ -509,7 +509,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.
         t0 = time.monotonic()
         try:
-            frozen = freeze_guests(live) if freeze else []
+            frozen = freeze_guests(group.hooks.to_freeze(live)) if freeze else []
             try:
                 started = each(lambda p: _begin(p, os.path.join(workdir, p.domain.UUIDString())), live)
             finally:

@@ -467,7 +467,7 @@ def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
         t0 = time.monotonic()
         try:
-            frozen = freeze_guests(live) if freeze else []
+            frozen = freeze_guests(group.hooks.to_freeze(live)) if freeze else []
             try:
                 for p, err in zip(live, each(_snapshot(name), live), strict=True):
                     if isinstance(err, libvirt.libvirtError):  # atomic: none of its disks has the new overlay

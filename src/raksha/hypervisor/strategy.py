@@ -206,12 +206,18 @@ class HookRun:
 
     ok: list[Any] = field(default_factory=list)
     started: list[Any] = field(default_factory=list)
+    unresponsive: list[Any] = field(default_factory=list)  # their agent did not answer: not frozen either
     pre_freeze_ms: float = 0.0
     post_thaw_ms: float = 0.0
 
     def reached(self, p: object, level: str) -> str:
         """``p``'s level: ``application`` when it was frozen (``filesystem``) and its pre-freeze hook exited 0."""
         return APPLICATION if level == FILESYSTEM and any(p is q for q in self.ok) else level
+
+    def to_freeze(self, points: Sequence[T]) -> list[T]:
+        """``points`` but those whose agent did not answer the hook: a freeze would hold the whole group's
+        window open for the agent timeout, and fail."""
+        return [p for p in points if not any(p is q for q in self.unresponsive)]
 
 
 class HookMissing(Exception):
@@ -280,6 +286,9 @@ def _run_hook(p: Freezable, path: str, phase: str, arg: str, timeout: float) -> 
         if "Failed to execute" in msg or "Permission denied" in msg:  # there, but not runnable
             p.why += f"{phase} hook {path} could not run: {msg}. "
             return "unrunnable"
+        if exc.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE and phase == "pre-freeze":
+            p.why += f"no freeze: the guest agent did not answer the {phase} hook ({msg}). "
+            return "unresponsive"
         return "no-agent"  # the freeze says why
     took = time.monotonic() - t0
     if code != 0:
@@ -304,6 +313,7 @@ def pre_freeze(points: Sequence[Freezable], hooks: Hooks | None) -> HookRun:
     run.pre_freeze_ms = (time.monotonic() - t0) * 1000
     run.ok = [p for p, o in zip(points, outcomes, strict=True) if o == "ok"]
     run.started = [p for p, o in zip(points, outcomes, strict=True) if o in ("ok", "failed", "timeout")]
+    run.unresponsive = [p for p, o in zip(points, outcomes, strict=True) if o == "unresponsive"]
     return run
 
 
