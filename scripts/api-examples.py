@@ -258,7 +258,7 @@ def record(srv: Server, keystone_srv: Server, real_vm: bool, restore_dir: Path) 
         add(s, "409: restoring a run that failed", srv.call("POST", f"{t}/backupjobruns/{bad_run[0]['id']}"), 409)
 
     s = "Backup jobs"
-    add(s, "Delete a backup job (its runs and their vault data go with it)",
+    add(s, "Delete a backup job (refused while it runs; its runs stay restorable until deleted themselves)",
         srv.call("DELETE", f"{t}/backupjobs/{job_id}"), 204)
     return out
 
