@@ -12,6 +12,8 @@ from typing import Any
 from raksha.domain import errors
 
 DEFAULT_URL = "http://127.0.0.1:8791"
+RUN_END = ("available", "partial", "error", "cancelled", "deleted")
+RESTORE_END = ("available", "error", "cancelled")
 
 _BY_STATUS: dict[int, type[errors.RakshaError]] = {
     400: errors.InvalidInput, 401: errors.Unauthorized, 403: errors.Forbidden, 404: errors.NotFound,
@@ -66,6 +68,47 @@ class ApiClient:
             if resource["status"] in terminal:
                 return resource
             time.sleep(interval)
+
+
+def job_body(name: str, vms: list[str], *, excluded: dict[str, list[str]] | None = None,
+             description: str | None = None, vault_service: str | None = None, interval_hours: float | None = None,
+             cron: str | None = None, full_every: int | None = None, keep: dict[str, int] | None = None,
+             ) -> dict[str, Any]:
+    """The ``backupjob`` of a create request, from command-line values (``keep``: keep_last=N...)."""
+    excluded = excluded or {}
+    body: dict[str, Any] = {"name": name, "vms": [{"id": vm, **({"exclude_disks": excluded[vm]}
+                                                                if vm in excluded else {})} for vm in vms]}
+    if description:
+        body["description"] = description
+    if vault_service:
+        body["vault_service"] = vault_service
+    if interval_hours or cron:
+        body["schedule"] = {k: v for k, v in (("interval_hours", interval_hours), ("cron", cron),
+                                              ("full_every", full_every)) if v}
+    kept = {k: v for k, v in (keep or {}).items() if v}
+    if kept:
+        body["retention"] = kept
+    return body
+
+
+def restore_body(restore_type: str, *, vms: list[str] | None = None, disks: list[str] | None = None,
+                 directory: str | None = None, name_prefix: str | None = None, fmt: str | None = None,
+                 keep_macs: bool = False, start: bool = True) -> dict[str, Any]:
+    """The ``restore`` of a restore request, from command-line values."""
+    target: dict[str, Any] = {k: v for k, v in (("directory", directory), ("name_prefix", name_prefix),
+                                                ("format", fmt)) if v}
+    if keep_macs:
+        target["keep_macs"] = True
+    if not start:
+        target["start"] = False
+    spec: dict[str, Any] = {"type": restore_type}
+    if vms:
+        spec["vms"] = vms
+    if disks:
+        spec["disks"] = disks
+    if target:
+        spec["target"] = target
+    return spec
 
 
 def _error(status: int, payload: bytes) -> errors.RakshaError:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Iterable
 from typing import Any
 
 from osc_lib import exceptions
 from osc_lib.command import command
 
-from raksha.cli.client import ApiClient
+from raksha.cli.client import RESTORE_END, RUN_END, ApiClient, job_body, restore_body
 from raksha.domain.errors import RakshaError
 
 # -- the plugin interface (openstack.cli.extension) -----------------------------------------------------
@@ -30,9 +29,6 @@ API_VERSION_OPTION = "os_raksha_api_version"
 API_VERSIONS = {"1": "raksha.cli.client.ApiClient"}
 DEFAULT_API_VERSION = "1"
 SERVICE_TYPE = "data-protection"
-
-RUN_END = ("available", "partial", "error", "cancelled", "deleted")
-RESTORE_END = ("available", "error", "cancelled")
 
 
 def make_client(instance: Any) -> ApiClient:
@@ -88,11 +84,8 @@ def _client(cmd: command.Command) -> ApiClient:
 
 
 def _wait(client: ApiClient, path: str, key: str, terminal: tuple[str, ...]) -> dict[str, Any]:
-    while True:
-        res: dict[str, Any] = _call(lambda: client.get(path))[key]
-        if res["status"] in terminal:
-            return res
-        time.sleep(0.5)
+    res: dict[str, Any] = _call(lambda: client.wait(path, key, terminal))
+    return res
 
 
 def _show(resource: dict[str, Any], fields: Iterable[str]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
@@ -160,18 +153,10 @@ class CreateJob(command.ShowOne):
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         a = parsed_args
-        body: dict[str, Any] = {"name": a.name, "vms": [{"id": vm} for vm in a.vm]}
-        if a.description:
-            body["description"] = a.description
-        if a.vault_service:
-            body["vault_service"] = a.vault_service
-        if a.interval_hours or a.cron:
-            body["schedule"] = {k: v for k, v in (("interval_hours", a.interval_hours), ("cron", a.cron),
-                                                  ("full_every", a.full_every)) if v}
-        keep = {f"keep_{k}": getattr(a, f"keep_{k}") for k in ("last", "hourly", "daily", "weekly", "monthly",
-                                                               "yearly") if getattr(a, f"keep_{k}")}
-        if keep:
-            body["retention"] = keep
+        body = job_body(a.name, a.vm, description=a.description, vault_service=a.vault_service,
+                        interval_hours=a.interval_hours, cron=a.cron, full_every=a.full_every,
+                        keep={f"keep_{k}": getattr(a, f"keep_{k}")
+                              for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly")})
         client = _client(self)
         return _show(_call(lambda: client.post("/backupjobs", {"backupjob": body}))["backupjob"], JOB_FIELDS)
 
@@ -311,17 +296,8 @@ class CreateRestore(command.ShowOne):
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         a = parsed_args
-        target: dict[str, Any] = {k: v for k, v in (("directory", a.directory), ("name_prefix", a.name_prefix),
-                                                    ("format", a.disk_format)) if v}
-        if a.no_start:
-            target["start"] = False
-        spec: dict[str, Any] = {"type": a.type}
-        if a.vm:
-            spec["vms"] = a.vm
-        if a.disk:
-            spec["disks"] = a.disk
-        if target:
-            spec["target"] = target
+        spec = restore_body(a.type, vms=a.vm, disks=a.disk, directory=a.directory, name_prefix=a.name_prefix,
+                            fmt=a.disk_format, start=not a.no_start)
         client = _client(self)
         r = _call(lambda: client.post(f"/backupjobruns/{a.run}", {"restore": spec}))["restore"]
         if a.wait:

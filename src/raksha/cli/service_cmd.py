@@ -12,13 +12,10 @@ import sys
 import time
 from typing import Any
 
-from raksha.cli.client import ApiClient
+from raksha.cli.client import RESTORE_END, RUN_END, ApiClient, job_body, restore_body
 from raksha.cli.output import TerminalProgress, emit, human_bytes, table
 from raksha.domain.errors import EXIT_ERROR, EXIT_OK, InvalidInput
 from raksha.vault.engine.progress import ProgressEvent
-
-RUN_END = ("available", "partial", "error", "cancelled", "deleted")
-RESTORE_END = ("available", "error", "cancelled")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -102,19 +99,10 @@ def job_create(args: argparse.Namespace) -> int:
         if not sep or not disk:
             raise InvalidInput(f"--exclude takes VM:DISK (e.g. web1:vdb), not {item!r}", code="USAGE")
         excluded.setdefault(vm, []).append(disk)
-    body: dict[str, Any] = {"name": args.name, "vms": [{"id": vm, **({"exclude_disks": excluded[vm]}
-                                                                      if vm in excluded else {})} for vm in args.vm]}
-    if args.description:
-        body["description"] = args.description
-    if args.vault_service:
-        body["vault_service"] = args.vault_service
-    if args.interval_hours or args.cron:
-        body["schedule"] = {k: v for k, v in (("interval_hours", args.interval_hours), ("cron", args.cron),
-                                              ("full_every", args.full_every)) if v}
-    keep = {k: getattr(args, k) for k in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly")
-            if getattr(args, k)}
-    if keep:
-        body["retention"] = keep
+    body = job_body(args.name, args.vm, excluded=excluded, description=args.description,
+                    vault_service=args.vault_service, interval_hours=args.interval_hours, cron=args.cron,
+                    full_every=args.full_every,
+                    keep={k: getattr(args, k) for k in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly")})
     job = _client(args).post("/backupjobs", {"backupjob": body})["backupjob"]
     emit(job, args.json, _job_text(job))
     return EXIT_OK
@@ -210,19 +198,8 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 def restore_start(args: argparse.Namespace) -> int:
     client = _client(args)
-    target = {k: v for k, v in (("directory", args.directory), ("name_prefix", args.prefix),
-                                ("format", args.format)) if v}
-    if args.keep_macs:
-        target["keep_macs"] = True
-    if args.no_start:
-        target["start"] = False
-    spec: dict[str, Any] = {"type": args.type}
-    if args.vm:
-        spec["vms"] = args.vm
-    if args.disk:
-        spec["disks"] = args.disk
-    if target:
-        spec["target"] = target
+    spec = restore_body(args.type, vms=args.vm, disks=args.disk, directory=args.directory, name_prefix=args.prefix,
+                        fmt=args.format, keep_macs=args.keep_macs, start=not args.no_start)
     r = client.post(f"/backupjobruns/{args.run}", {"restore": spec})["restore"]
     if args.wait:
         r = _follow(client, f"/restores/{r['id']}", "restore", RESTORE_END, args)

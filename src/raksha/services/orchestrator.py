@@ -35,12 +35,7 @@ _VM_PATH: list[str] = [VmStatus.QUEUED, VmStatus.SNAPSHOTTING, VmStatus.UPLOADIN
 
 
 def _walk(move: Callable[[str], Any], current: str, target: str) -> None:
-    """Step a VM or disk along queued → snapshotting → uploading → available up to ``target``
-    (or straight to a terminal failure)."""
-    if target in (VmStatus.ERROR, VmStatus.CANCELLED):
-        if not RUN_VM.is_terminal(current):
-            move(target)
-        return
+    """Step a VM or disk along queued → snapshotting → uploading → available up to ``target``."""
     for status in _VM_PATH[_VM_PATH.index(current) + 1:_VM_PATH.index(target) + 1]:
         move(status)
 
@@ -90,9 +85,9 @@ class Orchestrator:
     def _vault_row(self, session: Any, project_id: str, vault_service_id: str | None) -> VaultService:
         if vault_service_id is not None:
             return db.get_vault_service(session, project_id, vault_service_id)
-        for row in db.list_vault_services(session, project_id, type="local", limit=1000):
-            if row.project_id is None and row.name == vaults.DEFAULT_NAME:
-                return row
+        row = vaults.find_default(session)
+        if row is not None:
+            return row
         raise NotFound("no vault service configured and no default local vault", code="VAULT_SERVICE_NOT_FOUND")
 
     def run_backup(self, project_id: str, run_id: str) -> None:

@@ -168,14 +168,11 @@ class Service:
                     self.agent.describe_vm(vm.vm_id)
                 return {"id": None, "backupjob_id": job.id, "type": backuptype, "status": "prepared",
                         "vms": [{"vm_id": vm.vm_id} for vm in job.vms]}
-            if backuptype == "incremental" and kind == "incremental" and parent is None:
+            if backuptype == "incremental" and parent is None:  # nothing to build on: say so, run full
                 backuptype = "full"
-            note = description
-            run = db.create_run(s, project, ctx.user_id or "", job_id, backuptype=backuptype, description=note,
+                description = (description or "") + " (no earlier run to build on: full)"
+            run = db.create_run(s, project, ctx.user_id or "", job_id, backuptype=backuptype, description=description,
                                 parent_run_id=parent.id if backuptype == "incremental" and parent else None)
-            if kind == "incremental" and backuptype == "full":
-                run = db.update_run(s, project, run.id, error_message=None,
-                                    description=(description or "") + " (no earlier run to build on: full)")
             view = views.run_view(run, _base(ctx))
         self.rpc.cast("orchestrator", "run_backup", project_id=project, run_id=run.id)
         return view

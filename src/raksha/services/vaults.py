@@ -20,11 +20,19 @@ from raksha.vault.repository import Vault
 DEFAULT_NAME = "local"
 
 
-def ensure_default(session: Session, path: str, *, encrypt: bool, key_file: str) -> VaultService:
-    """The embedded default vault service (shared by every project), created with its vault on first start."""
+def find_default(session: Session) -> VaultService | None:
+    """The default vault service: the shared (no project) local one named ``local``."""
     for row in db.list_vault_services(session, "", type="local", limit=1000):
         if row.project_id is None and row.name == DEFAULT_NAME:
             return row
+    return None
+
+
+def ensure_default(session: Session, path: str, *, encrypt: bool, key_file: str) -> VaultService:
+    """The embedded default vault service (shared by every project), created with its vault on first start."""
+    row = find_default(session)
+    if row is not None:
+        return row
     config: dict[str, Any] = {"encrypted": encrypt}
     if encrypt:
         config["key_file"] = key_file

@@ -192,6 +192,21 @@ def _read_buffer(size: int) -> mmap.mmap:
     return buf
 
 
+def _read_span(fd: int, buf: mmap.mmap | bytearray, start: int, end: int) -> int:
+    """Read file bytes [start, end) into the start of ``buf``; returns how many (fewer at the end of the file)."""
+    view = memoryview(buf)
+    done = 0
+    try:
+        while start + done < end:
+            n = os.preadv(fd, [view[done : end - start]], start + done)
+            if n <= 0:
+                break  # end of file
+            done += n
+    finally:
+        view.release()
+    return done
+
+
 def pread_direct(path: str | Path, offset: int, length: int) -> bytes | None:
     """Read a range bypassing the page cache; None where the filesystem has no O_DIRECT.
 
@@ -205,16 +220,7 @@ def pread_direct(path: str | Path, offset: int, length: int) -> bytes | None:
         if not direct:
             return None
         buf = _read_buffer(end - start)
-        view = memoryview(buf)
-        done = 0
-        try:
-            while start + done < end:
-                n = os.preadv(fd, [view[done : end - start]], start + done)
-                if n <= 0:
-                    break  # end of file
-                done += n
-        finally:
-            view.release()
+        done = _read_span(fd, buf, start, end)
         lo = offset - start
         return bytes(buf[lo : lo + max(0, min(length, done - lo))])
     finally:
@@ -233,16 +239,7 @@ def pread_into(path: str | Path, offset: int, length: int, buf: mmap.mmap) -> me
     try:
         if not direct:
             start, end = offset, offset + length  # buffered: no alignment needed
-        view = memoryview(buf)
-        done = 0
-        try:
-            while start + done < end:
-                n = os.preadv(fd, [view[done : end - start]], start + done)
-                if n <= 0:
-                    break  # end of file
-                done += n
-        finally:
-            view.release()
+        done = _read_span(fd, buf, start, end)
         lo = offset - start
         return memoryview(buf)[lo : lo + max(0, min(length, done - lo))]
     finally:
