@@ -35,7 +35,14 @@ ADMIN_PW="raksha-admin-pw"
 say() { printf 'start-keystone: %s\n' "$*" >&2; }
 die() { printf 'start-keystone: ERROR: %s\n' "$*" >&2; exit 1; }
 
-running() { [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+# The pid file may outlive its process (a machine handed on, a new pid namespace): a pid is ours only
+# while its command line is our keystone launcher, never whatever process reuses the number.
+running() {
+    local pid
+    pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'ident="keystone"'
+}
 answers() {  # GET /v3 returns 200
     "$VENV/bin/python" - "$ENDPOINT" <<'EOF' 2>/dev/null
 import sys, urllib.request

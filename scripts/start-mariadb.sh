@@ -38,7 +38,8 @@ id "$USER_NAME" >/dev/null 2>&1 || USER_NAME="$(id -un)"
 alive() { [[ -S "$SOCK" ]] && "$CLIENT" --no-defaults -S "$SOCK" -uroot -e 'SELECT 1' >/dev/null 2>&1; }
 
 if [[ "${1:-}" == "--stop" ]]; then
-    if [[ -f "$PID" ]]; then
+    # Only a pid that is still mariadbd: a stale pid file may name another process by now.
+    if [[ -f "$PID" && "$(cat "/proc/$(cat "$PID")/comm" 2>/dev/null)" == mariadbd ]]; then
         kill "$(cat "$PID")" 2>/dev/null || true
         for _ in $(seq 1 100); do [[ -f "$PID" ]] || break; sleep 0.1; done
     fi

@@ -54,6 +54,15 @@ if [[ ! -f "$DATA/PG_VERSION" ]]; then
         || { cat "$DIR/initdb.log" >&2; die "initdb failed"; }
 fi
 
+# A lock file left by a killed server names a pid that another process may now hold (a new pid
+# namespace, a machine handed on): pg_ctl and postgres would take that process for a live server.
+if [[ -f "$DATA/postmaster.pid" ]]; then
+    pid="$(head -n1 "$DATA/postmaster.pid")"
+    if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" != postgres ]]; then
+        say "removing the stale lock file of server pid $pid"
+        rm -f "$DATA/postmaster.pid"
+    fi
+fi
 if ! as_owner "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
     say "starting PostgreSQL ($BIN) with its socket in $DIR"
     # fsync off: a throwaway test server; the data need not survive a power cut.
