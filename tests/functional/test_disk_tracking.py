@@ -1,9 +1,10 @@
 """Changed-block tracking per disk, and what happens when it breaks (issue 4, items 5 and 6).
 
-Raw data disks (no filesystem, so the test knows every byte: it writes 4 KiB blocks with
-dd in the guest and applies the same writes to a reference copy on the host) are
-tracked with non-persistent QEMU dirty bitmaps; qcow2 disks with libvirt checkpoints.
-Every restored point is compared byte for byte with the reference of that point.
+Data disks without a filesystem (so the test knows every byte: it writes 4 KiB blocks with
+dd in the guest and applies the same writes to a reference copy on the host): a raw one, tracked
+with non-persistent QEMU dirty bitmaps, and a qcow2 one, tracked with libvirt checkpoints refined by
+Raksha's persistent 4 KiB bitmaps. Every restored point is compared byte for byte with the
+reference of that point.
 """
 
 from __future__ import annotations
@@ -39,17 +40,17 @@ RAW_SIZE = 32 << 20
 
 
 class RawDisk:
-    """A raw disk without a filesystem (the guest leaves it alone) and its host-side reference copy."""
+    """A disk without a filesystem (the guest leaves it alone; raw or qcow2) and its host-side raw reference."""
 
-    def __init__(self, path: Path, seed: int) -> None:
+    def __init__(self, path: Path, seed: int, fmt: str = "raw") -> None:
         self.path, self.ref = path, path.with_suffix(".ref")
         self.rng = random.Random(seed)
-        with open(path, "wb") as f:  # sparse, with a few data regions
+        with open(self.ref, "wb") as f:  # sparse, with a few data regions
             f.truncate(RAW_SIZE)
             for off in range(0, RAW_SIZE, 4 << 20):
                 f.seek(off)
                 f.write(self.rng.randbytes(256 << 10))
-        shutil.copyfile(path, self.ref)
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(self.ref), str(path)], check=True)
         self.points: dict[str, Path] = {}  # run -> what the disk held at that run's point in time
 
     def write(self, vm: GuestDomain, dev: str, extents: int, blocks: int) -> int:
@@ -126,24 +127,29 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
     vault = new_vault(tmp_path)
     vda = make_data_disk(tmp_path / "vda.qcow2", "32M")
     raw = RawDisk(tmp_path / "vdb.raw", seed=1)
+    plain = RawDisk(tmp_path / "vdd.qcow2", seed=2, fmt="qcow2")  # qcow2, no filesystem: every byte known
     # vdc: a qcow2 overlay on a base image; with a backing chain libvirt itself judges the bitmap.
     base = make_data_disk(tmp_path / "base.qcow2", "32M")
     vdc = tmp_path / "vdc.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(vdc)], check=True)
-    vm = GuestDomain(conn, build_guest(), [(vda, "qcow2"), (raw.path, "raw"), (vdc, "qcow2")], tmp_path,
+    vm = GuestDomain(conn, build_guest(), [(vda, "qcow2"), (raw.path, "raw"), (vdc, "qcow2"),
+                                            (plain.path, "qcow2")], tmp_path,
                      name="raksha-track")
     vm.dom = conn.defineXML(vm.xml)  # persistent: its checkpoints outlive a QEMU restart
     vm.dom.create()
     runs: dict[str, GroupResult] = {}
     written: dict[str, int] = {}
+    written_q: dict[str, int] = {}
     with vm:
         vm.wait_for_agent()
 
         def run(name: str, parent: str | None, extents: int = 0) -> VmResult:
             if extents:
                 written[name] = raw.write(vm, "vdb", extents, 4)
+                written_q[name] = plain.write(vm, "vdd", extents, 1)  # 4 KiB writes: 1/16 of a qcow2 cluster
             runs[name] = backup_domains(conn, [vm.name], vault, "job", name, parent_run=parent)
             raw.mark(name)
+            plain.mark(name)
             (result,) = runs[name].vms
             assert result.error is None
             return result
@@ -157,11 +163,17 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert vdb.kind == "incremental" and "QEMU dirty bitmap raksha-job-r1" in vdb.tracking
         assert written["r2"] <= vdb.bytes_read <= 1.1 * written["r2"] + (64 << 10)  # reads what changed
         assert disk(r2, "vda").kind == "incremental" and disk(r2, "vdc").kind == "incremental"
+        vdd = disk(r2, "vdd")  # the checkpoint's 64 KiB bitmap would read 16 x; the fine one reads what changed
+        assert vdd.kind == "incremental" and "refined by raksha-job-r1~fine (4 KiB" in vdd.tracking
+        assert written_q["r2"] <= vdd.bytes_read <= 1.1 * written_q["r2"] + (64 << 10)
 
         restart(vm)  # QEMU restarted: the raw disk's bitmap is gone, the checkpoint's is in the qcow2
         r3 = run("r3", "r2", extents=10)
         assert disk(r3, "vdb").kind == "full" and "QEMU was restarted" in disk(r3, "vdb").tracking
         assert disk(r3, "vda").kind == "incremental"
+        vdd = disk(r3, "vdd")  # the fine bitmap is persistent too: it survived the restart in the image
+        assert vdd.kind == "incremental" and "refined by raksha-job-r2~fine" in vdd.tracking
+        assert written_q["r3"] <= vdd.bytes_read <= 1.1 * written_q["r3"] + (64 << 10)
         r4 = run("r4", "r3", extents=10)
         assert disk(r4, "vdb").kind == "incremental" and disk(r4, "vda").kind == "incremental"
         assert written["r4"] <= disk(r4, "vdb").bytes_read <= 1.1 * written["r4"] + (64 << 10)
@@ -178,11 +190,11 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert disk(r5, "vdb").kind == "full"
         r6 = run("r6", "r5", extents=5)
         assert {d.target: d.kind for d in r6.disks} == {"vda": "incremental", "vdb": "incremental",
-                                                        "vdc": "incremental"}
+                                                        "vdc": "incremental", "vdd": "incremental"}
 
         # A crash left the checkpoint's bitmap flagged in-use: QEMU loads it as inconsistent.
         vm.dom.destroy()
-        assert list(image_bitmaps(vda)) == list(image_bitmaps(vdc)) == ["raksha-job-r6"]
+        assert sorted(image_bitmaps(vda)) == sorted(image_bitmaps(vdc)) == ["raksha-job-r6", "raksha-job-r6~fine"]
         leave_in_use(vda)
         vm.dom.create()
         vm.wait_for_agent()
@@ -193,7 +205,8 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r8"]
         vm.dom.destroy()
         # No stale or inconsistent bitmap left behind.
-        assert list(image_bitmaps(vda)) == list(image_bitmaps(vdc)) == ["raksha-job-r8"]
+        for image in (vda, vdc, plain.path):
+            assert sorted(image_bitmaps(image)) == ["raksha-job-r8", "raksha-job-r8~fine"], image
 
         # Undefine keeps working with checkpoints (a plain undefine is refused).
         with pytest.raises(libvirt.libvirtError, match="checkpoint"):
@@ -204,6 +217,7 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         uuid = r1.uuid
 
     check_restores(vault, tmp_path, uuid, "vdb", raw)
+    check_restores(vault, tmp_path, uuid, "vdd", plain)
     meta = vault.read_metadata(BackupId.parse(f"job/r3/{uuid}/vdb"))
     assert meta["hints"]["tracking_method"] == "qemu-dirty-bitmap" and "restarted" in meta["hints"]["tracking"]
 

@@ -8,7 +8,9 @@ freeze window. Every pull job is ended (abortJob) whatever happens, and no guest
 
 How each disk's changes are found (docs/design/changed-block-tracking.md):
 
-- qcow2 disks: libvirt checkpoints (persistent dirty bitmaps in the image).
+- qcow2 disks: libvirt checkpoints (persistent dirty bitmaps in the image), refined by a persistent
+  4 KiB QEMU bitmap of Raksha's beside each checkpoint's (the checkpoint's granularity is the 64 KiB
+  cluster); the checkpoint decides whether the disk is incremental, the fine bitmap what is read.
 - raw files and block devices, where libvirt refuses checkpoints: a
   non-persistent QEMU dirty bitmap per run, managed over QMP. The bitmap of run
   N is added before run N's ``backupBegin`` (the point in time); run N+1 copies
@@ -66,6 +68,7 @@ UNTRACKED = "none"  # no tracking could be set up: read in full every time
 BITMAP_GRANULARITY = 4096  # bytes per bit: reads equal the guest's 4 KiB writes
 MAX_BITMAP_BYTES = 32 << 20  # per bitmap; the granularity doubles past 1 TiB to stay under it
 READ_SUFFIX = "~read"  # the frozen copy of a parent bitmap that a run exports and reads
+FINE_SUFFIX = "~fine"  # a qcow2 disk's persistent 4 KiB bitmap beside checkpoint <name>'s own
 
 
 def bitmap_granularity(size: int) -> int:
@@ -140,7 +143,12 @@ class DiskPlan:
     size: int = 0
     granularity: int = BITMAP_GRANULARITY
     added: bool = False  # this run's bitmap was added to ``node``
-    extents: list[Extent] | None = None  # a raw disk's changed extents, read from its parent bitmap
+    extents: list[Extent] | None = None  # the changed extents read from the parent's bitmap (raw or fine)
+    fine_parent: bool = False  # qcow2: the parent checkpoint's fine bitmap is usable; read its extents
+
+    def own_bitmap(self, checkpoint: str) -> str:
+        """The QEMU bitmap Raksha itself adds for a run: the run's name on raw disks, ``<name>~fine`` on qcow2."""
+        return checkpoint + FINE_SUFFIX if self.method == CHECKPOINT else checkpoint
 
 
 @dataclass
@@ -183,7 +191,7 @@ class DomainPoint:
     def changed_extents(self, disk: DiskInfo, source: NbdSource) -> list[Extent]:
         """The extents written since the parent run (only for a disk read incrementally)."""
         plan = self.plan(disk)
-        if plan.method == QEMU_BITMAP and plan.extents is not None:
+        if plan.extents is not None:
             return plan.extents
         return source.dirty_extents()
 
@@ -297,7 +305,12 @@ def _plan_disks(p: DomainPoint) -> None:
         node = (nodes or {}).get(disk.target)
         bitmaps = _bitmaps(node) if node else {}
         if tracked(disk):
-            plan = p.plans[disk.target] = DiskPlan(CHECKPOINT, checkpoint_node=str(node["node-name"]) if node else None)
+            node_name = str(node["node-name"]) if node else None
+            plan = p.plans[disk.target] = DiskPlan(CHECKPOINT, checkpoint_node=node_name, node=node_name,
+                                                   size=int((node or {}).get("image", {}).get("virtual-size", 0)))
+            plan.granularity = bitmap_granularity(plan.size)
+            if idle:
+                _drop_leftovers(p, plan, bitmaps)
             if parent is None:
                 plan.note = f"full read; checkpoint {p.checkpoint} starts tracking"
             elif not has_checkpoint:
@@ -312,6 +325,13 @@ def _plan_disks(p: DomainPoint) -> None:
             else:
                 plan.incremental = True
                 plan.note = f"checkpoint {parent} dirty bitmap"
+                fine = bitmaps.get(parent + FINE_SUFFIX)
+                if fine is not None and _usable(fine):
+                    plan.fine_parent = True
+                    plan.granularity = int(fine.get("granularity", plan.granularity))
+                    plan.note += f", refined by {parent}{FINE_SUFFIX} ({plan.granularity // 1024} KiB granularity)"
+                else:
+                    plan.note += f" ({_checkpoint_granularity(bitmaps.get(parent))}; no usable {FINE_SUFFIX} bitmap)"
             continue
         if node is None:
             why = qmp_error or "QEMU reports no block node for it"
@@ -320,18 +340,15 @@ def _plan_disks(p: DomainPoint) -> None:
         plan = p.plans[disk.target] = DiskPlan(QEMU_BITMAP, node=str(node["node-name"]),
                                                size=int(node.get("image", {}).get("virtual-size", 0)))
         plan.granularity = bitmap_granularity(plan.size)
-        if idle:  # leftovers of a killed run, and this run's bitmap if the run is being retried
-            for name, info in bitmaps.items():
-                if (name == p.checkpoint or (name.startswith("raksha-") and name.endswith(READ_SUFFIX))) \
-                        and not info.get("busy"):
-                    _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
+        if idle:
+            _drop_leftovers(p, plan, bitmaps)
         base = bitmaps.get(parent) if parent else None
         if parent is None:
             plan.note = f"full read; QEMU dirty bitmap {p.checkpoint} starts tracking"
         elif base is None:
             plan.note = (f"full read: QEMU dirty bitmap {parent} not found on {disk.path} (QEMU was restarted "
                          "or the VM migrated since that run; the bitmap is not persistent)")
-        elif base.get("inconsistent") or not base.get("recording", True) or base.get("busy"):
+        elif not _usable(base):
             plan.note = f"full read: QEMU dirty bitmap {parent} on {disk.path} is not usable ({base})"
         else:
             plan.incremental = True
@@ -339,6 +356,24 @@ def _plan_disks(p: DomainPoint) -> None:
             plan.note = f"QEMU dirty bitmap {parent} ({plan.granularity // 1024} KiB granularity, non-persistent)"
     if any(p.plans[d.target].method == CHECKPOINT and p.plans[d.target].incremental for d in p.disks):
         p.parent_checkpoint = parent
+
+
+def _usable(bitmap: dict[str, Any]) -> bool:
+    return not bitmap.get("inconsistent") and bool(bitmap.get("recording", True)) and not bitmap.get("busy")
+
+
+def _checkpoint_granularity(bitmap: dict[str, Any] | None) -> str:
+    granularity = int((bitmap or {}).get("granularity", 0))
+    return f"{granularity // 1024} KiB granularity" if granularity else "granularity unknown"
+
+
+def _drop_leftovers(p: DomainPoint, plan: DiskPlan, bitmaps: dict[str, dict[str, Any]]) -> None:
+    """Only with no backup job on the domain: the bitmaps of a killed run (its ``~read`` copies) and this
+    run's own bitmap if the run is being retried."""
+    for name, info in bitmaps.items():
+        if (name == plan.own_bitmap(p.checkpoint) or (name.startswith("raksha-") and name.endswith(READ_SUFFIX))) \
+                and not info.get("busy"):
+            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
 
 
 def _try(dom: libvirt.virDomain, command: str, **arguments: Any) -> bool:
@@ -350,22 +385,29 @@ def _try(dom: libvirt.virDomain, command: str, **arguments: Any) -> bool:
 
 
 def _add_bitmaps(p: DomainPoint) -> None:
-    """This run's bitmap on every raw disk, added before ``backupBegin`` so no write after the point is missed."""
-    raw = [(d, p.plans[d.target]) for d in p.disks if p.plans[d.target].method == QEMU_BITMAP]
-    if not raw:
-        return
-    actions = [{"type": "block-dirty-bitmap-add",
-                "data": {"node": plan.node, "name": p.checkpoint, "granularity": plan.granularity,
-                         "persistent": False}} for _d, plan in raw]
-    try:
-        qmp(p.domain, "transaction", actions=actions)
-    except QmpError as exc:
-        for _d, plan in raw:
-            plan.method, plan.incremental = UNTRACKED, False
-            plan.note = f"full read: no changed-block tracking (adding QEMU dirty bitmap failed: {exc})"
-        return
-    for _d, plan in raw:
-        plan.added = True
+    """This run's own bitmaps, added before ``backupBegin`` so no write after the point is missed: on every
+    raw disk the run's (not persistent), on every qcow2 disk ``<run>~fine`` (persistent, in the image)."""
+    raw = [plan for d in p.disks if (plan := p.plans[d.target]).method == QEMU_BITMAP]
+    fine = [plan for d in p.disks if (plan := p.plans[d.target]).method == CHECKPOINT and plan.node is not None]
+    for plans, persistent in ((raw, False), (fine, True)):
+        if not plans:
+            continue
+        actions = [{"type": "block-dirty-bitmap-add",
+                    "data": {"node": plan.node, "name": plan.own_bitmap(p.checkpoint),
+                             "granularity": plan.granularity, "persistent": persistent}} for plan in plans]
+        try:
+            qmp(p.domain, "transaction", actions=actions)
+        except QmpError as exc:
+            for plan in plans:
+                if persistent:  # the checkpoint still tracks the disk, at its own granularity
+                    plan.note += f" (the next run reads at the checkpoint's granularity: adding {FINE_SUFFIX} " \
+                                 f"bitmap failed: {exc})"
+                else:
+                    plan.method, plan.incremental = UNTRACKED, False
+                    plan.note = f"full read: no changed-block tracking (adding QEMU dirty bitmap failed: {exc})"
+            continue
+        for plan in plans:
+            plan.added = True
 
 
 def _read_parent_bitmaps(p: DomainPoint) -> None:
@@ -375,9 +417,11 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
     """
     for disk in p.disks:
         plan = p.plans[disk.target]
-        if plan.method != QEMU_BITMAP or not plan.incremental or p.parent is None:
+        wanted = plan.method == QEMU_BITMAP or (plan.method == CHECKPOINT and plan.fine_parent)
+        if not wanted or not plan.incremental or p.parent is None or plan.node is None:
             continue
-        copy = p.parent + READ_SUFFIX
+        parent = plan.own_bitmap(p.parent)
+        copy = parent + READ_SUFFIX
         export = f"raksha-bitmap-{disk.target}"
         added = exported = False
         try:
@@ -386,7 +430,7 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
                  "data": {"node": plan.node, "name": copy, "granularity": plan.granularity, "persistent": False,
                           "disabled": True}},
                 {"type": "block-dirty-bitmap-merge", "data": {"node": plan.node, "target": copy,
-                                                              "bitmaps": [p.parent]}}])
+                                                              "bitmaps": [parent]}}])
             added = True
             qmp(p.domain, "block-export-add", type="nbd", id=export, name=export, writable=False,
                 bitmaps=[copy], **{"node-name": plan.node})
@@ -398,8 +442,12 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
             finally:
                 src.close()
         except (QmpError, RakshaError) as exc:
-            plan.incremental, plan.extents = False, None
-            plan.note = f"full read: reading QEMU dirty bitmap {p.parent} failed: {exc}"
+            plan.extents = None
+            if plan.method == CHECKPOINT:  # the checkpoint's own bitmap still says what changed
+                plan.note = f"checkpoint {p.parent} dirty bitmap (reading {parent} failed: {exc})"
+            else:
+                plan.incremental = False
+                plan.note = f"full read: reading QEMU dirty bitmap {parent} failed: {exc}"
         finally:
             if exported:
                 _try(p.domain, "block-export-del", id=export, mode="hard")
@@ -417,9 +465,9 @@ def _settle(p: DomainPoint, ok: bool) -> None:
         if plan is None or plan.node is None:
             continue
         if ok and p.parent:
-            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.parent)
+            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.parent))
         elif not ok and plan.added:
-            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
+            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.checkpoint))
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
     if ok and p.parent is not None and _delete_checkpoint(p.domain, p.parent, metadata_fallback=True):
         # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of the bitmap.
