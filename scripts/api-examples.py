@@ -167,7 +167,7 @@ def record(srv: Server, keystone_srv: Server, real_vm: bool, restore_dir: Path) 
         srv.call("GET", f"{t}/backupjobs?limit=10"), 200)
     add(s, "Show a backup job", srv.call("GET", f"{t}/backupjobs/{job_id}"), 200)
     add(s, "Update a backup job", srv.call("PUT", f"{t}/backupjobs/{job_id}", {"backupjob": {
-        "description": "nightly, 14 runs kept", "retention": {"keep_last": 14}}}), 200)
+        "description": "nightly, 14 runs kept", "retention": {"keep_last": 14}, "consistency": "filesystem"}}), 200)
 
     s = "Runs"
     until = ("available", "partial", "error")

@@ -87,6 +87,41 @@ def test_job_create_show_update_list_and_delete(t1: Client) -> None:
     assert gone.status == 404 and gone.body["error"]["code"] == "BACKUPJOB_NOT_FOUND"
 
 
+@pytest.mark.parametrize("level", ["crash", "filesystem", "application"])
+def test_a_jobs_wanted_consistency_is_created_updated_shown_and_cleared(t1: Client, level: str) -> None:
+    job = _job(t1, f"wants-{level}", consistency=level)
+    assert job["consistency"] == level
+    assert t1.get(f"/backupjobs/{job['id']}").body["backupjob"]["consistency"] == level
+    listed = {j["id"]: j for j in t1.get(f"/backupjobs?name=wants-{level}").body["backupjobs"]}
+    assert listed[job["id"]]["consistency"] == level
+    other = next(lv for lv in ("crash", "filesystem", "application") if lv != level)
+    upd = t1.put(f"/backupjobs/{job['id']}", {"backupjob": {"consistency": other}})
+    assert upd.status == 200, upd
+    jsonschema.validate(upd.body, views.wrapped("backupjob", views.BACKUPJOB))
+    assert upd.body["backupjob"]["consistency"] == other
+    # Another field's update leaves it alone; null sets it back to the best each VM reaches.
+    assert t1.put(f"/backupjobs/{job['id']}", {"backupjob": {"description": "x"}}).body["backupjob"][
+        "consistency"] == other
+    cleared = t1.put(f"/backupjobs/{job['id']}", {"backupjob": {"consistency": None}})
+    assert cleared.status == 200 and cleared.body["backupjob"]["consistency"] is None
+    assert t1.get(f"/backupjobs/{job['id']}").body["backupjob"]["consistency"] is None
+
+
+def test_a_job_without_a_wanted_consistency_shows_null(t1: Client) -> None:
+    assert _job(t1, "best")["consistency"] is None
+
+
+@pytest.mark.parametrize("bad", ["Crash", "none", "", 1, True, ["crash"]])
+def test_an_unknown_consistency_is_refused_on_create_and_update(t1: Client, bad: object) -> None:
+    made = t1.post("/backupjobs", {"backupjob": {"name": "x", "vms": [{"id": VM}], "consistency": bad}})
+    assert made.status == 400 and made.body["error"]["code"] == "BODY_INVALID", made
+    assert "backupjob/consistency" in made.body["error"]["message"]
+    job = _job(t1, "stays", consistency="crash")
+    upd = t1.put(f"/backupjobs/{job['id']}", {"backupjob": {"consistency": bad}})
+    assert upd.status == 400 and upd.body["error"]["code"] == "BODY_INVALID", upd
+    assert t1.get(f"/backupjobs/{job['id']}").body["backupjob"]["consistency"] == "crash"
+
+
 def test_pagination_follows_next_links_and_filters(t1: Client) -> None:
     ids = {_job(t1, "page")["id"] for _ in range(3)}
     seen: list[str] = []

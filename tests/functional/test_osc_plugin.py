@@ -57,9 +57,10 @@ def test_jobs_runs_and_restores_through_openstack(server: Server) -> None:
     admin = ["--os-auth-type", "admin_token", "--os-endpoint", f"{server.url}/v1", "--os-token", "t",
              "--os-raksha-project", "osc-2"]
     out, _ = openstack(*admin, "raksha", "job", "create", "nightly", "--vm", VM, "--interval-hours", "24",
-                       "--keep-last", "3", "-f", "json")
+                       "--keep-last", "3", "--consistency", "filesystem", "-f", "json")
     job: dict[str, Any] = json.loads(out)
     assert job["name"] == "nightly" and json.loads(job["retention"]) == {"keep_last": 3}
+    assert job["consistency"] == "filesystem"
     out, _ = openstack(*admin, "raksha", "job", "show", job["id"], "-f", "json")
     assert json.loads(out)["id"] == job["id"]
     # A run on the test host fails (it has no disks): --wait says so with the API's reason.

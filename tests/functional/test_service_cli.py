@@ -60,3 +60,25 @@ def test_clear_errors_for_bad_arguments_and_an_unreachable_server(server: Server
     down = subprocess.run([sys.executable, "-m", "raksha.cli.main", "job", "list", "--url", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 1 and "[SERVER_UNREACHABLE]" in down.stderr
+
+
+def test_job_consistency_flag_on_create_and_update(server: Server) -> None:
+    made = raksha(server, "job", "create", "crashy", "--vm", "test", "--consistency", "crash", "--json")
+    assert made.returncode == 0, made.stderr
+    job = json.loads(made.stdout)
+    assert job["consistency"] == "crash"
+    shown = raksha(server, "job", "show", job["id"])
+    assert shown.returncode == 0 and "consistency" in shown.stdout and "crash" in shown.stdout
+    for level in ("filesystem", "application"):
+        upd = raksha(server, "job", "update", job["id"], "--consistency", level, "--json")
+        assert upd.returncode == 0, upd.stderr
+        assert json.loads(upd.stdout)["consistency"] == level
+    best = raksha(server, "job", "update", job["id"], "--consistency", "best", "--json")
+    assert best.returncode == 0 and json.loads(best.stdout)["consistency"] is None
+    assert "best each VM reaches" in raksha(server, "job", "show", job["id"]).stdout
+    plain = raksha(server, "job", "create", "plain", "--vm", "test", "--json")
+    assert plain.returncode == 0 and json.loads(plain.stdout)["consistency"] is None
+    for cmd in (["job", "create", "x", "--vm", "test"], ["job", "update", job["id"]]):
+        bad = raksha(server, *cmd, "--consistency", "paranoid")
+        assert bad.returncode == 2 and "paranoid" in bad.stderr, bad.stderr
+    assert raksha(server, "job", "delete", job["id"]).returncode == 0

@@ -87,6 +87,7 @@ def test_job_full_incremental_and_restore_to_new_vms_through_the_api(conn: libvi
 
 def test_a_vm_gone_before_the_run_makes_it_partial_and_the_rest_restorable(conn: libvirt.virConnect,
                                                                           tmp_path: Path) -> None:
+    """Also: a job that wants crash consistency gets it (no freeze, a note saying it was wanted)."""
     guest = build_guest()
     with GuestDomain(conn, guest, [(make_data_disk(tmp_path / "a.qcow2", "32M"), "qcow2")], tmp_path,
                      name="raksha-part-a") as a, \
@@ -95,8 +96,11 @@ def test_a_vm_gone_before_the_run_makes_it_partial_and_the_rest_restorable(conn:
                            name="raksha-part-b")
         with gone:
             api = srv.client("demo")
+            # The job wants crash consistency: a, whose agent answers, is not frozen and says why.
             job = api.post("/backupjobs", {"backupjob": {
-                "name": "two", "vms": [{"id": "raksha-part-a"}, {"id": "raksha-part-b"}]}}).body["backupjob"]
+                "name": "two", "vms": [{"id": "raksha-part-a"}, {"id": "raksha-part-b"}],
+                "consistency": "crash"}}).body["backupjob"]
+            assert job["consistency"] == "crash"
         # raksha-part-b no longer exists when the run starts.
         a.wait_for_agent(timeout=240)
         started = api.post(f"/backupjobs/{job['id']}/full").body["backupjobrun"]
@@ -107,6 +111,11 @@ def test_a_vm_gone_before_the_run_makes_it_partial_and_the_rest_restorable(conn:
         assert by_ref["raksha-part-a"]["status"] == "available"
         assert by_ref["raksha-part-b"]["status"] == "error"
         assert by_ref["raksha-part-b"]["error"]["code"] == "VM_NOT_FOUND"
+        wanted_crash = by_ref["raksha-part-a"]
+        assert wanted_crash["consistency"] == "crash", wanted_crash
+        assert "crash consistency wanted" in (wanted_crash["consistency_note"] or ""), wanted_crash
+        assert wanted_crash["freeze_ms"] in (0, None) and run["freeze_ms"] in (0, None), run
+        assert run["consistency"] == "crash"
         # A partial run restores the VMs that made it.
         out = tmp_path / "files"
         out.mkdir()

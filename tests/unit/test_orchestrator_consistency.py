@@ -52,3 +52,16 @@ def test_wanted_level_passed_through_and_the_weakest_recorded(raksha_db: Databas
         assert run.consistency == "filesystem" and run.freeze_ms == 250
         assert {vm.vm_name: (vm.consistency, vm.consistency_note) for vm in run.vms} == {
             n: (level, why) for n, (level, why) in REACHED.items()}
+
+
+def test_a_job_that_wants_crash_records_no_freeze_window(raksha_db: Database, tmp_path: Path) -> None:
+    """The driver times the span around starting its backup jobs even when it froze nothing: not a freeze."""
+    agent = StandInAgent()
+    with raksha_db.begin() as s:
+        vaults.ensure_default(s, str(tmp_path / "vault"), encrypt=False, key_file=str(tmp_path / "key"))
+        job = db.create_job(s, P, USER, name="app", vms=["vm-app"], consistency="crash")
+        run_id = db.create_run(s, P, USER, job.id, backuptype="full").id
+    Orchestrator(raksha_db, agent, restore_dir=str(tmp_path / "restored")).run_backup(P, run_id)  # type: ignore[arg-type]
+    assert agent.wanted == ["crash"]
+    with raksha_db.begin() as s:
+        assert db.get_run(s, P, run_id).freeze_ms == 0

@@ -73,8 +73,9 @@ class ApiClient:
 def job_body(name: str, vms: list[str], *, excluded: dict[str, list[str]] | None = None,
              description: str | None = None, vault_service: str | None = None, interval_hours: float | None = None,
              cron: str | None = None, full_every: int | None = None, keep: dict[str, int] | None = None,
-             ) -> dict[str, Any]:
-    """The ``backupjob`` of a create request, from command-line values (``keep``: keep_last=N...)."""
+             consistency: str | None = None) -> dict[str, Any]:
+    """The ``backupjob`` of a create request, from command-line values (``keep``: keep_last=N...;
+    ``consistency``: the level wanted, crash|filesystem|application, None: the best each VM reaches)."""
     excluded = excluded or {}
     body: dict[str, Any] = {"name": name, "vms": [{"id": vm, **({"exclude_disks": excluded[vm]}
                                                                 if vm in excluded else {})} for vm in vms]}
@@ -88,6 +89,8 @@ def job_body(name: str, vms: list[str], *, excluded: dict[str, list[str]] | None
     kept = {k: v for k, v in (keep or {}).items() if v}
     if kept:
         body["retention"] = kept
+    if consistency:
+        body["consistency"] = consistency
     return body
 
 

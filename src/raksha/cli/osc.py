@@ -21,6 +21,7 @@ from osc_lib.command import command
 
 from raksha.cli.client import RESTORE_END, RUN_END, ApiClient, job_body, restore_body
 from raksha.domain.errors import RakshaError
+from raksha.domain.states import Consistency
 
 # -- the plugin interface (openstack.cli.extension) -----------------------------------------------------
 
@@ -99,8 +100,8 @@ def _cell(value: Any) -> Any:
     return value
 
 
-JOB_FIELDS = ("id", "name", "description", "status", "vms", "schedule", "retention", "vault_service", "last_run",
-              "created_at")
+JOB_FIELDS = ("id", "name", "description", "status", "vms", "schedule", "retention", "consistency", "vault_service",
+              "last_run", "created_at")
 RUN_FIELDS = ("id", "backupjob_id", "type", "status", "progress_percent", "bytes_done", "bytes_total",
               "consistency", "freeze_ms", "size", "parent_run_id", "fail_reason", "created_at", "started_at",
               "finished_at", "vms")
@@ -149,12 +150,15 @@ class CreateJob(command.ShowOne):
         parser.add_argument("--full-every", type=int, metavar="<n>", help="every n-th run full")
         for keep in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
             parser.add_argument(f"--keep-{keep}", type=int, metavar="<n>")
+        parser.add_argument("--consistency", choices=[level.value for level in Consistency],
+                            help="level wanted (default: the best each VM reaches)")
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         a = parsed_args
         body = job_body(a.name, a.vm, description=a.description, vault_service=a.vault_service,
                         interval_hours=a.interval_hours, cron=a.cron, full_every=a.full_every,
+                        consistency=a.consistency,
                         keep={f"keep_{k}": getattr(a, f"keep_{k}")
                               for k in ("last", "hourly", "daily", "weekly", "monthly", "yearly")})
         client = _client(self)

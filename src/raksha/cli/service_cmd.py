@@ -15,7 +15,11 @@ from typing import Any
 from raksha.cli.client import RESTORE_END, RUN_END, ApiClient, job_body, restore_body
 from raksha.cli.output import TerminalProgress, emit, human_bytes, table
 from raksha.domain.errors import EXIT_ERROR, EXIT_OK, InvalidInput
+from raksha.domain.states import Consistency
 from raksha.vault.engine.progress import ProgressEvent
+
+LEVELS = tuple(level.value for level in Consistency)  # what --consistency takes: crash, filesystem, application
+BEST = "best"  # job update --consistency best: back to the best each VM reaches
 
 
 def _common() -> argparse.ArgumentParser:
@@ -38,6 +42,7 @@ def _job_text(job: dict[str, Any]) -> str:
     rows = [["id", job["id"]], ["name", job["name"]], ["status", job["status"]],
             ["vms", ", ".join(vm["id"] for vm in job["vms"])], ["schedule", when],
             ["retention", ", ".join(f"{k}={v}" for k, v in (job.get("retention") or {}).items()) or "-"],
+            ["consistency", job.get("consistency") or "best each VM reaches"],
             ["last run", (job.get("last_run") or {}).get("status", "-")], ["created", job["created_at"]]]
     return table(rows, ["field", "value"])
 
@@ -101,7 +106,7 @@ def job_create(args: argparse.Namespace) -> int:
         excluded.setdefault(vm, []).append(disk)
     body = job_body(args.name, args.vm, excluded=excluded, description=args.description,
                     vault_service=args.vault_service, interval_hours=args.interval_hours, cron=args.cron,
-                    full_every=args.full_every,
+                    full_every=args.full_every, consistency=args.consistency,
                     keep={k: getattr(args, k) for k in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly")})
     job = _client(args).post("/backupjobs", {"backupjob": body})["backupjob"]
     emit(job, args.json, _job_text(job))
@@ -134,8 +139,11 @@ def job_update(args: argparse.Namespace) -> int:
         body["schedule"] = {k: v for k, v in (("interval_hours", args.interval_hours), ("cron", args.cron)) if v}
     if args.no_schedule:
         body["schedule"] = None
+    if args.consistency:
+        body["consistency"] = None if args.consistency == BEST else args.consistency
     if not body:
-        raise InvalidInput("nothing to update: give --name, --description, --vm or a schedule", code="USAGE")
+        raise InvalidInput("nothing to update: give --name, --description, --vm, a schedule or --consistency",
+                           code="USAGE")
     job = _client(args).put(f"/backupjobs/{args.id}", {"backupjob": body})["backupjob"]
     emit(job, args.json, _job_text(job))
     return EXIT_OK
@@ -243,6 +251,9 @@ def register(sub: Any) -> None:
     p.add_argument("--full-every", type=int, help="every N-th scheduled run is full")
     for k in ("keep-last", "keep-daily", "keep-weekly", "keep-monthly"):
         p.add_argument(f"--{k}", type=int, metavar="N")
+    p.add_argument("--consistency", choices=LEVELS,
+                   help="the level wanted: crash (no freeze), filesystem (freeze, no guest hooks) or application "
+                        "(guest hooks and freeze); default: the best each VM reaches")
     p.set_defaults(func=job_create)
     p = job.add_parser("list", parents=[common], help="list backup jobs")
     p.set_defaults(func=job_list)
@@ -258,6 +269,8 @@ def register(sub: Any) -> None:
     p.add_argument("--interval-hours", type=float)
     p.add_argument("--cron")
     p.add_argument("--no-schedule", action="store_true")
+    p.add_argument("--consistency", choices=(*LEVELS, BEST),
+                   help=f"the level wanted (as for create); {BEST}: the best each VM reaches")
     p.set_defaults(func=job_update)
     for name, fn, text in (("full", job_full, "run a full backup"),
                            ("incremental", job_incremental, "run an incremental backup"),

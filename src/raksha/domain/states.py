@@ -101,6 +101,15 @@ class RestoreType(StrEnum):
     IN_PLACE = "in_place"
 
 
+class Consistency(StrEnum):
+    """A consistency level, weakest first: what a job wants (``backupjobs.consistency``; none: the best each VM
+    reaches) and what a VM of a run reached."""
+
+    CRASH = "crash"  # not frozen
+    FILESYSTEM = "filesystem"  # frozen, no guest hooks
+    APPLICATION = "application"  # the guest's hooks around the freeze
+
+
 @dataclass(frozen=True)
 class StateMachine:
     """A named table of allowed transitions. ``terminal``: no work in progress; ``final``: never leaves."""

@@ -140,7 +140,7 @@ class Orchestrator:
                 vault.close()
         with self.db.begin() as s:
             if result is not None:
-                self._record(s, project_id, run, vault_row, names, result)
+                self._record(s, project_id, run, vault_row, names, result, wanted=wanted)
             run = db.settle_run(s, project_id, run_id, progress_percent=100, eta_seconds=0)
             LOG.info("run %s of job %s: %s", run_id, job.id, run.status)
         if run.status in (RunStatus.AVAILABLE, RunStatus.PARTIAL) and job.retention:
@@ -162,7 +162,7 @@ class Orchestrator:
                           eta_seconds=int(eta) if eta is not None else None)
 
     def _record(self, s: Any, project_id: str, run: BackupJobRun, vault_row: VaultService,
-                names: dict[str, str], result: GroupResult) -> None:
+                names: dict[str, str], result: GroupResult, *, wanted: str | None = None) -> None:
         parent = db.get_run(s, project_id, run.parent_run_id) if run.parent_run_id else None
         parent_backups: dict[tuple[str, str], str] = {}
         if parent is not None:
@@ -178,7 +178,10 @@ class Orchestrator:
             read += sum(d.bytes_read for d in vm.disks)
             stored += sum(d.bytes_stored for d in vm.disks)
         levels = [vm.consistency for vm in result.vms if vm.error is None]
-        db.update_run(s, project_id, run.id, consistency=weakest(levels), freeze_ms=int(result.freeze_ms),
+        # Wanting crash consistency freezes nothing: no freeze window, whatever the driver timed around the
+        # start of its backup jobs (it reports that span as freeze_ms frozen or not).
+        freeze_ms = 0 if wanted == "crash" else int(result.freeze_ms)
+        db.update_run(s, project_id, run.id, consistency=weakest(levels), freeze_ms=freeze_ms,
                       bytes_done=read, bytes_total=max(read, run.bytes_total or 0))
 
     def _record_vm(self, s: Any, project_id: str, row_id: str, vm: VmResult, vault_row: VaultService,

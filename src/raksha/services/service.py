@@ -83,7 +83,7 @@ class Service:
 
     def _job_fields(self, s: Any, ctx: RequestContext, spec: dict[str, Any], *, creating: bool) -> dict[str, Any]:
         fields: dict[str, Any] = {}
-        for key in ("name", "description"):
+        for key in ("name", "description", "consistency"):
             if key in spec:
                 fields[key] = spec[key]
         vms = spec.get("vms")

@@ -35,6 +35,7 @@ def job_view(job: BackupJob, base: str, *, size: int = 0, last_run: BackupJobRun
         "id": job.id, "name": job.name, "description": job.description, "status": job.status,
         "project_id": job.project_id, "user_id": job.user_id, "vms": vms,
         "vault_service": job.vault_service_id, "schedule": schedule, "retention": job.retention,
+        "consistency": job.consistency,
         "created_at": iso(job.created_at), "updated_at": iso(job.updated_at),
         "last_run": ({"id": last_run.id, "status": last_run.status, "type": last_run.backuptype,
                       "created_at": iso(last_run.created_at)} if last_run is not None else None),

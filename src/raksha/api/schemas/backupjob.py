@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raksha.domain.states import Consistency
+
 NAME = {"type": "string", "minLength": 1, "maxLength": 255}
 DESCRIPTION = {"type": ["string", "null"], "maxLength": 1024}
 # No "/" and no white space. The space characters are spelled out: "\s" means one set in Python's re (which
@@ -46,6 +48,9 @@ RETENTION = {
     "additionalProperties": False,
 }
 
+# The level the job wants (docs/design/application-consistency.md); null: the best each VM reaches.
+CONSISTENCY = {"enum": [None, *(level.value for level in Consistency)]}
+
 _COMMON: dict[str, Any] = {
     "name": NAME,
     "description": DESCRIPTION,
@@ -53,6 +58,7 @@ _COMMON: dict[str, Any] = {
     "vault_service": {"type": ["string", "null"], "minLength": 1, "maxLength": 255},
     "schedule": SCHEDULE,
     "retention": RETENTION,
+    "consistency": CONSISTENCY,
     # The 2013 client: one VM and an interval in hours.
     "instance_id": VM_REF,
     "hours": {"type": ["integer", "null"], "minimum": 1, "maximum": 24 * 366},

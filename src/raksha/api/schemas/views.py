@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raksha.api.schemas.backupjob import CONSISTENCY
+
 STR: dict[str, Any] = {"type": "string"}
 NSTR: dict[str, Any] = {"type": ["string", "null"]}
 INT: dict[str, Any] = {"type": "integer"}
@@ -21,12 +23,14 @@ RESTORE_STATUS = ["queued", "restoring", "available", "error", "cancelling", "ca
 
 BACKUPJOB: dict[str, Any] = {
     "type": "object",
-    "required": ["id", "name", "status", "vms", "created_at", "vm_id", "vault_service", "size", "fail_reason"],
+    "required": ["id", "name", "status", "vms", "created_at", "consistency", "vm_id", "vault_service", "size",
+                 "fail_reason"],
     "properties": {
         "id": STR, "name": STR, "description": NSTR, "status": STR, "project_id": STR, "user_id": NSTR,
         "vms": {"type": "array", "items": {"type": "object", "required": ["id"],
                                            "properties": {"id": STR, "exclude_disks": {"type": "array"}}}},
         "vault_service": NSTR, "schedule": {"type": ["object", "null"]}, "retention": {"type": ["object", "null"]},
+        "consistency": CONSISTENCY,  # wanted; null: the best each VM reaches
         "created_at": STR, "updated_at": NSTR, "last_run": {"type": ["object", "null"]},
         # The 2013 client's fields.
         "vm_id": NSTR, "hours": NINT, "size": INT, "fail_reason": NSTR,

@@ -14,7 +14,7 @@ from raksha.db.api.vaults import get_vault_service
 from raksha.db.models import BackupJob, BackupJobVm
 from raksha.db.types import utcnow
 from raksha.domain.errors import InvalidInput, JobBusy
-from raksha.domain.states import JOB, JobStatus
+from raksha.domain.states import JOB, Consistency, JobStatus
 
 WHAT = "backupjob"
 _LOAD = (selectinload(BackupJob.vms), selectinload(BackupJob.vault_service))
@@ -37,13 +37,22 @@ def _vm_rows(project_id: str, job_id: str, vms: Sequence[VmSpec]) -> list[Backup
     return rows
 
 
+def _check_consistency(level: str | None) -> None:
+    if level is not None and level not in tuple(Consistency):
+        raise InvalidInput(f"consistency must be one of {', '.join(Consistency)} or none, not {level!r}",
+                           code="CONSISTENCY_INVALID", field="consistency")
+
+
 def create_job(session: Session, project_id: str, user_id: str, *, name: str, vms: Sequence[VmSpec],
                description: str | None = None, vault_service_id: str | None = None,
                schedule_interval_seconds: int | None = None, schedule_cron: str | None = None,
                schedule_enabled: bool = True, full_every: int = 0, next_run_at: datetime | None = None,
                retention: dict[str, Any] | None = None, excluded_disks: dict[str, Any] | None = None,
                consistency: str | None = None) -> BackupJob:
-    """A new job of ``vms``, status ``available``, returned with its VMs and vault service loaded."""
+    """A new job of ``vms``, status ``available``, returned with its VMs and vault service loaded.
+
+    ``consistency``: the level wanted (crash, filesystem, application); None: the best each VM reaches."""
+    _check_consistency(consistency)
     if vault_service_id is not None:
         get_vault_service(session, project_id, vault_service_id)
     job = BackupJob(project_id=project_id, user_id=user_id, name=name, description=description,
@@ -80,6 +89,8 @@ def update_job(session: Session, project_id: str, job_id: str, /, *, vms: Sequen
     """Change a job's fields; ``vms`` replaces its VM list (the old rows are soft-deleted)."""
     if values.get("vault_service_id") is not None:
         get_vault_service(session, project_id, values["vault_service_id"])
+    if "consistency" in values:
+        _check_consistency(values["consistency"])
     job = update_row(session, BackupJob, project_id, job_id, values, allowed=_UPDATABLE, what=WHAT)
     if vms is not None:
         rows = _vm_rows(project_id, job.id, vms)
