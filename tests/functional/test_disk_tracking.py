@@ -28,6 +28,7 @@ from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E40
 
 from raksha.hypervisor.group_backup import GroupResult, VmResult, backup_domains  # noqa: E402
 from raksha.hypervisor.lifecycle import undefine_domain  # noqa: E402
+from raksha.hypervisor.pull import qmp  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.progress import ProgressEvent  # noqa: E402
 from raksha.vault.engine.restore import restore_backup  # noqa: E402
@@ -143,11 +144,11 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
     with vm:
         vm.wait_for_agent()
 
-        def run(name: str, parent: str | None, extents: int = 0) -> VmResult:
+        def run(name: str, parent: str | None, extents: int = 0, previous: str | None = None) -> VmResult:
             if extents:
                 written[name] = raw.write(vm, "vdb", extents, 4)
                 written_q[name] = plain.write(vm, "vdd", extents, 1)  # 4 KiB writes: 1/16 of a qcow2 cluster
-            runs[name] = backup_domains(conn, [vm.name], vault, "job", name, parent_run=parent)
+            runs[name] = backup_domains(conn, [vm.name], vault, "job", name, parent_run=parent, previous_run=previous)
             raw.mark(name)
             plain.mark(name)
             (result,) = runs[name].vms
@@ -203,15 +204,23 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         r8 = run("r8", "r7", extents=5)
         assert disk(r8, "vda").kind == "incremental" and disk(r8, "vdb").kind == "incremental"
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r8"]
+
+        # A full run starts a new chain: once it succeeded, the old chain's checkpoint and bitmaps are gone.
+        r9 = run("r9", None, extents=5, previous="r8")
+        assert {d.kind for d in r9.disks} == {"full"}
+        assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r9"]
+        (vdb_node,) = [dev["inserted"] for dev in qmp(vm.dom, "query-block")
+                       if dev.get("inserted", {}).get("file", "").endswith("vdb.raw")]
+        assert [b["name"] for b in vdb_node.get("dirty-bitmaps", [])] == ["raksha-job-r9"]
         vm.dom.destroy()
         # No stale or inconsistent bitmap left behind.
         for image in (vda, vdc, plain.path):
-            assert sorted(image_bitmaps(image)) == ["raksha-job-r8", "raksha-job-r8~fine"], image
+            assert sorted(image_bitmaps(image)) == ["raksha-job-r9", "raksha-job-r9~fine"], image
 
         # Undefine keeps working with checkpoints (a plain undefine is refused).
         with pytest.raises(libvirt.libvirtError, match="checkpoint"):
             vm.dom.undefine()
-        assert undefine_domain(vm.dom) == ["raksha-job-r8"]
+        assert undefine_domain(vm.dom) == ["raksha-job-r9"]
         with pytest.raises(libvirt.libvirtError):
             conn.lookupByName(vm.name)
         uuid = r1.uuid

@@ -81,13 +81,16 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                    exclude: dict[str, set[str]] | None = None,
                    progress: ProgressHook | None = None, strategy: str = "pull",
                    snapshot_options: dict[str, Any] | None = None, consistency: str | None = None,
-                   hooks: Hooks | None = None) -> GroupResult:
+                   hooks: Hooks | None = None, previous_run: str | None = None) -> GroupResult:
     """``strategy`` "pull" (checkpoints, pull.py) or "snapshot" (external snapshots for hosts without
     checkpoint support, snapshot.py; ``snapshot_options`` go to ``snapshot_group``).
 
     ``consistency`` is the level wanted (None: the best each VM can reach): ``application`` runs the
     guests' hooks around the freeze (``hooks``: their paths and timeout, default ``Hooks()``),
-    ``filesystem`` only freezes, ``crash`` does not freeze. Each VM records the level it reached and why."""
+    ``filesystem`` only freezes, ``crash`` does not freeze. Each VM records the level it reached and why.
+
+    ``previous_run``: for a full run (no ``parent_run``), the job's last run: its checkpoints and bitmaps
+    are no base any more and are dropped once this run succeeds (pull strategy)."""
     if strategy not in STRATEGIES:
         raise InvalidInput(f"unknown backup strategy {strategy!r}: one of {', '.join(STRATEGIES)}",
                            code="INVALID_STRATEGY")
@@ -113,7 +116,8 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                        **(snapshot_options or {}))
         if strategy == "snapshot" else
         consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude,
-                          freeze=freeze, hooks=run_hooks))
+                          freeze=freeze, hooks=run_hooks,
+                          previous=checkpoint_name(job, previous_run) if previous_run else None))
     with group as point:
         for p in point.domains:
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, wanted_note + p.why)

@@ -164,6 +164,7 @@ class DomainPoint:
     consistency: str = CRASH
     why: str = ""
     parent: str | None = None  # the parent run's checkpoint and bitmap name, as asked
+    previous: str | None = None  # a full run's predecessor: its checkpoint and bitmaps go after a good run
     plans: dict[str, DiskPlan] = field(default_factory=dict)
     error: RakshaError | None = None  # set when this domain failed: its previous base is kept
     started: bool = False
@@ -459,21 +460,23 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
 
 
 def _settle(p: DomainPoint, ok: bool) -> None:
-    """Keep one base per disk: after a good run this run's, after a failed one the parent's."""
+    """Keep one base per disk: after a good run this run's, after a failed one the parent's (a full run
+    started afresh: after a good one its predecessor's base goes too, or it would be kept forever)."""
+    old = p.parent or p.previous
     for disk in p.disks:
         plan = p.plans.get(disk.target)
         if plan is None or plan.node is None:
             continue
-        if ok and p.parent:
-            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.parent))
+        if ok and old:
+            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
         elif not ok and plan.added:
             _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.checkpoint))
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
-    if ok and p.parent is not None and _delete_checkpoint(p.domain, p.parent, metadata_fallback=True):
+    if ok and old is not None and _delete_checkpoint(p.domain, old, metadata_fallback=True):
         # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of the bitmap.
         for plan in p.plans.values():
             if plan.checkpoint_node is not None:
-                _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=p.parent)
+                _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=old)
     elif not ok and p.started and not vm_gone(p.domain):
         # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
         # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.
@@ -520,7 +523,7 @@ def _begin(p: DomainPoint, scratch: str) -> None:
 @contextmanager
 def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], checkpoint: str,
                       *, freeze: bool = True, exclude: dict[str, set[str]] | None = None,
-                      hooks: Hooks | None = None) -> Iterator[GroupPoint]:
+                      hooks: Hooks | None = None, previous: str | None = None) -> Iterator[GroupPoint]:
     """Take one point in time over ``domains``, each with the parent run's checkpoint/bitmap name (or None).
 
     ``checkpoint`` names this run's libvirt checkpoint and raw-disk bitmaps. ``exclude`` maps a
@@ -528,7 +531,8 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     open; ends them all on exit. A domain whose job could not start has ``error`` set and no
     exports; the others go on. ``DomainPoint.fail()`` marks a domain the caller could not back up.
     ``hooks``: the guest scripts run before the freeze and after the thaw (strategy.Hooks; None: none);
-    a frozen guest whose pre-freeze hook exited 0 reaches ``application``.
+    a frozen guest whose pre-freeze hook exited 0 reaches ``application``. ``previous``: for a domain with
+    no parent (a full run), the checkpoint/bitmap name of the job's run before it, dropped after a good run.
     """
     for dom, _parent in domains:
         end_stale_job(dom)
@@ -538,7 +542,8 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         skip = (exclude or {}).get(dom.name(), set())
         disks = domain_disks(dom.XMLDesc(0))
         points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(workdir, f"{i}.sock"),
-                                  checkpoint, None, excluded=[d for d in disks if d.target in skip], parent=parent))
+                                  checkpoint, None, excluded=[d for d in disks if d.target in skip], parent=parent,
+                                  previous=None if parent else previous))
     group = GroupPoint(points)
     ok = False
     try:

@@ -129,8 +129,9 @@ class LibvirtAgent:
 
     def backup(self, vault: Vault, job: str, run: str, names: list[str], *, parent_run: str | None,
                exclude: dict[str, set[str]], progress: ProgressHook, cancelled: Callable[[], bool],
-               consistency: str | None = None) -> GroupResult:
-        """``consistency``: the level the job wants (None: the best each VM reaches; see ``backup_domains``)."""
+               consistency: str | None = None, previous_run: str | None = None) -> GroupResult:
+        """``consistency``: the level the job wants (None: the best each VM reaches; see ``backup_domains``).
+        ``previous_run``: a full run's predecessor, whose changed-block tracking the run retires."""
         def hook(vm: str, disk: str, event: ProgressEvent) -> None:
             if cancelled():
                 raise Interrupted(f"run {run} was cancelled", code="CANCELLED")
@@ -138,7 +139,7 @@ class LibvirtAgent:
 
         return backup_domains(self._conn(), names, vault, job, run, parent_run=parent_run, exclude=exclude,
                               progress=hook, strategy=self.strategy, consistency=consistency,
-                              hooks=self.hooks)
+                              hooks=self.hooks, previous_run=previous_run)
 
     def restore(self, vault: Vault, request: RestoreRequest, *, progress: Callable[[ProgressEvent], None],
                 cancelled: Callable[[], bool]) -> RestoreReport:
