@@ -8,9 +8,12 @@ raksha.domain.states and apply it by compare-and-set on the old status. Objects 
 back with what callers read loaded (a job's VMs; a run's VMs, resources and backups).
 Lists take ``limit`` (default 100, at most 1000), ``marker`` (the last id of the
 previous page) or ``offset``, and ``sort_dir`` (``desc``: newest first, the default).
+``purge_deleted`` (``raksha db purge``) takes the ``Database``: it removes soft-deleted rows in batches,
+one transaction each.
 """
 
 from raksha.db.api.jobs import VmSpec, create_job, delete_job, get_job, list_jobs, update_job
+from raksha.db.api.purge import plan_purge, purge_deleted
 from raksha.db.api.restores import (
     create_restore,
     delete_restore,
@@ -76,6 +79,8 @@ __all__ = [
     "list_runs",
     "list_vault_services",
     "orphaned_backups",
+    "plan_purge",
+    "purge_deleted",
     "referenced_backup_ids",
     "settle_run",
     "transition_restore",
