@@ -5,14 +5,18 @@ Every test runs on SQLite, and in the slow runs on real PostgreSQL and MariaDB t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from raksha.db import Database
 from raksha.db import api as db
 from raksha.db.models import BackupJob, BackupJobVm
+from raksha.domain.context import RequestContext
 from raksha.domain.errors import Conflict, InvalidInput, JobBusy, NotFound
 
 P1, P2, USER = "project-1", "project-2", "user-1"
@@ -64,6 +68,89 @@ def test_lists_come_a_page_at_a_time_newest_first(raksha_db: Database) -> None:
     assert [j.id for j in oldest_first] == ids
     assert by_offset == second
     assert all(len(j.vms) == 1 for j in first)  # loaded, usable outside the transaction
+
+
+@contextmanager
+def statements(raksha_db: Database) -> Iterator[list[str]]:
+    """The SQL statements run inside the block."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    event.listen(raksha_db.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(raksha_db.engine, "before_cursor_execute", record)
+
+
+def _jobs_with_runs(raksha_db: Database, n: int) -> list[str]:
+    ids = []
+    with raksha_db.begin() as s:
+        vault = db.create_vault_service(s, P1, USER, name="v", type="local", url="file:///v")
+        for i in range(n):
+            job = db.create_job(s, P1, USER, name=f"job-{i}", vms=[f"vm-{i}", f"vm-{i}-b"],
+                                vault_service_id=vault.id if i % 2 else None)
+            ids.append(job.id)
+            if i % 3:
+                db.create_run(s, P1, USER, job.id, backuptype="full")
+    return ids
+
+
+@pytest.mark.parametrize("listing", ["db", "service"])
+def test_listing_jobs_costs_the_same_queries_for_2_jobs_as_for_12(raksha_db: Database, listing: str) -> None:
+    """A job's VMs, vault service and last run are loaded for the whole page at once, never job by job."""
+    from raksha.services.service import Service
+
+    service = Service(raksha_db, None, None)  # type: ignore[arg-type]  # listing needs neither rpc nor agent
+    ctx = RequestContext(P1, USER)
+    lists: dict[str, Callable[[], list[Any]]] = {
+        "db": lambda: _db_list(raksha_db),
+        "service": lambda: service.list_jobs(ctx, limit=100, marker=None, filters={}),
+    }
+    _jobs_with_runs(raksha_db, 2)
+    with statements(raksha_db) as few:
+        assert len(lists[listing]()) == 2
+    _jobs_with_runs(raksha_db, 10)
+    with statements(raksha_db) as many:
+        jobs = lists[listing]()
+    assert len(jobs) == 12
+    assert len(many) == len(few) <= 6, many
+    if listing == "service":
+        assert [j["last_run"] is not None for j in jobs] == [bool(i % 3) for i in reversed(range(10))] + [
+            True, False]
+        assert all(len(j["vms"]) == 2 for j in jobs)
+
+
+def _db_list(raksha_db: Database) -> list[Any]:
+    with raksha_db.begin() as s:
+        jobs = db.list_jobs(s, P1)
+        db.last_runs(s, P1, [j.id for j in jobs])
+    assert all(len(j.vms) == 2 for j in jobs)  # loaded, usable outside the transaction
+    assert sum(j.vault_service is not None for j in jobs) == len(jobs) // 2
+    return jobs
+
+
+def test_last_runs_are_each_jobs_newest_live_run(raksha_db: Database) -> None:
+    with raksha_db.begin() as s:
+        a = db.create_job(s, P1, USER, name="a", vms=["vm"]).id
+        b = db.create_job(s, P1, USER, name="b", vms=["vm"]).id
+        none = db.create_job(s, P1, USER, name="none", vms=["vm"]).id
+        first = db.create_run(s, P1, USER, a, backuptype="full").id
+        db.transition_run(s, P1, first, "cancelled")
+        second = db.create_run(s, P1, USER, a, backuptype="full").id  # newest of a, still queued
+        gone = db.create_run(s, P1, USER, b, backuptype="full").id
+        db.transition_run(s, P1, gone, "cancelled")
+        db.transition_run(s, P1, gone, "deleting")
+        db.transition_run(s, P1, gone, "deleted")
+    with raksha_db.begin() as s:
+        last = db.last_runs(s, P1, [a, b, none])
+        assert {job: run.id for job, run in last.items()} == {a: second}
+        assert last[a].status == "queued"
+        assert db.last_runs(s, P2, [a, b]) == {}  # another project's jobs have none
+        assert db.last_runs(s, P1, []) == {}
+        assert [r.id for r in db.list_runs(s, P1, job_id=a, limit=1)] == [second]  # what the view showed before
 
 
 def test_a_marker_of_another_list_or_project_is_refused(raksha_db: Database) -> None:
