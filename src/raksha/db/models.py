@@ -7,8 +7,9 @@ Table and column names follow the seed and its 2013 code: ``backupjobs``,
 
 Every table has a uuid string ``id``, ``created_at``/``updated_at`` (aware UTC),
 and soft deletion (``deleted`` flag + ``deleted_at``): rows are never removed by
-the service. Tenant-owned rows carry ``project_id`` (children too, so every query
-can be scoped without a join); top-level resources also ``user_id``. Statuses are
+the service (``raksha db purge`` removes those deleted long ago). Tenant-owned rows
+carry ``project_id`` (children too, so every query can be scoped without a join);
+top-level resources also ``user_id``. Statuses are
 plain strings checked by raksha.domain.states, not database enums, so a new status
 needs no migration.
 """
@@ -64,6 +65,15 @@ class Base(DeclarativeBase):
     def __repr__(self) -> str:
         status = getattr(self, "status", None)
         return f"<{type(self).__name__} {self.id}{' ' + status if status else ''}>"
+
+
+class Progress:
+    """The progress of long work (a run, a restore), written at most once a second while it works."""
+
+    progress_percent: Mapped[int] = mapped_column(default=0)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    eta_seconds: Mapped[int | None] = mapped_column(default=None)
 
 
 class VaultService(Base):
@@ -126,7 +136,7 @@ class BackupJobVm(Base):
     backupjob: Mapped[BackupJob] = relationship(back_populates="vms", lazy="raise")
 
 
-class BackupJobRun(Base):
+class BackupJobRun(Progress, Base):
     """One point in time of every VM of a job (the seed's ``backupjobrun``)."""
 
     __tablename__ = "backupjobruns"
@@ -142,10 +152,6 @@ class BackupJobRun(Base):
     parent_run_id: Mapped[str | None] = mapped_column(ID, ForeignKey("backupjobruns.id"), default=None)
     consistency: Mapped[str | None] = mapped_column(String(16), default=None)  # reached: crash|filesystem|application
     freeze_ms: Mapped[int | None] = mapped_column(default=None)
-    progress_percent: Mapped[int] = mapped_column(default=0)
-    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
-    bytes_total: Mapped[int | None] = mapped_column(BigInteger, default=None)
-    eta_seconds: Mapped[int | None] = mapped_column(default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -235,7 +241,7 @@ class VmResourceBackup(Base):
     backupjobrun_vm_resource: Mapped[BackupJobRunVmResource] = relationship(back_populates="backups", lazy="raise")
 
 
-class Restore(Base):
+class Restore(Progress, Base):
     """A restore of a run (all of it, or selected VMs and disks) to new VMs, files or in place."""
 
     __tablename__ = "restores"
@@ -251,10 +257,6 @@ class Restore(Base):
     target: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     status: Mapped[str] = mapped_column(STATUS, default="queued")
     results: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # what it produced, and verification
-    progress_percent: Mapped[int] = mapped_column(default=0)
-    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
-    bytes_total: Mapped[int | None] = mapped_column(BigInteger, default=None)
-    eta_seconds: Mapped[int | None] = mapped_column(default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
