@@ -1,4 +1,5 @@
-"""The service passes a job's wanted consistency to the agent and records what each VM reached, the run's
+"""The service passes a job's wanted consistency (and, to a full run, the job's previous run, whose
+changed-block tracking the driver retires) to the agent and records what each VM reached, the run's
 being the weakest (the agent is a stand-in here; the real one runs on guests in
 tests/functional/test_service_cycle.py and the hooks in test_application_consistency.py)."""
 
@@ -26,12 +27,14 @@ REACHED = {"vm-app": ("application", "pre-freeze hook ran (0.1 s). "),
 class StandInAgent:
     def __init__(self) -> None:
         self.wanted: list[str | None] = []
+        self.previous: list[str | None] = []
 
     def describe_vm(self, ref: str) -> dict[str, str]:
         return {"uuid": f"uuid-{ref}", "name": ref}
 
     def backup(self, vault: Any, job: str, run: str, names: list[str], **kwargs: Any) -> GroupResult:
         self.wanted.append(kwargs["consistency"])
+        self.previous.append(kwargs["previous_run"])
         kwargs["progress"](names[0], "vda", ProgressEvent("read", 1, 1, 0.1))  # the run moves to uploading
         return GroupResult(job, run, 250.0, [VmResult(n, f"uuid-{n}", *REACHED[n]) for n in names],
                            pre_freeze_ms=120.0, post_thaw_ms=80.0)
@@ -54,14 +57,18 @@ def test_wanted_level_passed_through_and_the_weakest_recorded(raksha_db: Databas
             n: (level, why) for n, (level, why) in REACHED.items()}
 
 
-def test_a_job_that_wants_crash_records_no_freeze_window(raksha_db: Database, tmp_path: Path) -> None:
-    """The driver times the span around starting its backup jobs even when it froze nothing: not a freeze."""
+def test_a_full_run_names_the_jobs_previous_run_to_retire_an_incremental_does_not(raksha_db: Database,
+                                                                                 tmp_path: Path) -> None:
     agent = StandInAgent()
+    orchestrator = Orchestrator(raksha_db, agent, restore_dir=str(tmp_path / "restored"))  # type: ignore[arg-type]
     with raksha_db.begin() as s:
         vaults.ensure_default(s, str(tmp_path / "vault"), encrypt=False, key_file=str(tmp_path / "key"))
-        job = db.create_job(s, P, USER, name="app", vms=["vm-app"], consistency="crash")
-        run_id = db.create_run(s, P, USER, job.id, backuptype="full").id
-    Orchestrator(raksha_db, agent, restore_dir=str(tmp_path / "restored")).run_backup(P, run_id)  # type: ignore[arg-type]
-    assert agent.wanted == ["crash"]
-    with raksha_db.begin() as s:
-        assert db.get_run(s, P, run_id).freeze_ms == 0
+        job = db.create_job(s, P, USER, name="app", vms=["vm-app"]).id
+    runs = []
+    for kind in ("full", "incremental", "full"):
+        with raksha_db.begin() as s:
+            parent = db.latest_run(s, P, job) if kind == "incremental" else None
+            runs.append(db.create_run(s, P, USER, job, backuptype=kind,
+                                      parent_run_id=parent.id if parent else None).id)
+        orchestrator.run_backup(P, runs[-1])
+    assert agent.previous == [None, None, runs[1]]

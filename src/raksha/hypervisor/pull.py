@@ -567,7 +567,8 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                 started = each(lambda p: _begin(p, os.path.join(workdir, p.domain.UUIDString())), live)
             finally:
                 thawed = thaw_guests(frozen)
-                group.freeze_ms = (time.monotonic() - t0) * 1000
+                # The window is the time a guest was frozen: none frozen (crash wanted, no agent), no window.
+                group.freeze_ms = (time.monotonic() - t0) * 1000 if frozen else 0.0
         finally:
             post_thaw(group.hooks, hooks)  # after the thaw, whatever happened: what the pre-freeze hook did is undone
         thawed_ids = {id(t) for t in thawed}  # a guest whose thaw failed is not claimed filesystem-consistent

@@ -479,7 +479,8 @@ def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_
                 for p in points:
                     p.consistency = group.hooks.reached(
                         p, FILESYSTEM if p in thawed and p.error is None else CRASH)
-                group.freeze_ms = (time.monotonic() - t0) * 1000
+                # The window is the time a guest was frozen: none frozen (crash wanted, no agent), no window.
+                group.freeze_ms = (time.monotonic() - t0) * 1000 if frozen else 0.0
         finally:
             post_thaw(group.hooks, hooks)  # after the thaw, whatever happened: what the pre-freeze hook did is undone
         for p in points:

@@ -109,6 +109,9 @@ class Orchestrator:
             vault_row = self._vault_row(s, project_id, job.vault_service_id)
             excluded = job.excluded_disks or {}
             wanted = job.consistency  # crash | filesystem | application; None: the best each VM reaches
+            # A full run starts a new changed-block chain: the job's last run's tracking goes once it succeeds.
+            last = db.latest_run(s, project_id, job.id) if run.parent_run_id is None else None
+            previous = last.id if last is not None and last.id != run.id else None
             for vm in run.vms:
                 db.transition_run_vm(s, project_id, vm.id, VmStatus.SNAPSHOTTING)
             vms = [(vm.id, vm.vm_id) for vm in run.vms]
@@ -135,7 +138,7 @@ class Orchestrator:
             try:
                 result = self.agent.backup(vault, job.id, run_id, list(names), parent_run=run.parent_run_id,
                                            exclude=exclude, progress=meter, cancelled=self._cancelled(run_id),
-                                           consistency=wanted)
+                                           consistency=wanted, previous_run=previous)
             finally:
                 vault.close()
         with self.db.begin() as s:
@@ -178,10 +181,7 @@ class Orchestrator:
             read += sum(d.bytes_read for d in vm.disks)
             stored += sum(d.bytes_stored for d in vm.disks)
         levels = [vm.consistency for vm in result.vms if vm.error is None]
-        # Wanting crash consistency freezes nothing: no freeze window, whatever the driver timed around the
-        # start of its backup jobs (it reports that span as freeze_ms frozen or not).
-        freeze_ms = 0 if wanted == "crash" else int(result.freeze_ms)
-        db.update_run(s, project_id, run.id, consistency=weakest(levels), freeze_ms=freeze_ms,
+        db.update_run(s, project_id, run.id, consistency=weakest(levels), freeze_ms=int(result.freeze_ms),
                       bytes_done=read, bytes_total=max(read, run.bytes_total or 0))
 
     def _record_vm(self, s: Any, project_id: str, row_id: str, vm: VmResult, vault_row: VaultService,

@@ -40,7 +40,7 @@ def _vm_rows(project_id: str, job_id: str, vms: Sequence[VmSpec]) -> list[Backup
 def _check_consistency(level: str | None) -> None:
     if level is not None and level not in tuple(Consistency):
         raise InvalidInput(f"consistency must be one of {', '.join(Consistency)} or none, not {level!r}",
-                           code="CONSISTENCY_INVALID", field="consistency")
+                           code="INVALID_CONSISTENCY", field="consistency")
 
 
 def create_job(session: Session, project_id: str, user_id: str, *, name: str, vms: Sequence[VmSpec],
