@@ -437,11 +437,11 @@ def test_packs_of_an_interrupted_backup_are_garbage(three_backups: tuple[Vault, 
         pass
 
     class DiesHalfWay(RawSource):
-        reads = 0
+        read = 0
 
         def readinto(self, offset: int, buf: memoryview) -> None:  # what the engine reads raw images with
-            DiesHalfWay.reads += 1
-            if DiesHalfWay.reads > 60:
+            DiesHalfWay.read += len(buf)
+            if DiesHalfWay.read > 8 * MIB:  # half of the image
                 raise Interrupted
             super().readinto(offset, buf)
 
