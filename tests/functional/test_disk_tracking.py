@@ -144,11 +144,11 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
     with vm:
         vm.wait_for_agent()
 
-        def run(name: str, parent: str | None, extents: int = 0, previous: str | None = None) -> VmResult:
+        def run(name: str, parent: str | None, extents: int = 0, retire: tuple[str, ...] = ()) -> VmResult:
             if extents:
                 written[name] = raw.write(vm, "vdb", extents, 4)
                 written_q[name] = plain.write(vm, "vdd", extents, 1)  # 4 KiB writes: 1/16 of a qcow2 cluster
-            runs[name] = backup_domains(conn, [vm.name], vault, "job", name, parent_run=parent, previous_run=previous)
+            runs[name] = backup_domains(conn, [vm.name], vault, "job", name, parent_run=parent, retire_runs=retire)
             raw.mark(name)
             plain.mark(name)
             (result,) = runs[name].vms
@@ -206,7 +206,7 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r8"]
 
         # A full run starts a new chain: once it succeeded, the old chain's checkpoint and bitmaps are gone.
-        r9 = run("r9", None, extents=5, previous="r8")
+        r9 = run("r9", None, extents=5, retire=("r8",))
         assert {d.kind for d in r9.disks} == {"full"}
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r9"]
         (vdb_node,) = [dev["inserted"] for dev in qmp(vm.dom, "query-block")

@@ -32,7 +32,7 @@ import sys, time, libvirt
 from raksha.hypervisor.pull import consistency_group
 dom = libvirt.open("qemu:///system").lookupByName(sys.argv[1])
 parent = sys.argv[2] if len(sys.argv) > 2 else None
-with consistency_group([(dom, parent)], "raksha-killed") as point:
+with consistency_group([(dom, parent)], "raksha-job-killed") as point:
     if point.domains[0].error is not None:
         raise point.domains[0].error
     src = point.domains[0].source(point.domains[0].disks[0])
@@ -72,8 +72,9 @@ def test_next_run_after_a_kill_mid_transfer_and_mid_freeze(conn: libvirt.virConn
         kill_when(MID_TRANSFER, vm.name, "transferring")
         assert vm.agent("guest-fsfreeze-status") == "thawed"  # thawed before any transfer started
         assert vm.dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE  # the dead run's pull job is still open
-        first = backup_domains(conn, [vm.name], vault, "job", "run1")
+        first = backup_domains(conn, [vm.name], vault, "job", "run1", retire_runs=["killed"])
         assert first.vms[0].consistency == FILESYSTEM and first.vms[0].disks[0].kind == "full"
+        assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-run1"]  # the killed run's went
         assert vm.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
 
         kill_when(MID_FREEZE, vm.name, "frozen")
@@ -91,13 +92,19 @@ def test_next_run_after_a_kill_mid_transfer_and_mid_freeze(conn: libvirt.virConn
         kill_when(MID_TRANSFER, vm.name, "transferring", checkpoint_name("job", "run2"))
         data = os.urandom(48 << 10)
         assert vm.exec("cat > /mnt/vdb/after-kill.bin && sync", stdin=data)[0] == 0
-        third = backup_domains(conn, [vm.name], vault, "job", "run3", parent_run="run2")
+        assert "raksha-job-killed" in [c.getName() for c in vm.dom.listAllCheckpoints()]  # what the kill left
+        third = backup_domains(conn, [vm.name], vault, "job", "run3", parent_run="run2", retire_runs=["killed"])
         assert [d.kind for d in third.vms[0].disks] == ["incremental", "incremental"]
         assert vm.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
         (vdb,) = [dev["inserted"] for dev in qmp(vm.dom, "query-block")
                   if dev.get("inserted", {}).get("file", "").endswith("b.raw")]
         bitmaps = [b.get("name") for b in vdb.get("dirty-bitmaps", [])]
-        assert "raksha-job-run3" in bitmaps and not any(b and b.endswith("~read") for b in bitmaps)
+        assert bitmaps == ["raksha-job-run3"]  # neither the killed run's bitmap nor a "~read" copy is left
+        assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-run3"]
+        (vda,) = [dev["inserted"] for dev in qmp(vm.dom, "query-block")
+                  if dev.get("inserted", {}).get("file", "").endswith("a.qcow2")]
+        assert sorted(b.get("name") for b in vda.get("dirty-bitmaps", [])) == ["raksha-job-run3",
+                                                                               "raksha-job-run3~fine"]
         out = tmp_path / "run3-vdb.raw"
         restore_backup(vault, BackupId.parse(f"job/run3/{third.vms[0].uuid}/vdb"), str(out))
         assert debugfs_cat(out, "/after-kill.bin") == data

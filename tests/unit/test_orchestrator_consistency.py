@@ -1,5 +1,5 @@
-"""The service passes a job's wanted consistency (and, to a full run, the job's previous run, whose
-changed-block tracking the driver retires) to the agent and records what each VM reached, the run's
+"""The service passes a job's wanted consistency (and the older runs whose changed-block tracking the
+driver retires) to the agent and records what each VM reached, the run's
 being the weakest (the agent is a stand-in here; the real one runs on guests in
 tests/functional/test_service_cycle.py and the hooks in test_application_consistency.py)."""
 
@@ -27,14 +27,18 @@ REACHED = {"vm-app": ("application", "pre-freeze hook ran (0.1 s). "),
 class StandInAgent:
     def __init__(self) -> None:
         self.wanted: list[str | None] = []
-        self.previous: list[str | None] = []
+        self.retired: list[list[str]] = []
+        self.fail_next = False
 
     def describe_vm(self, ref: str) -> dict[str, str]:
         return {"uuid": f"uuid-{ref}", "name": ref}
 
     def backup(self, vault: Any, job: str, run: str, names: list[str], **kwargs: Any) -> GroupResult:
         self.wanted.append(kwargs["consistency"])
-        self.previous.append(kwargs["previous_run"])
+        self.retired.append(list(kwargs["retire_runs"]))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the agent died mid-run")
         kwargs["progress"](names[0], "vda", ProgressEvent("read", 1, 1, 0.1))  # the run moves to uploading
         return GroupResult(job, run, 250.0, [VmResult(n, f"uuid-{n}", *REACHED[n]) for n in names],
                            pre_freeze_ms=120.0, post_thaw_ms=80.0)
@@ -57,18 +61,30 @@ def test_wanted_level_passed_through_and_the_weakest_recorded(raksha_db: Databas
             n: (level, why) for n, (level, why) in REACHED.items()}
 
 
-def test_a_full_run_names_the_jobs_previous_run_to_retire_an_incremental_does_not(raksha_db: Database,
-                                                                                 tmp_path: Path) -> None:
+def test_runs_name_the_older_runs_whose_tracking_they_retire(raksha_db: Database, tmp_path: Path) -> None:
+    """A full run retires the last good run (a new chain starts) and the failed runs since; an incremental
+    only the failed runs since its parent (the driver drops the parent's itself)."""
     agent = StandInAgent()
     orchestrator = Orchestrator(raksha_db, agent, restore_dir=str(tmp_path / "restored"))  # type: ignore[arg-type]
     with raksha_db.begin() as s:
         vaults.ensure_default(s, str(tmp_path / "vault"), encrypt=False, key_file=str(tmp_path / "key"))
         job = db.create_job(s, P, USER, name="app", vms=["vm-app"]).id
     runs = []
-    for kind in ("full", "incremental", "full"):
+
+    def run(kind: str, fail: bool = False) -> None:
         with raksha_db.begin() as s:
             parent = db.latest_run(s, P, job) if kind == "incremental" else None
             runs.append(db.create_run(s, P, USER, job, backuptype=kind,
                                       parent_run_id=parent.id if parent else None).id)
+        agent.fail_next = fail
         orchestrator.run_backup(P, runs[-1])
-    assert agent.previous == [None, None, runs[1]]
+
+    run("full")                      # 0
+    run("incremental")               # 1
+    run("incremental", fail=True)    # 2: error
+    run("incremental")               # 3: parent 1, retires 2
+    run("full", fail=True)           # 4: error
+    run("full")                      # 5: retires 4 and 3 (the last good run)
+    assert agent.retired == [[], [], [], [runs[2]], [runs[3]], [runs[4], runs[3]]]
+    with raksha_db.begin() as s:
+        assert db.get_run(s, P, runs[2]).status == "error"

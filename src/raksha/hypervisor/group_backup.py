@@ -18,7 +18,7 @@ VMs of the group complete, and the failed VM keeps its previous base.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +81,7 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                    exclude: dict[str, set[str]] | None = None,
                    progress: ProgressHook | None = None, strategy: str = "pull",
                    snapshot_options: dict[str, Any] | None = None, consistency: str | None = None,
-                   hooks: Hooks | None = None, previous_run: str | None = None) -> GroupResult:
+                   hooks: Hooks | None = None, retire_runs: Sequence[str] = ()) -> GroupResult:
     """``strategy`` "pull" (checkpoints, pull.py) or "snapshot" (external snapshots for hosts without
     checkpoint support, snapshot.py; ``snapshot_options`` go to ``snapshot_group``).
 
@@ -89,8 +89,9 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
     guests' hooks around the freeze (``hooks``: their paths and timeout, default ``Hooks()``),
     ``filesystem`` only freezes, ``crash`` does not freeze. Each VM records the level it reached and why.
 
-    ``previous_run``: for a full run (no ``parent_run``), the job's last run: its checkpoints and bitmaps
-    are no base any more and are dropped once this run succeeds (pull strategy)."""
+    ``retire_runs``: the job's older runs whose changed-block tracking is no base any more (a full run's
+    predecessor, runs killed mid-way): their checkpoints and bitmaps are dropped from each VM once this
+    run succeeds on it (pull strategy), as the parent run's are."""
     if strategy not in STRATEGIES:
         raise InvalidInput(f"unknown backup strategy {strategy!r}: one of {', '.join(STRATEGIES)}",
                            code="INVALID_STRATEGY")
@@ -117,7 +118,7 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         if strategy == "snapshot" else
         consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude,
                           freeze=freeze, hooks=run_hooks,
-                          previous=checkpoint_name(job, previous_run) if previous_run else None))
+                          retire=[checkpoint_name(job, r) for r in retire_runs]))
     with group as point:
         for p in point.domains:
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, wanted_note + p.why)

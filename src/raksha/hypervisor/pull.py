@@ -164,7 +164,7 @@ class DomainPoint:
     consistency: str = CRASH
     why: str = ""
     parent: str | None = None  # the parent run's checkpoint and bitmap name, as asked
-    previous: str | None = None  # a full run's predecessor: its checkpoint and bitmaps go after a good run
+    retire: list[str] = field(default_factory=list)  # older runs' checkpoint/bitmap names, dropped after a good run
     plans: dict[str, DiskPlan] = field(default_factory=dict)
     error: RakshaError | None = None  # set when this domain failed: its previous base is kept
     started: bool = False
@@ -462,22 +462,24 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
 def _settle(p: DomainPoint, ok: bool) -> None:
     """Keep one base per disk: after a good run this run's, after a failed one the parent's (a full run
     started afresh: after a good one its predecessor's base goes too, or it would be kept forever)."""
-    old = p.parent or p.previous
+    olds = ([p.parent] if p.parent else []) + [r for r in p.retire if r not in (p.parent, p.checkpoint)]
     for disk in p.disks:
         plan = p.plans.get(disk.target)
         if plan is None or plan.node is None:
             continue
-        if ok and old:
-            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
-        elif not ok and plan.added:
+        if ok:
+            for old in olds:
+                _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
+        elif plan.added:
             _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.checkpoint))
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
-    if ok and old is not None and _delete_checkpoint(p.domain, old, metadata_fallback=True):
-        # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of the bitmap.
-        for plan in p.plans.values():
-            if plan.checkpoint_node is not None:
-                _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=old)
-    elif not ok and p.started and not vm_gone(p.domain):
+    for old in olds if ok else []:
+        if _delete_checkpoint(p.domain, old, metadata_fallback=True):
+            # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of it.
+            for plan in p.plans.values():
+                if plan.checkpoint_node is not None:
+                    _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=old)
+    if not ok and p.started and not vm_gone(p.domain):
         # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
         # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=False)
@@ -523,7 +525,7 @@ def _begin(p: DomainPoint, scratch: str) -> None:
 @contextmanager
 def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], checkpoint: str,
                       *, freeze: bool = True, exclude: dict[str, set[str]] | None = None,
-                      hooks: Hooks | None = None, previous: str | None = None) -> Iterator[GroupPoint]:
+                      hooks: Hooks | None = None, retire: list[str] | None = None) -> Iterator[GroupPoint]:
     """Take one point in time over ``domains``, each with the parent run's checkpoint/bitmap name (or None).
 
     ``checkpoint`` names this run's libvirt checkpoint and raw-disk bitmaps. ``exclude`` maps a
@@ -531,8 +533,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     open; ends them all on exit. A domain whose job could not start has ``error`` set and no
     exports; the others go on. ``DomainPoint.fail()`` marks a domain the caller could not back up.
     ``hooks``: the guest scripts run before the freeze and after the thaw (strategy.Hooks; None: none);
-    a frozen guest whose pre-freeze hook exited 0 reaches ``application``. ``previous``: for a domain with
-    no parent (a full run), the checkpoint/bitmap name of the job's run before it, dropped after a good run.
+    a frozen guest whose pre-freeze hook exited 0 reaches ``application``. ``retire``: checkpoint/bitmap
+    names of the job's older runs that are no base any more (a full run's predecessor, runs killed
+    mid-way), dropped from each domain after its good run, as the parent's are.
     """
     for dom, _parent in domains:
         end_stale_job(dom)
@@ -543,7 +546,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         disks = domain_disks(dom.XMLDesc(0))
         points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(workdir, f"{i}.sock"),
                                   checkpoint, None, excluded=[d for d in disks if d.target in skip], parent=parent,
-                                  previous=None if parent else previous))
+                                  retire=list(retire or ())))
     group = GroupPoint(points)
     ok = False
     try:

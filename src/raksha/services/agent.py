@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import libvirt
@@ -129,9 +129,9 @@ class LibvirtAgent:
 
     def backup(self, vault: Vault, job: str, run: str, names: list[str], *, parent_run: str | None,
                exclude: dict[str, set[str]], progress: ProgressHook, cancelled: Callable[[], bool],
-               consistency: str | None = None, previous_run: str | None = None) -> GroupResult:
+               consistency: str | None = None, retire_runs: Sequence[str] = ()) -> GroupResult:
         """``consistency``: the level the job wants (None: the best each VM reaches; see ``backup_domains``).
-        ``previous_run``: a full run's predecessor, whose changed-block tracking the run retires."""
+        ``retire_runs``: older runs of the job whose changed-block tracking the run retires."""
         def hook(vm: str, disk: str, event: ProgressEvent) -> None:
             if cancelled():
                 raise Interrupted(f"run {run} was cancelled", code="CANCELLED")
@@ -139,7 +139,7 @@ class LibvirtAgent:
 
         return backup_domains(self._conn(), names, vault, job, run, parent_run=parent_run, exclude=exclude,
                               progress=hook, strategy=self.strategy, consistency=consistency,
-                              hooks=self.hooks, previous_run=previous_run)
+                              hooks=self.hooks, retire_runs=retire_runs)
 
     def restore(self, vault: Vault, request: RestoreRequest, *, progress: Callable[[ProgressEvent], None],
                 cancelled: Callable[[], bool]) -> RestoreReport:

@@ -21,7 +21,7 @@ from raksha.db import api as db
 from raksha.db.models import BackupJobRun, VaultService
 from raksha.domain import retention
 from raksha.domain.errors import NotFound, RakshaError
-from raksha.domain.states import RUN_VM, RunStatus, VmStatus
+from raksha.domain.states import PARENT_RUN_STATUSES, RUN_VM, RunStatus, VmStatus
 from raksha.hypervisor.group_backup import GroupResult, VmResult
 from raksha.hypervisor.restore import RestoreRequest
 from raksha.services import vaults
@@ -31,6 +31,7 @@ from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.format.naming import BackupId
 
 LOG = logging.getLogger(__name__)
+RETIRE_SCAN = 50  # newest runs of a job looked at for tracking to retire
 _VM_PATH: list[str] = [VmStatus.QUEUED, VmStatus.SNAPSHOTTING, VmStatus.UPLOADING, VmStatus.AVAILABLE]
 
 
@@ -109,9 +110,7 @@ class Orchestrator:
             vault_row = self._vault_row(s, project_id, job.vault_service_id)
             excluded = job.excluded_disks or {}
             wanted = job.consistency  # crash | filesystem | application; None: the best each VM reaches
-            # A full run starts a new changed-block chain: the job's last run's tracking goes once it succeeds.
-            last = db.latest_run(s, project_id, job.id) if run.parent_run_id is None else None
-            previous = last.id if last is not None and last.id != run.id else None
+            retire = self._retired_runs(s, project_id, job.id, run)
             for vm in run.vms:
                 db.transition_run_vm(s, project_id, vm.id, VmStatus.SNAPSHOTTING)
             vms = [(vm.id, vm.vm_id) for vm in run.vms]
@@ -138,7 +137,7 @@ class Orchestrator:
             try:
                 result = self.agent.backup(vault, job.id, run_id, list(names), parent_run=run.parent_run_id,
                                            exclude=exclude, progress=meter, cancelled=self._cancelled(run_id),
-                                           consistency=wanted, previous_run=previous)
+                                           consistency=wanted, retire_runs=retire)
             finally:
                 vault.close()
         with self.db.begin() as s:
@@ -163,6 +162,24 @@ class Orchestrator:
             percent = min(99, int(100 * done / total)) if total else 0
             db.update_run(s, project_id, run_id, bytes_done=done, bytes_total=total, progress_percent=percent,
                           eta_seconds=int(eta) if eta is not None else None)
+
+    @staticmethod
+    def _retired_runs(s: Any, project_id: str, job_id: str, run: BackupJobRun) -> list[str]:
+        """The job's runs whose changed-block tracking this run retires once it succeeds: those that ended
+        in error or were cancelled since the last good run (a run killed mid-way leaves its checkpoint and
+        bitmaps), and for a full run, which starts a new chain, the last good run itself. An incremental's
+        parent is retired by the driver."""
+        retire = []
+        for older in db.list_runs(s, project_id, job_id=job_id, limit=RETIRE_SCAN):
+            if older.id == run.id or older.created_at > run.created_at:
+                continue
+            if older.status in PARENT_RUN_STATUSES:
+                if run.parent_run_id is None:
+                    retire.append(older.id)
+                break
+            if older.status in (RunStatus.ERROR, RunStatus.CANCELLED):
+                retire.append(older.id)
+        return retire
 
     def _record(self, s: Any, project_id: str, run: BackupJobRun, vault_row: VaultService,
                 names: dict[str, str], result: GroupResult, *, wanted: str | None = None) -> None:
