@@ -1,11 +1,12 @@
 """Driver benchmark (issue 4): live 2 GiB data disks of a running TCG guest, full then 1%-changed incremental.
 
 Two variants of the same disk in the same guest, each backed up on its own (the other excluded):
-``qcow2`` (libvirt checkpoint, refined by Raksha's persistent 4 KiB bitmap; the checkpoint's own is at
-the 64 KiB cluster granularity) and ``raw`` (non-persistent QEMU dirty bitmap over QMP, 4 KiB granularity). The guest changes 1% of each the
-same way. Prints and writes bench/results/driver.json: bytes read, seconds, freeze window of the
-full and of the incremental, and peak RSS, against the targets: incremental reads <= 1.1 x changed
-+ 1 MiB per disk, incremental time <= 5% of the full, freeze <= 0.5 s per group, RSS <= 150 MB.
+``qcow2`` (libvirt checkpoint, refined by Raksha's persistent 4 KiB bitmap; the checkpoint's own is
+at the 64 KiB cluster granularity) and ``raw`` (non-persistent QEMU dirty bitmap over QMP, 4 KiB
+granularity). The guest changes 1% of each the same way. Prints and writes
+bench/results/driver.json: bytes read, seconds, freeze window of the full and of the incremental,
+and peak RSS, against the targets: incremental reads <= 1.1 x changed + 1 MiB per disk,
+incremental time <= 5% of the full, freeze <= 0.5 s per group, RSS <= 150 MB.
 Run as root after scripts/setup.sh: `.venv/bin/python bench/driver.py [--size 2G]`.
 """
 

@@ -35,7 +35,8 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # ---------------------------------------------------------------- Debian packages
 packages=(python3 python3-venv python3-dev python3-libnbd libnbd-bin qemu-utils zstd time
-          libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86)
+          libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86
+          openssl)  # openssl: the tests' TLS front makes its certificate with it
 if (( bench )); then
     packages+=(restic borgbackup)
 fi

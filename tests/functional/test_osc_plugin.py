@@ -20,6 +20,7 @@ pytest.importorskip("osc_lib", reason="the osc extra (pip install -e '.[osc]') i
 pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
 from raksha_server import Server
+from tls_front import TlsFront
 
 OPENSTACK = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "openstack"
 VM = "test"  # the domain libvirt's test driver always has
@@ -51,6 +52,19 @@ def test_openstack_raksha_job_list(server: Server) -> None:
     assert json.loads(out) == [{"ID": job.body["backupjob"]["id"], "Name": "web", "Status": "available",
                                 "VMs": VM, "Last Run": ""}]
 
+
+
+def test_openstack_verifies_an_https_api_with_os_cacert(server: Server, tmp_path: Path) -> None:
+    """osc-lib's --os-cacert and --insecure reach the plugin's client (a TLS front with a private CA)."""
+    server.client("osc-tls").post("/backupjobs", {"backupjob": {"name": "tls", "vms": [{"id": VM}]}})
+    with TlsFront(server.url, tmp_path) as front:
+        args = ["--os-auth-type", "none", "--os-raksha-url", front.url, "--os-raksha-project", "osc-tls"]
+        out, _ = openstack(*args, "--os-cacert", str(front.cert), "raksha", "job", "list", "-f", "json")
+        assert [j["Name"] for j in json.loads(out)] == ["tls"]
+        _, err = openstack(*args, "raksha", "job", "list", expect=1)
+        assert "TLS_VERIFY_FAILED" in err, err
+        out, _ = openstack(*args, "--insecure", "raksha", "job", "list", "-f", "json")
+        assert [j["Name"] for j in json.loads(out)] == ["tls"]
 
 @pytest.mark.slow
 def test_jobs_runs_and_restores_through_openstack(server: Server) -> None:

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
 from raksha_server import Server
+from tls_front import TlsFront
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,25 @@ def test_job_consistency_flag_on_create_and_update(server: Server) -> None:
         bad = raksha(server, *cmd, "--consistency", "paranoid")
         assert bad.returncode == 2 and "paranoid" in bad.stderr, bad.stderr
     assert raksha(server, "job", "delete", job["id"]).returncode == 0
+
+
+def test_an_https_api_is_verified_against_the_ca_given(server: Server, tmp_path: Path) -> None:
+    """Behind a TLS-terminating front with a private CA: --cacert (or $RAKSHA_CACERT) verifies it; without it
+    the CLI refuses with TLS_VERIFY_FAILED and says what to do; --insecure skips the check."""
+    made = raksha(server, "job", "create", "over-tls", "--vm", "test", "--json")
+    assert made.returncode == 0, made.stderr
+    with TlsFront(server.url, tmp_path) as front:
+        ok = raksha(server, "job", "show", json.loads(made.stdout)["id"], "--url", front.url,
+                    "--cacert", str(front.cert), "--json")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["name"] == "over-tls"
+        refused = raksha(server, "job", "list", "--url", front.url)
+        assert refused.returncode == 1 and "[TLS_VERIFY_FAILED]" in refused.stderr, refused.stderr
+        assert "--cacert" in refused.stderr
+        assert raksha(server, "job", "list", "--url", front.url, "--insecure").returncode == 0
+        env = {**os.environ, "RAKSHA_URL": front.url, "RAKSHA_PROJECT": "cli", "RAKSHA_CACERT": str(front.cert)}
+        by_env = subprocess.run([sys.executable, "-m", "raksha.cli.main", "job", "list", "--json"], env=env,
+                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert by_env.returncode == 0 and "over-tls" in by_env.stdout, by_env.stderr
+    bad_ca = raksha(server, "job", "list", "--url", "https://127.0.0.1:9", "--cacert", str(tmp_path / "none.pem"))
+    assert bad_ca.returncode == 2 and "[CACERT_INVALID]" in bad_ca.stderr, bad_ca.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -21,13 +22,39 @@ _BY_STATUS: dict[int, type[errors.RakshaError]] = {
 }
 
 
+def tls_context(verify: bool | str) -> ssl.SSLContext:
+    """``verify``: True checks the server against the system's CAs, a path against that CA bundle, False
+    not at all (a test cloud's self-signed endpoint)."""
+    if verify is False:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        return ctx
+    if isinstance(verify, str):
+        try:
+            return ssl.create_default_context(cafile=verify)
+        except (OSError, ssl.SSLError) as exc:
+            raise errors.InvalidInput(f"cannot use CA bundle {verify}: {exc}", code="CACERT_INVALID") from None
+    return ssl.create_default_context()
+
+
+def _env_verify() -> bool | str:
+    """$RAKSHA_CACERT (a CA bundle), else not $RAKSHA_INSECURE; as OS_CACERT and OS_INSECURE for OpenStack."""
+    cacert = os.environ.get("RAKSHA_CACERT") or os.environ.get("OS_CACERT")
+    if cacert:
+        return cacert
+    insecure = os.environ.get("RAKSHA_INSECURE") or os.environ.get("OS_INSECURE") or ""
+    return insecure.lower() not in ("1", "true", "yes")
+
+
 class ApiClient:
     def __init__(self, url: str | None = None, project: str | None = None, token: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, verify: bool | str | None = None) -> None:
         self.url = (url or os.environ.get("RAKSHA_URL") or DEFAULT_URL).rstrip("/")
         self.project = project or os.environ.get("RAKSHA_PROJECT") or os.environ.get("OS_PROJECT_ID") or "default"
         self.token = token or os.environ.get("RAKSHA_TOKEN") or os.environ.get("OS_TOKEN")
         self.timeout = timeout
+        self.verify = _env_verify() if verify is None else verify
+        self._tls = tls_context(self.verify) if self.url.startswith("https:") else None
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         url = f"{self.url}/v1/{self.project}{path}"
@@ -37,12 +64,17 @@ class ApiClient:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._tls) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as err:
             raise _error(err.code, err.read()) from None
-        except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, ssl.SSLError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise errors.PermanentError(
+                    f"the Raksha API at {self.url} presented a certificate that does not verify "
+                    f"({reason.verify_message}); give its CA bundle with --cacert ($RAKSHA_CACERT), "
+                    "or --insecure for a test endpoint", code="TLS_VERIFY_FAILED") from None
             raise errors.RetryableError(f"no Raksha API at {self.url} ({reason}); is `raksha serve` running?",
                                         code="SERVER_UNREACHABLE") from None
         return json.loads(payload) if payload else None

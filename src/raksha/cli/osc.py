@@ -53,7 +53,8 @@ def make_client(instance: Any) -> ApiClient:
     url = url.rstrip("/")
     if url.endswith("/v1"):
         url = url[:-3]
-    return ApiClient(url, project or config.get("raksha_project"), token)
+    # --os-cacert / --insecure (OS_CACERT, OS_INSECURE), as osc-lib resolved them for every client.
+    return ApiClient(url, project or config.get("raksha_project"), token, verify=instance.verify)
 
 
 def build_option_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

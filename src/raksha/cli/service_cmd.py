@@ -1,8 +1,9 @@
 """``raksha job|run|restore ...``: the service's CLI (jobs, runs, restores), talking only to the API.
 
 Every command takes ``--url`` ($RAKSHA_URL, default http://127.0.0.1:8791), ``--project``
-($RAKSHA_PROJECT, default "default") and ``--json``. ``--wait`` follows a run or restore with a
-progress bar until it ends; the exit status then says whether it succeeded.
+($RAKSHA_PROJECT, default "default"), ``--cacert``/``--insecure`` for an https API, and ``--json``.
+``--wait`` follows a run or restore with a progress bar until it ends; the exit status then says
+whether it succeeded.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--url", help="the Raksha API ($RAKSHA_URL; default http://127.0.0.1:8791)")
     p.add_argument("--project", help="project (tenant) id ($RAKSHA_PROJECT; default 'default')")
+    p.add_argument("--cacert", metavar="PEM", help="CA bundle to verify an https API with ($RAKSHA_CACERT)")
+    p.add_argument("--insecure", action="store_true",
+                   help="do not verify an https API's certificate ($RAKSHA_INSECURE=1; test endpoints only)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     return p
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.url, args.project)
+    verify = False if args.insecure else args.cacert  # None: from the environment, else the system's CAs
+    return ApiClient(args.url, args.project, verify=verify)
 
 
 # -- printing ----------------------------------------------------------------------------------------
