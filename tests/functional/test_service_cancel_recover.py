@@ -242,11 +242,31 @@ def test_server_killed_mid_run_recovers(conn: libvirt.virConnect, guest: GuestDo
     partial = data / "restored" / restore_id
     assert partial.is_dir() and os.listdir(partial)  # what the killed server was writing
     api = server.start()
+    out = tmp_path / "mine"
+    out.mkdir()
     try:
         restore = api.get(f"/restores/{restore_id}").body["restore"]
         assert restore["status"] == "error" and restore["error"]["code"] == "INTERRUPTED", restore
         assert not partial.exists()
         assert not [d for d in conn.listAllDomains() if d.name().startswith("kx-")]
+
+        # Killed in the middle of a files restore into a directory the caller named: the half-written
+        # image goes on restart; what is not Raksha's there stays.
+        (out / "notes.txt").write_text("the caller's own file\n")
+        started = api.post(f"/backupjobruns/{run['id']}", {"restore": {
+            "type": "files", "target": {"directory": str(out), "format": "raw"}}})
+        assert started.status == 202, started
+        restore_id = started.body["restore"]["id"]
+        _until_moving(api, f"/restores/{restore_id}", "restore", "restoring")
+    finally:
+        server.kill()
+    assert [n for n in os.listdir(out) if n.endswith(".raksha-partial")]  # what the killed server was writing
+    api = server.start()
+    try:
+        restore = api.get(f"/restores/{restore_id}").body["restore"]
+        assert restore["status"] == "error" and restore["error"]["code"] == "INTERRUPTED", restore
+        left = sorted(os.listdir(out))
+        assert "notes.txt" in left and not [n for n in left if n.endswith(".raksha-partial")], left
     finally:
         server.kill(signal.SIGTERM)
     print(f"\nrestarted and recovered in {ready_s:.2f} s")

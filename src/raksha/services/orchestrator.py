@@ -29,6 +29,7 @@ from raksha.services.agent import LibvirtAgent
 from raksha.services.views import weakest
 from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.format.naming import BackupId
+from raksha.vault.sources.open import discard_staged
 
 LOG = logging.getLogger(__name__)
 RETIRE_SCAN = 50  # newest runs of a job looked at for tracking to retire
@@ -356,21 +357,25 @@ class Orchestrator:
 
     def discard_interrupted_restore(self, project_id: str, restore_id: str) -> None:
         """After a restart: remove what a restore killed mid-way made in the server's own directory for it
-        (its disks; for new VMs, the domains defined on them). A directory the caller named is left as it is."""
+        (its disks; for new VMs, the domains defined on them). In a directory the caller named, only the
+        half-written disk images (``*.raksha-partial`` under this restore's output names) go: disks and
+        domains it finished stay, as a caller's directory is theirs."""
         with self.db.begin() as s:
             r = db.get_restore(s, project_id, restore_id)
-            if (r.target or {}).get("directory"):
-                return
-            names: list[str] = []
-            if r.restore_type == "new_vm":
-                try:
-                    run = db.get_run(s, project_id, r.backupjobrun_id)
-                except NotFound:
-                    run = None
+            target, selection = r.target or {}, r.selection or {}
+            try:
+                run: BackupJobRun | None = db.get_run(s, project_id, r.backupjobrun_id)
+            except NotFound:
+                run = None
+            vms = selection.get("vms") or ([vm.vm_id for vm in run.vms] if run is not None else [])
+            prefix = target.get("name_prefix") or f"restored-{restore_id[:8]}"
+            new_names = _new_names(run, vms, prefix) if run is not None and r.restore_type == "new_vm" else {}
+            names = list(new_names.values())
+            if target.get("directory"):
                 if run is not None:
-                    vms = (r.selection or {}).get("vms") or [vm.vm_id for vm in run.vms]
-                    prefix = (r.target or {}).get("name_prefix") or f"restored-{restore_id[:8]}"
-                    names = list(_new_names(run, vms, prefix).values())
+                    _discard_partials(target["directory"], run, vms, new_names, selection.get("disks"),
+                                      target.get("format", "qcow2"))
+                return
         directory = os.path.join(self.restore_dir, restore_id)
         if names and os.path.isdir(directory):
             self.agent.discard_domains_under(names, directory)
@@ -432,6 +437,22 @@ def _discard_tree(directory: str) -> None:
                 os.rmdir(os.path.join(root, name))
     with contextlib.suppress(OSError):
         os.rmdir(directory)
+
+
+def _discard_partials(directory: str, run: BackupJobRun, vms: list[str], new_names: dict[str, str],
+                      disks: list[str] | None, fmt: str) -> None:
+    """Unlink the half-written images a killed restore left for its outputs in ``directory``
+    (``<vm name>-<disk>.<fmt>`` for files, ``<new name>-<disk>.<fmt>`` for new VMs; see
+    raksha.hypervisor.restore), never another file."""
+    for vm in run.vms:
+        if not (vm.vm_id in vms or (vm.vm_name and vm.vm_name in vms)):
+            continue
+        name = new_names.get(vm.vm_id) or vm.vm_name or vm.vm_id
+        for res in vm.resources:
+            if disks and res.resource_name not in disks:
+                continue
+            for staged in discard_staged(os.path.join(directory, f"{name}-{res.resource_name}.{fmt}")):
+                LOG.info("removed %s from %s, left by an interrupted restore", staged, directory)
 
 
 def _new_names(run: BackupJobRun, vms: list[str], prefix: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -15,6 +16,7 @@ from raksha.vault.sources.raw import RawSource, RawTarget
 
 QCOW2_MAGIC = b"QFI\xfb"
 PARTIAL_SUFFIX = ".raksha-partial"  # a restore in progress (or killed): never a finished disk
+_STAGED = re.compile(r"\.[0-9a-f]{8}" + re.escape(PARTIAL_SUFFIX) + "$")
 SECTOR = 512
 
 
@@ -95,6 +97,25 @@ def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False) ->
     target = RawTarget(staged, size, fresh=True) if fmt == "raw" else NbdTarget(staged, fmt, size)
     return _Staged(target, path, overwrite=overwrite)
 
+
+
+def discard_staged(path: str) -> list[str]:
+    """Unlink the half-written images that restores to ``path`` left (killed before their commit);
+    returns their names. Only files named as ``create_target`` stages them: never ``path`` itself."""
+    parent, base = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.startswith(base) and _STAGED.fullmatch(name[len(base):]):
+            try:
+                os.unlink(os.path.join(parent, name))
+            except FileNotFoundError:
+                continue
+            removed.append(name)
+    return removed
 
 class _InPlace:
     """An existing block device overwritten in place: nothing to rename or remove."""
