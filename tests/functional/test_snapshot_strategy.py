@@ -29,7 +29,9 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
 import raksha.hypervisor.group_backup as group_backup  # noqa: E402
+import raksha.hypervisor.snapshot as snapshot  # noqa: E402
 from conftest import MIB, blake3_file  # noqa: E402
+from raksha.domain.errors import SourceError  # noqa: E402
 from raksha.hypervisor.group_backup import GroupResult, backup_domains  # noqa: E402
 from raksha.hypervisor.pull import FILESYSTEM  # noqa: E402
 from raksha.hypervisor.snapshot import disk_chains, snapshot_group  # noqa: E402
@@ -394,3 +396,34 @@ def test_a_block_device_gets_changed_block_incrementals(conn: Any, tmp_path: Pat
         restore_backup(vault, BackupId("blk", "r2", res.vms[0].uuid, "vdb"), str(out))
         assert blake3_file(out) == digest(Path(dev), "raw", tmp_path)
         assert sha256(debugfs_cat(out, "/blk.bin")) == sha
+
+
+def test_a_commit_that_fails_after_a_good_backup_is_a_warning_on_its_vm(group: Group,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backup is in the vault, so the run is good; the layer left uncommitted is said on the VM, and the
+    next run collapses it."""
+    group.run("warn", "r1")
+    write(group.a, "vda", "warn.bin", 128 << 10)
+    real = snapshot._commit
+    failed = []
+
+    def commit_fails_once(dom: Any, target: str, *args: Any, **kw: Any) -> None:
+        if dom.name() == group.a.name and target == "vda" and not failed:
+            failed.append(target)
+            raise SourceError("block commit refused (injected)")
+        real(dom, target, *args, **kw)
+
+    monkeypatch.setattr(snapshot, "_commit", commit_fails_once)
+    res = group.run("warn", "r2", "r1")
+    monkeypatch.undo()
+    vms = {vm.name: vm for vm in res.vms}
+    assert all(vm.error is None for vm in res.vms) and failed == ["vda"]
+    (warning,) = vms[group.a.name].warnings
+    assert warning.startswith(f"{group.a.name}:vda: committing the old layers failed, left for the next run")
+    assert "injected" in warning and vms[group.b.name].warnings == []
+    assert len(group.chain(group.a.name, "vda")) == 3  # base <- r1's overlay <- r2's: not collapsed
+
+    res = group.run("warn", "r3", "r2")
+    assert all(vm.error is None and vm.warnings == [] for vm in res.vms)
+    assert disks_of(res)[(group.a.name, "vda")].kind == "incremental"
+    assert all(len(group.chain(vm, t)) == 2 for vm, t in group.bases)

@@ -17,6 +17,7 @@ from raksha.db import api as db
 from raksha.hypervisor.group_backup import GroupResult, VmResult
 from raksha.services import vaults
 from raksha.services.orchestrator import Orchestrator
+from raksha.services.views import run_view
 from raksha.vault.engine.progress import ProgressEvent
 
 P, USER = "project-1", "user-1"
@@ -88,3 +89,22 @@ def test_runs_name_the_older_runs_whose_tracking_they_retire(raksha_db: Database
     assert agent.retired == [[], [], [], [runs[2]], [runs[3]], [runs[4], runs[3]]]
     with raksha_db.begin() as s:
         assert db.get_run(s, P, runs[2]).status == "error"
+
+
+def test_what_a_good_backup_left_for_the_next_run_is_shown_on_its_vm(raksha_db: Database, tmp_path: Path) -> None:
+    class Warns(StandInAgent):
+        def backup(self, vault: Any, job: str, run: str, names: list[str], **kwargs: Any) -> GroupResult:
+            result = super().backup(vault, job, run, names, **kwargs)
+            result.vms[0].warnings.append("vm-app:vda: committing the old layers failed, left for the next run")
+            return result
+
+    with raksha_db.begin() as s:
+        vaults.ensure_default(s, str(tmp_path / "vault"), encrypt=False, key_file=str(tmp_path / "key"))
+        job = db.create_job(s, P, USER, name="app", vms=["vm-app", "vm-fs"])
+        run_id = db.create_run(s, P, USER, job.id, backuptype="full").id
+    Orchestrator(raksha_db, Warns(), restore_dir=str(tmp_path / "restored")).run_backup(P, run_id)  # type: ignore[arg-type]
+    with raksha_db.begin() as s:
+        view = run_view(db.get_run(s, P, run_id), "/v1/p")
+    assert view["status"] == "available"
+    assert {vm["name"]: vm["warnings"] for vm in view["vms"]} == {
+        "vm-app": ["vm-app:vda: committing the old layers failed, left for the next run"], "vm-fs": []}

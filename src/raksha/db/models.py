@@ -175,6 +175,7 @@ class BackupJobRunVm(Base):
     consistency: Mapped[str | None] = mapped_column(String(16), default=None)
     consistency_note: Mapped[str | None] = mapped_column(Text, default=None)  # why not more
     excluded_disks: Mapped[list[Any] | None] = mapped_column(default=None)
+    warnings: Mapped[list[Any] | None] = mapped_column(default=None)  # what the backup left for the next run
     bytes_read: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_stored: Mapped[int] = mapped_column(BigInteger, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -57,6 +57,7 @@ class VmResult:
     disks: list[DiskResult] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)  # disk targets left out on purpose (temp space)
     error: dict[str, Any] | None = None  # this VM failed: {code, message, retryable}; the others went on
+    warnings: list[str] = field(default_factory=list)  # after its backup: what was left for the next run
 
 
 @dataclass
@@ -132,6 +133,12 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
             if p.error is not None:
                 vm.error = p.error.to_dict()
         freeze_ms, hook_run = point.freeze_ms, point.hooks
+    # Clean-up after the backups (the snapshot strategy's block commits) ran as the group closed: a failure
+    # there keeps the backup good and is said on its VM ("<domain>:<disk>: ...").
+    for msg in getattr(point, "cleanup_errors", []):
+        for vm in results:
+            if msg.startswith(f"{vm.name}:"):
+                vm.warnings.append(msg)
     return GroupResult(job, run, freeze_ms, results, hook_run.pre_freeze_ms, hook_run.post_thaw_ms)
 
 

@@ -218,7 +218,7 @@ class Orchestrator:
                 bytes_read=disk.bytes_read, bytes_stored=disk.bytes_stored)
             db.transition_vm_resource_backup(s, project_id, backup.id, "available")
         vm_row = db.update_run_vm(s, project_id, row_id, consistency=vm.consistency, consistency_note=vm.why or None,
-                                  excluded_disks=vm.excluded or None,
+                                  excluded_disks=vm.excluded or None, warnings=vm.warnings or None,
                                   bytes_read=sum(d.bytes_read for d in vm.disks),
                                   bytes_stored=sum(d.bytes_stored for d in vm.disks))
         if vm.error is not None:

@@ -65,6 +65,7 @@ def _vm_view(vm: BackupJobRunVm, freeze_ms: int | None) -> dict[str, Any]:
         "error": _error(vm.error_code, vm.error_message),
         "disks": [_disk_view(r) for r in vm.resources if not r.deleted],
         "excluded_disks": list(vm.excluded_disks or []),
+        "warnings": list(vm.warnings or []),
     }
 
 

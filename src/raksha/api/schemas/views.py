@@ -55,6 +55,8 @@ RUN_VM: dict[str, Any] = {
         "vm_id": STR, "name": NSTR, "uuid": NSTR, "status": STR, "consistency": NSTR, "consistency_note": NSTR,
         "freeze_ms": NNUM, "error": ERROR_REF, "disks": {"type": "array", "items": DISK},
         "excluded_disks": {"type": "array", "items": STR},
+        # The backup is good; these say what it left for the next run (e.g. a block commit that failed).
+        "warnings": {"type": "array", "items": STR},
     },
 }
 
