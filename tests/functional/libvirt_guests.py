@@ -50,6 +50,21 @@ def make_data_disk(path: Path, size: str, seed_dir: Path | None = None, fmt: str
     return path
 
 
+def remove_leftover(conn: libvirt.virConnect, name: str) -> None:
+    """A test domain of that fixed name left by an earlier test run that was killed (its session ended
+    mid-test): destroyed and undefined, or defining or creating the new one would fail."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    for step in (dom.destroy, lambda: dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                                                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)):
+        try:
+            step()
+        except libvirt.libvirtError:
+            pass
+
+
 class GuestDomain:
     """A transient libvirt domain booting the test guest; destroyed on exit."""
 
@@ -57,6 +72,8 @@ class GuestDomain:
                  *, name: str | None = None, agent: bool = True) -> None:
         self.conn = conn
         self.name = name or f"raksha-test-{uuid.uuid4().hex[:8]}"
+        if name is not None:
+            remove_leftover(conn, name)
         self.console = workdir / f"{self.name}.console.log"
         disk_xml = "".join(
             f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
