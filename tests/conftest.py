@@ -26,6 +26,7 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -252,9 +253,6 @@ def mariadb_server() -> str:
     return _start_db_server("start-mariadb.sh")
 
 
-_db_counter = iter(range(1 << 30))
-
-
 @contextlib.contextmanager
 def fresh_database(server_url: str) -> Iterator[str]:
     """A new, empty database on the server of ``server_url`` (its URL), dropped when the block ends."""
@@ -262,7 +260,9 @@ def fresh_database(server_url: str) -> Iterator[str]:
     from sqlalchemy.engine import make_url
 
     url = make_url(server_url)
-    name = f"raksha_test_{os.getpid()}_{next(_db_counter)}"
+    # Unique across runs, not only within one: a run killed mid-test leaves its database behind, and a
+    # later run in a new pid namespace could have the same pid.
+    name = f"raksha_test_{uuid.uuid4().hex[:16]}"
     admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as c:
         c.execute(text(f"CREATE DATABASE {name}"))
