@@ -847,15 +847,37 @@ def test_gc_removes_staging_files_a_killed_backup_left_once_past_the_grace(tmp_p
     staging = vault.backend.staging_dir()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    old = staging / f"pack-{dead.pid}-00.partial"  # its writer is gone
-    fresh = staging / f"pack-{dead.pid}-11.partial"  # same, but younger than the grace
-    busy = staging / f"pack-{os.getpid()}-22.partial"  # old, but its writer still runs
-    for path in (old, fresh, busy):
-        path.write_bytes(b"half a pack")
-    for path in (old, busy):
-        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    writer = subprocess.Popen(["sleep", "60"])  # a backup still writing its pack
+    try:
+        old = staging / f"pack-{dead.pid}-00.partial"  # its writer is gone
+        busy = staging / f"pack-{writer.pid}-22.partial"  # as old, but its writer still runs
+        for path in (old, busy):
+            path.write_bytes(b"half a pack")
+        time.sleep(1.0)
+        fresh = staging / f"pack-{dead.pid}-11.partial"  # its writer is gone, but younger than the grace
+        fresh.write_bytes(b"half a pack")
 
-    report = collect_garbage(vault, grace=3600)
+        report = collect_garbage(vault, grace=0.5)
+    finally:
+        writer.kill()
+        writer.wait()
 
     assert report.staging_files_removed == 1
     assert not old.exists() and fresh.exists() and busy.exists()
+
+
+def test_a_staging_file_older_than_the_process_with_its_writers_pid_is_removed(tmp_path: Path) -> None:
+    """The writer's pid went to a younger process (a new pid namespace, a machine handed on): not its writer."""
+    vault = make_vault(tmp_path / "vault")
+    reused = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = vault.backend.staging_dir() / f"pack-{reused.pid}-00.partial"
+        stale.write_bytes(b"half a pack")
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))  # written two hours before that process began
+
+        report = collect_garbage(vault, grace=3600)
+    finally:
+        reused.kill()
+        reused.wait()
+
+    assert report.staging_files_removed == 1 and not stale.exists()

@@ -54,6 +54,7 @@ from raksha.hypervisor.strategy import (
     thaw_guests,
     thaw_leftovers,
 )
+from raksha.vault.processes import owner_alive
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
@@ -79,16 +80,6 @@ def bitmap_granularity(size: int) -> int:
     return granularity
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def end_stale_job(dom: libvirt.virDomain) -> bool:
     """End a pull backup left open by a Raksha process that died (SIGKILL, a crash); thaw its guest.
 
@@ -100,7 +91,12 @@ def end_stale_job(dom: libvirt.virDomain) -> bool:
     except libvirt.libvirtError:
         return False  # no backup job
     owner = _SOCKET_OWNER.search(xml)
-    if owner is None or _alive(int(owner.group(1))):
+    socket = re.search(r"socket='([^']+)'", xml)
+    try:  # the owner made its work directory after it started, before it began the job
+        made = os.stat(os.path.dirname(socket.group(1))).st_mtime if socket else time.time()
+    except OSError:
+        made = time.time()
+    if owner is None or owner_alive(int(owner.group(1)), made):
         return False
     try:
         dom.abortJob()

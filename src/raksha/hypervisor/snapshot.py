@@ -35,7 +35,6 @@ from raksha.hypervisor.strategy import (
     FILESYSTEM,
     HookRun,
     Hooks,
-    alive,
     each,
     freeze_guests,
     post_thaw,
@@ -43,6 +42,7 @@ from raksha.hypervisor.strategy import (
     thaw_guests,
     thaw_leftovers,
 )
+from raksha.vault.processes import alive, owner_alive, started_at
 from raksha.vault.sources.base import Extent, merge_extents
 from raksha.vault.sources.nbd import EXPORT_DIR_PREFIX, NbdSource, QemuNbdExport
 
@@ -245,7 +245,8 @@ def end_stale_exports(paths: set[str]) -> list[int]:
         if not argv or os.path.basename(argv[0]) != "qemu-nbd" or argv[-1] not in paths:
             continue
         owner = next((m for m in map(_EXPORT_OWNER.match, argv) if m), None)
-        if owner is None or alive(int(owner.group(1))):
+        # The owner started the export, so it started before it: a younger process with its pid is another.
+        if owner is None or owner_alive(int(owner.group(1)), started_at(int(entry)) or time.time()):
             continue
         try:
             os.kill(int(entry), signal.SIGTERM)

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import libvirt
@@ -92,15 +91,6 @@ class GroupPoint(Protocol):
 class Freezable(Protocol):
     domain: libvirt.virDomain
     why: str
-
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not: it holds no files)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].split(" ", 1)[0] != "Z"
 
 
 def agent(dom: libvirt.virDomain, command: str, timeout: int = 10) -> Any:

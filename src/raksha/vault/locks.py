@@ -27,6 +27,7 @@ from typing import Any
 
 from raksha.domain.errors import InvalidInput, NotFound, PermanentError, RakshaError, VaultLocked
 from raksha.vault.backends.base import Backend
+from raksha.vault.processes import owner_alive
 
 PREFIX = "locks/"
 VERSION = 1
@@ -86,16 +87,6 @@ class LockInfo:
                 f"on {self.host}, taken {now - self.created:.0f}s ago")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # exists but is someone else's; or an absurd pid we cannot judge
-    return True
-
-
 class LockManager:
     """Takes and inspects the locks of one vault on behalf of this process (``host``, ``pid``)."""
 
@@ -116,7 +107,7 @@ class LockManager:
     def is_stale(self, info: LockInfo) -> bool:
         if self.clock() - info.refreshed > self.stale_after:
             return True
-        return info.host == self.host and not _pid_alive(info.pid)
+        return info.host == self.host and not owner_alive(info.pid, info.created)
 
     def _read_all(self, skip: str = "") -> list[LockInfo]:
         # Materialise the listing first: we may delete while going through it.

@@ -10,10 +10,10 @@ finishes cleaning.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt, VaultFormatUnsupported, VaultLocked
@@ -22,6 +22,7 @@ from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import IndexFile, Location, decode_index, index_key
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import Lock, LockKind
+from raksha.vault.processes import owner_alive
 from raksha.vault.repository import CONDEMNED_SUFFIX, INDEX_PREFIX, LOCKS_PREFIX, Vault
 
 KEEP, DELETE, REPACK, ORPHAN = "keep", "delete", "repack", "orphan"
@@ -74,16 +75,13 @@ class _Pack:
         return sum(loc.stored_length for loc in self.entries.values())
 
 
-def _pid_alive(text: str) -> bool:
+def _writer_alive(path: Path) -> bool:
+    """Whether the backup writing staged pack ``path`` (its pid is in the name) still runs."""
     try:
-        os.kill(int(text), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, OverflowError):
+        pid = int(path.name.split("-")[1])
+    except (IndexError, ValueError):
         return False  # not a name we wrote
-    except PermissionError:
-        return True
-    return True
+    return owner_alive(pid, path.stat().st_mtime)
 
 
 def live_chunks(vault: Vault) -> tuple[set[bytes], int]:
@@ -331,7 +329,7 @@ class _Gc:
         staging = self.vault.backend.staging_dir()
         for path in staging.glob("pack-*.partial"):
             try:
-                if path.stat().st_mtime < cutoff and not _pid_alive(path.name.split("-")[1]):
+                if path.stat().st_mtime < cutoff and not _writer_alive(path):
                     path.unlink()
                     self.report.staging_files_removed += 1
             except FileNotFoundError:
