@@ -93,7 +93,13 @@ class Server:
         self.embedded = Embedded(conf)
         self.port = free_port()
         self._wsgi = create_server(self.embedded.app, host="127.0.0.1", port=self.port, threads=4)
-        self._thread = threading.Thread(target=self._wsgi.run, daemon=True)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            self._wsgi.run()
+        except OSError:
+            pass  # the listening socket was closed by __exit__ (as raksha serve's stop() does)
 
     @property
     def url(self) -> str:
@@ -109,4 +115,5 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self._wsgi.close()
+        self._thread.join(timeout=10)
         self.embedded.stop()
