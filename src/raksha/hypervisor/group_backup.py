@@ -46,6 +46,7 @@ class DiskResult:
     bytes_read: int
     bytes_stored: int
     method: str = ""  # libvirt-checkpoint | qemu-dirty-bitmap | none
+    seconds: float = 0.0  # in the vault engine (reading, encoding, storing); the rest of a run is the hypervisor's
 
 
 @dataclass
@@ -182,4 +183,5 @@ def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, p
         finally:
             source.close()
         vm.disks.append(DiskResult(disk.target, str(bid), result.kind, tracking,
-                                   result.stats.bytes_read, result.stats.bytes_stored, plan.method))
+                                   result.stats.bytes_read, result.stats.bytes_stored, plan.method,
+                                   result.stats.seconds))
