@@ -136,7 +136,7 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         freeze_ms, hook_run = point.freeze_ms, point.hooks
     # Clean-up after the backups (the snapshot strategy's block commits) ran as the group closed: a failure
     # there keeps the backup good and is said on its VM ("<domain>:<disk>: ...").
-    for msg in getattr(point, "cleanup_errors", []):
+    for msg in point.cleanup_errors:
         for vm in results:
             if msg.startswith(f"{vm.name}:"):
                 vm.warnings.append(msg)

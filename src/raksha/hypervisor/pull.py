@@ -135,7 +135,6 @@ class DiskPlan:
     incremental: bool = False
     note: str = "full read"  # the "tracking" hint: how the disk was read, and why
     node: str | None = None  # QEMU node holding a raw disk's bitmaps
-    checkpoint_node: str | None = None  # QEMU node holding a qcow2 disk's checkpoint bitmaps
     size: int = 0
     granularity: int = BITMAP_GRANULARITY
     added: bool = False  # this run's bitmap was added to ``node``
@@ -199,6 +198,7 @@ class GroupPoint:
     freeze_ms: float = 0.0
     hooks: HookRun = field(default_factory=HookRun)  # the pre-freeze/post-thaw hooks, and their time
     started_at: float = field(default_factory=time.time)
+    cleanup_errors: list[str] = field(default_factory=list)  # none yet: a failed bitmap removal is left to the next run
 
 
 def _agent(dom: libvirt.virDomain, command: str, timeout: int = 10) -> Any:
@@ -303,7 +303,7 @@ def _plan_disks(p: DomainPoint) -> None:
         bitmaps = _bitmaps(node) if node else {}
         if tracked(disk):
             node_name = str(node["node-name"]) if node else None
-            plan = p.plans[disk.target] = DiskPlan(CHECKPOINT, checkpoint_node=node_name, node=node_name,
+            plan = p.plans[disk.target] = DiskPlan(CHECKPOINT, node=node_name,
                                                    size=int((node or {}).get("image", {}).get("virtual-size", 0)))
             plan.granularity = bitmap_granularity(plan.size)
             if idle:
@@ -456,8 +456,8 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
 
 
 def _settle(p: DomainPoint, ok: bool) -> None:
-    """Keep one base per disk: after a good run this run's, after a failed one the parent's (a full run
-    started afresh: after a good one its predecessor's base goes too, or it would be kept forever)."""
+    """Keep one base per disk: after a good run this run's (the parent's and the retired runs' go), after a
+    failed one the parent's."""
     olds = ([p.parent] if p.parent else []) + [r for r in p.retire if r not in (p.parent, p.checkpoint)]
     for disk in p.disks:
         plan = p.plans.get(disk.target)
@@ -473,8 +473,8 @@ def _settle(p: DomainPoint, ok: bool) -> None:
         if _delete_checkpoint(p.domain, old, metadata_fallback=True):
             # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of it.
             for plan in p.plans.values():
-                if plan.checkpoint_node is not None:
-                    _try(p.domain, "block-dirty-bitmap-remove", node=plan.checkpoint_node, name=old)
+                if plan.method == CHECKPOINT and plan.node is not None:
+                    _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=old)
     if not ok and p.started and not vm_gone(p.domain):
         # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
         # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.

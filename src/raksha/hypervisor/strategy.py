@@ -87,6 +87,9 @@ class GroupPoint(Protocol):
     @property
     def hooks(self) -> HookRun: ...
 
+    @property
+    def cleanup_errors(self) -> list[str]: ...  # "<domain>:<disk>: ..." what closing the group left undone
+
 
 class Freezable(Protocol):
     domain: libvirt.virDomain

@@ -143,7 +143,7 @@ class Orchestrator:
                 vault.close()
         with self.db.begin() as s:
             if result is not None:
-                self._record(s, project_id, run, vault_row, names, result, wanted=wanted)
+                self._record(s, project_id, run, vault_row, names, result)
             run = db.settle_run(s, project_id, run_id, progress_percent=100, eta_seconds=0)
             LOG.info("run %s of job %s: %s", run_id, job.id, run.status)
         if run.status in (RunStatus.AVAILABLE, RunStatus.PARTIAL) and job.retention:
@@ -183,7 +183,7 @@ class Orchestrator:
         return retire
 
     def _record(self, s: Any, project_id: str, run: BackupJobRun, vault_row: VaultService,
-                names: dict[str, str], result: GroupResult, *, wanted: str | None = None) -> None:
+                names: dict[str, str], result: GroupResult) -> None:
         parent = db.get_run(s, project_id, run.parent_run_id) if run.parent_run_id else None
         parent_backups: dict[tuple[str, str], str] = {}
         if parent is not None:

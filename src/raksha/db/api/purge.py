@@ -19,7 +19,7 @@ the cutoff, and a foreign key stops it rather than let a row that stays lose its
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -197,6 +197,11 @@ def _count_runs(session: Session, run_ids: list[str], before: datetime) -> dict[
     }
 
 
+def _delete_old(session: Session, model: type[Restore] | type[BackupJobVm] | type[VaultService], ids: list[str],
+                before: datetime) -> int:
+    return _rows(session, delete(model).where(model.id.in_(ids), _old(model, before)))
+
+
 def _delete_jobs(session: Session, job_ids: list[str], before: datetime) -> dict[str, int]:
     jobs = select(BackupJob.id).where(BackupJob.id.in_(job_ids), _old(BackupJob, before))
     return {"backupjob_vms": _rows(session, delete(BackupJobVm).where(BackupJobVm.backupjob_id.in_(jobs))),
@@ -232,24 +237,15 @@ def purge_deleted(database: Database, before: datetime, *, batch_size: int = DEF
         total["vault_services"] = len(plan.vault_services)
         return total
 
-    def batches(ids: Iterable[str]) -> Iterator[list[str]]:
-        yield from _chunks(list(ids), batch_size)
-
-    for chunk in batches(plan.restores):
-        with database.begin() as s:
-            total["restores"] += _rows(s, delete(Restore).where(Restore.id.in_(chunk), _old(Restore, before)))
-    for chunk in batches(plan.runs):
-        with database.begin() as s:
-            _add(total, _delete_runs(s, chunk, before))
-    for chunk in batches(plan.job_vms):
-        with database.begin() as s:
-            total["backupjob_vms"] += _rows(s, delete(BackupJobVm).where(BackupJobVm.id.in_(chunk),
-                                                                          _old(BackupJobVm, before)))
-    for chunk in batches(plan.jobs):
-        with database.begin() as s:
-            _add(total, _delete_jobs(s, chunk, before))
-    for chunk in batches(plan.vault_services):
-        with database.begin() as s:
-            total["vault_services"] += _rows(s, delete(VaultService).where(VaultService.id.in_(chunk),
-                                                                           _old(VaultService, before)))
+    steps: list[tuple[list[str], Callable[[Session, list[str]], dict[str, int]]]] = [
+        (plan.restores, lambda s, ids: {"restores": _delete_old(s, Restore, ids, before)}),
+        (plan.runs, lambda s, ids: _delete_runs(s, ids, before)),
+        (plan.job_vms, lambda s, ids: {"backupjob_vms": _delete_old(s, BackupJobVm, ids, before)}),
+        (plan.jobs, lambda s, ids: _delete_jobs(s, ids, before)),
+        (plan.vault_services, lambda s, ids: {"vault_services": _delete_old(s, VaultService, ids, before)}),
+    ]
+    for ids, delete_batch in steps:  # children before parents
+        for chunk in _chunks(ids, batch_size):
+            with database.begin() as s:
+                _add(total, delete_batch(s, chunk))
     return total
