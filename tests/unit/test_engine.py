@@ -458,7 +458,7 @@ def test_restore_never_overwrites_without_being_asked(new_vault: MakeVault, make
 
 def test_a_chunk_changed_in_part_reads_only_the_changed_bytes(new_vault: MakeVault, make_image: Callable[..., Path],
                                                               outputs: Path) -> None:
-    """The rest of such a chunk comes from the parent's stored copy, so source reads equal the change."""
+    """Only the changed bytes are read and stored, as layers on the parent's chunks (format.md §8.1)."""
     base = make_image("base.img", 8 * MIB, seed=21)
     changed = base.parent / "changed.img"
     shutil.copyfile(base, changed)
@@ -472,9 +472,10 @@ def test_a_chunk_changed_in_part_reads_only_the_changed_bytes(new_vault: MakeVau
 
     inc = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=extents)
 
-    # 8 KiB, 4 KiB + 4 KiB across a chunk boundary, 50 bytes: patched; the whole chunk 5: read whole.
+    # 8 KiB, 4 KiB + 4 KiB across a chunk boundary, 50 bytes: layers; the whole chunk 5: read whole.
     assert inc.stats.bytes_read == sum(n for _, n in extents)
-    assert inc.stats.chunks_patched == 4
+    assert (inc.stats.chunks_delta, inc.stats.chunks_patched) == (4, 0)
+    assert inc.stats.bytes_stored < MIB + 64 * 1024  # chunk 5 and 20 KiB of layers, not 5 chunks
     restore(vault, "job1/run2/vm1/vda", outputs / "new.img")
     assert blake3_file(outputs / "new.img") == blake3_file(changed)
 
@@ -493,12 +494,13 @@ def test_a_damaged_parent_chunk_is_read_whole_from_the_source_instead(tmp_path: 
     pack.write_bytes(bytes(raw))
     changed = base.parent / "changed.img"
     shutil.copyfile(base, changed)
+    change = os.urandom(MIB * 3 // 4)  # most of the chunk: rebuilt from the parent's copy, not layered
     with open(changed, "r+b") as f:
         f.seek(i * MIB + 10)
-        f.write(b"patched")
+        f.write(change)
 
     inc = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda",
-                 changed_extents=[(i * MIB + 10, 7)])
+                 changed_extents=[(i * MIB + 10, len(change))])
 
     assert inc.stats.chunks_patched == 0 and inc.stats.bytes_read == MIB
     restore(vault, "job1/run2/vm1/vda", outputs / "new.img")

@@ -450,7 +450,7 @@ def _sealed_manifest_with_head(crypto: Crypto, **changes: object) -> bytes:
 def test_manifest_head_of_unknown_version_is_unsupported(crypto: Crypto) -> None:
     assert decode_manifest(_sealed_manifest_with_head(crypto), BID, crypto).virtual_size > 0
     with pytest.raises(VaultFormatUnsupported):
-        decode_manifest(_sealed_manifest_with_head(crypto, version=2), BID, crypto)
+        decode_manifest(_sealed_manifest_with_head(crypto, version=3), BID, crypto)
 
 
 @pytest.mark.parametrize("changes", [{"content_digest": "00" * 32}, {"virtual_size": 1 << 30}, {"id": "a/b/c/d"},

@@ -45,7 +45,6 @@ from raksha.hypervisor.disks import DiskInfo, domain_disks
 from raksha.hypervisor.errors import translate
 from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import restore_backup
-from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
@@ -258,11 +257,11 @@ class _DiskPlan:
 
     @property
     def data_bytes(self) -> int:  # what restore_backup writes (and counts as progress)
-        return sum(self.manifest.chunk_length(i) for i, cid in enumerate(self.manifest.chunk_ids) if cid != ZERO_ID)
+        return self.manifest.data_bytes()
 
     @property
     def chunks(self) -> int:
-        return len({cid for cid in self.manifest.chunk_ids if cid != ZERO_ID})
+        return len(self.manifest.blob_ids())
 
 
 @dataclass

@@ -17,13 +17,13 @@ from typing import Any
 
 from raksha.domain.errors import AlreadyExists, InvalidInput, RakshaError
 from raksha.vault.directio import AlignedBuffers
-from raksha.vault.engine.blobio import BlobReader
+from raksha.vault.engine.blobio import ChunkReader
 from raksha.vault.engine.packer import Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
-from raksha.vault.format.blob import BlobDecoder, BlobEncoder
+from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.constants import ZERO_ID
-from raksha.vault.format.manifest import Manifest
+from raksha.vault.format.manifest import Layer, Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import Vault
@@ -42,6 +42,7 @@ class BackupStats:
     chunks_from_parent: int = 0  # not read: unchanged since the parent
     chunks_zero: int = 0
     chunks_patched: int = 0  # changed in part: only the changed bytes read, the rest from the parent's chunk
+    chunks_delta: int = 0  # changed in part: only the changed bytes read and stored, as a layer on the parent's
     packs_written: int = 0
     seconds: float = 0.0
 
@@ -59,6 +60,13 @@ class BackupResult:
         mb_s = s.bytes_read / s.seconds / 1e6 if s.seconds else 0.0
         return {"id": str(self.id), "kind": self.kind, "parent": str(self.parent) if self.parent else None,
                 "content_digest": self.content_digest, **asdict(s), "read_mb_s": round(mb_s, 1)}
+
+
+# A changed chunk becomes a delta layer on its parent's copy while it would have at most this many
+# layers covering at most half of it (format.md §8.1): a restore then reads at most 5 blobs and 1.5
+# chunks of bytes for it. Past that, the whole chunk is rebuilt and stored.
+MAX_LAYERS = 4
+MAX_LAYERED_FRACTION = 2  # layers cover at most 1/2 of the chunk
 
 
 def default_threads() -> int:
@@ -138,10 +146,10 @@ class _Backup:
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: a BlobEncoder, a BlobDecoder
         self._chunk_buffers = AlignedBuffers(self.chunk_size)  # per thread: the chunk being backed up
-        self._blobs = BlobReader(vault)
         self._zero_ids: dict[int, bytes] = {}
-        self._zero = bytes(self.chunk_size)
-        self.patch: dict[int, list[Extent]] = {}  # chunks changed in part: the changed ranges
+        self.patch: dict[int, list[Extent]] = {}  # changed in part, rebuilt whole: the changed ranges
+        self.delta: dict[int, list[Extent]] = {}  # changed in part, stored as a new layer: the changed ranges
+        self.deltas: dict[int, list[Layer]] = {}  # the new manifest's layers
         self._started = datetime.now(UTC)
 
     def run(self) -> BackupResult:
@@ -153,15 +161,16 @@ class _Backup:
         condemned = self.vault.condemned_chunks()
         # No copy of the index: it is the largest structure in memory.
         self.index, self.condemned, self.added = index.locations, condemned, set[bytes]()
+        self._chunks = ChunkReader(self.vault, self.index, self.chunk_size)
         n = -(-self.size // self.chunk_size)
         self.ids: list[bytes] = [ZERO_ID] * n
         to_read = self._plan(n)
         self.stats.chunks_total = n
         self.stats.chunks_zero = n - len(to_read) - self.stats.chunks_from_parent
         self.packer = Packer(self.vault)
-        self.progress = Progress("backup", sum(self._length(i) for i in to_read), self.callback)
+        self.progress = Progress("backup", sum(self._work(i) for i in to_read), self.callback)
         try:
-            run_parallel(to_read, self._one_chunk, self.threads)
+            run_parallel(to_read, self._one, self.threads)
             self.packer.flush()
         except BaseException:
             self.packer.abort()
@@ -177,6 +186,19 @@ class _Backup:
     def _length(self, i: int) -> int:
         return min(self.chunk_size, self.size - i * self.chunk_size)
 
+    def _work(self, i: int) -> int:
+        """Bytes chunk ``i`` costs to back up: what progress counts."""
+        ranges = self.delta.get(i)
+        return self._length(i) if ranges is None else sum(n for _, n in ranges)
+
+    def _parent_intact(self, i: int) -> bool:
+        """The parent's chunk ``i`` spans what ours does and everything it is made of is stored."""
+        parent = self.parent
+        if i >= parent.chunk_count or parent.chunk_length(i) != self._length(i):
+            return False
+        blobs = [parent.chunk_ids[i], *(layer.blob_id for layer in parent.deltas.get(i, ()))]
+        return all(b == ZERO_ID or self._stored(b) for b in blobs)
+
     def _plan(self, n: int) -> list[int]:
         """Chunks to read; ids of the others are set here (zero, or the parent's)."""
         if self.parent_id is None:
@@ -188,23 +210,30 @@ class _Backup:
         if self.changed is None:  # no change tracking: read everything that holds data
             return self._with_data()
         must = set(chunks_touching(self.changed, self.chunk_size, self.size))
-        # A chunk changed in part is rebuilt from the parent's copy and only the changed bytes are read from
-        # the source: the load on the VM's storage follows what changed, not the chunk size.
+        # Only the changed bytes of a chunk changed in part are read from the source: the load on the VM's
+        # storage follows what changed, not the chunk size. They are stored as a layer on the parent's
+        # chunk while the layers stay few and small, so the work follows what changed too; else the
+        # chunk is rebuilt from the parent's copy and stored whole.
         for i, ranges in split_by_chunk(self.changed, self.chunk_size, self.size).items():
-            pid = parent.chunk_ids[i] if i < parent.chunk_count else None
-            partial = sum(r[1] for r in ranges) < self._length(i)
-            if partial and pid is not None and parent.chunk_length(i) == self._length(i) and (
-                    pid == ZERO_ID or (pid in self.index and pid not in self.condemned)):
+            changed = sum(r[1] for r in ranges)
+            if changed >= self._length(i) or not self._parent_intact(i):
+                continue
+            layers = parent.deltas.get(i, [])
+            if (len(layers) < MAX_LAYERS
+                    and (sum(layer.length for layer in layers) + changed) * MAX_LAYERED_FRACTION <= self._length(i)):
+                self.delta[i] = ranges
+            else:
                 self.patch[i] = ranges
         with_data: set[int] | None = None
         for i in range(n):
             if i in must:
                 continue
-            pid = parent.chunk_ids[i] if i < parent.chunk_count else None
             # Reuse only what is provably intact: same chunk span, and stored (or zero).
-            if pid is not None and parent.chunk_length(i) == self._length(i) and (pid == ZERO_ID or self._stored(pid)):
-                self.ids[i] = pid
-                if pid != ZERO_ID:
+            if self._parent_intact(i):
+                self.ids[i] = parent.chunk_ids[i]
+                if i in parent.deltas:
+                    self.deltas[i] = parent.deltas[i]
+                if not parent.is_zero(i):
                     self.stats.chunks_from_parent += 1
                 continue
             # Not reusable (beyond the parent's end, or its chunk is gone): read it if it may hold data.
@@ -237,25 +266,65 @@ class _Backup:
     def _patched(self, i: int, out: memoryview) -> int | None:
         """Fill ``out`` with the parent's chunk and the changed ranges read from the source; the bytes
         read, or None if the parent's copy fails."""
-        pid = self.parent.chunk_ids[i]
-        if pid == ZERO_ID:
-            out[:] = self._zero[: len(out)]
-        else:
-            loc = self.index.get(pid)
-            if loc is None:
-                return None
-            decoder = getattr(self._local, "decoder", None)
-            if decoder is None:
-                decoder = self._local.decoder = BlobDecoder(self.vault.crypto, self.chunk_size)
-            try:
-                decoder.decode_into(self._blobs.read(loc), pid, len(out), out, what=f"parent chunk {pid.hex()}")
-            except RakshaError:
-                return None  # damaged or gone: read the whole chunk from the source instead
+        try:
+            self._chunks.chunk_into(self.parent, i, out)
+        except RakshaError:
+            return None  # damaged or gone: read the whole chunk from the source instead
         read = 0
         for off, n in self.patch[i]:
             self._read(i * self.chunk_size + off, out[off : off + n])
             read += n
         return read
+
+    def _one(self, i: int) -> None:
+        if i in self.delta:
+            self._one_delta(i)
+        else:
+            self._one_chunk(i)
+
+    def _one_delta(self, i: int) -> None:
+        """Read chunk ``i``'s changed ranges and store them as one more layer on the parent's chunk."""
+        ranges = self.delta[i]
+        length = sum(n for _, n in ranges)
+        data = memoryview(self._chunk_buffers.get())[:length]
+        pos = 0
+        for off, n in ranges:
+            self._read(i * self.chunk_size + off, data[pos : pos + n])
+            pos += n
+        with self._lock:
+            self.stats.bytes_read += length
+            self.stats.chunks_read += 1
+            self.stats.chunks_delta += 1
+        cid = self.vault.crypto.chunk_id(data)
+        if cid == self._zero_id(length):
+            cid = ZERO_ID
+        else:
+            self._store(cid, data)
+        self.ids[i] = self.parent.chunk_ids[i]
+        layers = [*self.parent.deltas.get(i, ()), Layer(cid, tuple(ranges))]
+        with self._lock:
+            self.deltas[i] = layers
+        self.progress.add(length)
+
+    def _store(self, cid: bytes, data: memoryview) -> None:
+        """Pack ``data`` under ``cid`` unless the vault (or this backup) has it already."""
+        with self._lock:
+            new = not self._stored(cid)
+            if new:
+                self.added.add(cid)
+                self.stats.chunks_new += 1
+            else:
+                self.stats.chunks_deduplicated += 1
+        if not new:
+            return
+        encoder = getattr(self._local, "encoder", None)
+        if encoder is None:  # zstandard objects are not thread-safe, and the buffers are reused: one per thread
+            encoder = self._local.encoder = BlobEncoder(
+                self.vault.crypto, self.vault.config.compression_level, self.chunk_size)
+        blob = encoder.encode(data, cid)
+        self.packer.add(cid, blob, len(data))
+        with self._lock:
+            self.stats.bytes_stored += len(blob)
 
     def _one_chunk(self, i: int) -> None:
         length = self._length(i)
@@ -276,22 +345,7 @@ class _Backup:
                 self.stats.chunks_zero += 1
             return
         self.ids[i] = cid
-        with self._lock:
-            new = not self._stored(cid)
-            if new:
-                self.added.add(cid)
-                self.stats.chunks_new += 1
-            else:
-                self.stats.chunks_deduplicated += 1
-        if new:
-            encoder = getattr(self._local, "encoder", None)
-            if encoder is None:  # zstandard objects are not thread-safe, and the buffers are reused: one per thread
-                encoder = self._local.encoder = BlobEncoder(
-                    self.vault.crypto, self.vault.config.compression_level, self.chunk_size)
-            blob = encoder.encode(data, cid)
-            self.packer.add(cid, blob, length)
-            with self._lock:
-                self.stats.bytes_stored += len(blob)
+        self._store(cid, data)
         self.progress.add(length)
 
     def _commit(self) -> BackupResult:
@@ -305,6 +359,7 @@ class _Backup:
             source_format=self.source.format,
             created=created,
             parent=str(self.parent_id) if self.parent_id else None,
+            deltas=dict(sorted(self.deltas.items())),
         )
         kind = "incremental" if self.changed is not None else "full"
         digest = manifest.content_digest()

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import mmap
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 from raksha.domain.errors import ChunkMissing, NotFound, VaultCorrupt
 from raksha.vault.directio import AlignedBuffers, nonzero_runs
-from raksha.vault.engine.blobio import BlobReader
+from raksha.vault.engine.blobio import BlobReader, ChunkReader
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
-from raksha.vault.format.blob import BlobDecoder
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import Location
 from raksha.vault.format.naming import BackupId
@@ -90,11 +89,13 @@ def restore_backup(
         by_id: dict[bytes, list[int]] = {}
         zeros: list[int] = []
         for i, cid in enumerate(manifest.chunk_ids):
+            if i in manifest.deltas:
+                continue  # base + layers, assembled on their own below
             if cid == ZERO_ID:
                 zeros.append(i)
             else:
                 by_id.setdefault(cid, []).append(i)
-        missing = [cid for cid in by_id if cid not in index]
+        missing = [cid for cid in manifest.blob_ids() if cid not in index]
         if missing and index.damaged:
             raise VaultCorrupt(
                 f"backup {backup_id} needs {len(missing)} chunk(s) listed in no readable index; damaged index "
@@ -111,10 +112,10 @@ def restore_backup(
         work = [(index.locations[cid], cid, offsets) for cid, offsets in by_id.items()]
         work.sort(key=lambda w: (w[0].pack_id, w[0].offset))  # read packs front to back
         target = create_target(output, fmt, manifest.virtual_size, overwrite=overwrite)
-        total = sum(manifest.chunk_length(i) for offsets in by_id.values() for i in offsets)
+        total = manifest.data_bytes()
         meter = Progress("restore", total, progress)
-        local = threading.local()
         reader = BlobReader(vault)
+        chunks = ChunkReader(vault, index.locations, manifest.chunk_size)
         # Chunks are decoded into a page-aligned buffer that a raw target writes with O_DIRECT as it is.
         out_buffers = AlignedBuffers(manifest.chunk_size)
         views_ok = target.format == "raw"
@@ -122,10 +123,22 @@ def restore_backup(
         # not written. Less I/O, and the restored image is as sparse as the original.
         skip_zero_blocks = views_ok and target.fresh
 
+        def write(i: int, out_buffer: mmap.mmap, data: memoryview) -> None:
+            runs = nonzero_runs(out_buffer, len(data)) if skip_zero_blocks else [(0, len(data))]
+            for start, end in runs:
+                # RawTarget.pwrite takes views; DiskTarget's protocol only promises bytes.
+                piece = cast(bytes, data[start:end]) if views_ok else bytes(data[start:end])
+                target.pwrite(piece, i * manifest.chunk_size + start)
+            meter.add(len(data))
+
+        def one_delta(i: int) -> None:
+            out_buffer = out_buffers.get()
+            data = memoryview(out_buffer)[: manifest.chunk_length(i)]
+            chunks.chunk_into(manifest, i, data)
+            write(i, out_buffer, data)
+
         def one(group: list[Work]) -> None:
-            decoder = getattr(local, "decoder", None)
-            if decoder is None:
-                decoder = local.decoder = BlobDecoder(vault.crypto, manifest.chunk_size)
+            decoder = chunks.decoder()
             first, last = group[0][0], group[-1][0]
             key = pack_key(first.pack_id.hex())
             try:
@@ -145,16 +158,12 @@ def restore_backup(
                 if len(blob) != loc.stored_length:
                     raise VaultCorrupt(f"{key}@{loc.offset}: truncated pack", object=key)
                 data = decoder.decode_into(blob, cid, loc.raw_length, out, what=f"{key}@{loc.offset}")
-                runs = nonzero_runs(out_buffer, len(data)) if skip_zero_blocks else [(0, len(data))]
                 for i in offsets:
-                    for start, end in runs:
-                        # RawTarget.pwrite takes views; DiskTarget's protocol only promises bytes.
-                        piece = cast(bytes, data[start:end]) if views_ok else bytes(data[start:end])
-                        target.pwrite(piece, i * manifest.chunk_size + start)
-                    meter.add(len(data))
+                    write(i, out_buffer, data)
 
         try:
             run_parallel(read_groups(work), one, threads or restore_threads())
+            run_parallel(sorted(manifest.deltas), one_delta, threads or restore_threads())
             for i in zeros:
                 target.write_zeroes(i * manifest.chunk_size, manifest.chunk_length(i))
             target.flush()
@@ -165,6 +174,6 @@ def restore_backup(
         target.close()
         target.commit()  # only now does OUTPUT exist: a killed restore never leaves a half-written one
         meter.finish()
-        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, len(by_id),
+        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, len(manifest.blob_ids()),
                              manifest.content_digest(), time.monotonic() - start)
 

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
 
 from raksha.domain.errors import VaultCorrupt, VaultFormatUnsupported
-from raksha.vault.format.constants import BACKUP_MAGIC, ID_SIZE, METADATA_MAGIC
+from raksha.vault.format.constants import BACKUP_MAGIC, ID_SIZE, METADATA_MAGIC, ZERO_ID
 from raksha.vault.format.crypto import Crypto
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sealed import open_object, seal_object
 
 _LEN = struct.Struct("<I")
+_PAIR = struct.Struct("<II")
+MAX_DELTA_ITEMS = 65536  # layers per chunk, ranges per layer (format.md §8.1)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One delta layer on a chunk (format.md §8.1): ``blob_id``'s bytes overwrite ``ranges`` in order.
+
+    ``blob_id`` is the zero id when the bytes are all zero (nothing stored)."""
+
+    blob_id: bytes
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.ranges)
 
 
 @dataclass
@@ -23,10 +39,11 @@ class Manifest:
     id: BackupId
     virtual_size: int
     chunk_size: int
-    chunk_ids: list[bytes]
+    chunk_ids: list[bytes]  # for a chunk with deltas: its base
     source_format: str
     created: str
     parent: str | None = None
+    deltas: dict[int, list[Layer]] = field(default_factory=dict)  # chunk index -> layers, in order
 
     @property
     def chunk_count(self) -> int:
@@ -35,10 +52,42 @@ class Manifest:
     def chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.virtual_size - index * self.chunk_size)
 
+    @property
+    def version(self) -> int:
+        return 2 if self.deltas else 1
+
+    def is_zero(self, index: int) -> bool:
+        """Chunk ``index`` is all zero: zero id and no layers."""
+        return self.chunk_ids[index] == ZERO_ID and index not in self.deltas
+
+    def blob_ids(self) -> set[bytes]:
+        """Every stored blob this backup's content needs: chunks, bases and layers (never the zero id)."""
+        out = set(self.chunk_ids)
+        for layers in self.deltas.values():
+            out.update(layer.blob_id for layer in layers)
+        out.discard(ZERO_ID)
+        return out
+
+    def data_bytes(self) -> int:
+        """Bytes of the chunks that are not all zero: what a restore writes."""
+        return sum(self.chunk_length(i) for i in range(self.chunk_count) if not self.is_zero(i))
+
+    def encode_deltas(self) -> bytes:
+        parts = [_LEN.pack(len(self.deltas))]
+        for i in sorted(self.deltas):
+            layers = self.deltas[i]
+            parts.append(_PAIR.pack(i, len(layers)))
+            for layer in layers:
+                parts.append(layer.blob_id + _LEN.pack(len(layer.ranges)))
+                parts.extend(_PAIR.pack(off, n) for off, n in layer.ranges)
+        return b"".join(parts)
+
     def content_digest(self) -> str:
         h = blake3.blake3(struct.pack("<QQ", self.virtual_size, self.chunk_size))
         for cid in self.chunk_ids:
             h.update(cid)
+        if self.deltas:
+            h.update(self.encode_deltas())
         return h.hexdigest()
 
 
@@ -47,7 +96,7 @@ def encode_manifest(m: Manifest, crypto: Crypto) -> bytes:
         raise ValueError("chunk id count does not match the virtual size")
     head = json.dumps(
         {
-            "version": 1,
+            "version": m.version,
             "id": str(m.id),
             "virtual_size": m.virtual_size,
             "chunk_size": m.chunk_size,
@@ -59,7 +108,7 @@ def encode_manifest(m: Manifest, crypto: Crypto) -> bytes:
         },
         sort_keys=True,
     ).encode()
-    payload = _LEN.pack(len(head)) + head + b"".join(m.chunk_ids)
+    payload = _LEN.pack(len(head)) + head + b"".join(m.chunk_ids) + (m.encode_deltas() if m.deltas else b"")
     return seal_object(BACKUP_MAGIC, payload, crypto, aad=m.id.backup_key.encode())
 
 
@@ -69,8 +118,9 @@ def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifes
     try:
         (head_len,) = _LEN.unpack_from(payload, 0)
         head = json.loads(payload[4 : 4 + head_len])
-        ids_blob = payload[4 + head_len :]
-        if head.get("version") != 1:
+        rest = payload[4 + head_len :]
+        version = head.get("version")
+        if version not in (1, 2):
             raise VaultFormatUnsupported(f"{what}: manifest version {head.get('version')}", object=what)
         m = Manifest(
             id=backup_id,
@@ -85,12 +135,63 @@ def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifes
         raise VaultCorrupt(f"{what}: malformed manifest head: {exc}", object=what) from None
     if m.chunk_size <= 0 or m.chunk_size & (m.chunk_size - 1) or m.virtual_size < 0:
         raise VaultCorrupt(f"{what}: impossible chunk size or virtual size", object=what)
-    if head.get("id") != str(backup_id) or len(ids_blob) != m.chunk_count * ID_SIZE:
+    ids_end = m.chunk_count * ID_SIZE
+    if head.get("id") != str(backup_id) or len(rest) < ids_end or (version == 1 and len(rest) != ids_end):
         raise VaultCorrupt(f"{what}: manifest does not match its id or size", object=what)
-    m.chunk_ids = [ids_blob[i : i + ID_SIZE] for i in range(0, len(ids_blob), ID_SIZE)]
+    m.chunk_ids = [rest[i : i + ID_SIZE] for i in range(0, ids_end, ID_SIZE)]
+    if version == 2:
+        m.deltas = _decode_deltas(memoryview(rest)[ids_end:], m, what)
+        if not m.deltas:
+            raise VaultCorrupt(f"{what}: version 2 manifest without deltas", object=what)
     if head.get("content_digest") != m.content_digest():
         raise VaultCorrupt(f"{what}: content digest mismatch", object=what)
     return m
+
+
+def _decode_deltas(data: memoryview, m: Manifest, what: str) -> dict[int, list[Layer]]:
+    def bad(why: str) -> VaultCorrupt:
+        return VaultCorrupt(f"{what}: malformed deltas: {why}", object=what)
+
+    pos = 0
+
+    def take(st: struct.Struct) -> tuple[int, ...]:
+        nonlocal pos
+        if pos + st.size > len(data):
+            raise bad("truncated")
+        value = st.unpack_from(data, pos)
+        pos += st.size
+        return value
+
+    (count,) = take(_LEN)
+    deltas: dict[int, list[Layer]] = {}
+    last = -1
+    for _ in range(count):
+        index, n_layers = take(_PAIR)
+        if not last < index < m.chunk_count:
+            raise bad(f"chunk index {index} out of order or range")
+        if not 0 < n_layers <= MAX_DELTA_ITEMS:
+            raise bad(f"{n_layers} layers on chunk {index}")
+        last, length, layers = index, m.chunk_length(index), []
+        for _ in range(n_layers):
+            if pos + ID_SIZE > len(data):
+                raise bad("truncated")
+            blob_id = bytes(data[pos : pos + ID_SIZE])
+            pos += ID_SIZE
+            (n_ranges,) = take(_LEN)
+            if not 0 < n_ranges <= MAX_DELTA_ITEMS:
+                raise bad(f"{n_ranges} ranges in a layer of chunk {index}")
+            ranges, end = [], 0
+            for _ in range(n_ranges):
+                off, n = take(_PAIR)
+                if n == 0 or off < end or off + n > length:
+                    raise bad(f"range ({off}, {n}) of chunk {index}")
+                ranges.append((off, n))
+                end = off + n
+            layers.append(Layer(blob_id, tuple(ranges)))
+        deltas[index] = layers
+    if pos != len(data):
+        raise bad("trailing bytes")
+    return deltas
 
 
 def encode_metadata(backup_id: BackupId, meta: dict[str, Any], crypto: Crypto) -> bytes:

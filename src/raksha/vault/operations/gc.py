@@ -18,7 +18,6 @@ from typing import Any
 
 from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt, VaultFormatUnsupported, VaultLocked
 from raksha.vault.engine.packer import Packer
-from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import IndexFile, Location, decode_index, index_key
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import Lock, LockKind
@@ -90,13 +89,12 @@ def live_chunks(vault: Vault) -> tuple[set[bytes], int]:
     ids = vault.backup_ids()
     for bid in ids:
         try:
-            live.update(vault.read_manifest(bid).chunk_ids)
+            live.update(vault.read_manifest(bid).blob_ids())
         except NotFound:
             continue  # deleted meanwhile: its chunks are garbage now
         except RakshaError as err:
             raise VaultCorrupt(f"gc refuses to run: backup {bid} is unreadable ({err.message}); "
                                "run 'raksha vault verify'", backup=str(bid)) from None
-    live.discard(ZERO_ID)
     return live, len(ids)
 
 

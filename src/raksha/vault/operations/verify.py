@@ -21,7 +21,6 @@ from raksha.domain.errors import NotFound, RakshaError
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
-from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import IndexFile, Location, decode_index
 from raksha.vault.format.pack import decode_pack_header, pack_key
 from raksha.vault.locks import LockKind
@@ -96,9 +95,8 @@ class _Verify:
             except RakshaError as err:
                 self._damaged_backup(str(bid), f"{err.code}: {err.message}")
                 continue
-            for cid in set(manifest.chunk_ids):
-                if cid != ZERO_ID:
-                    users[cid].append(str(bid))
+            for cid in manifest.blob_ids():
+                users[cid].append(str(bid))
             try:
                 self.vault.read_metadata(bid)
             except RakshaError as err:  # its data is still checked: a restore does not need the metadata
