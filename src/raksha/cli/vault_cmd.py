@@ -246,7 +246,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
          f"{result.kind} backup {backup_id}: read {human_bytes(d['bytes_read'])} of {human_bytes(d['virtual_size'])}"
          f" in {d['seconds']:.2f} s ({d['read_mb_s']} MB/s), stored {human_bytes(d['bytes_stored'])} new; "
          f"chunks: {d['chunks_new']} new, {d['chunks_deduplicated']} deduplicated, "
-         f"{d['chunks_from_parent']} unchanged, {d['chunks_zero']} zero")
+         f"{d['chunks_from_parent']} unchanged, {d['chunks_zero']} zero"
+         + (f", {d['chunks_delta']} changed in part (only the change stored)" if d["chunks_delta"] else ""))
     return 0
 
 

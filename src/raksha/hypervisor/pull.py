@@ -26,6 +26,7 @@ checkpoint and bitmap are dropped, the old ones kept.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -57,6 +58,8 @@ from raksha.hypervisor.strategy import (
 from raksha.vault.processes import owner_alive
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
+
+log = logging.getLogger(__name__)
 
 WORKDIR_PREFIX = "raksha-pull-"  # + "<pid>-": tells whose pull job an export socket belongs to
 _SOCKET_OWNER = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
@@ -198,7 +201,7 @@ class GroupPoint:
     freeze_ms: float = 0.0
     hooks: HookRun = field(default_factory=HookRun)  # the pre-freeze/post-thaw hooks, and their time
     started_at: float = field(default_factory=time.time)
-    cleanup_errors: list[str] = field(default_factory=list)  # none yet: a failed bitmap removal is left to the next run
+    cleanup_errors: list[str] = field(default_factory=list)  # what ending the jobs or dropping old bases left undone
 
 
 def _agent(dom: libvirt.virDomain, command: str, timeout: int = 10) -> Any:
@@ -455,9 +458,11 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
                     time.sleep(0.02)
 
 
-def _settle(p: DomainPoint, ok: bool) -> None:
+def _settle(p: DomainPoint, ok: bool) -> list[str]:
     """Keep one base per disk: after a good run this run's (the parent's and the retired runs' go), after a
-    failed one the parent's."""
+    failed one the parent's. Returns, after a good run, what should have gone and is still there: the
+    backup stays good, but a leftover bitmap costs the guest's writes until someone removes it, so it is
+    said ("<domain>[:<disk>]: ...")."""
     olds = ([p.parent] if p.parent else []) + [r for r in p.retire if r not in (p.parent, p.checkpoint)]
     for disk in p.disks:
         plan = p.plans.get(disk.target)
@@ -479,6 +484,31 @@ def _settle(p: DomainPoint, ok: bool) -> None:
         # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
         # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=False)
+    return _leftovers(p, olds) if ok and olds else []
+
+
+def _leftovers(p: DomainPoint, olds: list[str]) -> list[str]:
+    """Checkpoints and bitmaps of ``olds`` still on the domain (judged by what is there, not by which call
+    failed: removing a bitmap that never existed fails too, and is no problem)."""
+    name = p.domain.name()
+    out = [f"{name}: checkpoint {old} could not be deleted and stays on the domain "
+           f"(virsh checkpoint-delete {name} {old})" for old in olds if _has_checkpoint(p.domain, old)]
+    try:
+        nodes = _top_nodes(p.domain)
+    except (QmpError, libvirt.libvirtError):
+        return out  # the domain went away meanwhile: nothing of it is left to cost anything
+    for disk in p.disks:
+        plan = p.plans.get(disk.target)
+        node = nodes.get(disk.target)
+        if plan is None or node is None:
+            continue
+        stale = sorted(set(_bitmaps(node)) & {n for old in olds for n in (old, plan.own_bitmap(old))})
+        if stale:
+            busy = [b for b in stale if _bitmaps(node)[b].get("busy")]
+            out.append(f"{name}:{disk.target}: dirty bitmap(s) {', '.join(stale)} could not be removed"
+                       f"{' (in use by another job or export)' if busy else ''} and stay on the disk, costing "
+                       f"its writes a little until removed (QMP block-dirty-bitmap-remove, node {plan.node})")
+    return out
 
 
 def _delete_checkpoint(dom: libvirt.virDomain, name: str, *, metadata_fallback: bool) -> bool:
@@ -591,13 +621,20 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             if p.started:
                 try:
                     p.domain.abortJob()
-                except libvirt.libvirtError:
-                    pass  # the domain vanished; nothing left to end
+                except libvirt.libvirtError as exc:
+                    if not vm_gone(p.domain):  # a vanished domain has nothing left to end
+                        group.cleanup_errors.append(f"{p.domain.name()}: ending the pull job failed: "
+                                                    f"{exc.get_error_message()}")
         for p in points:
-            if p.started:
-                _wait_job_end(p.domain)
+            if p.started and not _wait_job_end(p.domain):
+                group.cleanup_errors.append(f"{p.domain.name()}: the pull job had not ended 60 s after it was "
+                                            "aborted (virsh domjobabort)")
             try:
-                _settle(p, ok and p.started and p.error is None)
-            except libvirt.libvirtError:
-                pass
+                group.cleanup_errors.extend(_settle(p, ok and p.started and p.error is None))
+            except libvirt.libvirtError as exc:
+                if not vm_gone(p.domain):
+                    group.cleanup_errors.append(f"{p.domain.name()}: dropping old checkpoints and bitmaps failed: "
+                                            f"{exc.get_error_message()}")
+        for msg in group.cleanup_errors:
+            log.warning("%s", msg)
         shutil.rmtree(workdir, ignore_errors=True)
