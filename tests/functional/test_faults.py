@@ -32,7 +32,6 @@ from raksha.domain.errors import (
     EXIT_USAGE,
 )
 from raksha.vault.backends.local import LocalBackend
-from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import Location
 from raksha.vault.format.keys import Secret
 from raksha.vault.format.naming import BackupId
@@ -63,9 +62,8 @@ class Scenario:
         vault = self.open()
         users: dict[bytes, set[str]] = {}
         for bid in (FULL, INC, OTHER):
-            for cid in vault.read_manifest(BackupId.parse(bid)).chunk_ids:
-                if cid != ZERO_ID:
-                    users.setdefault(cid, set()).add(bid)
+            for cid in vault.read_manifest(BackupId.parse(bid)).blob_ids():  # chunks, bases and delta layers
+                users.setdefault(cid, set()).add(bid)
         return users
 
     def locations(self) -> dict[bytes, Location]:
