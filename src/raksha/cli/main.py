@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Sequence
 
 from raksha import __version__
-from raksha.cli import db_cmd, serve, service_cmd, vault_cmd
 from raksha.cli.output import report_error
 from raksha.domain.errors import EXIT_INTERRUPTED, Interrupted, RakshaError
 
+# Top-level command -> the module that defines it, in help order. A command imports only its own
+# module: `raksha vault ...` does not load the HTTP client and TLS, `raksha job ...` not the vault
+# engine (each is a cold-cache read of a few MB at every command's start).
+COMMAND_MODULES = {
+    "vault": "raksha.cli.vault_cmd",
+    "db": "raksha.cli.db_cmd",
+    "serve": "raksha.cli.serve",
+    "job": "raksha.cli.service_cmd",
+    "run": "raksha.cli.service_cmd",
+    "restore": "raksha.cli.service_cmd",
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``'s command only, or for every command (no argv, help, an unknown command)."""
     parser = argparse.ArgumentParser(prog="raksha", description="Raksha: data protection for KVM clouds.")
     parser.add_argument("--version", action="version", version=f"raksha {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    vault_cmd.register(sub)
-    db_cmd.register(sub)
-    serve.register(sub)
-    service_cmd.register(sub)
+    command = next((a for a in argv or () if not a.startswith("-")), None)
+    wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for module in dict.fromkeys(wanted):
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -31,8 +44,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     as_json = bool(getattr(args, "json", False))
     try:
         return int(args.func(args) or 0)
