@@ -274,10 +274,12 @@ def _has_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
 def _wait_job_end(dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
     """Wait until an aborted pull job has ended: libvirt returns from abortJob before QEMU's jobs finish."""
     deadline = time.monotonic() + timeout
+    pause = 0.002  # an aborted pull job usually ends within milliseconds: poll fast, then back off
     while _has_job(dom) and not vm_gone(dom):
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
     return True
 
 
