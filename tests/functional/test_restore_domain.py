@@ -97,3 +97,51 @@ def test_an_in_place_restore_refuses_a_domain_that_is_not_there_any_more(conn: l
     with pytest.raises(NotFound) as err:  # the transient domain is gone with its context
         restore(conn, vault, RestoreRequest("job", "r1", IN_PLACE, vms=["raksha-ip-gone"]))
     assert err.value.code == "VM_NOT_FOUND" and run.vms[0].uuid in err.value.message
+
+
+def test_restore_in_place_under_the_snapshot_strategy_restores_the_base_and_drops_the_overlay(
+        conn: libvirt.virConnect, tmp_path: Path) -> None:
+    """The snapshot strategy leaves each disk running on an overlay over its base. In place, the base is
+    what is restored: the domain runs on it alone again and the overlay is gone (not a standalone image
+    named like an overlay, with the base left unused)."""
+    from raksha.hypervisor.restore import restore_in_place
+    from raksha.hypervisor.snapshot import disk_chains
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
+    base = make_data_disk(tmp_path / "a.qcow2", "64M")
+    template = GuestDomain(conn, build_guest(), [(base, "qcow2")], tmp_path, name="raksha-ip-snap")
+    dom = conn.defineXML(template.xml)
+    dom.create()
+    with GuestDomain.attached(conn, dom, tmp_path) as vm:
+        vm.wait_for_agent()
+        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=good)[0] == 0
+        backup_domains(conn, [vm.name], vault, "job", "r1", strategy="snapshot")
+        (chain,) = disk_chains(dom.XMLDesc(0)).values()
+        overlay = chain[0].path
+        assert [layer.path for layer in chain] == [overlay, str(base)] and overlay.endswith(".raksha-job-r1.qcow2")
+        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=bad)[0] == 0
+
+        restored = restore_in_place(conn, vault, "job", "r1", dom.UUIDString())
+
+        assert restored.disks == {"vda": str(base)}
+        assert not Path(overlay).exists()
+        for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):  # running, and as defined
+            (chain,) = disk_chains(dom.XMLDesc(flags)).values()
+            assert [layer.path for layer in chain][:1] == [str(base)] and len(chain) == 1
+        vm.wait_for_agent()
+        code, out = vm.exec("sha256sum /mnt/vda/data.bin")
+        assert code == 0 and out.split()[0].decode() == hashlib.sha256(good).hexdigest()
+        after = backup_domains(conn, [vm.name], vault, "job", "r2", parent_run="r1", strategy="snapshot")
+        assert after.vms[0].error is None and after.vms[0].disks[0].kind == "full"  # r1's overlay is gone
+
+        # A shut-off domain: its definition may name only the overlay; the base is found from the image.
+        (chain,) = disk_chains(dom.XMLDesc(0)).values()
+        overlay = chain[0].path
+        assert overlay.endswith(".raksha-job-r2.qcow2")
+        dom.destroy()
+        restored = restore_in_place(conn, vault, "job", "r1", dom.UUIDString())
+        assert restored.disks == {"vda": str(base)} and not Path(overlay).exists()
+        vm.wait_for_agent()
+        code, out = vm.exec("sha256sum /mnt/vda/data.bin")
+        assert code == 0 and out.split()[0].decode() == hashlib.sha256(good).hexdigest()

@@ -27,7 +27,9 @@ here, at the boundary, into :mod:`raksha.domain.errors` with stable codes.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -41,8 +43,9 @@ from typing import Any
 import libvirt
 
 from raksha.domain.errors import AlreadyExists, HypervisorError, InvalidInput, NotFound, RakshaError, VaultCorrupt
-from raksha.hypervisor.disks import DiskInfo, domain_disks
+from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate
+from raksha.hypervisor.snapshot import Layer, disk_chains, is_overlay
 from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.manifest import Manifest
@@ -52,6 +55,8 @@ from raksha.vault.repository import Vault
 NEW_VM, FILES, IN_PLACE = "new_vm", "files", "in_place"
 RESTORE_TYPES = (NEW_VM, FILES, IN_PLACE)
 FORMATS = ("raw", "qcow2")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,42 @@ def new_domain_xml(domain_xml: str, name: str, disks: dict[str, tuple[str, str]]
     return ET.tostring(root, encoding="unicode")
 
 
+def _with_backing(chain: list[Layer]) -> list[Layer]:
+    """A disk's chain; a shut-off domain's XML may name only its top image, so then read the images'
+    own backing references."""
+    if len(chain) != 1 or not is_overlay(chain[0].path):
+        return chain
+    images = backing_chain(chain[0].path)
+    return [Layer(i["filename"], i["format"], "block" if _is_block(i["filename"]) else "file")
+            for i in images] or chain
+
+
+def _is_block(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _point_at_bases(domain_xml: str, bases: Mapping[str, _DiskPlan]) -> str:
+    """``domain_xml`` with each disk of ``bases`` (target -> plan) on its base image alone, no backing chain."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        plan = bases.get(target.get("dev", "") if target is not None else "")
+        if plan is None:
+            continue
+        disk.set("type", plan.source_type)
+        for old in disk.findall("source") + disk.findall("backingStore"):
+            disk.remove(old)
+        disk.insert(0, ET.Element("source", {"dev" if plan.source_type == "block" else "file": plan.output}))
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+        driver.set("type", plan.fmt)
+    return ET.tostring(root, encoding="unicode")
+
+
 # -- planning: everything checked before anything is written ----------------------------------------
 
 
@@ -254,6 +295,11 @@ class _DiskPlan:
     manifest: Manifest
     output: str
     fmt: str
+    # in_place on a disk whose top is the snapshot strategy's overlay: the base is restored, the domain
+    # pointed at it, and these overlay files removed (else it would run on a standalone image named
+    # like an overlay and leave its base unused)
+    overlays: list[str] = field(default_factory=list)
+    source_type: str = "file"
 
     @property
     def data_bytes(self) -> int:  # what restore_backup writes (and counts as progress)
@@ -408,7 +454,9 @@ def _plan_in_place(conn: libvirt.virConnect, vms: list[_VmPlan]) -> None:
             raise translate_libvirt_error(exc, f"looking up domain {vm.uuid}") from None
         dom = vm.domain
         with _libvirt(f"reading domain {vm.name}"):
-            current: dict[str, DiskInfo] = {d.target: d for d in domain_disks(dom.XMLDesc(0))}
+            xml = dom.XMLDesc(0)
+            current: dict[str, DiskInfo] = {d.target: d for d in domain_disks(xml)}
+            chains = disk_chains(xml)
             persistent = dom.isPersistent()
             name = dom.name()
         missing = [d.id.resource for d in vm.disks if d.id.resource not in current]
@@ -420,7 +468,13 @@ def _plan_in_place(conn: libvirt.virConnect, vms: list[_VmPlan]) -> None:
                                "new domain instead", code="DOMAIN_TRANSIENT", vm=vm.uuid)
         for d in vm.disks:
             disk = current[d.id.resource]
-            d.output, d.fmt = disk.path, ("qcow2" if disk.format == "qcow2" else "raw")
+            d.output, d.fmt, d.source_type = disk.path, ("qcow2" if disk.format == "qcow2" else "raw"), disk.source_type
+            chain = _with_backing(chains.get(d.id.resource, []))
+            base = next((layer for layer in chain if not is_overlay(layer.path)), None)
+            if chain and is_overlay(chain[0].path) and base is not None:
+                d.output, d.fmt, d.source_type = base.path, ("qcow2" if base.format == "qcow2" else "raw"), \
+                    base.source_type
+                d.overlays = [layer.path for layer in chain[: chain.index(base)]]
 
 
 # -- doing it ---------------------------------------------------------------------------------------
@@ -538,8 +592,20 @@ def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) 
         # reads in full (and says why) instead of failing on a bitmap that no longer exists.
         for cp in dom.listAllCheckpoints():
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        bases = {d.id.resource: d for d in vm.disks if d.overlays}
+        if bases:  # before any write: never the restored base under an overlay of later writes
+            inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+            dom.connect().defineXML(_point_at_bases(inactive, bases))
     for d in vm.disks:
         out.disks.append(_restore_disk(vault, d, meter, overwrite=True, threads=req.threads))
+    for path in (p for d in vm.disks for p in d.overlays):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # unused now: only its space is lost
+            log.warning("restore of %s: could not remove the overlay %s, which nothing uses now: %s",
+                        vm.name, path, exc)
     if req.start:
         try:
             dom.create()
