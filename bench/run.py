@@ -57,6 +57,7 @@ PHASES = ("full", "incremental", "restore", "clone")
 # the vault (bench/engine_driver.py), as the long-running agent runs them: no interpreter start, no key
 # derivation per backup. Timed from the call to its return + sync; cold cache as for every phase.
 API_PHASES = ("full_api", "incremental_api")
+LIST_PHASE = "list"  # one cheap command: what every command of the tool pays before its work
 ENGINE_DRIVER = BENCH_DIR / "engine_driver.py"
 WORKDIR_MARKER = ".raksha-bench-workdir"
 COMPARE_BLOCK = 8 << 20
@@ -326,6 +327,10 @@ class Tool:
         """The timed restore command and where it leaves the restored image."""
         raise NotImplementedError
 
+    def list_command(self) -> Command | None:
+        """A command that lists the repository's backups (None: the tool has none)."""
+        return None
+
 
 class Raksha(Tool):
     name = "raksha"
@@ -363,6 +368,9 @@ class Raksha(Tool):
         out = target / image.path.name
         argv = [self.executable, "vault", "restore", str(self.repo), image.raksha_id, str(out), "--json"]
         return Command(argv), out
+
+    def list_command(self) -> Command | None:
+        return Command([self.executable, "vault", "list", str(self.repo), "--json"])
 
     @property
     def api_repo(self) -> Path:
@@ -406,6 +414,9 @@ class Restic(Tool):
         argv = [self.executable, "-r", str(self.repo), "backup", "--host", "bench", "--tag", image.name]
         return Command([*argv, str(image.path)])
 
+    def list_command(self) -> Command | None:
+        return Command([self.executable, "-r", str(self.repo), "snapshots", "--json"])
+
     def snapshot_id(self, image: Input) -> str:
         result = self.run(Command([self.executable, "-r", str(self.repo), "snapshots", "--json"]), "snapshots")
         for snapshot in json.loads(result.stdout):
@@ -442,6 +453,9 @@ class Borg(Tool):
     def restore_command(self, image: Input, target: Path) -> tuple[Command, Path]:
         argv = [self.executable, "extract", "--sparse", f"{self.repo}::{image.name}"]
         return Command(argv, cwd=target), target / image.path.relative_to("/")
+
+    def list_command(self) -> Command | None:
+        return Command([self.executable, "list", str(self.repo)])
 
 
 class QemuImg(Tool):
@@ -509,6 +523,11 @@ def restore_phase(tool: Tool, image: Input) -> PhaseResult:
     )
 
 
+def list_phase(tool: Tool, cmd: Command) -> PhaseResult:
+    result = tool.run(cmd, "list")
+    return PhaseResult(ok=True, seconds=result.seconds, peak_rss_bytes=result.peak_rss_bytes)
+
+
 def api_phase(tool: Raksha, phase: str, image: Input, cache: str) -> PhaseResult:
     """The driver times the backup itself (after opening the vault); its process is not what is timed."""
     vault = tool.api_repo if phase == "incremental_api" else tool.root / "vault-api-full"
@@ -573,6 +592,11 @@ def run_tool(tool: Tool, inputs: Inputs, cache: str = "warm") -> ToolResult:
             print(f"  {tool.name}: {name} FAILED: {result.phases[name].error}", flush=True)
         if name == "full" and isinstance(tool, Raksha) and result.phase_ok("full"):
             tool.snapshot_after_full()
+    listing = tool.list_command()
+    if listing is not None and result.phase_ok("full"):
+        print(f"  {tool.name}: {LIST_PHASE} ...", flush=True)
+        settle(cache)
+        result.phases[LIST_PHASE] = guarded(lambda: list_phase(tool, listing))
     if isinstance(tool, Raksha) and result.phase_ok("full"):
         for name, image in (("full_api", inputs.base), ("incremental_api", inputs.changed)):
             print(f"  {tool.name}: {name} (engine API, vault already open) ...", flush=True)
@@ -657,6 +681,10 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def _less(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def _percent(numerator: float | None, denominator: float | None) -> float | None:
     ratio = _ratio(numerator, denominator)
     return None if ratio is None else 100 * ratio
@@ -714,6 +742,14 @@ def _incremental_figures(raksha: ToolResult, peers: list[ToolResult], inputs: In
             value=_percent(raksha.seconds("incremental_api"), full),
             unit="%",
             note="for comparison",
+        ),
+        Figure(
+            key="incremental_less_list_pct_of_full_less_list",
+            name="raksha CLI incr. % of full, less list",
+            value=_percent(_less(raksha.seconds("incremental"), raksha.seconds(LIST_PHASE)),
+                           _less(full, raksha.seconds(LIST_PHASE))),
+            unit="%",
+            note="for comparison: each CLI time less one command's fixed cost (the list phase)",
         ),
     ]
     for peer in peers:
@@ -835,6 +871,8 @@ PHASE_TITLES = {
     "incremental": "incremental: back up changed.img (Raksha: --parent + --changed-extents)",
     "restore": "restore: restore the full backup of base.img and compare (time = tool command + sync)",
     "clone": "clone: back up clone.img into the same repository (bytes added)",
+    LIST_PHASE: "list: list the repository's backups: about what every command pays before its work (process "
+    "start, key derivation, reading the repository's index)",
 }
 
 
@@ -879,6 +917,10 @@ def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[F
     for phase in PHASES:
         print()
         print("\n".join(phase_table(phase, results, inputs.size)))
+    listed = {name: r for name, r in results.items() if LIST_PHASE in r.phases}
+    if listed:
+        print()
+        print("\n".join(phase_table(LIST_PHASE, listed, inputs.size)))
     raksha_only = {name: r for name, r in results.items() if any(p in r.phases for p in API_PHASES)}
     for phase in API_PHASES if raksha_only else ():
         print()
