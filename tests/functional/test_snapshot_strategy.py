@@ -101,7 +101,7 @@ def write(g: GuestDomain, dev: str, name: str, size: int = WRITE) -> str:
 
 def digest(image: Path, fmt: str, scratch: Path) -> str:
     """The blake3 of an image's guest-visible bytes (qemu-img reads it while the VM runs: -U)."""
-    out = scratch / "digest.raw"
+    out = scratch / f"digest-{os.urandom(6).hex()}.raw"  # VMs are transferred side by side: one file each
     subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(image), str(out)], check=True)
     try:
         return blake3_file(out)

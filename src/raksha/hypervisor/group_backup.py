@@ -18,6 +18,7 @@ VMs of the group complete, and the failed VM keeps its previous base.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from raksha.hypervisor.snapshot import snapshot_group
 from raksha.hypervisor.strategy import LEVELS, STRATEGIES, DomainPoint, GroupPoint, Hooks
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.engine.progress import ProgressEvent
+from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
 
@@ -71,6 +73,11 @@ class GroupResult:
     post_thaw_ms: float = 0.0  # their post-thaw hooks, after it
 
 
+def default_parallel_vms() -> int:
+    """VMs transferred at once: one per core, at least two (each has its own worker threads)."""
+    return max(2, os.cpu_count() or 1)
+
+
 def checkpoint_name(job: str, run: str) -> str:
     return f"raksha-{job}-{run}"
 
@@ -83,7 +90,8 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
                    exclude: dict[str, set[str]] | None = None,
                    progress: ProgressHook | None = None, strategy: str = "pull",
                    snapshot_options: dict[str, Any] | None = None, consistency: str | None = None,
-                   hooks: Hooks | None = None, retire_runs: Sequence[str] = ()) -> GroupResult:
+                   hooks: Hooks | None = None, retire_runs: Sequence[str] = (),
+                   parallel_vms: int | None = None) -> GroupResult:
     """``strategy`` "pull" (checkpoints, pull.py) or "snapshot" (external snapshots for hosts without
     checkpoint support, snapshot.py; ``snapshot_options`` go to ``snapshot_group``).
 
@@ -93,7 +101,10 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
 
     ``retire_runs``: the job's older runs whose changed-block tracking is no base any more (a full run's
     predecessor, runs killed mid-way): their checkpoints and bitmaps are dropped from each VM once this
-    run succeeds on it (pull strategy), as the parent run's are."""
+    run succeeds on it (pull strategy), as the parent run's are.
+
+    ``parallel_vms``: how many VMs' disks are transferred at once after the point in time is taken
+    (default :func:`default_parallel_vms`); each VM's disks go one after another."""
     if strategy not in STRATEGIES:
         raise InvalidInput(f"unknown backup strategy {strategy!r}: one of {', '.join(STRATEGIES)}",
                            code="INVALID_STRATEGY")
@@ -126,11 +137,19 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
             vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, wanted_note + p.why)
             vm.excluded = [d.target for d in p.excluded]
             results.append(vm)
-            if p.error is None:
-                try:
-                    _backup_vm(vault, p, vm, job, run, parent_run, point.freeze_ms, threads, progress)
-                except (RakshaError, libvirt.libvirtError) as exc:
-                    p.fail(_vm_error(p.domain, vm.name, exc))
+
+        def transfer(item: tuple[DomainPoint, VmResult]) -> None:
+            p, vm = item
+            try:
+                _backup_vm(vault, p, vm, job, run, parent_run, point.freeze_ms, threads, progress)
+            except (RakshaError, libvirt.libvirtError) as exc:
+                p.fail(_vm_error(p.domain, vm.name, exc))
+
+        # The VMs' transfers run side by side (each disk's own pipeline is parallel too): small
+        # incrementals wait on the disks and on QEMU more than they compute.
+        live = [(p, vm) for p, vm in zip(point.domains, results, strict=True) if p.error is None]
+        run_parallel(live, transfer, max(1, min(len(live), parallel_vms or default_parallel_vms())))
+        for p, vm in zip(point.domains, results, strict=True):
             if p.error is not None:
                 vm.error = p.error.to_dict()
         freeze_ms, hook_run = point.freeze_ms, point.hooks

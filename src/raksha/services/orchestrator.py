@@ -50,6 +50,7 @@ class _Meter:
         self._flush = flush
         self._last = 0.0
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one write at a time: events come from every disk's workers at once
         self.started = False
 
     def __call__(self, vm: str, disk: str, event: ProgressEvent) -> None:
@@ -62,7 +63,11 @@ class _Meter:
             done = sum(e.done for e in self._disks.values())
             total = sum(e.total for e in self._disks.values())
             eta = max((e.eta or 0.0) for e in self._disks.values())
-        self._flush(done, total, eta)
+        if self._flushing.acquire(blocking=False):  # a write under way: this one is skipped, the next counts
+            try:
+                self._flush(done, total, eta)
+            finally:
+                self._flushing.release()
 
 
 class Orchestrator:
