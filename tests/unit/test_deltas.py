@@ -17,7 +17,8 @@ from conftest import MIB, blake3_file
 from raksha.domain.errors import VaultCorrupt
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
-from raksha.vault.engine.backup import MAX_LAYERS, BackupResult, backup_disk
+from raksha.vault.engine import backup as backup_module
+from raksha.vault.engine.backup import MAX_LAYERS, MAX_RANGES, BackupResult, backup_disk
 from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
@@ -116,6 +117,33 @@ def test_layers_cover_at_most_half_a_chunk(vault: Vault, tmp_path: Path) -> None
     disk.write(2 * MIB + 100, os.urandom(MIB // 2 + 1))  # more than half changed at once: stored whole
     assert disk.backup(vault).stats.chunks_patched == 1
     for run in (2, 3, 4):
+        assert disk.restores_exactly(vault, run, tmp_path / "out.img")
+
+
+def test_a_layer_of_too_many_ranges_is_not_made(vault: Vault, tmp_path: Path) -> None:
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    for k in range(MAX_RANGES + 1):  # scattered small writes in one chunk: one range each
+        disk.write(MIB + k * 8 * KIB, os.urandom(KIB))
+    inc = disk.backup(vault)
+    assert (inc.stats.chunks_delta, inc.stats.chunks_patched) == (0, 1)
+    assert disk.restores_exactly(vault, 2, tmp_path / "out.img")
+
+
+def test_at_most_a_share_of_the_chunks_carry_layers(vault: Vault, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """So a manifest stays bounded by the disk's size: past the share, changed chunks are stored whole."""
+    monkeypatch.setattr(backup_module, "MIN_LAYERED_ROOM", 2)  # 4 chunks: at most 2 layered
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    for i in range(3):
+        disk.write(i * MIB + 4 * KIB, os.urandom(4 * KIB))
+    inc = disk.backup(vault)
+    assert (inc.stats.chunks_delta, inc.stats.chunks_patched) == (2, 1)
+    disk.write(3 * MIB + 4 * KIB, os.urandom(4 * KIB))  # the layered chunks keep theirs: no room
+    assert disk.backup(vault).stats.chunks_patched == 1
+    assert len(manifest(vault, 3).deltas) == 2
+    for run in (2, 3):
         assert disk.restores_exactly(vault, run, tmp_path / "out.img")
 
 

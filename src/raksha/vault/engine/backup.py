@@ -64,9 +64,14 @@ class BackupResult:
 
 # A changed chunk becomes a delta layer on its parent's copy while it would have at most this many
 # layers covering at most half of it (format.md §8.1): a restore then reads at most 5 blobs and 1.5
-# chunks of bytes for it. Past that, the whole chunk is rebuilt and stored.
+# chunks of bytes for it. Past that, the whole chunk is rebuilt and stored. Each layer lists at most
+# MAX_RANGES ranges, and at most half of a disk's chunks (or MIN_LAYERED_ROOM) carry layers, so a
+# manifest and the memory it takes stay bounded by the disk's size whatever the history of writes.
 MAX_LAYERS = 4
 MAX_LAYERED_FRACTION = 2  # layers cover at most 1/2 of the chunk
+MAX_RANGES = 64
+MAX_LAYERED_SHARE = 2  # at most 1/2 of the chunks carry layers
+MIN_LAYERED_ROOM = 64
 
 
 def default_threads() -> int:
@@ -214,14 +219,19 @@ class _Backup:
         # storage follows what changed, not the chunk size. They are stored as a layer on the parent's
         # chunk while the layers stay few and small, so the work follows what changed too; else the
         # chunk is rebuilt from the parent's copy and stored whole.
-        for i, ranges in split_by_chunk(self.changed, self.chunk_size, self.size).items():
+        changes = split_by_chunk(self.changed, self.chunk_size, self.size)
+        # Chunks that keep the parent's layers, plus those layered now, stay within the share.
+        room = max(MIN_LAYERED_ROOM, n // MAX_LAYERED_SHARE) - sum(
+            1 for i in parent.deltas if i < n and i not in changes)
+        for i, ranges in changes.items():
             changed = sum(r[1] for r in ranges)
             if changed >= self._length(i) or not self._parent_intact(i):
                 continue
             layers = parent.deltas.get(i, [])
-            if (len(layers) < MAX_LAYERS
+            if (room > 0 and len(layers) < MAX_LAYERS and len(ranges) <= MAX_RANGES
                     and (sum(layer.length for layer in layers) + changed) * MAX_LAYERED_FRACTION <= self._length(i)):
                 self.delta[i] = ranges
+                room -= 1
             else:
                 self.patch[i] = ranges
         # Every other chunk is the parent's, unless it cannot be (format.md §8: same span, and everything
