@@ -107,6 +107,7 @@ def test_full_backup_restores_bit_exact(new_vault: MakeVault, make_image: Callab
     assert s.bytes_stored <= stored_pack_bytes(vault) <= s.bytes_stored + s.packs_written * 4096 + s.chunks_new * 64
     assert restored.content_digest == result.content_digest
     assert restored.chunks_verified == s.chunks_new
+    assert 0 < restored.seconds < 600 and 0 < s.seconds < 600
     # the restored file is sparse where the backup had zero chunks
     assert allocated(outputs / "vda.img") <= (s.chunks_total - s.chunks_zero) * MIB
 

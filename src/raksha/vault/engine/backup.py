@@ -22,6 +22,7 @@ from raksha.vault.engine.packer import Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import BlobEncoder
+from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.manifest import Layer, Manifest
 from raksha.vault.format.naming import BackupId
@@ -168,7 +169,7 @@ class _Backup:
         self.index, self.condemned, self.added = index.locations, condemned, set[bytes]()
         self._chunks = ChunkReader(self.vault, self.index, self.chunk_size)
         n = -(-self.size // self.chunk_size)
-        self.ids: list[bytes] = [ZERO_ID] * n
+        self.ids = ChunkIds.zeros(n)
         to_read = self._plan(n)
         self.stats.chunks_total = n
         self.stats.chunks_zero = n - len(to_read) - self.stats.chunks_from_parent
@@ -240,7 +241,11 @@ class _Backup:
         common = min(n, parent.chunk_count)
         bad = self._not_reusable(n)
         skip = must | bad
-        self.ids = [*parent.chunk_ids[:common], *([ZERO_ID] * (n - common))]
+        # What rebuilding or layering a changed chunk starts from; then the parent's ids become ours
+        # (no copy: a 1 TiB disk's ids are 32 MB) and the parent keeps only its layers.
+        self._from_parent = {i: (parent.chunk_ids[i], parent.deltas.get(i, [])) for i in (*self.patch, *self.delta)}
+        self.ids = parent.chunk_ids if n == parent.chunk_count else parent.chunk_ids.resized(n)
+        parent.chunk_ids = ChunkIds()
         for i in skip:
             if i < common:
                 self.ids[i] = ZERO_ID  # read below: zero unless the read finds data
@@ -258,8 +263,8 @@ class _Backup:
         common = min(n, parent.chunk_count)
         bad = set(range(common, n))
         bad.update(i for i in {common - 1, n - 1} if 0 <= i < common and parent.chunk_length(i) != self._length(i))
-        ids = parent.chunk_ids[:common]
-        used = set(ids)
+        ids = parent.chunk_ids.resized(common) if common < parent.chunk_count else parent.chunk_ids
+        used = ids.distinct()
         for layers in parent.deltas.values():
             used.update(layer.blob_id for layer in layers)
         used.discard(ZERO_ID)
@@ -293,8 +298,9 @@ class _Backup:
     def _patched(self, i: int, out: memoryview) -> int | None:
         """Fill ``out`` with the parent's chunk and the changed ranges read from the source; the bytes
         read, or None if the parent's copy fails."""
+        base, layers = self._from_parent[i]
         try:
-            self._chunks.chunk_into(self.parent, i, out)
+            self._chunks.layered_into(base, layers, out, what=f"parent {self.parent_id} chunk {i}")
         except RakshaError:
             return None  # damaged or gone: read the whole chunk from the source instead
         read = 0
@@ -327,8 +333,9 @@ class _Backup:
             cid = ZERO_ID
         else:
             self._store(cid, data)
-        self.ids[i] = self.parent.chunk_ids[i]
-        layers = [*self.parent.deltas.get(i, ()), Layer(cid, tuple(ranges))]
+        base, below = self._from_parent[i]
+        self.ids[i] = base
+        layers = [*below, Layer(cid, tuple(ranges))]
         with self._lock:
             self.deltas[i] = layers
         self.progress.add(length)

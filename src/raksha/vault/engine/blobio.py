@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from raksha.domain.errors import ChunkMissing, NotFound
 from raksha.vault.directio import AlignedBuffers, aligned_span
 from raksha.vault.format.blob import BlobDecoder
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import Location
-from raksha.vault.format.manifest import Manifest
+from raksha.vault.format.manifest import Layer, Manifest
 from raksha.vault.format.pack import pack_key
 from raksha.vault.repository import Vault
 
@@ -77,14 +77,17 @@ class ChunkReader:
 
     def chunk_into(self, manifest: Manifest, index: int, out: memoryview) -> None:
         """Chunk ``index`` of ``manifest`` into ``out`` (its length): the base, then each layer in order."""
-        what = f"backup {manifest.id} chunk {index}"
+        self.layered_into(manifest.chunk_ids[index], manifest.deltas.get(index, ()), out,
+                          what=f"backup {manifest.id} chunk {index}")
+
+    def layered_into(self, base: bytes, layers: Sequence[Layer], out: memoryview, *, what: str) -> None:
+        """Chunk ``base`` with ``layers`` applied in order, into ``out`` (its length)."""
         length = len(out)
-        base = manifest.chunk_ids[index]
         if base == ZERO_ID:
             out[:] = self._zero[:length]
         else:
             self.blob_into(base, length, out, what=what)
-        for layer in manifest.deltas.get(index, ()):
+        for layer in layers:
             if layer.blob_id == ZERO_ID:
                 for off, n in layer.ranges:
                     out[off : off + n] = self._zero[:n]

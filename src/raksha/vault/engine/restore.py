@@ -87,14 +87,16 @@ def restore_backup(
         manifest = vault.read_manifest(backup_id)
         index = vault.load_index(tolerant=True)  # a damaged index must not stop restores that do not need it
         by_id: dict[bytes, list[int]] = {}
-        zeros: list[int] = []
+        zeros: list[list[int]] = []  # runs of zero chunks, [first, end): a sparse 1 TiB disk is a few
         for i, cid in enumerate(manifest.chunk_ids):
             if i in manifest.deltas:
                 continue  # base + layers, assembled on their own below
-            if cid == ZERO_ID:
-                zeros.append(i)
-            else:
+            if cid != ZERO_ID:
                 by_id.setdefault(cid, []).append(i)
+            elif zeros and zeros[-1][1] == i:
+                zeros[-1][1] = i + 1
+            else:
+                zeros.append([i, i + 1])
         missing = [cid for cid in manifest.blob_ids() if cid not in index]
         if missing and index.damaged:
             raise VaultCorrupt(
@@ -164,8 +166,9 @@ def restore_backup(
         try:
             run_parallel(read_groups(work), one, threads or restore_threads())
             run_parallel(sorted(manifest.deltas), one_delta, threads or restore_threads())
-            for i in zeros:
-                target.write_zeroes(i * manifest.chunk_size, manifest.chunk_length(i))
+            for first, end in zeros:
+                offset = first * manifest.chunk_size
+                target.write_zeroes(offset, min(end * manifest.chunk_size, manifest.virtual_size) - offset)
             target.flush()
         except BaseException:
             target.close()
