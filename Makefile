@@ -50,6 +50,7 @@ bench:
 	@scripts/setup.sh --bench
 	$(PY) bench/run.py
 	$(PY) bench/driver.py
+	$(PY) bench/large_disk.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis bench/work
