@@ -557,6 +557,27 @@ def guarded(phase: Callable[[], PhaseResult]) -> PhaseResult:
         return PhaseResult(ok=False, error=f"{type(exc).__name__}: {exc}")
 
 
+def wait_for_quiet_disk(max_wait: float = 60.0, quiet_mb_s: float = 5.0, window: float = 0.5) -> float:
+    """Untimed, once after generating the images: sync, then wait until the block devices write less
+    than ``quiet_mb_s`` for two windows running (the host may still be writing the guest's disk out
+    after a sync returns). Returns the seconds waited; gives up after ``max_wait``."""
+    disks = {d for d in os.listdir("/sys/block") if not d.startswith(("loop", "ram", "zram", "dm-"))}
+
+    def written() -> int:
+        with open("/proc/diskstats") as f:
+            return sum(int(p[9]) * 512 for p in (line.split() for line in f) if len(p) > 9 and p[2] in disks)
+
+    start = time.monotonic()
+    os.sync()
+    quiet, last = 0, written()
+    while quiet < 2 and time.monotonic() - start < max_wait:
+        time.sleep(window)
+        now = written()
+        quiet = quiet + 1 if (now - last) / window / MB < quiet_mb_s else 0
+        last = now
+    return time.monotonic() - start
+
+
 def settle(cache: str) -> None:
     """Untimed, before every phase: no dirty-page backlog from earlier writes; in cold mode no cached data."""
     os.sync()
@@ -1026,6 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generating {args.size} byte images (seed {args.seed}) in {workdir}/images ...", flush=True)
     inputs = generate_inputs(workdir, args.size, args.seed)
     print(f"  done in {inputs.generate_seconds:.1f}s", flush=True)
+    waited = wait_for_quiet_disk()
+    print(f"  disk quiet after {waited:.1f}s (untimed: the first tool's first phase would pay for the images' "
+          "writeback)", flush=True)
     results: dict[str, ToolResult] = {}
     Raksha.executable = str(args.raksha)
     for name in args.tools:
