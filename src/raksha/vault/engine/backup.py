@@ -197,14 +197,6 @@ class _Backup:
         ranges = self.delta.get(i)
         return self._length(i) if ranges is None else sum(n for _, n in ranges)
 
-    def _parent_intact(self, i: int) -> bool:
-        """The parent's chunk ``i`` spans what ours does and everything it is made of is stored."""
-        parent = self.parent
-        if i >= parent.chunk_count or parent.chunk_length(i) != self._length(i):
-            return False
-        blobs = [parent.chunk_ids[i], *(layer.blob_id for layer in parent.deltas.get(i, ()))]
-        return all(b == ZERO_ID or self._stored(b) for b in blobs)
-
     def _plan(self, n: int) -> list[int]:
         """Chunks to read; ids of the others are set here (zero, or the parent's)."""
         if self.parent_id is None:
@@ -221,12 +213,16 @@ class _Backup:
         # chunk while the layers stay few and small, so the work follows what changed too; else the
         # chunk is rebuilt from the parent's copy and stored whole.
         changes = split_by_chunk(self.changed, self.chunk_size, self.size)
+        # Chunks the parent cannot supply (format.md §8: same span, and everything it is made of stored
+        # or zero), found with set operations, not per chunk in Python: a disk of millions of chunks plans
+        # in a fraction of a second.
+        bad = self._not_reusable(n)
         # Chunks that keep the parent's layers, plus those layered now, stay within the share.
         room = max(MIN_LAYERED_ROOM, n // MAX_LAYERED_SHARE) - sum(
             1 for i in parent.deltas if i < n and i not in changes)
         for i, ranges in changes.items():
             changed = sum(r[1] for r in ranges)
-            if changed >= self._length(i) or not self._parent_intact(i):
+            if changed >= self._length(i) or i in bad:
                 continue
             layers = parent.deltas.get(i, [])
             if (room > 0 and len(layers) < MAX_LAYERS and len(ranges) <= MAX_RANGES
@@ -235,11 +231,8 @@ class _Backup:
                 room -= 1
             else:
                 self.patch[i] = ranges
-        # Every other chunk is the parent's, unless it cannot be (format.md §8: same span, and everything
-        # it is made of stored or zero). Decided with set operations, not per chunk in Python: a disk of
-        # millions of chunks plans in a fraction of a second.
+        # Every other chunk is the parent's, unless it cannot be.
         common = min(n, parent.chunk_count)
-        bad = self._not_reusable(n)
         skip = must | bad
         # What rebuilding or layering a changed chunk starts from; then the parent's ids become ours
         # (no copy: a 1 TiB disk's ids are 32 MB) and the parent keeps only its layers.

@@ -97,7 +97,8 @@ def restore_backup(
                 zeros[-1][1] = i + 1
             else:
                 zeros.append([i, i + 1])
-        missing = [cid for cid in manifest.blob_ids() if cid not in index]
+        needed = manifest.blob_ids()
+        missing = [cid for cid in needed if cid not in index]
         if missing and index.damaged:
             raise VaultCorrupt(
                 f"backup {backup_id} needs {len(missing)} chunk(s) listed in no readable index; damaged index "
@@ -177,6 +178,6 @@ def restore_backup(
         target.close()
         target.commit()  # only now does OUTPUT exist: a killed restore never leaves a half-written one
         meter.finish()
-        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, len(manifest.blob_ids()),
+        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, len(needed),
                              manifest.content_digest(), time.monotonic() - start)
 
