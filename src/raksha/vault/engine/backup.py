@@ -8,6 +8,7 @@ rerun deduplicates against (or that gc removes after its grace period).
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -16,11 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from raksha.domain.errors import AlreadyExists, InvalidInput, RakshaError
-from raksha.vault.directio import AlignedBuffers
 from raksha.vault.engine.blobio import ChunkReader
 from raksha.vault.engine.packer import Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
-from raksha.vault.engine.workers import run_parallel
+from raksha.vault.engine.workers import run_pipeline
 from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.constants import ZERO_ID
@@ -76,8 +76,19 @@ MIN_LAYERED_ROOM = 64
 
 
 def default_threads() -> int:
-    """Two per core: while one thread waits for the disk (source reads, pack writes) the other computes."""
+    """Two per core, half reading the source and half computing (engine/workers.py, run_pipeline)."""
     return 2 * max(1, os.cpu_count() or 1)
+
+
+# Chunks read ahead of the workers: at least this many bytes of buffers (and two per thread).
+PREFETCH_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class _Filled:
+    length: int  # bytes of data in the buffer: the chunk, or a new layer's changed ranges
+    read: int  # of the source
+    patched: bool  # the chunk was rebuilt on the parent's copy
 
 
 def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> list[int]:
@@ -151,7 +162,6 @@ class _Backup:
         self.stats = BackupStats(virtual_size=self.size)
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: a BlobEncoder, a BlobDecoder
-        self._chunk_buffers = AlignedBuffers(self.chunk_size)  # per thread: the chunk being backed up
         self._zero_ids: dict[int, bytes] = {}
         self.patch: dict[int, list[Extent]] = {}  # changed in part, rebuilt whole: the changed ranges
         self.delta: dict[int, list[Extent]] = {}  # changed in part, stored as a new layer: the changed ranges
@@ -175,8 +185,12 @@ class _Backup:
         self.stats.chunks_zero = n - len(to_read) - self.stats.chunks_from_parent
         self.packer = Packer(self.vault)
         self.progress = Progress("backup", sum(self._work(i) for i in to_read), self.callback)
+        readers = max(1, self.threads // 2)
+        workers = max(1, self.threads - readers)
+        buffers = [mmap.mmap(-1, self.chunk_size)  # page-aligned: sources read into them with O_DIRECT
+                   for _ in range(max(2 * (readers + workers), PREFETCH_BYTES // self.chunk_size))]
         try:
-            run_parallel(to_read, self._one, self.threads)
+            run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers)
             self.packer.flush()
         except BaseException:
             self.packer.abort()
@@ -302,36 +316,56 @@ class _Backup:
             read += n
         return read
 
-    def _one(self, i: int) -> None:
-        if i in self.delta:
-            self._one_delta(i)
-        else:
-            self._one_chunk(i)
+    def _fill(self, i: int, buf: mmap.mmap) -> _Filled:
+        """The I/O of chunk ``i`` (in a reader thread): its changed ranges one after another for a new
+        layer, else the whole chunk (rebuilt on the parent's copy where it changed in part)."""
+        ranges = self.delta.get(i)
+        if ranges is not None:
+            length = sum(n for _, n in ranges)
+            data = memoryview(buf)[:length]
+            pos = 0
+            for off, n in ranges:
+                self._read(i * self.chunk_size + off, data[pos : pos + n])
+                pos += n
+            return _Filled(length, length, patched=False)
+        length = self._length(i)
+        data = memoryview(buf)[:length]
+        read = self._patched(i, data) if i in self.patch else None
+        if read is not None:
+            return _Filled(length, read, patched=True)
+        self._read(i * self.chunk_size, data)
+        return _Filled(length, length, patched=False)
 
-    def _one_delta(self, i: int) -> None:
-        """Read chunk ``i``'s changed ranges and store them as one more layer on the parent's chunk."""
-        ranges = self.delta[i]
-        length = sum(n for _, n in ranges)
-        data = memoryview(self._chunk_buffers.get())[:length]
-        pos = 0
-        for off, n in ranges:
-            self._read(i * self.chunk_size + off, data[pos : pos + n])
-            pos += n
+    def _digest(self, i: int, buf: mmap.mmap, filled: _Filled) -> None:
+        """The computing of chunk ``i`` (in a worker thread): hash, then store unless zero or stored."""
+        data = memoryview(buf)[: filled.length]
+        delta = i in self.delta
         with self._lock:
-            self.stats.bytes_read += length
+            self.stats.bytes_read += filled.read
             self.stats.chunks_read += 1
-            self.stats.chunks_delta += 1
+            self.stats.chunks_patched += filled.patched
+            self.stats.chunks_delta += delta
         cid = self.vault.crypto.chunk_id(data)
-        if cid == self._zero_id(length):
-            cid = ZERO_ID
+        zero = cid == self._zero_id(filled.length)
+        if delta:
+            self._layer(i, ZERO_ID if zero else cid, data)
+        elif zero:
+            with self._lock:
+                self.stats.chunks_zero += 1
         else:
+            self.ids[i] = cid
+            self._store(cid, data)
+        self.progress.add(filled.length)
+
+    def _layer(self, i: int, cid: bytes, data: memoryview) -> None:
+        """Chunk ``i`` becomes the parent's copy with one more layer: ``data``, the changed ranges."""
+        if cid != ZERO_ID:  # a layer of zeros is stored as nothing
             self._store(cid, data)
         base, below = self._from_parent[i]
         self.ids[i] = base
-        layers = [*below, Layer(cid, tuple(ranges))]
+        layers = [*below, Layer(cid, tuple(self.delta[i]))]
         with self._lock:
             self.deltas[i] = layers
-        self.progress.add(length)
 
     def _store(self, cid: bytes, data: memoryview) -> None:
         """Pack ``data`` under ``cid`` unless the vault (or this backup) has it already."""
@@ -352,28 +386,6 @@ class _Backup:
         self.packer.add(cid, blob, len(data))
         with self._lock:
             self.stats.bytes_stored += len(blob)
-
-    def _one_chunk(self, i: int) -> None:
-        length = self._length(i)
-        data = memoryview(self._chunk_buffers.get())[:length]
-        read = self._patched(i, data) if i in self.patch else None
-        patched = read is not None
-        if read is None:
-            self._read(i * self.chunk_size, data)
-            read = length
-        with self._lock:
-            self.stats.bytes_read += read
-            self.stats.chunks_read += 1
-            self.stats.chunks_patched += patched
-        cid = self.vault.crypto.chunk_id(data)
-        if cid == self._zero_id(length):
-            self.progress.add(length)
-            with self._lock:
-                self.stats.chunks_zero += 1
-            return
-        self.ids[i] = cid
-        self._store(cid, data)
-        self.progress.add(length)
 
     def _commit(self) -> BackupResult:
         fmt = "%Y-%m-%dT%H:%M:%S.%fZ"

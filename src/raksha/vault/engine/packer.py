@@ -13,7 +13,7 @@ from pathlib import Path
 import blake3
 
 from raksha.domain.errors import AlreadyExists, BackendError, StorageFull
-from raksha.vault.directio import SequentialFile
+from raksha.vault.directio import WRITE_BUFFERS, SequentialFile
 from raksha.vault.format.index import Location
 from raksha.vault.format.pack import PackEntry, encode_pack_trailer, new_pack_preamble, pack_key
 from raksha.vault.repository import Vault
@@ -27,7 +27,7 @@ class _OpenPack:
     entries: list[PackEntry] = field(default_factory=list)
 
 
-WRITE_BUFFER = 4 << 20  # two per open pack, written behind while the other fills
+WRITE_BUFFER = 2 << 20  # WRITE_BUFFERS per open pack, written behind while another fills
 
 
 MAX_SEALING = 2  # full packs waiting for their fsyncs and index at once; then ``add`` waits
@@ -40,7 +40,8 @@ class Packer:
 
     def __init__(self, vault: Vault) -> None:
         self._vault = vault
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the open pack; held while a blob is copied in
+        self._books = threading.Lock()  # everything else: never held across I/O, so sealing never waits for adds
         self._current: _OpenPack | None = None
         self._staged: list[Path] = []
         self._spare: list[list[mmap.mmap]] = []  # write buffers of sealed packs, for the next ones
@@ -82,12 +83,12 @@ class Packer:
         except BaseException:
             pass  # the error that made us abort is already on its way
         self._stop()
-        with self._lock:
+        with self._books:
             for p in self._staged:
                 p.unlink(missing_ok=True)
 
     def _submit(self, pack: _OpenPack) -> None:
-        with self._lock:
+        with self._books:
             if self._sealer is None:
                 self._sealer = ThreadPoolExecutor(1, thread_name_prefix="raksha-pack-sealer")
             self._sealing.append(self._sealer.submit(self._seal, pack))
@@ -96,7 +97,7 @@ class Packer:
     def _wait(self, at_most: int) -> None:
         """Wait until at most ``at_most`` packs are being sealed; raise the first sealing error."""
         while True:
-            with self._lock:
+            with self._books:
                 for f in [f for f in self._sealing if f.done()]:
                     self._sealing.remove(f)
                     f.result()  # raises what sealing raised
@@ -106,7 +107,7 @@ class Packer:
             wait([oldest])
 
     def _stop(self) -> None:
-        with self._lock:
+        with self._books:
             sealer, self._sealer = self._sealer, None
         if sealer is not None:
             sealer.shutdown(wait=True)
@@ -115,13 +116,16 @@ class Packer:
         path = self._vault.backend.staging_dir() / f"pack-{os.getpid()}-{os.urandom(8).hex()}.partial"
         try:
             hasher = blake3.blake3()
-            buffers = self._spare.pop() if self._spare else [mmap.mmap(-1, WRITE_BUFFER), mmap.mmap(-1, WRITE_BUFFER)]
+            with self._books:
+                spare = self._spare.pop() if self._spare else None
+            buffers = spare or [mmap.mmap(-1, WRITE_BUFFER) for _ in range(WRITE_BUFFERS)]
             pack = _OpenPack(SequentialFile(path, hasher=hasher, buffers=buffers), hasher, buffers)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull(f"no space left in {path.parent} for a new pack") from exc
             raise BackendError(f"cannot create {path}: {exc}") from exc
-        self._staged.append(path)
+        with self._books:
+            self._staged.append(path)
         self._current = pack
         self._write(pack, new_pack_preamble())
         return pack
@@ -135,7 +139,7 @@ class Packer:
             pack.file.finish()  # every byte is hashed once this returns
         finally:
             pack.file.close()
-            with self._lock:
+            with self._books:
                 self._spare.append(pack.buffers)
         path, size = pack.file.path, pack.file.size
         pack_id = pack.hasher.hexdigest()
@@ -149,7 +153,7 @@ class Packer:
         index_id = self._vault.write_index(
             {e.chunk_id: Location(pid, e.offset, e.stored_length, e.raw_length) for e in pack.entries}
         )
-        with self._lock:
+        with self._books:
             self._staged.remove(path)
             self.packs_written += 1
             self.bytes_written += size

@@ -1,0 +1,72 @@
+"""The engine's worker pools: every item done once, memory bounded by the buffer pool, first error wins."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from raksha.vault.engine.workers import run_parallel, run_pipeline
+
+
+def test_run_parallel_does_every_item_once() -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        with lock:
+            seen.append(i)
+
+    run_parallel(range(1000), work, 4)
+    assert sorted(seen) == list(range(1000))
+
+
+def test_pipeline_fills_then_works_every_item_once_in_its_own_buffer() -> None:
+    buffers = [bytearray(8) for _ in range(3)]
+    done: dict[int, bytes] = {}
+    in_flight = [0]
+    most = [0]
+    lock = threading.Lock()
+
+    def fill(i: int, buf: bytearray) -> int:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        buf[:8] = i.to_bytes(8, "big")
+        return i * 2
+
+    def work(i: int, buf: bytearray, filled: int) -> None:
+        assert filled == i * 2
+        time.sleep(0.0005)  # the buffer is not refilled under us
+        with lock:
+            done[i] = bytes(buf)
+            in_flight[0] -= 1
+
+    run_pipeline(range(500), fill, work, buffers, readers=2, workers=3)
+    assert done == {i: i.to_bytes(8, "big") for i in range(500)}
+    assert most[0] <= len(buffers)  # never more items in flight than buffers
+
+
+@pytest.mark.parametrize("stage", ["fill", "work"])
+def test_pipeline_stops_at_the_first_error_and_raises_it(stage: str) -> None:
+    calls = [0]
+    lock = threading.Lock()
+
+    def fill(i: int, buf: bytearray) -> None:
+        if stage == "fill" and i == 50:
+            raise ValueError("bad read")
+
+    def work(i: int, buf: bytearray, filled: None) -> None:
+        with lock:
+            calls[0] += 1
+        if stage == "work" and i == 50:
+            raise ValueError("bad chunk")
+
+    with pytest.raises(ValueError, match="bad"):
+        run_pipeline(range(100_000), fill, work, [bytearray(1) for _ in range(4)], readers=2, workers=2)
+    assert calls[0] < 1000  # stopped early, not after every item
+
+
+def test_pipeline_with_no_items_returns() -> None:
+    run_pipeline([], lambda i, b: None, lambda i, b, f: None, [bytearray(1)], readers=3, workers=2)
