@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable
 
 import blake3
@@ -542,6 +543,20 @@ def test_master_key_wrapped_by_a_passphrase() -> None:
     assert unwrap_master_key(doc, Secret(keyfile=os.urandom(32)), VAULT_ID) is None
     # bound to its vault: the same key file copied into another vault does not open
     assert unwrap_master_key(doc, Secret(passphrase=b"hunter2"), "f" * 32) is None
+
+
+def test_passphrases_unwrap_in_several_threads_at_once() -> None:
+    # Four lanes and three passes: two such derivations at once hang in the cryptography 50 wheels.
+    doc = wrap_master_key(MasterKey.generate(), Secret(passphrase=b"pw"), VAULT_ID,
+                          KdfParams(memory_kib=1024, iterations=3, lanes=4))
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        unwrap_master_key(doc, Secret(passphrase=b"pw"), VAULT_ID)), daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4 and all(r is not None for r in results)
 
 
 def test_master_key_wrapped_by_a_key_file() -> None:

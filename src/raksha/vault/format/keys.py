@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,19 +50,26 @@ def _aad(vault_id: str) -> bytes:
     return f"raksha-master-key:{vault_id}".encode()
 
 
+# One Argon2id derivation at a time in a process: two at once in two threads never return with the
+# cryptography 50 wheels (OpenSSL 4.0) (both threads block before computing anything; reproduced with
+# nothing but two Argon2id(...).derive calls). The service opens vaults from several threads.
+_ARGON2 = threading.Lock()
+
+
 def _kek(secret: Secret, kdf: dict[str, Any]) -> bytes:
     if kdf["algorithm"] == "keyfile":
         assert secret.keyfile is not None
         return blake3.blake3(secret.keyfile, derive_key_context=KEYFILE_CONTEXT).digest()
     if kdf["algorithm"] == "argon2id":
         assert secret.passphrase is not None
-        return Argon2id(
-            salt=base64.b64decode(kdf["salt"]),
-            length=32,
-            iterations=int(kdf["iterations"]),
-            lanes=int(kdf["lanes"]),
-            memory_cost=int(kdf["memory_kib"]),
-        ).derive(secret.passphrase)
+        with _ARGON2:
+            return Argon2id(
+                salt=base64.b64decode(kdf["salt"]),
+                length=32,
+                iterations=int(kdf["iterations"]),
+                lanes=int(kdf["lanes"]),
+                memory_cost=int(kdf["memory_kib"]),
+            ).derive(secret.passphrase)
     raise VaultCorrupt(f"unknown key derivation {kdf['algorithm']!r}")
 
 
