@@ -8,6 +8,8 @@ fresh chunk-sized buffers per chunk. Both produce and accept exactly the same bl
 
 from __future__ import annotations
 
+import mmap
+
 import zstandard
 
 from raksha.domain.errors import VaultCorrupt
@@ -57,8 +59,10 @@ class BlobEncoder:
         self._crypto = crypto
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._probe = probe
-        self._inner = bytearray(1 + max_length)
-        self._sealed = bytearray(NONCE_SIZE + 1 + max_length + TAG_SIZE) if crypto.encrypted else None
+        # Anonymous maps, not bytearrays: their pages are touched only as far as blobs fill them, and
+        # not zeroed first (an incremental of 100 kB layers touched 2 MiB per thread, in page faults).
+        self._inner = mmap.mmap(-1, 1 + max_length)
+        self._sealed = mmap.mmap(-1, NONCE_SIZE + 1 + max_length + TAG_SIZE) if crypto.encrypted else None
         self.stored_raw = 0  # chunks stored uncompressed (probe or no gain)
         self.probe_skipped = 0  # of those, chunks the probe kept from being compressed at all
 
@@ -117,7 +121,7 @@ class BlobDecoder:
         self._crypto = crypto
         self._decompressor = zstandard.ZstdDecompressor()
         self._max_blob = crypto.sealed_size(1 + max_length)
-        self._inner = bytearray(1 + max_length) if crypto.encrypted else None
+        self._inner = mmap.mmap(-1, 1 + max_length) if crypto.encrypted else None  # see BlobEncoder
 
     def decode_into(self, blob: Buffer, chunk_id: bytes, raw_length: int, out: memoryview, *, what: str) -> memoryview:
         """Decode ``blob`` into ``out[:raw_length]`` and return that view; any mismatch is VAULT_CORRUPT."""

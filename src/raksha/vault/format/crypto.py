@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -46,14 +47,16 @@ class Crypto:
     def open(self, data: bytes, aad: bytes, *, what: str) -> bytes:
         return data
 
-    def seal_into(self, data: memoryview, aad: bytes, out: bytearray) -> memoryview:
+    def seal_into(self, data: memoryview, aad: bytes, out: bytearray | mmap.mmap) -> memoryview:
         """``seal`` into the reused buffer ``out`` (at least ``sealed_size(len(data))`` bytes); a view of it."""
         n = len(data)
         view = memoryview(out)
         view[:n] = data
         return view[:n]
 
-    def open_into(self, data: bytes | bytearray | memoryview, aad: bytes, out: bytearray, *, what: str) -> memoryview:
+    def open_into(
+        self, data: bytes | bytearray | memoryview, aad: bytes, out: bytearray | mmap.mmap, *, what: str
+    ) -> memoryview:
         """``open`` into the reused buffer ``out``; a view of it."""
         n = len(data)
         view = memoryview(out)
@@ -88,7 +91,7 @@ class EncryptedCrypto(Crypto):
         except InvalidTag:
             raise VaultCorrupt(f"{what}: authentication failed (damaged or tampered)", object=what) from None
 
-    def seal_into(self, data: memoryview, aad: bytes, out: bytearray) -> memoryview:
+    def seal_into(self, data: memoryview, aad: bytes, out: bytearray | mmap.mmap) -> memoryview:
         nonce = os.urandom(NONCE_SIZE)
         size = NONCE_SIZE + len(data) + TAG_SIZE
         view = memoryview(out)
@@ -96,7 +99,9 @@ class EncryptedCrypto(Crypto):
         self._aead.encrypt_into(nonce, data, aad, view[NONCE_SIZE:size])
         return view[:size]
 
-    def open_into(self, data: bytes | bytearray | memoryview, aad: bytes, out: bytearray, *, what: str) -> memoryview:
+    def open_into(
+        self, data: bytes | bytearray | memoryview, aad: bytes, out: bytearray | mmap.mmap, *, what: str
+    ) -> memoryview:
         if len(data) < NONCE_SIZE + TAG_SIZE:
             raise VaultCorrupt(f"{what}: truncated ciphertext ({len(data)} bytes)", object=what)
         view, src = memoryview(out), memoryview(data)
