@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import device_floor
 import imagegen
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -852,11 +853,34 @@ def _rss_figures(raksha: ToolResult, peers: list[ToolResult]) -> list[Figure]:
     return figures
 
 
-def compute_figures(results: dict[str, ToolResult], inputs: Inputs) -> list[Figure]:
+def _floor_figures(raksha: ToolResult, peers: list[ToolResult], floor: dict[str, float] | None) -> list[Figure]:
+    """Each time against what the disk alone needs for the same I/O (bench/device_floor.py), and the
+    speed ratios no software could beat on this disk: a peer's time over the floor plus Raksha's
+    fixed cost per command (the list phase)."""
+    if floor is None:
+        return []
+    fixed = raksha.seconds(LIST_PHASE) or 0.0
+    figures = []
+    for phase, key in (("full", "backup_seconds"), ("restore", "restore_seconds")):
+        figures.append(Figure(
+            key=f"raksha_{phase}_over_device_floor", name=f"raksha {phase} / device floor",
+            value=_ratio(raksha.seconds(phase), floor[key]), unit="x",
+            note=f"floor {floor[key]:.2f} s: the disk alone doing the same reads and writes"))
+        for peer in peers:
+            figures.append(Figure(
+                key=f"{phase}_ceiling_vs_{_key(peer.name)}", name=f"{phase} ratio vs {peer.name} the disk allows",
+                value=_ratio(peer.seconds(phase), floor[key] + fixed), unit="x",
+                note=f"{peer.name} s / (floor + raksha's {fixed:.2f} s fixed cost): no tool's ratio can exceed it"))
+    return figures
+
+
+def compute_figures(results: dict[str, ToolResult], inputs: Inputs,
+                    floor: dict[str, float] | None = None) -> list[Figure]:
     raksha = results.get("raksha") or ToolResult("raksha", error="not run")
     peers = [r for name, r in results.items() if name != "raksha"]
     return (
         _speed_figures(raksha, peers)
+        + _floor_figures(raksha, peers, floor)
         + _incremental_figures(raksha, peers, inputs)
         + _clone_figures(raksha, peers)
         + _rss_figures(raksha, peers)
@@ -926,7 +950,8 @@ def figures_table(figures: list[Figure]) -> Iterator[str]:
         yield f"{f.name:<44} {value:>10}  {target:>10}  {f.status:<6}  {f.note}"
 
 
-def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str) -> None:
+def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str,
+                 floor: dict[str, float] | None = None) -> None:
     print()
     print(
         f"image: {inputs.size / MB:.0f} MB virtual ({inputs.size} bytes), seed {inputs.seed}; "
@@ -946,6 +971,14 @@ def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[F
     for phase in API_PHASES if raksha_only else ():
         print()
         print("\n".join(phase_table(phase, raksha_only, inputs.size)))
+    if floor is not None:
+        print()
+        print("== device floor: the disk alone doing a full backup's and a restore's I/O (bench/device_floor.py: "
+              "O_DIRECT, 2 readers + 2 writers at once, cold cache, no computing; fastest of 2)")
+        print(f"backup   read {floor['data_bytes'] / MB:.1f} MB of data chunks, "
+              f"write {floor['stored_bytes'] / MB:.1f} MB: {floor['backup_seconds']:.2f} s")
+        print(f"restore  read {floor['stored_bytes'] / MB:.1f} MB, write {floor['data_bytes'] / MB:.1f} MB at the "
+              f"image's offsets: {floor['restore_seconds']:.2f} s")
     print()
     print("\n".join(figures_table(figures)))
     errors = {name: r.error for name, r in results.items() if r.error}
@@ -979,7 +1012,8 @@ def machine_info(results: dict[str, ToolResult]) -> dict[str, Any]:
     }
 
 
-def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str) -> dict[str, Any]:
+def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str,
+                floor: dict[str, float] | None = None) -> dict[str, Any]:
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(results),
@@ -993,6 +1027,7 @@ def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Fi
             "generate_seconds": round(inputs.generate_seconds, 3),
         },
         "cache": cache,
+        "device_floor": floor,
         "notes": [CACHE_NOTES[cache], *NOTES],
         "tools": {name: {p: asdict(r) for p, r in t.phases.items()} for name, t in results.items()},
         "errors": {name: t.error for name, t in results.items() if t.error},
@@ -1055,10 +1090,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tools:
         print(f"running {name} ...", flush=True)
         results[name] = run_tool(TOOL_CLASSES[name](workdir, args.timeout), inputs, args.cache)
-    figures = compute_figures(results, inputs)
-    print_report(results, inputs, figures, args.cache)
+    floor = None
+    stored = results["raksha"].bytes("full") if "raksha" in results else None
+    if stored and args.cache == "cold":  # warm runs would time the page cache, not the disk
+        print("measuring the device floor ...", flush=True)
+        floor = device_floor.measure(inputs.base.path, stored, workdir)
+    figures = compute_figures(results, inputs, floor)
+    print_report(results, inputs, figures, args.cache, floor)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(json_report(results, inputs, figures, args.cache), indent=2) + "\n")
+    args.json_out.write_text(json.dumps(json_report(results, inputs, figures, args.cache, floor), indent=2) + "\n")
     print(f"\nwrote {args.json_out}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
