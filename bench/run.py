@@ -975,7 +975,7 @@ def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[F
         print()
         print("== device floor: the disk alone doing a full backup's and a restore's I/O (bench/device_floor.py: "
               "O_DIRECT, 2 readers + 2 writers at once, cold cache, no computing; fastest of 2)")
-        print(f"backup   read {floor['data_bytes'] / MB:.1f} MB of data chunks, "
+        print(f"backup   read {floor['read_bytes'] / MB:.1f} MB of data chunks, "
               f"write {floor['stored_bytes'] / MB:.1f} MB: {floor['backup_seconds']:.2f} s")
         print(f"restore  read {floor['stored_bytes'] / MB:.1f} MB, write {floor['data_bytes'] / MB:.1f} MB at the "
               f"image's offsets: {floor['restore_seconds']:.2f} s")

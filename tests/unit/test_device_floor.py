@@ -39,6 +39,8 @@ def _sparse_image(path: Path) -> Path:
 def test_data_chunks_are_the_chunks_a_backup_reads(tmp_path: Path) -> None:
     image = _sparse_image(tmp_path / "img")
     assert floor.data_chunks(image) == [1 * MIB, 5 * MIB, 9 * MIB, 10 * MIB]
+    # a sparse restore writes the data only, cut at chunk borders
+    assert floor.data_pieces(image) == [(MIB, MIB), (5 * MIB + 8192, 4096), (10 * MIB - 4096, 4096), (10 * MIB, 4096)]
 
 
 def test_measure_reads_and_writes_the_given_volumes(tmp_path: Path) -> None:
@@ -48,6 +50,7 @@ def test_measure_reads_and_writes_the_given_volumes(tmp_path: Path) -> None:
     except OSError:
         pytest.skip("no O_DIRECT on this filesystem")
     result = floor.measure(image, 3 * MIB, tmp_path, runs=1)
-    assert result["data_bytes"] == 4 * MIB and result["stored_bytes"] == 3 * MIB
+    assert result["read_bytes"] == 4 * MIB and result["stored_bytes"] == 3 * MIB
+    assert result["data_bytes"] == MIB + 4096 + 8192
     assert result["backup_seconds"] > 0 and result["restore_seconds"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img"]  # scratch files removed
