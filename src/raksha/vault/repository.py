@@ -40,6 +40,9 @@ from raksha.vault.locks import LockManager
 CONFIG_KEY = "config"
 KEYS_PREFIX = "keys/"
 INDEX_PREFIX = "index/"
+# Up to this many index objects are read one after another: starting the reader threads costs more
+# than they save on a local disk (26 objects: 2.4-7 ms inline against 7-9 ms with 8 threads, warm/cold).
+INDEX_READ_INLINE = 64
 DATA_PREFIX = "data/"
 LOCKS_PREFIX = "locks/"
 CONDEMNED_SUFFIX = ".condemned"
@@ -206,8 +209,11 @@ class Vault:
         for _attempt in range(5):
             keys = [info.key for info in self.backend.list(INDEX_PREFIX)]
             try:
-                with ThreadPoolExecutor(max_workers=8) as pool:
-                    files = list(pool.map(read, keys))
+                if len(keys) <= INDEX_READ_INLINE:
+                    files = [read(key) for key in keys]
+                else:
+                    with ThreadPoolExecutor(max_workers=8) as pool:
+                        files = list(pool.map(read, keys))
             except NotFound:
                 continue
             out = {}
