@@ -559,6 +559,21 @@ def test_passphrases_unwrap_in_several_threads_at_once() -> None:
     assert len(results) == 4 and all(r is not None for r in results)
 
 
+def test_a_prefetched_derivation_is_taken_by_the_unwrap() -> None:
+    from raksha.vault.format import keys
+
+    master = MasterKey.generate()
+    right = wrap_master_key(master, Secret(passphrase=b"pw"), VAULT_ID, FAST_KDF)
+    other = wrap_master_key(MasterKey.generate(), Secret(passphrase=b"other"), VAULT_ID, FAST_KDF)
+    keys.prefetch_keks([b"{not json", other, right, wrap_master_key(master, Secret(keyfile=os.urandom(32)), VAULT_ID)],
+                       Secret(passphrase=b"pw"))
+    assert len(keys._prefetched) == 2  # the two Argon2id key files; the malformed and key-file ones skipped
+    assert unwrap_master_key(other, Secret(passphrase=b"pw"), VAULT_ID) is None  # prefetched, does not fit
+    assert unwrap_master_key(right, Secret(passphrase=b"pw"), VAULT_ID) == master
+    assert keys._prefetched == {}  # each result taken once: no derived key lingers
+    assert unwrap_master_key(right, Secret(passphrase=b"pw"), VAULT_ID) == master  # derived again
+
+
 def test_master_key_wrapped_by_a_key_file() -> None:
     master = MasterKey.generate()
     keyfile = os.urandom(64)

@@ -25,7 +25,14 @@ from raksha.vault.backends.base import Backend
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
 from raksha.vault.format.index import IndexFile, Location, decode_index, encode_index, index_key
-from raksha.vault.format.keys import KdfParams, Secret, key_file_id, unwrap_master_key, wrap_master_key
+from raksha.vault.format.keys import (
+    KEYS_PREFIX,
+    KdfParams,
+    Secret,
+    key_file_id,
+    unwrap_master_key,
+    wrap_master_key,
+)
 from raksha.vault.format.manifest import (
     Manifest,
     decode_manifest,
@@ -38,7 +45,6 @@ from raksha.vault.format.pack import PACK_PREAMBLE_SIZE, PackEntry, decode_heade
 from raksha.vault.locks import LockManager
 
 CONFIG_KEY = "config"
-KEYS_PREFIX = "keys/"
 INDEX_PREFIX = "index/"
 # Up to this many index objects are read one after another: starting the reader threads costs more
 # than they save on a local disk (26 objects: 2.4-7 ms inline against 7-9 ms with 8 threads, warm/cold).

@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +21,8 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from raksha.domain.errors import InvalidInput, VaultCorrupt
 from raksha.vault.format.constants import KEYFILE_CONTEXT, NONCE_SIZE
 from raksha.vault.format.crypto import MasterKey
+
+KEYS_PREFIX = "keys/"  # where a vault keeps its key files (format.md §4)
 
 
 @dataclass(frozen=True)
@@ -56,13 +60,50 @@ def _aad(vault_id: str) -> bytes:
 _ARGON2 = threading.Lock()
 
 
-def _kek(secret: Secret, kdf: dict[str, Any]) -> bytes:
-    if kdf["algorithm"] == "keyfile":
-        assert secret.keyfile is not None
-        return blake3.blake3(secret.keyfile, derive_key_context=KEYFILE_CONTEXT).digest()
-    if kdf["algorithm"] == "argon2id":
-        assert secret.passphrase is not None
-        with _ARGON2:
+# Derivations started ahead by ``prefetch_keks``, by passphrase and parameters; taken once used.
+_prefetched: dict[tuple[bytes, str, int, int, int], Future[bytes]] = {}
+_prefetched_lock = threading.Lock()
+
+
+def _argon2_key(passphrase: bytes, kdf: dict[str, Any]) -> tuple[bytes, str, int, int, int]:
+    return (passphrase, str(kdf["salt"]), int(kdf["iterations"]), int(kdf["lanes"]), int(kdf["memory_kib"]))
+
+
+def prefetch_keks(key_files: Iterable[bytes], secret: Secret) -> None:
+    """Start deriving, in a background thread, what ``secret`` gives for each Argon2id key file, so
+    the derivation (0.13 s with the default costs) overlaps whatever the caller does next: a CLI
+    command loads the modules it needs meanwhile. ``unwrap_master_key`` then takes the result
+    instead of deriving again. Malformed key files are skipped here and reported by the unwrap."""
+    if secret.passphrase is None:
+        return
+    jobs: list[tuple[dict[str, Any], Future[bytes]]] = []
+    with _prefetched_lock:
+        for data in key_files:
+            try:
+                kdf = json.loads(data)["kdf"]
+                key = _argon2_key(secret.passphrase, kdf) if kdf.get("algorithm") == "argon2id" else None
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if key is not None and key not in _prefetched:
+                future: Future[bytes] = Future()
+                _prefetched[key] = future
+                jobs.append((kdf, future))
+    if not jobs:
+        return
+
+    def derive() -> None:
+        for kdf, future in jobs:
+            try:
+                future.set_result(_derive_argon2(secret, kdf))
+            except BaseException as exc:  # raised again by whoever takes the result
+                future.set_exception(exc)
+
+    threading.Thread(target=derive, name="raksha-kdf", daemon=True).start()
+
+
+def _derive_argon2(secret: Secret, kdf: dict[str, Any]) -> bytes:
+    assert secret.passphrase is not None
+    with _ARGON2:
             return Argon2id(
                 salt=base64.b64decode(kdf["salt"]),
                 length=32,
@@ -70,6 +111,17 @@ def _kek(secret: Secret, kdf: dict[str, Any]) -> bytes:
                 lanes=int(kdf["lanes"]),
                 memory_cost=int(kdf["memory_kib"]),
             ).derive(secret.passphrase)
+
+
+def _kek(secret: Secret, kdf: dict[str, Any]) -> bytes:
+    if kdf["algorithm"] == "keyfile":
+        assert secret.keyfile is not None
+        return blake3.blake3(secret.keyfile, derive_key_context=KEYFILE_CONTEXT).digest()
+    if kdf["algorithm"] == "argon2id":
+        assert secret.passphrase is not None
+        with _prefetched_lock:
+            future = _prefetched.pop(_argon2_key(secret.passphrase, kdf), None)
+        return future.result() if future is not None else _derive_argon2(secret, kdf)
     raise VaultCorrupt(f"unknown key derivation {kdf['algorithm']!r}")
 
 
