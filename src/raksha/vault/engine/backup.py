@@ -80,7 +80,7 @@ def default_threads() -> int:
     return 2 * max(1, os.cpu_count() or 1)
 
 
-# Chunks read ahead of the workers: at least this many bytes of buffers (and two per thread).
+# Chunks read ahead of the workers: this many bytes of buffers, and at least one per thread (big chunks).
 PREFETCH_BYTES = 16 << 20
 
 
@@ -188,7 +188,7 @@ class _Backup:
         readers = max(1, self.threads // 2)
         workers = max(1, self.threads - readers)
         buffers = [mmap.mmap(-1, self.chunk_size)  # page-aligned: sources read into them with O_DIRECT
-                   for _ in range(max(2 * (readers + workers), PREFETCH_BYTES // self.chunk_size))]
+                   for _ in range(max(readers + workers, PREFETCH_BYTES // self.chunk_size))]
         try:
             run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers)
             self.packer.flush()
