@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import imagegen
+
 CHUNK = 1 << 20  # Raksha's default chunk: a backup reads the image in these
 PIECE = 2 << 20  # a store file is read and written in these (Raksha's pack reads and writes)
 THREADS = 2  # readers, and as many writers
@@ -30,23 +32,9 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
 def data_extents(image: Path) -> list[tuple[int, int]]:
-    """The image's data as (offset, length), from SEEK_DATA/SEEK_HOLE."""
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        out: list[tuple[int, int]] = []
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end - start))
-            pos = end
-        return out
-    finally:
-        os.close(fd)
+    """The image's data as (offset, length)."""
+    with open(image, "rb") as f:
+        return [(start, end - start) for start, end in imagegen.data_segments(f.fileno(), os.fstat(f.fileno()).st_size)]
 
 
 def data_chunks(image: Path) -> list[int]:
@@ -77,8 +65,8 @@ def _cold() -> None:
         DROP_CACHES.write_text("3\n")
 
 
-def _together(*jobs: tuple[Iterator[Any], Callable[[Any, mmap.mmap], None], int]) -> float:
-    """Run every job (offsets, action, buffer size) on THREADS threads each, all at once; seconds taken."""
+def _together(*jobs: tuple[Iterator[Any], Callable[[Any, mmap.mmap], None], int]) -> None:
+    """Run every job (offsets, action, buffer size) on THREADS threads each, all at once."""
     lock = threading.Lock()
     errors: list[BaseException] = []
 
@@ -96,25 +84,23 @@ def _together(*jobs: tuple[Iterator[Any], Callable[[Any, mmap.mmap], None], int]
             errors.append(exc)
 
     threads = [threading.Thread(target=loop, args=job) for job in jobs for _ in range(THREADS)]
-    start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
         raise errors[0]
-    return time.monotonic() - start
 
 
-def backup_floor(image: Path, stored: int, store: Path) -> float:
-    """Read the image's data chunks while writing ``stored`` bytes to ``store``; then fsync."""
+def backup_floor(image: Path, chunks: list[int], stored: int, store: Path) -> float:
+    """Read the image's data ``chunks`` while writing ``stored`` bytes to ``store``; then fsync."""
     _cold()
     src = os.open(image, os.O_RDONLY | os.O_DIRECT)
     dst = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
     try:
         start = time.monotonic()
         _together(
-            (iter(data_chunks(image)), lambda off, buf: os.preadv(src, [buf], off), CHUNK),
+            (iter(chunks), lambda off, buf: os.preadv(src, [buf], off), CHUNK),
             (iter(range(0, stored, PIECE)), lambda off, buf: os.pwritev(dst, [buf], off), PIECE),
         )
         os.fsync(dst)
@@ -124,18 +110,19 @@ def backup_floor(image: Path, stored: int, store: Path) -> float:
         os.close(dst)
 
 
-def restore_floor(image: Path, store: Path, out: Path) -> float:
-    """Read ``store`` while writing the image's data at its offsets into a fresh sparse file."""
+def restore_floor(size: int, pieces: list[tuple[int, int]], store: Path, out: Path) -> float:
+    """Read ``store`` while writing the image's data ``pieces`` at their offsets into a fresh sparse
+    file of ``size`` bytes."""
     _cold()
     src = os.open(store, os.O_RDONLY | os.O_DIRECT)
     out.unlink(missing_ok=True)
     dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
     try:
-        os.ftruncate(dst, image.stat().st_size)
+        os.ftruncate(dst, size)
         start = time.monotonic()
         _together(
             (iter(range(0, os.fstat(src).st_size, PIECE)), lambda off, buf: os.preadv(src, [buf], off), PIECE),
-            (iter(data_pieces(image)), lambda piece, buf: os.pwritev(dst, [memoryview(buf)[: piece[1]]], piece[0]),
+            (iter(pieces), lambda piece, buf: os.pwritev(dst, [memoryview(buf)[: piece[1]]], piece[0]),
              CHUNK),
         )
         os.fsync(dst)
@@ -148,15 +135,16 @@ def restore_floor(image: Path, store: Path, out: Path) -> float:
 def measure(image: Path, stored: int, workdir: Path, runs: int = 2) -> dict[str, float]:
     """The fastest of ``runs`` runs of each floor, in seconds; scratch files in ``workdir`` are removed."""
     store, out = workdir / "floor-store", workdir / "floor-restore.img"
+    chunks, pieces = data_chunks(image), data_pieces(image)  # the image's map, walked once and untimed
     try:
-        backup = min(backup_floor(image, stored, store) for _ in range(runs))
-        restore = min(restore_floor(image, store, out) for _ in range(runs))
+        backup = min(backup_floor(image, chunks, stored, store) for _ in range(runs))
+        restore = min(restore_floor(image.stat().st_size, pieces, store, out) for _ in range(runs))
     finally:
         store.unlink(missing_ok=True)
         out.unlink(missing_ok=True)
     return {"backup_seconds": backup, "restore_seconds": restore, "stored_bytes": stored,
-            "read_bytes": len(data_chunks(image)) * CHUNK,  # by a backup: whole chunks
-            "data_bytes": sum(n for _, n in data_extents(image))}  # written by a sparse restore
+            "read_bytes": len(chunks) * CHUNK,  # by a backup: whole chunks
+            "data_bytes": sum(n for _, n in pieces)}  # written by a sparse restore
 
 
 if __name__ == "__main__":

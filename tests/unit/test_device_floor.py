@@ -14,7 +14,10 @@ MIB = 1 << 20
 
 
 def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "device_floor.py"
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))  # as when bench/run.py imports it: beside imagegen
+    path = bench / "device_floor.py"
     spec = importlib.util.spec_from_file_location("bench_device_floor", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

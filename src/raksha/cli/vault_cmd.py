@@ -171,9 +171,10 @@ def open_vault(args: argparse.Namespace, *modules: str) -> Vault:
     secret = resolve_secret(args.password_file, args.key_file, required=False)
     if secret is not None:
         prefetch_keks(_key_files(backend), secret)
-    for module in ("raksha.vault.repository", *modules):
-        importlib.import_module(module)
     from raksha.vault.repository import Vault
+
+    for module in modules:
+        importlib.import_module(module)
 
     try:
         return Vault.open(backend, secret)

@@ -104,13 +104,13 @@ def prefetch_keks(key_files: Iterable[bytes], secret: Secret) -> None:
 def _derive_argon2(secret: Secret, kdf: dict[str, Any]) -> bytes:
     assert secret.passphrase is not None
     with _ARGON2:
-            return Argon2id(
-                salt=base64.b64decode(kdf["salt"]),
-                length=32,
-                iterations=int(kdf["iterations"]),
-                lanes=int(kdf["lanes"]),
-                memory_cost=int(kdf["memory_kib"]),
-            ).derive(secret.passphrase)
+        return Argon2id(
+            salt=base64.b64decode(kdf["salt"]),
+            length=32,
+            iterations=int(kdf["iterations"]),
+            lanes=int(kdf["lanes"]),
+            memory_cost=int(kdf["memory_kib"]),
+        ).derive(secret.passphrase)
 
 
 def _kek(secret: Secret, kdf: dict[str, Any]) -> bytes:
