@@ -20,11 +20,16 @@ def run_migrations_online() -> None:
     if engine is None:
         raise RuntimeError("run migrations through raksha.db.migrate (upgrade(url)), which hands env.py an engine")
     with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
-            render_as_batch=connection.dialect.name == "sqlite",
+            render_as_batch=sqlite,
             compare_type=True,
+            # alembic's SQLite dialect commits after every migration; a service waiting for the lock
+            # would take it between two, read the older revision and run the next migration again.
+            # SQLite's DDL is transactional: the whole upgrade is one transaction, as on PostgreSQL.
+            **({"transactional_ddl": True} if sqlite else {}),
         )
         with context.begin_transaction():
             _serialize(connection)
@@ -37,8 +42,8 @@ def run_migrations_online() -> None:
 def _serialize(connection: Connection) -> None:
     """One migration at a time per database: services starting together must not both create the tables.
 
-    The second waits, then finds the schema at head and does nothing. SQLite's ``BEGIN IMMEDIATE``
-    (raksha.db.engine) already serializes.
+    The second waits, then finds the schema at head and does nothing. On SQLite the upgrade's single
+    ``BEGIN IMMEDIATE`` transaction (raksha.db.engine) already serializes.
     """
     name = connection.dialect.name
     if name == "postgresql":
