@@ -29,7 +29,7 @@ def run_migrations_online() -> None:
             # alembic's SQLite dialect commits after every migration; a service waiting for the lock
             # would take it between two, read the older revision and run the next migration again.
             # SQLite's DDL is transactional: the whole upgrade is one transaction, as on PostgreSQL.
-            **({"transactional_ddl": True} if sqlite else {}),
+            transactional_ddl=True if sqlite else None,  # None: the dialect's own
         )
         with context.begin_transaction():
             _serialize(connection)
