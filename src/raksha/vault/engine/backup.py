@@ -23,6 +23,7 @@ from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_pipeline
 from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
+from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.manifest import Layer, Manifest
 from raksha.vault.format.naming import BackupId
@@ -176,7 +177,7 @@ class _Backup:
         index = self.vault.load_index(tolerant=True)
         condemned = self.vault.condemned_chunks()
         # No copy of the index: it is the largest structure in memory.
-        self.index, self.condemned, self.added = index.locations, condemned, set[bytes]()
+        self.index, self.condemned, self.added = index.locations, condemned, IdSet()
         self._chunks = ChunkReader(self.vault, self.index, self.chunk_size)
         n = -(-self.size // self.chunk_size)
         self.ids = ChunkIds.zeros(n)
@@ -274,8 +275,7 @@ class _Backup:
         used = ids.distinct()
         for layers in parent.deltas.values():
             used.update(layer.blob_id for layer in layers)
-        used.discard(ZERO_ID)
-        gone = (used - self.index.keys()) | (used & self.condemned)
+        gone = {cid for cid in used if cid != ZERO_ID and (cid not in self.index or cid in self.condemned)}
         if gone:
             bad.update(i for i, cid in enumerate(ids) if cid in gone)
             bad.update(i for i, layers in parent.deltas.items()

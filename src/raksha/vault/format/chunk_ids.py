@@ -11,6 +11,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import overload
 
+from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 
 _ROW = struct.Struct(f"{ID_SIZE}s")
@@ -88,8 +89,9 @@ class ChunkIds:
     def count(self, cid: bytes) -> int:
         return sum(map(cid.__eq__, self))
 
-    def distinct(self) -> set[bytes]:
-        return set(self)
+    def distinct(self) -> IdSet:
+        """The ids, each once, in a compact set (a ``set[bytes]`` of a 1 TiB disk's ids takes 100 MB)."""
+        return IdSet(self)
 
     def resized(self, count: int) -> ChunkIds:
         """The first ``count`` ids (zero ids appended past the end)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from raksha.domain.errors import VaultCorrupt
@@ -26,8 +28,21 @@ class Location:
 
 @dataclass
 class IndexFile:
-    entries: dict[bytes, Location]
+    """An index object's content: its entries stay packed as stored until asked for."""
+
+    records: bytes | memoryview  # count x _ENTRY
     supersedes: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.records) // _ENTRY.size
+
+    def rows(self) -> Iterator[tuple[bytes, bytes, int, int, int]]:
+        """(chunk id, pack id, offset, stored length, raw length) per entry, without a Location each."""
+        return _ENTRY.iter_unpack(self.records)
+
+    @functools.cached_property
+    def entries(self) -> dict[bytes, Location]:
+        return {cid: Location(pack_id, offset, stored, raw) for cid, pack_id, offset, stored, raw in self.rows()}
 
 
 def index_key(index_id: str) -> str:
@@ -60,7 +75,4 @@ def decode_index(data: bytes, crypto: Crypto, *, what: str) -> IndexFile:
         raise VaultCorrupt(f"{what}: truncated index", object=what) from None
     if len(payload) != pos + count * _ENTRY.size:
         raise VaultCorrupt(f"{what}: index size does not match its count", object=what)
-    entries = {}
-    for cid, pack_id, offset, stored, raw in _ENTRY.iter_unpack(payload[pos:]):
-        entries[cid] = Location(pack_id, offset, stored, raw)
-    return IndexFile(entries, supersedes)
+    return IndexFile(memoryview(payload)[pos:], supersedes)

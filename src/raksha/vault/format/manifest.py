@@ -11,6 +11,7 @@ import blake3
 
 from raksha.domain.errors import VaultCorrupt, VaultFormatUnsupported
 from raksha.vault.format.chunk_ids import ChunkIds
+from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import BACKUP_MAGIC, ID_SIZE, METADATA_MAGIC, ZERO_ID
 from raksha.vault.format.crypto import Crypto
 from raksha.vault.format.naming import BackupId
@@ -65,12 +66,11 @@ class Manifest:
         """Chunk ``index`` is all zero: zero id and no layers."""
         return self.chunk_ids[index] == ZERO_ID and index not in self.deltas
 
-    def blob_ids(self) -> set[bytes]:
+    def blob_ids(self) -> IdSet:
         """Every stored blob this backup's content needs: chunks, bases and layers (never the zero id)."""
-        out = self.chunk_ids.distinct()
+        out = IdSet(cid for cid in self.chunk_ids if cid != ZERO_ID)
         for layers in self.deltas.values():
-            out.update(layer.blob_id for layer in layers)
-        out.discard(ZERO_ID)
+            out.update(layer.blob_id for layer in layers if layer.blob_id != ZERO_ID)
         return out
 
     def data_bytes(self) -> int:

@@ -21,6 +21,7 @@ from raksha.domain.errors import NotFound, RakshaError
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
+from raksha.vault.format.chunk_table import ChunkTable
 from raksha.vault.format.index import IndexFile, Location, decode_index
 from raksha.vault.format.pack import decode_pack_header, pack_key
 from raksha.vault.locks import LockKind
@@ -121,7 +122,7 @@ class _Verify:
     def _damaged_backup(self, bid: str, why: str) -> None:
         self.report.damaged_backups.setdefault(bid, []).append(why)
 
-    def _load_index(self, *, report: bool) -> dict[bytes, Location]:
+    def _load_index(self, *, report: bool) -> ChunkTable:
         """Read each index on its own, so one damaged index is reported and the others still count."""
         files: dict[str, IndexFile] = {}
         for info in self.vault.backend.list(INDEX_PREFIX):
@@ -140,10 +141,10 @@ class _Verify:
             if problems and report:
                 self.damaged(info.key, "; ".join(problems))
         superseded = {s.hex() for f in files.values() for s in f.supersedes}
-        locations: dict[bytes, Location] = {}
+        locations = ChunkTable()
         for index_id, f in files.items():
             if index_id not in superseded:
-                locations.update(f.entries)
+                locations.update_rows(f.rows())
         return locations
 
     def _check(self, wanted: dict[bytes, Location]) -> None:

@@ -1,0 +1,114 @@
+"""The in-memory chunk index: a compact table that answers as the dict it replaced, and loads in bounded memory."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from raksha.domain.errors import NotFound
+from raksha.vault import repository
+from raksha.vault.backends.local import LocalBackend
+from raksha.vault.format.chunk_table import ChunkTable, IdSet
+from raksha.vault.format.config import VaultConfig
+from raksha.vault.format.crypto import Crypto
+from raksha.vault.format.index import Location, decode_index, encode_index
+from raksha.vault.repository import Vault
+
+
+def _locations(n: int, packs: int = 7) -> dict[bytes, Location]:
+    pack_ids = [os.urandom(32) for _ in range(packs)]
+    return {os.urandom(32): Location(pack_ids[i % packs], i * 4096, 1000 + i, 1 << 20) for i in range(n)}
+
+
+def _table(entries: dict[bytes, Location]) -> ChunkTable:
+    table = ChunkTable()
+    for cid, loc in entries.items():
+        table.add(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)
+    return table
+
+
+def test_the_table_answers_as_a_dict_through_many_resizes() -> None:
+    entries = _locations(5000)
+    table = _table(entries)
+    assert len(table) == 5000 and table == entries
+    assert set(table) == set(entries)
+    some = next(iter(entries))
+    assert table[some] == entries[some] and some in table
+    absent = os.urandom(32)
+    assert absent not in table and table.get(absent) is None and "not an id" not in table
+    with pytest.raises(KeyError):
+        table[absent]
+
+
+def test_adding_an_id_again_replaces_its_location() -> None:
+    cid, first, second = os.urandom(32), os.urandom(32), os.urandom(32)
+    table = ChunkTable()
+    table.add(cid, first, 0, 10, 20)
+    table.add(cid, second, 4096, 11, 21)
+    assert len(table) == 1 and table[cid] == Location(second, 4096, 11, 21)
+
+
+def test_a_chunk_costs_under_70_bytes_where_a_dict_cost_over_300() -> None:
+    n = 50_000
+    records = decode_index(encode_index(_locations(n, packs=n // 2000), Crypto()), Crypto(), what="index")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        table = ChunkTable()
+        table.update_rows(records.rows())
+        table_bytes = tracemalloc.get_traced_memory()[0] - before
+        before = tracemalloc.get_traced_memory()[0]
+        as_dict = records.entries  # what the index was: the ids, Locations, their pack ids and ints
+        dict_bytes = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(table) == len(as_dict) == n and table == as_dict
+    assert table_bytes / n < 70 < 300 < dict_bytes / n
+
+
+def test_an_id_set_is_a_set() -> None:
+    ids = [os.urandom(32) for _ in range(3000)]
+    s = IdSet(ids + ids[:10])
+    assert len(s) == 3000 and s == set(ids) and ids[5] in s and os.urandom(32) not in s
+    with pytest.raises(ValueError):
+        s.add(b"short")
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Vault:
+    return Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(encrypted=False), None)
+
+
+@pytest.mark.parametrize("hold", [repository.INDEX_HOLD_BYTES, 0], ids=["held", "read-twice"])
+def test_the_index_loads_without_superseded_objects_however_much_is_held(
+        vault: Vault, hold: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(repository, "INDEX_HOLD_BYTES", hold)
+    old, kept = _locations(300), _locations(200)
+    old_id = vault.write_index(old)
+    vault.write_index(kept)
+    replacement = dict(list(old.items())[:100])  # as gc writes: what it kept of the old one, elsewhere
+    vault.write_index(replacement, [bytes.fromhex(old_id)])
+    index = vault.load_index()
+    assert index.locations == {**kept, **replacement}
+    assert len(index.index_ids) == 2 and old_id not in index.index_ids
+
+
+def test_an_index_object_gone_between_the_two_reads_means_reading_again(
+        vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(repository, "INDEX_HOLD_BYTES", 0)
+    entries = _locations(100)
+    vault.write_index(entries)
+    real_get, calls = vault.backend.get, []
+
+    def get(key: str) -> bytes:
+        calls.append(key)
+        if len(calls) == 2:  # the second read of the only index object: a gc took it meanwhile
+            raise NotFound(key)
+        return real_get(key)
+
+    monkeypatch.setattr(vault.backend, "get", get)
+    assert vault.load_index().locations == entries
+    assert len(calls) == 4
