@@ -18,6 +18,7 @@ from conftest import MIB, blake3_file, imagegen
 from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
+from raksha.vault.engine import restore as restore_module
 from raksha.vault.engine.backup import BackupResult, backup_disk
 from raksha.vault.engine.restore import RestoreResult, restore_backup
 from raksha.vault.format.config import VaultConfig
@@ -534,3 +535,26 @@ def test_backup_of_a_chunk_of_allocated_zeros_stores_nothing(new_vault: MakeVaul
     assert result.stats.chunks_zero == 2 and result.stats.chunks_new == 1
     manifest = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda"))
     assert manifest.chunk_ids[:2] == [ZERO_ID, ZERO_ID]
+
+
+def test_a_large_disk_restores_a_window_of_chunks_at_a_time(new_vault: MakeVault, tmp_path: Path, outputs: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a restore plans per chunk is held for a window at a time (here 3 chunks): a chunk repeated in
+    several windows, zero runs across window edges and a last short chunk all come back exactly."""
+    monkeypatch.setattr(restore_module, "RESTORE_WINDOW", 3)
+    planned: list[int] = []
+    real_window_work = restore_module.window_work
+    monkeypatch.setattr(restore_module, "window_work", lambda m, locs, start, end: (
+        planned.append(start), real_window_work(m, locs, start, end))[1])
+    same = os.urandom(K64)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        for block in (same, os.urandom(K64), bytes(K64), bytes(K64), bytes(K64), same, os.urandom(K64), same):
+            f.write(block)
+        f.write(os.urandom(4096))  # a short last chunk
+    vault = new_vault(chunk_size=K64)
+    backup(vault, image, "job1/run1/vm1/vda")
+    restored = restore(vault, "job1/run1/vm1/vda", outputs / "vda.img")
+    assert blake3_file(outputs / "vda.img") == blake3_file(image)
+    assert planned == [0, 3, 6]
+    assert restored.chunks_verified == 4  # the repeated chunk is one blob, however many windows read it

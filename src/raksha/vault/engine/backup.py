@@ -12,6 +12,8 @@ import mmap
 import os
 import threading
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -92,17 +94,19 @@ class _Filled:
     patched: bool  # the chunk was rebuilt on the parent's copy
 
 
-def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> list[int]:
-    """Indexes of the chunks that ``extents`` overlap, ascending, clipped to the disk."""
-    out: list[int] = []
+def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> array[int]:
+    """Indexes of the chunks that ``extents`` overlap, ascending, clipped to the disk.
+
+    An array, 8 bytes an index: a list of ints takes 36 MB for the million chunks of a full 1 TiB disk."""
+    out = array("q")
     last = -1
     for off, length in merge_extents(extents):
         end = min(off + length, virtual_size)
         if end <= off:
             continue
-        for i in range(max(off // chunk_size, last + 1), (end - 1) // chunk_size + 1):
-            out.append(i)
-            last = i
+        first = max(off // chunk_size, last + 1)
+        last = max(last, (end - 1) // chunk_size)
+        out.extend(range(first, last + 1))
     return out
 
 
@@ -212,7 +216,7 @@ class _Backup:
         ranges = self.delta.get(i)
         return self._length(i) if ranges is None else sum(n for _, n in ranges)
 
-    def _plan(self, n: int) -> list[int]:
+    def _plan(self, n: int) -> Sequence[int]:
         """Chunks to read; ids of the others are set here (zero, or the parent's)."""
         if self.parent_id is None:
             return self._with_data()
@@ -297,7 +301,7 @@ class _Backup:
         else:
             out[:] = self.source.pread(offset, len(out))
 
-    def _with_data(self) -> list[int]:
+    def _with_data(self) -> Sequence[int]:
         # Whole chunks are read even where part of one is a hole: O_DIRECT reads of holes cost the
         # device nothing, and one 1 MiB read is cheaper than several small ones (measured: slower).
         return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
