@@ -342,13 +342,15 @@ def test_incremental_rereads_a_parent_chunk_missing_from_the_index(
     image = make_image("disk.img", 16 * MIB, seed=12)
     vault = new_vault(chunk_size=K64, pack_size=MIB)
     backup(vault, image, "job1/run1/vm1/vda")
-    # Lose one pack and its index, as if a gc or an operator had removed them.
-    index_id = sorted(vault.load_index().index_ids)[0]
-    lost = vault.read_index_files()[index_id].entries
-    pack_ids = {loc.pack_id.hex() for loc in lost.values()}
-    assert len(pack_ids) == 1 and lost
-    vault.backend.delete(index_key(index_id))
-    vault.backend.delete(pack_key(pack_ids.pop()))
+    # Lose one pack and its index entries, as if a gc or an operator had removed them.
+    index = vault.load_index()
+    victim = next(iter(index.locations.values())).pack_id
+    lost = {cid: loc for cid, loc in index.locations.items() if loc.pack_id == victim}
+    vault.write_index({cid: loc for cid, loc in index.locations.items() if loc.pack_id != victim},
+                      [bytes.fromhex(i) for i in index.index_ids])
+    for index_id in index.index_ids:
+        vault.backend.delete(index_key(index_id))
+    vault.backend.delete(pack_key(victim.hex()))
 
     inc = backup(vault, image, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=[])
 

@@ -320,11 +320,28 @@ def test_report_is_json_serialisable(three_backups: tuple[Vault, dict[str, Path]
 # -- the index -------------------------------------------------------------------------------------
 
 
+def test_gc_writes_the_index_in_objects_of_bounded_size(three_backups: tuple[Vault, dict[str, Path]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader holds a whole index object while decoding it: gc's consolidated index comes in pieces,
+    the last superseding what it replaces."""
+    vault, _imgs = three_backups
+    monkeypatch.setattr(gc_module, "MERGE_ENTRIES", 10)
+    old_ids = index_ids(vault)
+    before = vault.load_index().locations
+
+    collect_garbage(vault, grace=0)
+
+    objects = [decode_index(vault.backend.get(f"index/{i}"), vault.crypto, what=i) for i in index_ids(vault)]
+    assert len(objects) == -(-len(before) // 10) and all(len(o) <= 10 for o in objects)
+    assert [{s.hex() for s in o.supersedes} for o in objects if o.supersedes] == [old_ids]
+    assert vault.load_index().locations == before
+
+
 def test_gc_consolidates_the_index_into_one_object(three_backups: tuple[Vault, dict[str, Path]],
                                                   tmp_path: Path) -> None:
     vault, imgs = three_backups
     old_ids = index_ids(vault)
-    assert len(old_ids) > 10  # one per pack, as backups write them
+    assert len(old_ids) == 3  # one per backup: each merges the objects that indexed its packs as it went
     before = vault.load_index().locations
 
     report = collect_garbage(vault, grace=0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -300,7 +300,9 @@ class Vault:
                 batch = keys[start : start + INDEX_READ_INLINE]  # a batch at a time: bounded memory
                 yield from zip(batch, pool.map(read, batch), strict=True)
 
-    def write_index(self, entries: dict[bytes, Location], supersedes: list[bytes] | None = None) -> str:
+    def write_index(self, entries: Mapping[bytes, Location] | bytes | bytearray,
+                    supersedes: list[bytes] | None = None) -> str:
+        """Store an index object of ``entries`` (a mapping, or rows packed by ``index_rows``); its id."""
         import blake3
 
         data = encode_index(entries, self.crypto, supersedes)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import blake3
 
-from raksha.domain.errors import AlreadyExists, BackendError, StorageFull
+from raksha.domain.errors import AlreadyExists, BackendError, RakshaError, StorageFull
 from raksha.vault.directio import WRITE_BUFFERS, SequentialFile
-from raksha.vault.format.index import Location
+from raksha.vault.format.index import INDEX_ROW_SIZE, Location, index_key, index_rows
 from raksha.vault.format.pack import PackEntry, encode_pack_trailer, new_pack_preamble, pack_key
 from raksha.vault.repository import Vault
 
@@ -31,6 +31,11 @@ WRITE_BUFFER = 2 << 20  # WRITE_BUFFERS per open pack, written behind while anot
 
 
 MAX_SEALING = 2  # full packs waiting for their fsyncs and index at once; then ``add`` waits
+# Each sealed pack is indexed at once (a killed backup's packs stay usable), by an index object of a
+# few dozen entries; every load of the index reads each object. So the packer replaces them with
+# one object per MERGE_ENTRIES (about 5 MB: 64 GiB of data at 1 MiB chunks) and at the end: a vault of
+# a million chunks loaded its index in 4.3-7 s from 31,250 small objects, 1.2 s from ten.
+MERGE_ENTRIES = 1 << 16
 
 
 class Packer:
@@ -47,7 +52,9 @@ class Packer:
         self._spare: list[list[mmap.mmap]] = []  # write buffers of sealed packs, for the next ones
         self.packs_written = 0
         self.bytes_written = 0
-        self.indexes_written: list[str] = []  # one per sealed pack, in order
+        self.indexes_written: list[str] = []  # the index objects this packer wrote and did not replace
+        self._unmerged: list[str] = []  # small index objects (one per pack) not yet merged
+        self._unmerged_rows = bytearray()  # their entries, packed as index rows
         self._sealer: ThreadPoolExecutor | None = None
         self._sealing: list[Future[None]] = []
 
@@ -71,6 +78,32 @@ class Packer:
             self._submit(pack)
         self._wait(0)
         self._stop()
+        self._merge()
+
+    def _merge(self) -> None:
+        """One index object for the small ones written since the last merge, then those go.
+
+        The merged object lists them as superseded and is durable before they are deleted: a reader
+        that sees both ignores the small ones, one that finds a small one gone lists again (as after a
+        gc), and a crash in between leaves both, which gc cleans up."""
+        with self._books:
+            small, rows = self._unmerged, self._unmerged_rows
+            self._unmerged, self._unmerged_rows = [], bytearray()
+        if len(small) < 2:
+            return
+        try:
+            merged = self._vault.write_index(rows, [bytes.fromhex(i) for i in small])
+        except RakshaError:
+            return  # only slower loads: every pack stays indexed by its own object
+        gone = set()
+        for index_id in small:
+            try:
+                self._vault.backend.delete(index_key(index_id))
+            except RakshaError:
+                pass  # superseded by the merged object, so ignored until gc deletes it
+            gone.add(index_id)
+        with self._books:
+            self.indexes_written = [i for i in self.indexes_written if i not in gone] + [merged]
 
     def abort(self) -> None:
         """Remove staged files of an unfinished backup; stored packs stay (a rerun reuses them)."""
@@ -150,11 +183,15 @@ class Packer:
             pass
         pid = bytes.fromhex(pack_id)
         # The index is written only once its pack is durable, so an index never points at nothing.
-        index_id = self._vault.write_index(
-            {e.chunk_id: Location(pid, e.offset, e.stored_length, e.raw_length) for e in pack.entries}
-        )
+        rows = index_rows((e.chunk_id, Location(pid, e.offset, e.stored_length, e.raw_length)) for e in pack.entries)
+        index_id = self._vault.write_index(rows)
         with self._books:
             self._staged.remove(path)
             self.packs_written += 1
             self.bytes_written += size
             self.indexes_written.append(index_id)
+            self._unmerged.append(index_id)
+            self._unmerged_rows += rows
+            merge = len(self._unmerged_rows) >= MERGE_ENTRIES * INDEX_ROW_SIZE
+        if merge:
+            self._merge()  # in the sealer thread: packs seal one at a time, so merges do too

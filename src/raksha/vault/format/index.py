@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from raksha.domain.errors import VaultCorrupt
@@ -14,6 +14,7 @@ from raksha.vault.format.crypto import Crypto
 from raksha.vault.format.sealed import open_object, seal_object
 
 _ENTRY = struct.Struct("<32s32sIII")
+INDEX_ROW_SIZE = _ENTRY.size
 _COUNT = struct.Struct("<I")
 INDEX_NONCE_SIZE = 16
 
@@ -49,14 +50,22 @@ def index_key(index_id: str) -> str:
     return f"index/{index_id}"
 
 
-def encode_index(entries: dict[bytes, Location], crypto: Crypto, supersedes: list[bytes] | None = None) -> bytes:
+def index_rows(entries: Iterable[tuple[bytes, Location]]) -> bytes:
+    """(chunk id, location) pairs packed as an index object lists them; rows concatenate."""
+    return b"".join(_ENTRY.pack(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)
+                    for cid, loc in entries)
+
+
+def encode_index(entries: Mapping[bytes, Location] | bytes | bytearray, crypto: Crypto,
+                 supersedes: list[bytes] | None = None) -> bytes:
+    """An index object of ``entries``: a mapping, or rows already packed by ``index_rows``."""
+    rows = entries if isinstance(entries, bytes | bytearray) else index_rows(entries.items())
+    if len(rows) % _ENTRY.size:
+        raise ValueError("index rows are whole entries")
     supersedes = supersedes or []
     # The nonce makes every index object unique, so an index id is never reused after a delete.
-    parts = [os.urandom(INDEX_NONCE_SIZE), _COUNT.pack(len(supersedes)), *supersedes, _COUNT.pack(len(entries))]
-    parts.extend(
-        _ENTRY.pack(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)
-        for cid, loc in entries.items()
-    )
+    parts = [os.urandom(INDEX_NONCE_SIZE), _COUNT.pack(len(supersedes)), *supersedes,
+             _COUNT.pack(len(rows) // _ENTRY.size), rows]
     return seal_object(INDEX_MAGIC, b"".join(parts), crypto)
 
 

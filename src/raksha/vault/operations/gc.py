@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt, VaultFormatUnsupported, VaultLocked
-from raksha.vault.engine.packer import Packer
+from raksha.vault.engine.packer import MERGE_ENTRIES, Packer
 from raksha.vault.format.index import IndexFile, Location, decode_index, index_key
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import Lock, LockKind
@@ -299,7 +299,13 @@ class _Gc:
         changed = (len(old) != 1 or self.report.packs_missing > 0
                    or any(p.fate != KEEP or p.reindexed for p in packs.values()))
         if changed and (old or entries):
-            self.vault.write_index(entries, [bytes.fromhex(i) for i in old])
+            # In objects of at most MERGE_ENTRIES (a reader holds a whole object while decoding it); the
+            # last one supersedes the old ones, so until it is durable they all count, and all hold.
+            items = list(entries.items())
+            pieces = [items[i : i + MERGE_ENTRIES] for i in range(0, len(items), MERGE_ENTRIES)] or [[]]
+            for piece in pieces[:-1]:
+                self.vault.write_index(dict(piece))
+            self.vault.write_index(dict(pieces[-1]), [bytes.fromhex(i) for i in old])
             # 3. The new index is durable: the old ones can go. (Index objects carry a nonce, so no
             # later index can reuse one of these ids and be hidden by the supersedes list.)
             for index_id in old:

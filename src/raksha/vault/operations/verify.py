@@ -17,7 +17,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from raksha.domain.errors import NotFound, RakshaError
+from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
@@ -124,28 +124,42 @@ class _Verify:
 
     def _load_index(self, *, report: bool) -> ChunkTable:
         """Read each index on its own, so one damaged index is reported and the others still count."""
-        files: dict[str, IndexFile] = {}
-        for info in self.vault.backend.list(INDEX_PREFIX):
-            index_id = info.key[len(INDEX_PREFIX):]
-            problems = []
+        for _attempt in range(5):
             try:
-                data = self.vault.backend.get(info.key)
+                files = self._read_index_files(report=report)
+                break
             except NotFound:
-                continue  # deleted by a concurrent gc, which wrote what replaces it first
-            if blake3.blake3(data).hexdigest() != index_id:
-                problems.append("content does not match its name (damaged)")
-            try:
-                files[index_id] = decode_index(data, self.vault.crypto, what=info.key)
-            except RakshaError as err:
-                problems.append(f"{err.code}: {err.message}")
-            if problems and report:
-                self.damaged(info.key, "; ".join(problems))
+                # Deleted by a concurrent gc or a backup merging its index, after writing what replaces
+                # it: that may be newer than our listing, so list again.
+                continue
+        else:
+            raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
         superseded = {s.hex() for f in files.values() for s in f.supersedes}
         locations = ChunkTable()
         for index_id, f in files.items():
             if index_id not in superseded:
                 locations.update_rows(f.rows())
         return locations
+
+    def _read_index_files(self, *, report: bool) -> dict[str, IndexFile]:
+        files: dict[str, IndexFile] = {}
+        damage: list[tuple[str, str]] = []
+        for info in self.vault.backend.list(INDEX_PREFIX):
+            index_id = info.key[len(INDEX_PREFIX):]
+            problems = []
+            data = self.vault.backend.get(info.key)
+            if blake3.blake3(data).hexdigest() != index_id:
+                problems.append("content does not match its name (damaged)")
+            try:
+                files[index_id] = decode_index(data, self.vault.crypto, what=info.key)
+            except RakshaError as err:
+                problems.append(f"{err.code}: {err.message}")
+            if problems:
+                damage.append((info.key, "; ".join(problems)))
+        if report:  # once, from the listing that held
+            for key, why in damage:
+                self.damaged(key, why)
+        return files
 
     def _check(self, wanted: dict[bytes, Location]) -> None:
         by_pack: dict[bytes, list[tuple[bytes, Location]]] = defaultdict(list)
