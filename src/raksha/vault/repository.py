@@ -44,6 +44,7 @@ from raksha.vault.format.manifest import (
 from raksha.vault.format.naming import PREFIX, BackupId
 from raksha.vault.format.pack import PACK_PREAMBLE_SIZE, PackEntry, decode_header_bytes, pack_key
 from raksha.vault.locks import LockManager
+from raksha.vault.malloc import fix_mmap_threshold
 
 T = TypeVar("T")
 CONFIG_KEY = "config"
@@ -52,8 +53,9 @@ INDEX_PREFIX = "index/"
 # than they save on a local disk (26 objects: 2.4-7 ms inline against 7-9 ms with 8 threads, warm/cold).
 INDEX_READ_INLINE = 64
 # Decoded index objects held while the index loads (each is read again when this is spent): a vault of
-# a million chunks has 76 MB of them, which would double the table's memory for the load.
-INDEX_HOLD_BYTES = 16 << 20
+# a million chunks has 76 MB of them, which would double the table's memory for the load. Small, as
+# held objects freed after the table has grown leave holes in the heap that stay in the RSS.
+INDEX_HOLD_BYTES = 4 << 20
 DATA_PREFIX = "data/"
 LOCKS_PREFIX = "locks/"
 CONDEMNED_SUFFIX = ".condemned"
@@ -76,6 +78,7 @@ class ChunkIndex:
 
 class Vault:
     def __init__(self, backend: Backend, config: VaultConfig, crypto: Crypto, master: MasterKey | None) -> None:
+        fix_mmap_threshold()  # once per process: large transient buffers go back to the system when freed
         self.backend = backend
         self.config = config
         self.crypto = crypto

@@ -15,7 +15,7 @@ from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import BACKUP_MAGIC, ID_SIZE, METADATA_MAGIC, ZERO_ID
 from raksha.vault.format.crypto import Crypto
 from raksha.vault.format.naming import BackupId
-from raksha.vault.format.sealed import open_object, seal_object
+from raksha.vault.format.sealed import open_object, open_payload, seal_object
 
 _LEN = struct.Struct("<I")
 _PAIR = struct.Struct("<II")
@@ -113,17 +113,19 @@ def encode_manifest(m: Manifest, crypto: Crypto) -> bytes:
         },
         sort_keys=True,
     ).encode()
-    payload = b"".join((_LEN.pack(len(head)), head, m.chunk_ids.buffer(), m.encode_deltas() if m.deltas else b""))
-    return seal_object(BACKUP_MAGIC, payload, crypto, aad=m.id.backup_key.encode())
+    parts: list[bytes | memoryview] = [_LEN.pack(len(head)), head, m.chunk_ids.buffer(),
+                                       m.encode_deltas() if m.deltas else b""]
+    return seal_object(BACKUP_MAGIC, parts, crypto, aad=m.id.backup_key.encode())
 
 
 def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifest:
     what = backup_id.backup_key
-    payload = open_object(data, BACKUP_MAGIC, crypto, what=what, aad=what.encode())
+    # Read in parts, the ids straight into their own buffer: a 1 TiB disk's are 32 MB, and decompressing
+    # the whole payload first, then copying them out, held them twice more.
+    payload = open_payload(data, BACKUP_MAGIC, crypto, what=what, aad=what.encode())
     try:
-        (head_len,) = _LEN.unpack_from(payload, 0)
-        head = json.loads(payload[4 : 4 + head_len])
-        rest = memoryview(payload)[4 + head_len :]  # no copy: a 1 TiB disk's ids are 32 MB
+        (head_len,) = _LEN.unpack(payload.read(_LEN.size))
+        head = json.loads(payload.read(head_len))
         version = head.get("version")
         if version not in (1, 2):
             raise VaultFormatUnsupported(f"{what}: manifest version {head.get('version')}", object=what)
@@ -141,11 +143,13 @@ def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifes
     if m.chunk_size <= 0 or m.chunk_size & (m.chunk_size - 1) or m.virtual_size < 0:
         raise VaultCorrupt(f"{what}: impossible chunk size or virtual size", object=what)
     ids_end = m.chunk_count * ID_SIZE
-    if head.get("id") != str(backup_id) or len(rest) < ids_end or (version == 1 and len(rest) != ids_end):
+    rest = payload.remaining
+    if head.get("id") != str(backup_id) or rest < ids_end or (version == 1 and rest != ids_end):
         raise VaultCorrupt(f"{what}: manifest does not match its id or size", object=what)
-    m.chunk_ids = ChunkIds.from_buffer(rest[:ids_end])
+    m.chunk_ids = ChunkIds.zeros(m.chunk_count)
+    payload.readinto(m.chunk_ids.buffer())
     if version == 2:
-        m.deltas = _decode_deltas(memoryview(rest)[ids_end:], m, what)
+        m.deltas = _decode_deltas(memoryview(payload.read(payload.remaining)), m, what)
         if not m.deltas:
             raise VaultCorrupt(f"{what}: version 2 manifest without deltas", object=what)
     if head.get("content_digest") != m.content_digest():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import blake3
 import zstandard
 
@@ -15,8 +17,19 @@ _HEAD = 6
 _LEVEL = 3
 
 
-def seal_object(magic: bytes, payload: bytes, crypto: Crypto, aad: bytes = b"") -> bytes:
-    compressed = zstandard.ZstdCompressor(level=_LEVEL).compress(payload)
+Buffer = bytes | bytearray | memoryview
+# A zstd frame cannot expand more than about 32,000-fold (a 3-byte RLE block header and one byte make up
+# to 128 KiB); a frame claiming more is damaged, and is not allowed to make us allocate that much.
+MAX_EXPANSION = 1 << 16
+
+
+def seal_object(magic: bytes, payload: Buffer | Sequence[Buffer], crypto: Crypto, aad: bytes = b"") -> bytes:
+    """Compress and seal ``payload``: one buffer, or several compressed one after another as if joined
+    (no copy of a 1 TiB disk's 32 MB of chunk ids just to join them to a manifest's head)."""
+    parts = [payload] if isinstance(payload, bytes | bytearray | memoryview) else payload
+    views = [memoryview(p).cast("B") for p in parts]
+    compressor = zstandard.ZstdCompressor(level=_LEVEL).compressobj(size=sum(v.nbytes for v in views))
+    compressed = b"".join([*(compressor.compress(v) for v in views), compressor.flush()])
     if crypto.encrypted:
         body = crypto.seal(compressed, magic + aad)
         return magic + bytes([OBJECT_VERSION, FLAG_ENCRYPTED]) + body
@@ -24,6 +37,12 @@ def seal_object(magic: bytes, payload: bytes, crypto: Crypto, aad: bytes = b"") 
 
 
 def open_object(data: bytes, magic: bytes, crypto: Crypto, *, what: str, aad: bytes = b"") -> bytes:
+    """The whole payload of a sealed object."""
+    return open_payload(data, magic, crypto, what=what, aad=aad).read_all()
+
+
+def open_payload(data: bytes, magic: bytes, crypto: Crypto, *, what: str, aad: bytes = b"") -> Payload:
+    """A sealed object's payload, checked and decrypted, decompressed as it is read."""
     if len(data) < _HEAD or data[:4] != magic:
         raise VaultCorrupt(f"{what}: not a {magic.decode()} object (bad magic or truncated)", object=what)
     version, flags = data[4], data[5]
@@ -47,7 +66,58 @@ def open_object(data: bytes, magic: bytes, crypto: Crypto, *, what: str, aad: by
         compressed, digest = body[:-ID_SIZE], body[-ID_SIZE:]
         if blake3.blake3(compressed).digest() != digest:
             raise VaultCorrupt(f"{what}: checksum mismatch (damaged)", object=what)
-    try:
-        return zstandard.ZstdDecompressor().decompress(compressed)
-    except zstandard.ZstdError as exc:
-        raise VaultCorrupt(f"{what}: cannot decompress: {exc}", object=what) from None
+    return Payload(compressed, what)
+
+
+class Payload:
+    """A decompressing reader that gives exactly what is asked for or raises VAULT_CORRUPT."""
+
+    def __init__(self, compressed: bytes, what: str) -> None:
+        self.what = what
+        try:
+            size = zstandard.frame_content_size(compressed)
+        except zstandard.ZstdError as exc:
+            raise VaultCorrupt(f"{what}: cannot decompress: {exc}", object=what) from None
+        if not 0 <= size <= len(compressed) * MAX_EXPANSION:
+            raise VaultCorrupt(f"{what}: cannot decompress: impossible content size {size}", object=what)
+        self.size = size
+        self.remaining = size
+        self._compressed = compressed
+        self._reader = zstandard.ZstdDecompressor().stream_reader(compressed)
+
+    def read_all(self) -> bytes:
+        """Everything, when nothing was read yet: one buffer, no copy."""
+        if self.remaining != self.size:
+            return self.read(self.remaining)
+        try:
+            out = zstandard.ZstdDecompressor().decompress(self._compressed)
+        except zstandard.ZstdError as exc:
+            raise VaultCorrupt(f"{self.what}: cannot decompress: {exc}", object=self.what) from None
+        self.remaining = 0
+        return out
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(self._check(n))
+        self.readinto(buf)
+        return bytes(buf)
+
+    def readinto(self, buf: bytearray | memoryview) -> None:
+        """Fill all of ``buf``."""
+        view = memoryview(buf).cast("B")
+        self._check(view.nbytes)
+        done = 0
+        try:
+            while done < view.nbytes:
+                got = self._reader.readinto(view[done:])
+                if not got:
+                    raise VaultCorrupt(f"{self.what}: truncated (cannot decompress)", object=self.what)
+                done += got
+        except zstandard.ZstdError as exc:
+            raise VaultCorrupt(f"{self.what}: cannot decompress: {exc}", object=self.what) from None
+        self.remaining -= done
+
+    def _check(self, n: int) -> int:
+        if not 0 <= n <= self.remaining:
+            raise VaultCorrupt(f"{self.what}: truncated or malformed (wants {n} bytes, {self.remaining} left)",
+                               object=self.what)
+        return n

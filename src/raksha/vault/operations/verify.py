@@ -123,43 +123,52 @@ class _Verify:
         self.report.damaged_backups.setdefault(bid, []).append(why)
 
     def _load_index(self, *, report: bool) -> ChunkTable:
-        """Read each index on its own, so one damaged index is reported and the others still count."""
+        """Read each index on its own, so one damaged index is reported and the others still count.
+
+        As ``Vault.load_index``: a first pass learns what each object supersedes, a second feeds the
+        live ones to the table one at a time, so a large vault's index is never held whole twice."""
         for _attempt in range(5):
             try:
-                files = self._read_index_files(report=report)
-                break
+                return self._read_index(report=report)
             except NotFound:
                 # Deleted by a concurrent gc or a backup merging its index, after writing what replaces
                 # it: that may be newer than our listing, so list again.
                 continue
-        else:
-            raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
-        superseded = {s.hex() for f in files.values() for s in f.supersedes}
-        locations = ChunkTable()
-        for index_id, f in files.items():
-            if index_id not in superseded:
-                locations.update_rows(f.rows())
-        return locations
+        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
-    def _read_index_files(self, *, report: bool) -> dict[str, IndexFile]:
-        files: dict[str, IndexFile] = {}
+    def _read_index(self, *, report: bool) -> ChunkTable:
+        counts: dict[str, int] = {}
+        superseded: set[str] = set()
         damage: list[tuple[str, str]] = []
         for info in self.vault.backend.list(INDEX_PREFIX):
-            index_id = info.key[len(INDEX_PREFIX):]
-            problems = []
-            data = self.vault.backend.get(info.key)
-            if blake3.blake3(data).hexdigest() != index_id:
-                problems.append("content does not match its name (damaged)")
-            try:
-                files[index_id] = decode_index(data, self.vault.crypto, what=info.key)
-            except RakshaError as err:
-                problems.append(f"{err.code}: {err.message}")
+            f, problems = self._read_index_object(info.key)
+            if f is not None:
+                counts[info.key] = len(f)
+                superseded.update(s.hex() for s in f.supersedes)
             if problems:
                 damage.append((info.key, "; ".join(problems)))
+        live = [key for key in counts if key[len(INDEX_PREFIX):] not in superseded]
+        locations = ChunkTable()
+        locations.reserve(sum(counts[key] for key in live))
+        for key in live:
+            f, _problems = self._read_index_object(key)
+            if f is not None:
+                locations.update_rows(f.rows())
         if report:  # once, from the listing that held
             for key, why in damage:
                 self.damaged(key, why)
-        return files
+        return locations
+
+    def _read_index_object(self, key: str) -> tuple[IndexFile | None, list[str]]:
+        """The object, if it decodes, and what is wrong with it (a wrong name alone does not stop its use)."""
+        data = self.vault.backend.get(key)
+        problems = []
+        if blake3.blake3(data).hexdigest() != key[len(INDEX_PREFIX):]:
+            problems.append("content does not match its name (damaged)")
+        try:
+            return decode_index(data, self.vault.crypto, what=key), problems
+        except RakshaError as err:
+            return None, [*problems, f"{err.code}: {err.message}"]
 
     def _check(self, wanted: dict[bytes, Location]) -> None:
         by_pack: dict[bytes, list[tuple[bytes, Location]]] = defaultdict(list)
