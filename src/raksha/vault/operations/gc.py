@@ -10,19 +10,21 @@ finishes cleaning.
 
 from __future__ import annotations
 
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt, VaultFormatUnsupported, VaultLocked
 from raksha.vault.engine.packer import MERGE_ENTRIES, Packer
-from raksha.vault.format.index import IndexFile, Location, decode_index, index_key
+from raksha.vault.format.chunk_table import IdSet
+from raksha.vault.format.index import Location, decode_index, index_key, index_rows
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import Lock, LockKind
 from raksha.vault.processes import owner_alive
-from raksha.vault.repository import CONDEMNED_SUFFIX, INDEX_PREFIX, LOCKS_PREFIX, Vault
+from raksha.vault.repository import CONDEMNED_SUFFIX, INDEX_PREFIX, LOCKS_PREFIX, IndexScan, Vault
 
 KEEP, DELETE, REPACK, ORPHAN = "keep", "delete", "repack", "orphan"
 
@@ -59,19 +61,75 @@ class GcReport:
         return text
 
 
+_ENTRY = struct.Struct("<32sIII")  # chunk id, offset, stored length, raw length
+
+
+class _Entries(Mapping[bytes, Location]):
+    """A pack's chunks as its index lists them, 44 bytes each in one buffer: a dict of Locations cost
+    ~385 bytes a chunk, and gc holds every pack's (a vault of a million chunks: 500 MB)."""
+
+    __slots__ = ("_pack_id", "_rows")
+
+    def __init__(self, pack_id: bytes) -> None:
+        self._pack_id = pack_id
+        self._rows = bytearray()
+
+    def add(self, cid: bytes, offset: int, stored_length: int, raw_length: int) -> None:
+        """Listed twice (two index objects naming the same entry): kept once."""
+        start = self._rows.find(cid)
+        while start >= 0:
+            if start % _ENTRY.size == 0:
+                return
+            start = self._rows.find(cid, start + 1)
+        self._rows += _ENTRY.pack(cid, offset, stored_length, raw_length)
+
+    def __len__(self) -> int:
+        return len(self._rows) // _ENTRY.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        for cid, _offset, _stored, _raw in _ENTRY.iter_unpack(self._rows):
+            yield cid
+
+    def __getitem__(self, cid: bytes) -> Location:
+        for c, loc in self.items():
+            if c == cid:
+                return loc
+        raise KeyError(cid)
+
+    def items(self) -> Iterator[tuple[bytes, Location]]:  # type: ignore[override]
+        for cid, offset, stored, raw in _ENTRY.iter_unpack(self._rows):
+            yield cid, Location(self._pack_id, offset, stored, raw)
+
+    def stored_lengths(self) -> Iterator[tuple[bytes, int]]:
+        for cid, _offset, stored, _raw in _ENTRY.iter_unpack(self._rows):
+            yield cid, stored
+
+
 @dataclass
 class _Pack:
     id: str
     size: int
     mtime: float
-    entries: dict[bytes, Location] = field(default_factory=dict)
+    entries: _Entries = field(init=False)
     live_bytes: int = 0
     fate: str = KEEP  # keep | delete | repack | orphan
     reindexed: bool = False
 
+    def __post_init__(self) -> None:
+        self.entries = _Entries(bytes.fromhex(self.id))
+
     @property
     def blob_bytes(self) -> int:
-        return sum(loc.stored_length for loc in self.entries.values())
+        return sum(stored for _cid, stored in self.entries.stored_lengths())
+
+
+def _ids_of(packs: Iterable[_Pack]) -> IdSet:
+    """The chunk ids of ``packs``, in a set sized once."""
+    packs = list(packs)
+    ids = IdSet()
+    ids.reserve(sum(len(p.entries) for p in packs))
+    ids.update(cid for p in packs for cid in p.entries)
+    return ids
 
 
 def _writer_alive(path: Path) -> bool:
@@ -83,9 +141,9 @@ def _writer_alive(path: Path) -> bool:
     return owner_alive(pid, path.stat().st_mtime)
 
 
-def live_chunks(vault: Vault) -> tuple[set[bytes], int]:
+def live_chunks(vault: Vault) -> tuple[IdSet, int]:
     """Every chunk id some backup references. Any unreadable manifest stops gc: its chunks would look free."""
-    live: set[bytes] = set()
+    live = IdSet()
     ids = vault.backup_ids()
     for bid in ids:
         try:
@@ -127,8 +185,7 @@ class _Gc:
         # chunk of a manifest read here is in an index read below (or in a pack younger than t0).
         live, self.report.backups = live_chunks(self.vault)
         self.report.live_chunks = len(live)
-        files = self.vault.read_index_files()  # raises on a damaged index: its packs would look orphaned
-        packs = self._classify(files, live, t0)
+        read_ids, packs = self._mark_packs(live, t0)
         # 3. Condemn.
         condemned = self._condemn(packs, live)
         if self.report.dry_run:
@@ -136,15 +193,17 @@ class _Gc:
             self.report.seconds = time.monotonic() - start
             return self.report
         condemned_key = f"{LOCKS_PREFIX}{self.lock.info.id}{CONDEMNED_SUFFIX}"
-        self.vault.backend.put(condemned_key, b"".join(sorted(condemned)), overwrite=True)
+        self.vault.backend.put(condemned_key, bytes(condemned.buffer()), overwrite=True)
         try:
             # 4. Wait, then re-mark: backups that finished meanwhile may use condemned chunks.
             self._wait_for_backups()
             now_live, _ = live_chunks(self.vault)
-            condemned -= now_live
-            self._adopt_new_indexes(packs, files)
+            revived = {cid for cid in now_live if cid in condemned}  # few: what backups used meanwhile
+            if revived:
+                condemned = IdSet(cid for cid in condemned if cid not in revived)
+            self._adopt_new_indexes(packs, read_ids)
             # 5. Sweep.
-            self._sweep(packs, files, condemned)
+            self._sweep(packs, read_ids, condemned)
         finally:
             self.vault.backend.delete(condemned_key)
         self.report.seconds = time.monotonic() - start
@@ -152,16 +211,24 @@ class _Gc:
 
     # -- mark and condemn ----------------------------------------------------------------------
 
-    def _classify(self, files: dict[str, IndexFile], live: set[bytes], t0: float) -> dict[str, _Pack]:
+    def _mark_packs(self, live: IdSet, t0: float) -> tuple[set[str], dict[str, _Pack]]:
+        """The index objects read, and every pack with the chunks the index puts there, classified."""
+        for _attempt in range(5):
+            try:
+                scan = self.vault.scan_index()  # raises on a damaged index: its packs would look orphaned
+                packs = self._classify(scan, live, t0)
+            except NotFound:
+                continue  # an object went under a backup merging its index, which wrote its replacement first
+            return set(scan.counts), packs
+        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
+
+    def _classify(self, scan: IndexScan, live: IdSet, t0: float) -> dict[str, _Pack]:
         packs = {pid: _Pack(pid, size, mtime) for pid, size, mtime in self.vault.iter_packs()}
         self.report.packs_total = len(packs)
-        superseded = {s.hex() for f in files.values() for s in f.supersedes}
         missing: set[str] = set()
-        for index_id, f in files.items():
-            if index_id in superseded:
-                continue
-            for cid, loc in f.entries.items():
-                pid = loc.pack_id.hex()
+        for _index_id, f in scan.live():
+            for cid, pack_id, offset, stored, raw in f.rows():
+                pid = pack_id.hex()
                 p = packs.get(pid)
                 if p is None and pid not in missing:
                     p = self._stat_pack(pid)  # not listed: an eventually consistent listing, or lost
@@ -170,7 +237,7 @@ class _Gc:
                     else:
                         packs[pid] = p
                 if p is not None:
-                    p.entries[cid] = loc
+                    p.entries.add(cid, offset, stored, raw)
         self.report.packs_missing = len(missing)
         cutoff = t0 - self.grace
         young = {p.id for p in packs.values() if p.mtime >= cutoff}
@@ -178,14 +245,14 @@ class _Gc:
             if not p.entries and p.id not in young:
                 self._reindex_orphan(p, live)
         # Each live chunk is counted in one pack only; prefer packs we keep anyway (young, fullest).
-        assigned: set[bytes] = set()
+        assigned = IdSet()
         order = sorted(packs.values(), key=lambda p: (p.id not in young, -sum(
-            loc.stored_length for cid, loc in p.entries.items() if cid in live), p.id))
+            stored for cid, stored in p.entries.stored_lengths() if cid in live), p.id))
         for p in order:
-            for cid, loc in p.entries.items():
+            for cid, stored in p.entries.stored_lengths():
                 if cid in live and cid not in assigned:
                     assigned.add(cid)
-                    p.live_bytes += loc.stored_length
+                    p.live_bytes += stored
         for p in packs.values():
             if p.id in young:
                 self.report.young_packs_kept += 1
@@ -206,7 +273,7 @@ class _Gc:
             return None
         return _Pack(pid, info.size, info.mtime)
 
-    def _reindex_orphan(self, p: _Pack, live: set[bytes]) -> None:
+    def _reindex_orphan(self, p: _Pack, live: IdSet) -> None:
         """A pack no index names: a killed backup's, or one whose index was lost. Keep it if it holds live data.
 
         Its entries go into the consolidated index (if it is kept), never into an index of its own: that
@@ -219,20 +286,22 @@ class _Gc:
             # a pack we merely failed to read may hold the only copy of live data.)
             p.fate = ORPHAN
             return
-        pid = bytes.fromhex(p.id)
-        locs = {e.chunk_id: Location(pid, e.offset, e.stored_length, e.raw_length) for e in entries}
-        if any(cid in live for cid in locs):
-            p.entries = locs
+        if any(e.chunk_id in live for e in entries):
+            for e in entries:
+                p.entries.add(e.chunk_id, e.offset, e.stored_length, e.raw_length)
             p.reindexed = True
             self.report.packs_reindexed += 1
         else:
             p.fate = ORPHAN
 
-    def _condemn(self, packs: dict[str, _Pack], live: set[bytes]) -> set[bytes]:
+    def _condemn(self, packs: dict[str, _Pack], live: IdSet) -> IdSet:
         """Chunks this gc will delete: in packs going away, in no pack staying, referenced by no backup."""
-        kept = {cid for p in packs.values() if p.fate == KEEP for cid in p.entries}
-        gone = {cid for p in packs.values() if p.fate in (DELETE, REPACK) for cid in p.entries}
-        return gone - kept - live
+        kept = _ids_of(p for p in packs.values() if p.fate == KEEP)
+        going = [p for p in packs.values() if p.fate in (DELETE, REPACK)]
+        condemned = IdSet()
+        condemned.reserve(sum(len(p.entries) for p in going))
+        condemned.update(cid for p in going for cid in p.entries if cid not in kept and cid not in live)
+        return condemned
 
     # -- wait ------------------------------------------------------------------------------------
 
@@ -250,31 +319,31 @@ class _Gc:
             waiting &= {lk.id for lk in self.vault.locks.active()}
         self.report.waited_seconds = time.monotonic() - start
 
-    def _adopt_new_indexes(self, packs: dict[str, _Pack], files: dict[str, IndexFile]) -> None:
+    def _adopt_new_indexes(self, packs: dict[str, _Pack], read_ids: set[str]) -> None:
         """A pack named by an index written since the mark (a backup that was storing it then) stays."""
         for info in self.vault.backend.list(INDEX_PREFIX):
             index_id = info.key[len(INDEX_PREFIX):]
-            if index_id in files:
+            if index_id in read_ids:
                 continue
             try:
                 f = decode_index(self.vault.backend.get(info.key), self.vault.crypto, what=info.key)
             except NotFound:
                 continue
-            for loc in f.entries.values():
-                p = packs.get(loc.pack_id.hex())
+            for _cid, pack_id, _offset, _stored, _raw in f.rows():
+                p = packs.get(pack_id.hex())
                 if p is not None and p.fate != KEEP:
                     p.fate = KEEP
 
     # -- sweep -----------------------------------------------------------------------------------
 
-    def _sweep(self, packs: dict[str, _Pack], files: dict[str, IndexFile], condemned: set[bytes]) -> None:
+    def _sweep(self, packs: dict[str, _Pack], read_ids: set[str], condemned: IdSet) -> None:
         backend = self.vault.backend
         # 1. Copy every chunk of a pack going away that is not condemned and not in a pack that stays:
         # blobs are sealed per chunk, so they are copied verbatim. Not only the chunks live now: a backup
         # that started after the condemned list was published may use any chunk that is not on it.
-        kept_chunks = {cid for p in packs.values() if p.fate == KEEP for cid in p.entries}
+        kept_chunks = _ids_of(p for p in packs.values() if p.fate == KEEP)
         packer = Packer(self.vault)
-        copied: set[bytes] = set()
+        copied = IdSet()
         try:
             for p in sorted(packs.values(), key=lambda p: (p.fate != REPACK, p.id)):
                 if p.fate not in (REPACK, DELETE):
@@ -288,24 +357,12 @@ class _Gc:
         except BaseException:
             packer.abort()
             raise
-        new_entries: dict[bytes, Location] = {}
-        for index_id in packer.indexes_written:  # small: one per new pack
-            new_entries.update(decode_index(self.vault.backend.get(index_key(index_id)), self.vault.crypto,
-                                            what=index_id).entries)
-        # 2. One index of what stays, superseding every index read and those the repack wrote.
-        entries = {cid: loc for p in packs.values() if p.fate == KEEP for cid, loc in p.entries.items()}
-        entries.update(new_entries)
-        old = list(dict.fromkeys([*files, *packer.indexes_written]))
+        # 2. An index of what stays, superseding every index read and those the repack wrote.
+        old = list(dict.fromkeys([*sorted(read_ids), *packer.indexes_written]))
         changed = (len(old) != 1 or self.report.packs_missing > 0
                    or any(p.fate != KEEP or p.reindexed for p in packs.values()))
-        if changed and (old or entries):
-            # In objects of at most MERGE_ENTRIES (a reader holds a whole object while decoding it); the
-            # last one supersedes the old ones, so until it is durable they all count, and all hold.
-            items = list(entries.items())
-            pieces = [items[i : i + MERGE_ENTRIES] for i in range(0, len(items), MERGE_ENTRIES)] or [[]]
-            for piece in pieces[:-1]:
-                self.vault.write_index(dict(piece))
-            self.vault.write_index(dict(pieces[-1]), [bytes.fromhex(i) for i in old])
+        if changed:
+            self._write_index(packs, packer.indexes_written, old)
             # 3. The new index is durable: the old ones can go. (Index objects carry a nonce, so no
             # later index can reuse one of these ids and be hidden by the supersedes list.)
             for index_id in old:
@@ -316,6 +373,32 @@ class _Gc:
             if p.fate in (DELETE, REPACK, ORPHAN):
                 backend.delete(pack_key(p.id))
         self._account(packs, bytes_written=packer.bytes_written)
+
+    def _write_index(self, packs: dict[str, _Pack], repacked: list[str], old: list[str]) -> None:
+        """The kept packs' entries and the repack's, each chunk once, in objects of at most MERGE_ENTRIES
+        (a reader holds a whole object while decoding it). The last supersedes ``old``: until it is
+        durable they all count, and all hold."""
+        def entries() -> Iterator[tuple[bytes, Location]]:
+            for p in packs.values():
+                if p.fate == KEEP:
+                    yield from p.entries.items()
+            for index_id in repacked:  # one per MERGE_ENTRIES chunks copied
+                f = decode_index(self.vault.backend.get(index_key(index_id)), self.vault.crypto, what=index_id)
+                for cid, pack_id, offset, stored, raw in f.rows():
+                    yield cid, Location(pack_id, offset, stored, raw)
+
+        written, rows, count = IdSet(), bytearray(), 0
+        for cid, loc in entries():
+            if cid in written:
+                continue
+            written.add(cid)
+            if count == MERGE_ENTRIES:
+                self.vault.write_index(rows)
+                rows, count = bytearray(), 0
+            rows += index_rows([(cid, loc)])
+            count += 1
+        if rows or old:
+            self.vault.write_index(rows, [bytes.fromhex(i) for i in old])
 
     def _account(self, packs: dict[str, _Pack], bytes_written: int | None) -> None:
         """Fill the report from the packs' fates; a dry run estimates what a repack would write."""
