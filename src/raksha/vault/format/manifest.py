@@ -90,7 +90,8 @@ class Manifest:
 
     def content_digest(self) -> str:
         h = blake3.blake3(struct.pack("<QQ", self.virtual_size, self.chunk_size))
-        h.update(self.chunk_ids.buffer())  # the ids one after another, as format.md §8 says
+        for piece in self.chunk_ids.pieces():  # the ids one after another, as format.md §8 says
+            h.update(piece)
         if self.deltas:
             h.update(self.encode_deltas())
         return h.hexdigest()
@@ -113,7 +114,7 @@ def encode_manifest(m: Manifest, crypto: Crypto) -> bytes:
         },
         sort_keys=True,
     ).encode()
-    parts: list[bytes | memoryview] = [_LEN.pack(len(head)), head, m.chunk_ids.buffer(),
+    parts: list[bytes | memoryview] = [_LEN.pack(len(head)), head, *m.chunk_ids.pieces(),
                                        m.encode_deltas() if m.deltas else b""]
     return seal_object(BACKUP_MAGIC, parts, crypto, aad=m.id.backup_key.encode())
 
@@ -147,7 +148,7 @@ def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifes
     if head.get("id") != str(backup_id) or rest < ids_end or (version == 1 and rest != ids_end):
         raise VaultCorrupt(f"{what}: manifest does not match its id or size", object=what)
     m.chunk_ids = ChunkIds.zeros(m.chunk_count)
-    payload.readinto(m.chunk_ids.buffer())
+    m.chunk_ids.fill(payload.readinto)  # zero ids not written: a sparse disk's take no memory
     if version == 2:
         m.deltas = _decode_deltas(memoryview(payload.read(payload.remaining)), m, what)
         if not m.deltas:
