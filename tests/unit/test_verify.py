@@ -109,6 +109,32 @@ def test_a_flipped_byte_in_a_shared_chunk_names_every_backup_using_it(vault: Vau
     assert set(report.damaged_backups) == {A, B}  # not c: its chunks are in another pack
 
 
+def test_packs_are_read_in_pieces_that_cut_through_blobs(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread holds a piece of a pack, not the pack: blobs cut by piece edges are still checked whole."""
+    monkeypatch.setattr(verify_module, "READ_PIECE", 5000)  # a 64 KiB blob spans 14 pieces
+    clean = verify_vault(vault)
+    assert clean.ok and clean.chunks_checked == 20
+    assert clean.bytes_read == sum(size for _pid, size, _mtime in vault.iter_packs())
+
+    loc = location(vault, random_chunk(7))
+    flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + 4999)
+    report = verify_vault(vault)
+    assert set(report.damaged_backups) == {A} and report.chunks_checked == 20
+
+
+def test_a_truncated_pack_names_the_chunks_it_lost(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verify_module, "READ_PIECE", 5000)
+    loc = location(vault, random_chunk(15))  # c's pack
+    key = pack_key(loc.pack_id.hex())
+    path = Path(vault.backend.url) / key
+    os.truncate(path, loc.offset + 100)  # chunk 15 cut, 16-19 gone, and the header
+
+    report = verify_vault(vault)
+
+    assert set(report.damaged_backups) == {C} and len(report.damaged_backups[C]) == 5
+    assert any(d["object"] == key and "header" in d["error"] for d in report.damaged_objects)
+
+
 def test_a_missing_pack_names_every_backup_using_it(vault: Vault) -> None:
     pack = pack_key(location(vault, random_chunk(0)).pack_id.hex())
     vault.backend.delete(pack)

@@ -43,14 +43,19 @@ def encode_pack_trailer(entries: list[PackEntry], crypto: Crypto) -> bytes:
     return header + _COUNT.pack(len(header))
 
 
+def check_preamble(pack_start: bytes | bytearray | memoryview, size: int, *, what: str) -> None:
+    """A pack of ``size`` bytes must be long enough and start with our magic and a version we read."""
+    if size < PACK_PREAMBLE_SIZE + 4 or len(pack_start) < 5:
+        raise VaultCorrupt(f"{what}: truncated pack", object=what)
+    if pack_start[:4] != PACK_MAGIC:
+        raise VaultCorrupt(f"{what}: not a pack (bad magic)", object=what)
+    if pack_start[4] != 1:
+        raise VaultFormatUnsupported(f"{what}: pack version {pack_start[4]} is not supported", object=what)
+
+
 def decode_pack_header(pack: bytes, crypto: Crypto, *, what: str) -> list[PackEntry]:
     """Parse a whole pack's header, checking that every entry lies inside the blob area."""
-    if len(pack) < PACK_PREAMBLE_SIZE + 4:
-        raise VaultCorrupt(f"{what}: truncated pack", object=what)
-    if pack[:4] != PACK_MAGIC:
-        raise VaultCorrupt(f"{what}: not a pack (bad magic)", object=what)
-    if pack[4] != 1:
-        raise VaultFormatUnsupported(f"{what}: pack version {pack[4]} is not supported", object=what)
+    check_preamble(pack, len(pack), what=what)
     (header_len,) = _COUNT.unpack_from(pack, len(pack) - 4)
     blob_end = len(pack) - 4 - header_len
     if blob_end < PACK_PREAMBLE_SIZE:

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
 from raksha.vault.format.chunk_table import ChunkTable
 from raksha.vault.format.index import IndexFile, Location, decode_index
-from raksha.vault.format.pack import decode_pack_header, pack_key
+from raksha.vault.format.pack import check_preamble, pack_key
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import INDEX_PREFIX, Vault
 
@@ -67,6 +68,9 @@ def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = 
     with vault.locks.acquire(LockKind.SHARED, "verify"):
         # One whole pack (32 MiB) in memory per thread: one thread per core keeps RSS bounded.
         return _Verify(vault, read_data, threads or os.cpu_count() or 2, progress).run()
+
+
+READ_PIECE = 4 << 20  # a pack is read in pieces of this size (one per thread in memory, not the pack)
 
 
 class _Verify:
@@ -202,36 +206,78 @@ class _Verify:
         def check(item: tuple[bytes, list[tuple[bytes, Location]]]) -> None:
             pack_id, entries = item
             key = pack_key(pack_id.hex())
-            try:
-                data = self.vault.backend.get(key)
-            except NotFound:
-                with self.lock:
-                    self.missing_packs[key] = [cid for cid, _ in entries]
-                return
-            with self.lock:
-                self.report.packs_checked += 1
-                self.report.bytes_read += len(data)
-            if blake3.blake3(data).hexdigest() != pack_id.hex():
-                self.damaged(key, "content does not match its name (damaged or truncated)")
-            try:
-                decode_pack_header(data, self.vault.crypto, what=key)
-            except RakshaError as err:
-                self.damaged(key, f"header: {err.code}: {err.message}")
             dec = getattr(local, "d", None)
             if dec is None:
                 dec = local.d = zstandard.ZstdDecompressor()
-            for cid, loc in entries:
-                blob = data[loc.offset: loc.offset + loc.stored_length]
+
+            def blob_checked(cid: bytes, loc: Location, blob: bytes | bytearray | memoryview) -> None:
                 try:
-                    decode_blob(blob, cid, loc.raw_length, self.vault.crypto, dec, what=f"{key}@{loc.offset}")
+                    decode_blob(bytes(blob), cid, loc.raw_length, self.vault.crypto, dec, what=f"{key}@{loc.offset}")
                 except RakshaError as err:
                     self._bad(cid, f"chunk {cid.hex()} in {key}: {err.message}")
                 with self.lock:
                     self.report.chunks_checked += 1
                 meter.add(loc.stored_length)
 
+            try:
+                size = self._read_pack(key, sorted(entries, key=lambda e: e[1].offset), blob_checked)
+            except NotFound:
+                with self.lock:
+                    self.missing_packs[key] = [cid for cid, _ in entries]
+                return
+            with self.lock:
+                self.report.packs_checked += 1
+                self.report.bytes_read += size
+
         run_parallel(sorted(by_pack.items()), check, self.threads)
         meter.finish()
+
+    def _read_pack(self, key: str, entries: list[tuple[bytes, Location]],
+                   check: Callable[[bytes, Location, bytes | bytearray | memoryview], None]) -> int:
+        """Read a pack front to back in pieces of READ_PIECE, hashing it and handing each wanted blob
+        (``entries``, by offset) to ``check`` as soon as it is whole; then check its name and header.
+        A thread holds a piece and a blob, not the pack (32 MiB by default, up to 1 GiB)."""
+        size = self.vault.backend.stat(key).size
+        hasher = blake3.blake3()
+        window, window_start, n = bytearray(), 0, 0  # pack bytes [window_start, window_start + len(window))
+        preamble_ok = size > 0
+        for pos in range(0, size, READ_PIECE):
+            piece = self.vault.backend.get_range(key, pos, min(READ_PIECE, size - pos))
+            if pos == 0:
+                try:
+                    check_preamble(piece, size, what=key)
+                except RakshaError as err:
+                    self.damaged(key, f"header: {err.code}: {err.message}")
+                    preamble_ok = False
+            hasher.update(piece)
+            window += piece
+            window_end = window_start + len(window)
+            while n < len(entries) and entries[n][1].offset + entries[n][1].stored_length <= window_end:
+                cid, loc = entries[n]
+                start = loc.offset - window_start
+                check(cid, loc, memoryview(window)[start : start + loc.stored_length])
+                n += 1
+            keep = entries[n][1].offset - window_start if n < len(entries) else len(window)
+            del window[: max(0, min(keep, len(window)))]
+            window_start = window_end - len(window)
+            if len(piece) < min(READ_PIECE, size - pos):
+                break  # shorter than listed: the rest is missing
+        for cid, loc in entries[n:]:  # past the end of a truncated pack: reported as its decoding fails
+            start = loc.offset - window_start
+            check(cid, loc, memoryview(window)[max(0, start) : max(0, start + loc.stored_length)])
+        if hasher.hexdigest() != key.rsplit("/", 1)[-1]:
+            self.damaged(key, "content does not match its name (damaged or truncated)")
+        if not preamble_ok:
+            if size == 0:
+                self.damaged(key, "header: VAULT_CORRUPT: truncated pack")
+            return size
+        try:
+            self.vault.read_pack_header(key.rsplit("/", 1)[-1], size)
+        except NotFound:
+            raise
+        except RakshaError as err:
+            self.damaged(key, f"header: {err.code}: {err.message}")
+        return size
 
     def _recheck_moved(self) -> None:
         """Packs that vanished while we ran: a gc that repacked them has indexed their chunks elsewhere.
