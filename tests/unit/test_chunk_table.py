@@ -112,3 +112,11 @@ def test_an_index_object_gone_between_the_two_reads_means_reading_again(
     monkeypatch.setattr(vault.backend, "get", get)
     assert vault.load_index().locations == entries
     assert len(calls) == 4
+
+
+def test_a_restore_loads_only_the_locations_it_needs(vault: Vault) -> None:
+    entries = _locations(500)
+    vault.write_index(entries)
+    wanted = IdSet([*list(entries)[:7], os.urandom(32)])  # and one the vault does not hold
+    index = vault.load_index(only=wanted)
+    assert index.locations == {cid: entries[cid] for cid in list(entries)[:7]}

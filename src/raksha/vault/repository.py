@@ -281,26 +281,27 @@ class Vault:
         except (VaultCorrupt, VaultFormatUnsupported) as err:
             return f"{err.code}: {err.message}"
 
-    def load_index(self, *, tolerant: bool = False) -> ChunkIndex:
-        """Every chunk's location. ``tolerant``: skip unreadable index objects (listed in ``damaged``)
-        rather than fail; their chunks then look absent, which backup and restore can live with.
+    def load_index(self, *, tolerant: bool = False, only: IdSet | None = None) -> ChunkIndex:
+        """Every chunk's location, or with ``only`` those of these chunks (a restore's: its memory then
+        follows the backup, not the vault). ``tolerant``: skip unreadable index objects (listed in
+        ``damaged``) rather than fail; their chunks then look absent, which backup and restore can live with.
 
         Memory stays near the table's own: objects are read in batches, and those beyond
         INDEX_HOLD_BYTES are read a second time (what each object supersedes must be known before
         any of its entries count) instead of all being held at once."""
         for _attempt in range(5):
             try:
-                return self._load_index(tolerant)
+                return self._load_index(tolerant, only)
             except NotFound:
                 continue  # an object went under a concurrent gc, which wrote its replacement first
         raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
-    def _load_index(self, tolerant: bool) -> ChunkIndex:
+    def _load_index(self, tolerant: bool, only: IdSet | None) -> ChunkIndex:
         index = ChunkIndex()
         scan = self.scan_index(index.damaged if tolerant else None)
-        index.locations.reserve(scan.live_entries)
+        index.locations.reserve(scan.live_entries if only is None else min(len(only), scan.live_entries))
         for index_id, f in scan.live():
-            index.locations.update_rows(f.rows())
+            index.locations.update_rows(f.rows(), keep=only)
             index.index_ids.add(index_id)
         return index
 

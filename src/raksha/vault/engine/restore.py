@@ -113,8 +113,10 @@ def restore_backup(
     with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)
-        index = vault.load_index(tolerant=True)  # a damaged index must not stop restores that do not need it
         needed = manifest.blob_ids()
+        # Only what this backup needs: the restore's memory follows the backup, not the vault. Tolerant: a
+        # damaged index object must not stop restores that do not need it.
+        index = vault.load_index(tolerant=True, only=needed)
         missing = [cid for cid in needed if cid not in index]
         if missing and index.damaged:
             raise VaultCorrupt(
