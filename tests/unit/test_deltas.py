@@ -266,3 +266,28 @@ def test_deltas_on_a_chunk_past_the_end_are_vault_corrupt(crypto: Crypto) -> Non
     m = _manifest({3: [Layer(os.urandom(32), ((0, 1),))]})
     with pytest.raises(VaultCorrupt, match="out of order or range"):
         decode_manifest(encode_manifest(m, crypto), m.id, crypto)
+
+
+def test_an_incremental_loads_locations_only_of_the_parent_chunks_it_changes(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stored id is loaded (to deduplicate against), locations only where changes need the parent."""
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    disk.write(MIB + 4 * KIB, os.urandom(16 * KIB))  # chunk 1
+    disk.backup(vault)  # chunk 1 now has a layer
+    disk.write(MIB + 64 * KIB, os.urandom(4 * KIB))  # chunk 1 again
+    disk.write(3 * MIB + 5, os.urandom(10))  # chunk 3
+    loads: list[tuple[object, object]] = []
+    real = Vault.load_index
+
+    def load_index(self: Vault, **kwargs: object) -> object:
+        loads.append((kwargs.get("only"), kwargs.get("ids")))
+        return real(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Vault, "load_index", load_index)
+    disk.backup(vault)
+    parent = manifest(vault, 2)
+    ((only, ids),) = loads
+    assert ids is True
+    assert only == {parent.chunk_ids[1], parent.chunk_ids[3], *(layer.blob_id for layer in parent.deltas[1])}
+    assert disk.restores_exactly(vault, 3, tmp_path / "out.img")

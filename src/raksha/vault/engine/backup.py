@@ -178,11 +178,14 @@ class _Backup:
         # The lock is held before the index is read: a gc that condemned chunks earlier
         # has published them, and a later gc waits for us (format.md §11).
         # An unreadable index only hides chunks: they are stored again, never referenced unseen.
-        index = self.vault.load_index(tolerant=True)
+        # Every stored id, to deduplicate against; locations only of the parent's chunks that changes
+        # will rebuild or layer (the index is the largest structure in memory).
+        self.parent = self._read_parent()
+        index = self.vault.load_index(tolerant=True, only=self._parent_blobs_to_read(), ids=True)
+        assert index.ids is not None
         condemned = self.vault.condemned_chunks()
-        # No copy of the index: it is the largest structure in memory.
-        self.index, self.condemned, self.added = index.locations, condemned, IdSet()
-        self._chunks = ChunkReader(self.vault, self.index, self.chunk_size)
+        self.stored_ids, self.condemned, self.added = index.ids, condemned, IdSet()
+        self._chunks = ChunkReader(self.vault, index.locations, self.chunk_size)
         n = -(-self.size // self.chunk_size)
         to_read = self._plan(n)  # sets self.ids: zero, or the parent's (no copy: 32 MB for 1 TiB)
         self.stats.chunks_total = n
@@ -205,7 +208,7 @@ class _Backup:
         return self._commit()
 
     def _stored(self, cid: bytes) -> bool:
-        return cid in self.added or (cid in self.index and cid not in self.condemned)
+        return cid in self.added or (cid in self.stored_ids and cid not in self.condemned)
 
     def _length(self, i: int) -> int:
         return min(self.chunk_size, self.size - i * self.chunk_size)
@@ -215,15 +218,32 @@ class _Backup:
         ranges = self.delta.get(i)
         return self._length(i) if ranges is None else sum(n for _, n in ranges)
 
-    def _plan(self, n: int) -> Sequence[int]:
-        """Chunks to read; ids of the others are set here (zero, or the parent's)."""
+    def _read_parent(self) -> Manifest | None:
         if self.parent_id is None:
-            self.ids = ChunkIds.zeros(n)
-            return self._with_data()
+            return None
         parent = self.vault.read_manifest(self.parent_id)
         if parent.chunk_size != self.chunk_size:
             raise InvalidInput(f"parent {self.parent_id} has another chunk size", code="PARENT_MISMATCH")
-        self.parent = parent
+        return parent
+
+    def _parent_blobs_to_read(self) -> IdSet:
+        """The blobs of the parent's chunks that the changed extents touch: all a rebuild or a new layer
+        can read (``_from_parent`` below), so the only locations this backup loads."""
+        out = IdSet()
+        if self.parent is None or self.changed is None:
+            return out
+        for i in chunks_touching(self.changed, self.chunk_size, self.size):
+            if i < self.parent.chunk_count:
+                out.add(self.parent.chunk_ids[i])
+                out.update(layer.blob_id for layer in self.parent.deltas.get(i, []))
+        return out
+
+    def _plan(self, n: int) -> Sequence[int]:
+        """Chunks to read; ids of the others are set here (zero, or the parent's)."""
+        parent = self.parent
+        if parent is None:
+            self.ids = ChunkIds.zeros(n)
+            return self._with_data()
         if self.changed is None:  # no change tracking: read everything that holds data
             self.ids = ChunkIds.zeros(n)
             return self._with_data()
@@ -273,6 +293,7 @@ class _Backup:
         """Our chunk indexes the parent cannot supply: beyond its end, of another length (only a last chunk
         can be short), or made of a blob that is not stored (missing from the index, or condemned by gc)."""
         parent = self.parent
+        assert parent is not None
         common = min(n, parent.chunk_count)
         bad = set(range(common, n))
         bad.update(i for i in {common - 1, n - 1} if 0 <= i < common and parent.chunk_length(i) != self._length(i))
@@ -280,7 +301,7 @@ class _Backup:
         used = ids.distinct()
         for layers in parent.deltas.values():
             used.update(layer.blob_id for layer in layers)
-        gone = {cid for cid in used if cid != ZERO_ID and (cid not in self.index or cid in self.condemned)}
+        gone = {cid for cid in used if cid != ZERO_ID and (cid not in self.stored_ids or cid in self.condemned)}
         if gone:
             bad.update(i for i, cid in enumerate(ids) if cid in gone)
             bad.update(i for i, layers in parent.deltas.items()
