@@ -233,7 +233,7 @@ def test_chunks_a_concurrent_gc_moved_are_not_reported_missing(vault: Vault,
 
     real_load = verify_module._Verify._load_index
 
-    def first_read_is_stale(self: verify_module._Verify, *, report: bool) -> dict[bytes, Location]:
+    def first_read_is_stale(self: verify_module._Verify, *, report: bool, only: object = None) -> object:
         return dict(stale) if report else real_load(self, report=report)
 
     monkeypatch.setattr(verify_module._Verify, "_load_index", first_read_is_stale)

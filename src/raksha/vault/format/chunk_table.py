@@ -188,6 +188,17 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
         _cid, pack, offset, stored, raw = _ROW.unpack_from(self._rows, row * _ROW.size)
         return Location(self._packs[pack], offset, stored, raw)
 
+    def rows(self) -> Iterator[tuple[bytes, bytes, int, int, int]]:
+        """(chunk id, pack id, offset, stored length, raw length) of every chunk, as index files list them."""
+        packs = self._packs
+        for cid, pack, offset, stored, raw in _ROW.iter_unpack(memoryview(self._rows)[: self._count * _ROW.size]):
+            yield cid, packs[pack], offset, stored, raw
+
+    def items(self) -> Iterator[tuple[bytes, Location]]:  # type: ignore[override]
+        """Without a lookup per chunk (``Mapping.items`` would find each key again)."""
+        for cid, pack_id, offset, stored, raw in self.rows():
+            yield cid, Location(pack_id, offset, stored, raw)
+
     def add(self, cid: bytes, pack_id: bytes, offset: int, stored_length: int, raw_length: int) -> None:
         pack = self._pack_numbers.get(pack_id)
         if pack is None:
