@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import Container, Iterable, Iterator, Mapping, Set
 
 from raksha.vault.format.constants import ID_SIZE
 from raksha.vault.format.index import Location
@@ -210,7 +210,8 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
         else:
             self._append(slot, _ROW.pack(cid, pack, offset, stored_length, raw_length))
 
-    def update_rows(self, rows: Iterable[tuple[bytes, bytes, int, int, int]], keep: IdSet | None = None) -> None:
+    def update_rows(self, rows: Iterable[tuple[bytes, bytes, int, int, int]],
+                    keep: Container[bytes] | None = None) -> None:
         """Add (chunk id, pack id, offset, stored length, raw length) rows, as an index file holds them;
         with ``keep``, only the rows of those ids.
 
