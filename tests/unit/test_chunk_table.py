@@ -120,3 +120,14 @@ def test_a_restore_loads_only_the_locations_it_needs(vault: Vault) -> None:
     wanted = IdSet([*list(entries)[:7], os.urandom(32)])  # and one the vault does not hold
     index = vault.load_index(only=wanted)
     assert index.locations == {cid: entries[cid] for cid in list(entries)[:7]}
+
+
+def test_many_index_objects_are_read_in_parallel_batches_in_order(vault: Vault,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(repository, "INDEX_BATCH_BYTES", 2000)  # a few small objects a batch
+    objects = [_locations(5) for _ in range(100)]  # more than read one after another
+    for entries in objects:
+        vault.write_index(entries)
+    index = vault.load_index()
+    assert len(index.index_ids) == 100
+    assert index.locations == {cid: loc for entries in objects for cid, loc in entries.items()}

@@ -22,7 +22,7 @@ from raksha.domain.errors import (
     VaultFormatUnsupported,
     VaultKeyError,
 )
-from raksha.vault.backends.base import Backend
+from raksha.vault.backends.base import Backend, ObjectInfo
 from raksha.vault.format.chunk_table import ChunkTable, IdSet
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ID_SIZE
@@ -58,6 +58,7 @@ INDEX_READ_INLINE = 64
 # a million chunks has 76 MB of them, which would double the table's memory for the load. Small, as
 # held objects freed after the table has grown leave holes in the heap that stay in the RSS.
 INDEX_HOLD_BYTES = 4 << 20
+INDEX_BATCH_BYTES = 16 << 20  # index objects read in parallel at once, at most (a merged one is ~5 MB)
 SMALL_FILTER = 1 << 16  # ids a load filters on through a plain set (100 bytes each) rather than an IdSet
 DATA_PREFIX = "data/"
 LOCKS_PREFIX = "locks/"
@@ -256,17 +257,12 @@ class Vault:
         """
         read = self._read_index if damaged is None else self._read_index_or_error
         for _attempt in range(5):
-            keys = [info.key for info in self.backend.list(INDEX_PREFIX)]
             try:
-                if len(keys) <= INDEX_READ_INLINE:
-                    files = [read(key) for key in keys]
-                else:
-                    with ThreadPoolExecutor(max_workers=8) as pool:
-                        files = list(pool.map(read, keys))
+                files = list(self._read_all(list(self.backend.list(INDEX_PREFIX)), read))
             except NotFound:
                 continue
             out = {}
-            for key, f in zip(keys, files, strict=True):
+            for key, f in files:
                 if isinstance(f, str):
                     assert damaged is not None
                     damaged[key] = f
@@ -325,10 +321,9 @@ class Vault:
         recorded there (key -> error) and left out. NotFound, from either pass: list again (a gc or a
         backup merging its index deleted an object after writing what replaces it)."""
         read = self._read_index if damaged is None else self._read_index_or_error
-        keys = [info.key for info in self.backend.list(INDEX_PREFIX)]
         scan = IndexScan(read)
         room = INDEX_HOLD_BYTES
-        for key, f in self._read_all(keys, read):
+        for key, f in self._read_all(list(self.backend.list(INDEX_PREFIX)), read):
             if isinstance(f, str):
                 assert damaged is not None
                 damaged[key] = f
@@ -341,15 +336,23 @@ class Vault:
         scan.damaged = damaged
         return scan
 
-    def _read_all(self, keys: list[str], read: Callable[[str], T]) -> Iterator[tuple[str, T]]:
-        """(key, read(key)) for every key, in order; in parallel batches when there are many."""
-        if len(keys) <= INDEX_READ_INLINE:
-            for key in keys:
-                yield key, read(key)
+    def _read_all(self, objects: list[ObjectInfo], read: Callable[[str], T]) -> Iterator[tuple[str, T]]:
+        """(key, read(key)) for every object, in order; in parallel batches when there are many. A batch
+        is at most INDEX_READ_INLINE objects and INDEX_BATCH_BYTES: its results are all held at once."""
+        if len(objects) <= INDEX_READ_INLINE:
+            for info in objects:
+                yield info.key, read(info.key)
             return
+        batches: list[list[str]] = [[]]
+        size = 0
+        for info in objects:
+            if batches[-1] and (len(batches[-1]) >= INDEX_READ_INLINE or size + info.size > INDEX_BATCH_BYTES):
+                batches.append([])
+                size = 0
+            batches[-1].append(info.key)
+            size += info.size
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for start in range(0, len(keys), INDEX_READ_INLINE):
-                batch = keys[start : start + INDEX_READ_INLINE]  # a batch at a time: bounded memory
+            for batch in batches:
                 yield from zip(batch, pool.map(read, batch), strict=True)
 
     def write_index(self, entries: Mapping[bytes, Location] | bytes | bytearray,
