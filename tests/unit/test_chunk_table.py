@@ -75,6 +75,11 @@ def test_an_id_set_is_a_set() -> None:
     assert len(s) == 3000 and s == set(ids) and ids[5] in s and os.urandom(32) not in s
     with pytest.raises(ValueError):
         s.add(b"short")
+    more = [os.urandom(32) for _ in range(3)]
+    with pytest.raises(ValueError):
+        s.update([*more[:2], b"short", more[2]])
+    s.add(more[2])  # what came before the bad id was added, and the set still works
+    assert len(s) == 3003 and s == set(ids + more)
 
 
 @pytest.fixture

@@ -129,28 +129,30 @@ class IdSet(_IdRows, Set[bytes]):
     def update(self, ids: Iterable[bytes]) -> None:
         """``add`` for each, inlined."""
         rows, slots, mask, count = self._rows, self._slots, self._mask, self._count
-        for cid in ids:
-            if len(cid) != ID_SIZE:
-                raise ValueError("a chunk id is 32 bytes")
-            i = hash(cid) & mask
-            while r := slots[i]:
-                start = (r - 1) << 5
-                if rows[start : start + 32] == cid:
-                    break
-                i = (i + 1) & mask
-            else:
-                end = count << 5
-                if end < len(rows):  # room reserved
-                    rows[end : end + 32] = cid
+        try:
+            for cid in ids:
+                if len(cid) != ID_SIZE:
+                    raise ValueError("a chunk id is 32 bytes")
+                i = hash(cid) & mask
+                while r := slots[i]:
+                    start = (r - 1) << 5
+                    if rows[start : start + 32] == cid:
+                        break
+                    i = (i + 1) & mask
                 else:
-                    rows += cid
-                count += 1
-                slots[i] = count
-                if count * 5 > len(slots) * 3:
-                    self._count = count
-                    self._resize(count)
-                    slots, mask = self._slots, self._mask
-        self._count = count
+                    end = count << 5
+                    if end < len(rows):  # room reserved
+                        rows[end : end + 32] = cid
+                    else:
+                        rows += cid
+                    count += 1
+                    slots[i] = count
+                    if count * 5 > len(slots) * 3:
+                        self._count = count
+                        self._resize(count)
+                        slots, mask = self._slots, self._mask
+        finally:
+            self._count = count  # what was added stays consistent, whatever stopped the loop
 
 
 class ChunkTable(_IdRows, Mapping[bytes, Location]):
@@ -219,32 +221,34 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
         width, pack_row, pack_row_into, pack_fields = _ROW.size, _ROW.pack, _ROW.pack_into, _FIELDS.pack_into
         buf, slots, mask, count = self._rows, self._slots, self._mask, self._count
         last_pack_id, pack = b"", 0
-        for cid, pack_id, offset, stored, raw in rows:
-            if keep is not None and cid not in keep:
-                continue
-            if pack_id != last_pack_id:  # an index object lists a pack's chunks together
-                number = self._pack_numbers.get(pack_id)
-                if number is None:
-                    number = self._pack_numbers[pack_id] = len(self._packs)
-                    self._packs.append(pack_id)
-                last_pack_id, pack = pack_id, number
-            i = hash(cid) & mask
-            while r := slots[i]:
-                start = (r - 1) * width
-                if buf[start : start + ID_SIZE] == cid:
-                    pack_fields(buf, start + ID_SIZE, pack, offset, stored, raw)
-                    break
-                i = (i + 1) & mask
-            else:
-                end = count * width
-                if end < len(buf):  # room reserved
-                    pack_row_into(buf, end, cid, pack, offset, stored, raw)
+        try:
+            for cid, pack_id, offset, stored, raw in rows:
+                if keep is not None and cid not in keep:
+                    continue
+                if pack_id != last_pack_id:  # an index object lists a pack's chunks together
+                    number = self._pack_numbers.get(pack_id)
+                    if number is None:
+                        number = self._pack_numbers[pack_id] = len(self._packs)
+                        self._packs.append(pack_id)
+                    last_pack_id, pack = pack_id, number
+                i = hash(cid) & mask
+                while r := slots[i]:
+                    start = (r - 1) * width
+                    if buf[start : start + ID_SIZE] == cid:
+                        pack_fields(buf, start + ID_SIZE, pack, offset, stored, raw)
+                        break
+                    i = (i + 1) & mask
                 else:
-                    buf += pack_row(cid, pack, offset, stored, raw)
-                count += 1
-                slots[i] = count
-                if count * 5 > len(slots) * 3:
-                    self._count = count
-                    self._resize(count)
-                    slots, mask = self._slots, self._mask
-        self._count = count
+                    end = count * width
+                    if end < len(buf):  # room reserved
+                        pack_row_into(buf, end, cid, pack, offset, stored, raw)
+                    else:
+                        buf += pack_row(cid, pack, offset, stored, raw)
+                    count += 1
+                    slots[i] = count
+                    if count * 5 > len(slots) * 3:
+                        self._count = count
+                        self._resize(count)
+                        slots, mask = self._slots, self._mask
+        finally:
+            self._count = count  # what was added stays consistent, whatever stopped the loop
