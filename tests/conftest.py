@@ -77,6 +77,14 @@ def _load_imagegen() -> ModuleType:
 imagegen = _load_imagegen()
 
 
+def index_objects(vault: Any) -> dict[str, Any]:
+    """Every index object of ``vault`` (a raksha Vault), decoded, by index id: what tests inspect."""
+    from raksha.vault.format.index import decode_index
+
+    return {info.key.removeprefix("index/"): decode_index(vault.backend.get(info.key), vault.crypto, what=info.key)
+            for info in vault.backend.list("index/")}
+
+
 def blake3_file(path: str | os.PathLike[str]) -> str:
     h = blake3.blake3()
     with open(path, "rb") as f:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MIB, PASSWORD, RAKSHA, RunCli, blake3_file, cli_env, error_of
+from conftest import MIB, PASSWORD, RAKSHA, RunCli, blake3_file, cli_env, error_of, index_objects
 from raksha.domain.errors import (
     EXIT_DAMAGED,
     EXIT_ERROR,
@@ -73,7 +73,7 @@ class Scenario:
         return self.vault / pack_key(pack_id.hex())
 
     def index_of_pack(self, pack_id: bytes) -> Path:
-        files = self.open().read_index_files()
+        files = index_objects(self.open())
         [index_id] = [i for i, f in files.items() if any(loc.pack_id == pack_id for loc in f.entries.values())]
         return self.vault / "index" / index_id
 

@@ -22,7 +22,7 @@ from typing import Any
 import blake3
 import pytest
 
-from conftest import K64, chunk_image, random_chunk
+from conftest import K64, chunk_image, index_objects, random_chunk
 from raksha.domain.errors import VaultCorrupt, VaultLocked
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import BackupResult, backup_disk
@@ -136,7 +136,7 @@ def snapshot(vault: Vault) -> dict[str, int]:
 def assert_index_points_at_existing_packs(vault: Vault) -> None:
     """Every entry of every index that readers use names a pack that exists."""
     existing = pack_ids(vault)
-    files = vault.read_index_files()
+    files = index_objects(vault)
     superseded = {s.hex() for f in files.values() for s in f.supersedes}
     for index_id, f in files.items():
         if index_id in superseded:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import blake3_file
+from conftest import blake3_file, index_objects
 from raksha.domain.errors import VaultKeyError
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.restore import restore_backup
@@ -118,7 +118,7 @@ def test_golden_plain_vault_has_a_superseded_index_that_readers_ignore(tmp_path:
     path = copy_of(1, "plain", tmp_path)
     assert (path / "index" / stale).is_file()
     vault = open_golden(path, expected)
-    files = vault.read_index_files()
+    files = index_objects(vault)
     assert stale in {s.hex() for f in files.values() for s in f.supersedes}
     assert stale not in vault.load_index().index_ids
     assert any(not (path / "data" / loc.pack_id.hex()[:2] / loc.pack_id.hex()).exists()

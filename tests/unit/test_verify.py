@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import K64, chunk_image, random_chunk
+from conftest import K64, chunk_image, index_objects, random_chunk
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.format.config import VaultConfig
@@ -149,7 +149,7 @@ def test_a_missing_pack_names_every_backup_using_it(vault: Vault) -> None:
 
 def test_a_damaged_index_object_is_reported(vault: Vault) -> None:
     cid = vault.crypto.chunk_id(random_chunk(12))
-    (index_id,) = [i for i, f in vault.read_index_files().items() if cid in f.entries]  # c's pack's index
+    (index_id,) = [i for i, f in index_objects(vault).items() if cid in f.entries]  # c's pack's index
     index_key = f"index/{index_id}"
     flip_byte(vault, index_key, 10)
 

@@ -249,28 +249,6 @@ class Vault:
 
     # -- index and packs -------------------------------------------------------------------------
 
-    def read_index_files(self, damaged: dict[str, str] | None = None) -> dict[str, IndexFile]:
-        """Every index object, read in parallel; one that vanished under a concurrent gc means re-listing.
-
-        An index object that does not decode raises VAULT_CORRUPT; with ``damaged`` given it is
-        recorded there (key -> error) and left out instead.
-        """
-        read = self._read_index if damaged is None else self._read_index_or_error
-        for _attempt in range(5):
-            try:
-                files = list(self._read_all(list(self.backend.list(INDEX_PREFIX)), read))
-            except NotFound:
-                continue
-            out = {}
-            for key, f in files:
-                if isinstance(f, str):
-                    assert damaged is not None
-                    damaged[key] = f
-                else:
-                    out[key[len(INDEX_PREFIX) :]] = f
-            return out
-        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
-
     def _read_index(self, key: str) -> IndexFile:
         return decode_index(self.backend.get(key), self.crypto, what=key)
 
