@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from conftest import index_objects
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.keys import KdfParams, Secret
 from raksha.vault.format.naming import BackupId
+from raksha.vault.operations import rebuild_index as rebuild_module
 from raksha.vault.operations.rebuild_index import rebuild_index
 from raksha.vault.repository import Vault
 from raksha.vault.sources.raw import RawSource
@@ -54,3 +58,24 @@ def test_rebuild_skips_and_reports_an_unreadable_pack(tmp_path: Path) -> None:
     report = rebuild_index(vault)
     assert [bad["object"] for bad in report.unreadable_packs] == [victim.key]
     assert report.packs_read == len(list(backend.list("data/"))) - 1
+
+
+def test_a_rebuilt_index_comes_in_objects_of_bounded_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader holds a whole index object while decoding it: the rebuild writes pieces, the last one
+    superseding the objects it replaces (format.md §7)."""
+    monkeypatch.setattr(rebuild_module, "MERGE_ENTRIES", 10)
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(3 << 20))
+    backend = LocalBackend(tmp_path / "vault", create=True)
+    vault = Vault.init(backend, VaultConfig.new(chunk_size=64 << 10, pack_size=256 << 10), None)
+    source = RawSource(str(image))
+    backup_disk(vault, source, BackupId.parse("job/run/vm/vda"))
+    source.close()
+    before = vault.load_index()
+
+    rebuild_index(vault)
+
+    objects = index_objects(vault)
+    assert len(objects) == 5 and all(len(f) <= 10 for f in objects.values())  # 48 chunks
+    assert [{s.hex() for s in f.supersedes} for f in objects.values() if f.supersedes] == [before.index_ids]
+    assert vault.load_index().locations == before.locations

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raksha.domain.errors import RakshaError
-from raksha.vault.format.index import Location, index_key
+from raksha.vault.engine.packer import MERGE_ENTRIES
+from raksha.vault.format.chunk_table import IdSet
+from raksha.vault.format.index import Location, index_rows
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import Vault
@@ -33,12 +35,15 @@ class RebuildReport:
 
 
 def rebuild_index(vault: Vault) -> RebuildReport:
-    """Write one index of every readable pack, superseding and then deleting all existing index objects."""
+    """Index every readable pack, superseding and then deleting all existing index objects.
+
+    Written as the packs are read, in objects of at most MERGE_ENTRIES (format.md §7); the last one
+    supersedes the old objects, so until it is durable they all still count."""
     report = RebuildReport()
     start = time.monotonic()
     with vault.locks.acquire(LockKind.EXCLUSIVE, "rebuild-index"):
         old = [info.key for info in vault.backend.list("index/")]
-        entries: dict[bytes, Location] = {}
+        written, rows, count, new = IdSet(), bytearray(), 0, []
         for pack_id, size, _mtime in vault.iter_packs():
             try:
                 header = vault.read_pack_header(pack_id, size)
@@ -47,7 +52,14 @@ def rebuild_index(vault: Vault) -> RebuildReport:
                 continue
             pid = bytes.fromhex(pack_id)
             for e in header:
-                entries.setdefault(e.chunk_id, Location(pid, e.offset, e.stored_length, e.raw_length))
+                if e.chunk_id in written:
+                    continue  # stored twice (two backups at once): any copy will do
+                written.add(e.chunk_id)
+                if count == MERGE_ENTRIES:
+                    new.append(vault.write_index(rows))
+                    rows, count = bytearray(), 0
+                rows += index_rows([(e.chunk_id, Location(pid, e.offset, e.stored_length, e.raw_length))])
+                count += 1
             report.packs_read += 1
         supersedes = []
         for key in old:
@@ -55,11 +67,11 @@ def rebuild_index(vault: Vault) -> RebuildReport:
                 supersedes.append(bytes.fromhex(key.rsplit("/", 1)[-1]))
             except ValueError:
                 continue
-        new_id = vault.write_index(entries, supersedes)
+        new.append(vault.write_index(rows, supersedes))
         for key in old:
-            if key != index_key(new_id):
+            if key.rsplit("/", 1)[-1] not in new:
                 vault.backend.delete(key)
-        report.chunks_indexed = len(entries)
+        report.chunks_indexed = len(written)
         report.indexes_replaced = len(old)
     report.seconds = time.monotonic() - start
     return report

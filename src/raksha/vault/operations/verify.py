@@ -314,7 +314,7 @@ class _Verify:
 
         Those chunks are checked where the index now puts them; only the rest are reported missing.
         """
-        fresh = self._load_index(report=False)
+        fresh = self._load_index(report=False, only=IdSet(c for cids in self.missing_packs.values() for c in cids))
         moved: dict[bytes, Location] = {}
         for key, cids in list(self.missing_packs.items()):
             still = []
