@@ -28,16 +28,29 @@ from raksha.vault.repository import Vault  # noqa: E402
 
 
 class Spans:
-    """Each VM's transfer: the first and the last moment one of its disks reported progress."""
+    """Each VM's transfer: the first and the last moment one of its disks reported progress.
+
+    A VM's first report waits (in its transfer's thread) until the other VM's transfer has reported
+    too, for at most a few seconds: side by side both are in flight then, and the spans overlap however
+    fast the machine; one at a time, the wait runs out and the second starts after the first ends. (Left
+    to the clock alone, a fast host sometimes finished one 48 MiB transfer before the other's first chunk.)
+    """
+
+    WAIT = 3.0
 
     def __init__(self) -> None:
         self.seen: dict[str, list[float]] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
     def __call__(self, vm: str, disk: str, event: ProgressEvent) -> None:
         with self.lock:
+            first = vm not in self.seen
             span = self.seen.setdefault(vm, [time.monotonic(), 0.0])
             span[1] = time.monotonic()
+            if first:
+                self.lock.notify_all()
+                self.lock.wait_for(lambda: len(self.seen) == 2, timeout=self.WAIT)
+                span[1] = time.monotonic()
 
     def overlap(self) -> bool:
         (a0, a1), (b0, b1) = self.seen.values()
