@@ -81,19 +81,6 @@ class ChunkIds:
         for piece in self.pieces(start, end):
             yield from map(operator.itemgetter(0), _ROW.iter_unpack(piece))
 
-    @classmethod
-    def from_buffer(cls, data: bytes | bytearray | memoryview) -> ChunkIds:
-        """The ids packed in ``data`` (a copy); its length must be a multiple of 32."""
-        if len(data) % ID_SIZE:
-            raise ValueError("chunk ids must be 32 bytes each")
-        out = cls()
-        out._buf = bytearray(data)
-        return out
-
-    def buffer(self) -> memoryview:
-        """The ids as stored: ``len(self) * 32`` bytes, no copy."""
-        return memoryview(self._buf)
-
     def __len__(self) -> int:
         return len(self._buf) // ID_SIZE
 
