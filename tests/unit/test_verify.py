@@ -160,6 +160,20 @@ def test_a_damaged_index_object_is_reported(vault: Vault) -> None:
     assert all("no index entry" in why for why in report.damaged_backups[C])
 
 
+def test_an_index_object_under_a_wrong_name_is_reported_and_still_used(vault: Vault) -> None:
+    cid = vault.crypto.chunk_id(random_chunk(12))
+    (index_id,) = [i for i, f in index_objects(vault).items() if cid in f.entries]
+    root = Path(vault.backend.url)
+    wrong = "ab" * 32
+    (root / "index" / index_id).rename(root / "index" / wrong)
+
+    report = verify_vault(vault)
+
+    assert [(d["object"], d["error"]) for d in report.damaged_objects] == [
+        (f"index/{wrong}", "content does not match its name (damaged)")]
+    assert report.damaged_backups == {}  # its entries still count: C's chunks are found
+
+
 def test_a_damaged_manifest_names_that_backup(vault: Vault) -> None:
     key = BackupId.parse(B).backup_key
     flip_byte(vault, key, os.path.getsize(Path(vault.backend.url) / key) - 5)

@@ -6,6 +6,7 @@ engine and the operations go through it.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -258,26 +259,46 @@ class Vault:
         except (VaultCorrupt, VaultFormatUnsupported) as err:
             return f"{err.code}: {err.message}"
 
-    def load_index(self, *, tolerant: bool = False, only: IdSet | None = None, ids: bool = False) -> ChunkIndex:
+    def _read_index_checked(self, key: str, damaged: dict[str, str]) -> IndexFile | str:
+        """As ``_read_index_or_error``, and an object whose bytes do not match its name is recorded in
+        ``damaged`` but still used when it decodes (its entries may be all a backup has left)."""
+        import blake3
+
+        data = self.backend.get(key)
+        wrong_name = blake3.blake3(data).hexdigest() != key[len(INDEX_PREFIX) :]
+        problem = "content does not match its name (damaged)" if wrong_name else None
+        try:
+            f = decode_index(data, self.crypto, what=key)
+        except (VaultCorrupt, VaultFormatUnsupported) as err:
+            error = f"{err.code}: {err.message}"
+            return f"{problem}; {error}" if problem else error
+        if problem:
+            damaged[key] = problem
+        return f
+
+    def load_index(self, *, tolerant: bool = False, only: IdSet | None = None, ids: bool = False,
+                   check_names: bool = False) -> ChunkIndex:
         """Every chunk's location, or with ``only`` those of these chunks (a restore's: its memory then
         follows the backup, not the vault); with ``ids``, also every stored chunk id (``ids``: what a
         backup deduplicates against, ~40 bytes a chunk against a location's ~58). ``tolerant``: skip
         unreadable index objects (listed in ``damaged``) rather than fail; their chunks then look
-        absent, which backup and restore can live with.
+        absent, which backup and restore can live with. ``check_names`` (verify; implies tolerant):
+        also hash each object against its name, listing a mismatch in ``damaged`` but still using the
+        object if it decodes.
 
         Memory stays near the table's own: objects are read in batches, and those beyond
         INDEX_HOLD_BYTES are read a second time (what each object supersedes must be known before
         any of its entries count) instead of all being held at once."""
         for _attempt in range(5):
             try:
-                return self._load_index(tolerant, only, ids)
+                return self._load_index(tolerant or check_names, only, ids, check_names)
             except NotFound:
                 continue  # an object went under a concurrent gc, which wrote its replacement first
         raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
-    def _load_index(self, tolerant: bool, only: IdSet | None, ids: bool) -> ChunkIndex:
+    def _load_index(self, tolerant: bool, only: IdSet | None, ids: bool, check_names: bool) -> ChunkIndex:
         index = ChunkIndex()
-        scan = self.scan_index(index.damaged if tolerant else None)
+        scan = self.scan_index(index.damaged if tolerant else None, check_names=check_names)
         index.locations.reserve(scan.live_entries if only is None else min(len(only), scan.live_entries))
         if ids:
             index.ids = IdSet()
@@ -293,12 +314,18 @@ class Vault:
             index.index_ids.add(index_id)
         return index
 
-    def scan_index(self, damaged: dict[str, str] | None = None) -> IndexScan:
+    def scan_index(self, damaged: dict[str, str] | None = None, *, check_names: bool = False) -> IndexScan:
         """Every index object read once, to learn which are superseded; ``live()`` then gives the others
         one at a time. An object that does not decode raises VAULT_CORRUPT, or with ``damaged`` given is
         recorded there (key -> error) and left out. NotFound, from either pass: list again (a gc or a
-        backup merging its index deleted an object after writing what replaces it)."""
-        read = self._read_index if damaged is None else self._read_index_or_error
+        backup merging its index deleted an object after writing what replaces it). ``check_names``
+        (needs ``damaged``): see ``load_index``."""
+        read: Callable[[str], IndexFile | str]
+        if check_names:
+            assert damaged is not None
+            read = functools.partial(self._read_index_checked, damaged=damaged)
+        else:
+            read = self._read_index if damaged is None else self._read_index_or_error
         scan = IndexScan(read)
         room = INDEX_HOLD_BYTES
         for key, f in self._read_all(list(self.backend.list(INDEX_PREFIX)), read):

@@ -19,16 +19,16 @@ from typing import Any
 import blake3
 import zstandard
 
-from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt
+from raksha.domain.errors import NotFound, RakshaError
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
 from raksha.vault.format.chunk_table import ChunkTable, IdSet
-from raksha.vault.format.index import IndexFile, Location, decode_index
+from raksha.vault.format.index import Location
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import check_preamble, pack_key
 from raksha.vault.locks import LockKind
-from raksha.vault.repository import INDEX_PREFIX, Vault
+from raksha.vault.repository import Vault
 
 
 @dataclass
@@ -151,53 +151,14 @@ class _Verify:
         self.report.damaged_backups.setdefault(bid, []).append(why)
 
     def _load_index(self, *, report: bool, only: IdSet | None = None) -> ChunkTable:
-        """Read each index on its own, so one damaged index is reported and the others still count.
-
-        As ``Vault.load_index``: a first pass learns what each object supersedes, a second feeds the
-        live ones to the table one at a time, so a large vault's index is never held whole twice."""
-        for _attempt in range(5):
-            try:
-                return self._read_index(report=report, only=only)
-            except NotFound:
-                # Deleted by a concurrent gc or a backup merging its index, after writing what replaces
-                # it: that may be newer than our listing, so list again.
-                continue
-        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
-
-    def _read_index(self, *, report: bool, only: IdSet | None) -> ChunkTable:
-        counts: dict[str, int] = {}
-        superseded: set[str] = set()
-        damage: list[tuple[str, str]] = []
-        for info in self.vault.backend.list(INDEX_PREFIX):
-            f, problems = self._read_index_object(info.key)
-            if f is not None:
-                counts[info.key] = len(f)
-                superseded.update(s.hex() for s in f.supersedes)
-            if problems:
-                damage.append((info.key, "; ".join(problems)))
-        live = [key for key in counts if key[len(INDEX_PREFIX):] not in superseded]
-        locations = ChunkTable()
-        total = sum(counts[key] for key in live)
-        locations.reserve(total if only is None else min(total, len(only)))
-        for key in live:
-            f, _problems = self._read_index_object(key)
-            if f is not None:
-                locations.update_rows(f.rows(), keep=only)
+        """The locations of ``only`` (or every chunk), reading each index object on its own so that one
+        damaged object is reported (``report``) and the others still count. An object whose bytes do not
+        match its name is reported but still used if it decodes."""
+        index = self.vault.load_index(only=only, check_names=True)
         if report:  # once, from the listing that held
-            for key, why in damage:
+            for key, why in index.damaged.items():
                 self.damaged(key, why)
-        return locations
-
-    def _read_index_object(self, key: str) -> tuple[IndexFile | None, list[str]]:
-        """The object, if it decodes, and what is wrong with it (a wrong name alone does not stop its use)."""
-        data = self.vault.backend.get(key)
-        problems = []
-        if blake3.blake3(data).hexdigest() != key[len(INDEX_PREFIX):]:
-            problems.append("content does not match its name (damaged)")
-        try:
-            return decode_index(data, self.vault.crypto, what=key), problems
-        except RakshaError as err:
-            return None, [*problems, f"{err.code}: {err.message}"]
+        return index.locations
 
     def _check(self, wanted: Iterable[tuple[bytes, Location]]) -> None:
         # Grouped by pack, 44 bytes a chunk; each pack's list of Locations is made only while it is read.
