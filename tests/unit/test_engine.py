@@ -19,6 +19,7 @@ from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import restore as restore_module
+from raksha.vault.engine import seen_ids
 from raksha.vault.engine.backup import BackupResult, backup_disk
 from raksha.vault.engine.restore import RestoreResult, restore_backup
 from raksha.vault.format.config import VaultConfig
@@ -382,6 +383,24 @@ def test_identical_disks_of_two_vms_are_stored_once(new_vault: MakeVault, make_i
     assert stored_pack_bytes(vault) == packs_before
     restore(vault, "job1/run1/vm2/vda", outputs / "vm2.img")
     assert blake3_file(outputs / "vm2.img") == blake3_file(image)
+
+
+def test_a_chunk_seen_again_long_after_is_stored_once(new_vault: MakeVault, tmp_path: Path, outputs: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ids a backup stored go to runs on disk every 4 here (as every 65,536 on a large disk): a chunk
+    that comes back after many others is still found there."""
+    monkeypatch.setattr(seen_ids, "RUN", 4)
+    chunks = [os.urandom(K64) for _ in range(12)]
+    order = [*range(12), 0, 5, 11, 3, 3]
+    image = tmp_path / "repeats.img"
+    image.write_bytes(b"".join(chunks[i] for i in order))
+    vault = new_vault(chunk_size=K64)
+
+    result = backup(vault, image, "job1/run1/vm1/vda", threads=1)
+
+    assert result.stats.chunks_new == 12 and result.stats.chunks_deduplicated == 5
+    restore(vault, "job1/run1/vm1/vda", outputs / "repeats.img")
+    assert blake3_file(outputs / "repeats.img") == blake3_file(image)
 
 
 def test_a_cloned_disk_stores_only_its_differences(new_vault: MakeVault, make_image: Callable[..., Path],

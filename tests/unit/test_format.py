@@ -17,6 +17,7 @@ import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from raksha.domain.errors import InvalidInput, VaultCorrupt, VaultFormatUnsupported
+from raksha.vault.format import sealed
 from raksha.vault.format.blob import BlobDecoder, BlobEncoder, decode_blob, encode_blob, looks_incompressible
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import (
@@ -47,7 +48,7 @@ from raksha.vault.format.pack import (
     encode_pack_trailer,
     new_pack_preamble,
 )
-from raksha.vault.format.sealed import open_object, seal_object
+from raksha.vault.format.sealed import open_object, open_stream, seal_object, seal_stream
 
 FAST_KDF = KdfParams(memory_kib=8192, iterations=1, lanes=1)
 PACK_MAGIC_VERSION = b"RKPK\x01\x00\x00\x00"  # format.md §6: magic, version 1, three zero bytes; then a nonce
@@ -110,6 +111,48 @@ def test_sealed_object_detects_every_flip_and_truncation(crypto: Crypto) -> None
     assert_all_damage_detected(
         sealed, lambda d: open_object(d, BACKUP_MAGIC, crypto, what="obj", aad=b"backupjobs/a/b/c/d/Backup"),
         version_at=VERSION_BYTE)
+
+
+def _open_streamed(data: bytes, crypto: Crypto, *, first: int = 64, aad: bytes = b"") -> bytes:
+    """``data`` opened as a large object is: its first bytes, then ranged reads of the rest."""
+    def read_range(offset: int, n: int) -> bytes:
+        return data[offset : offset + n]
+
+    return open_stream(read_range, len(data), data[:first], BACKUP_MAGIC, crypto, what="obj", aad=aad).read_all()
+
+
+def test_a_streamed_seal_is_the_same_object(crypto: Crypto, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sealed a piece at a time and opened a piece at a time (pieces of 7 bytes here): the same bytes as
+    sealed whole, and opened whole too."""
+    monkeypatch.setattr(sealed, "STREAM_PIECE", 7)
+    parts = [b"head", os.urandom(3000), b"", b"tail" * 100]
+    out: list[bytes] = []
+    seal_stream(BACKUP_MAGIC, parts, sum(map(len, parts)), crypto, out.append, aad=b"k")
+    streamed = b"".join(out)
+    assert open_object(streamed, BACKUP_MAGIC, crypto, what="x", aad=b"k") == b"".join(parts)
+    assert _open_streamed(streamed, crypto, aad=b"k") == b"".join(parts)
+    whole = seal_object(BACKUP_MAGIC, parts, crypto, aad=b"k")
+    if not crypto.encrypted:
+        assert whole == streamed  # encrypted ones differ in their random nonce only
+    assert _open_streamed(whole, crypto, first=10, aad=b"k") == b"".join(parts)
+
+
+def test_a_streamed_open_detects_every_flip_and_truncation(crypto: Crypto, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its tag or checksum is at the end: damage anywhere is found once the last piece is read."""
+    monkeypatch.setattr(sealed, "STREAM_PIECE", 5)
+    data = seal_object(BACKUP_MAGIC, os.urandom(40) + b"payload that matters" * 3, crypto, aad=b"k")
+    assert_all_damage_detected(data, lambda d: _open_streamed(d, crypto, first=20, aad=b"k"),
+                               version_at=VERSION_BYTE)
+
+
+def test_a_streamed_object_is_unchecked_until_finished(crypto: Crypto) -> None:
+    data = bytearray(seal_object(BACKUP_MAGIC, os.urandom(5000), crypto))
+    data[-1] ^= 1  # the tag or checksum
+    payload = open_stream(lambda o, n: bytes(data[o : o + n]), len(data), bytes(data[:64]), BACKUP_MAGIC, crypto,
+                          what="obj")
+    payload.read(payload.remaining)  # decompresses: the damage is in the trailer
+    with pytest.raises(VaultCorrupt, match=r"authentication failed|checksum mismatch"):
+        payload.finish()
 
 
 @pytest.mark.parametrize("version", [0, 2, 255])

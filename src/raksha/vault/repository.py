@@ -6,19 +6,24 @@ engine and the operations go through it.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import struct
 from collections.abc import Callable, Container, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, TypeVar
 
 from raksha.domain.errors import (
     AlreadyExists,
+    BackendError,
     InvalidInput,
     NotFound,
+    StorageFull,
     VaultCorrupt,
     VaultFormatUnsupported,
     VaultKeyError,
@@ -43,6 +48,8 @@ from raksha.vault.format.manifest import (
     decode_metadata,
     encode_manifest,
     encode_metadata,
+    read_manifest_stream,
+    write_manifest,
 )
 from raksha.vault.format.naming import PREFIX, BackupId
 from raksha.vault.format.pack import PACK_PREAMBLE_SIZE, PackEntry, decode_header_bytes, pack_key
@@ -60,6 +67,7 @@ INDEX_READ_INLINE = 64
 # held objects freed after the table has grown leave holes in the heap that stay in the RSS.
 INDEX_HOLD_BYTES = 4 << 20
 INDEX_BATCH_BYTES = 16 << 20  # index objects read in parallel at once, at most (a merged one is ~5 MB)
+MANIFEST_WHOLE = 4 << 20  # manifests larger than this (a 128 GiB dense disk's) are read in pieces
 SMALL_FILTER = 1 << 16  # ids a load filters on through a plain set (100 bytes each) rather than an IdSet
 DATA_PREFIX = "data/"
 LOCKS_PREFIX = "locks/"
@@ -221,11 +229,18 @@ class Vault:
         return True
 
     def read_manifest(self, backup_id: BackupId) -> Manifest:
+        """A manifest up to MANIFEST_WHOLE bytes is read whole; a larger one (a large dense disk's: 32 bytes
+        a chunk) a piece at a time, so that no command holds it whole, whatever the disk's size."""
+        key = backup_id.backup_key
         try:
-            data = self.backend.get(backup_id.backup_key)
+            first = self.backend.get_range(key, 0, MANIFEST_WHOLE)
+            if len(first) < MANIFEST_WHOLE:
+                return decode_manifest(first, backup_id, self.crypto)
+            size = self.backend.stat(key).size
+            return read_manifest_stream(lambda offset, n: self.backend.get_range(key, offset, n), size, first,
+                                        backup_id, self.crypto)
         except NotFound:
             raise NotFound(f"no backup {backup_id} in the vault", code="BACKUP_NOT_FOUND") from None
-        return decode_manifest(data, backup_id, self.crypto)
 
     def read_metadata(self, backup_id: BackupId) -> dict[str, Any]:
         try:
@@ -239,9 +254,27 @@ class Vault:
         bid = manifest.id
         self.backend.put(bid.metadata_key, encode_metadata(bid, metadata, self.crypto), overwrite=True)
         try:
-            self.backend.put(bid.backup_key, encode_manifest(manifest, self.crypto))
+            if manifest.chunk_ids.in_file:  # a large disk's: sealed into a staged file, never held whole
+                self.backend.put_file(bid.backup_key, self._staged_manifest(manifest))
+            else:
+                self.backend.put(bid.backup_key, encode_manifest(manifest, self.crypto))
         except AlreadyExists:
             raise AlreadyExists(f"backup {bid} already exists", code="BACKUP_EXISTS") from None
+
+    def _staged_manifest(self, manifest: Manifest) -> Path:
+        path = self.backend.staging_dir() / f"manifest-{os.getpid()}-{os.urandom(8).hex()}.partial"
+        try:
+            with open(path, "wb") as f:
+                write_manifest(manifest, self.crypto, f.write)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(f"no space left in {path.parent} for the manifest of {manifest.id}") from exc
+            raise BackendError(f"cannot stage the manifest of {manifest.id} in {path.parent}: {exc}") from exc
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
 
     def delete_backup(self, backup_id: BackupId) -> None:
         if not self.backend.delete(backup_id.backup_key):

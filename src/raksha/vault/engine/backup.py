@@ -22,6 +22,7 @@ from raksha.domain.errors import AlreadyExists, InvalidInput, RakshaError
 from raksha.vault.engine.blobio import ChunkReader
 from raksha.vault.engine.packer import Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
+from raksha.vault.engine.seen_ids import SeenIds
 from raksha.vault.engine.workers import run_pipeline
 from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
@@ -184,12 +185,13 @@ class _Backup:
         index = self.vault.load_index(tolerant=True, only=self._parent_blobs_to_read(), ids=True)
         assert index.ids is not None
         condemned = self.vault.condemned_chunks()
-        self.stored_ids, self.condemned, self.added = index.ids, condemned, IdSet()
+        self.stored_ids, self.condemned = index.ids, condemned
         self._chunks = ChunkReader(self.vault, index.locations, self.chunk_size)
         n = -(-self.size // self.chunk_size)
         to_read = self._plan(n)  # sets self.ids: zero, or the parent's (no copy: 32 MB for 1 TiB)
         self.stats.chunks_total = n
         self.stats.chunks_zero = n - len(to_read) - self.stats.chunks_from_parent
+        self.added = SeenIds(len(to_read))  # what this backup stores: in the same memory on any disk
         self.packer = Packer(self.vault)
         self.progress = Progress("backup", sum(self._work(i) for i in to_read), self.callback)
         readers = max(1, self.threads // 2)
@@ -202,6 +204,8 @@ class _Backup:
         except BaseException:
             self.packer.abort()
             raise
+        finally:
+            self.added.close()
         self.progress.finish()
         self.stats.packs_written = self.packer.packs_written
         self.stats.seconds = time.monotonic() - start

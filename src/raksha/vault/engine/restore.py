@@ -64,11 +64,11 @@ def window_work(manifest: Manifest, locations: Mapping[bytes, Location], start: 
     once, with every chunk it fills), and the runs of zero chunks as [first, end)."""
     by_id: dict[bytes, list[int]] = {}
     zeros: list[list[int]] = []
-    ids, deltas = manifest.chunk_ids, manifest.deltas
-    for i in range(start, min(end, manifest.chunk_count)):
+    deltas = manifest.deltas
+    # Piece by piece, not id by id: a large disk's ids are read from a file.
+    for i, cid in enumerate(manifest.chunk_ids.ids(start, end), start):
         if i in deltas:
             continue  # base + layers, assembled on their own
-        cid = ids[i]
         if cid != ZERO_ID:
             by_id.setdefault(cid, []).append(i)
         elif zeros and zeros[-1][1] == i:

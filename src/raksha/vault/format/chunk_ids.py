@@ -1,79 +1,105 @@
-"""A manifest's chunk ids in one buffer, 32 bytes a chunk.
+"""A manifest's chunk ids, 32 bytes a chunk, in one buffer or, for a large disk, a temporary file.
 
 A list of 32-byte ``bytes`` objects costs about 73 bytes a chunk: 77 MB for the million chunks of a
-1 TiB disk, before the copies encoding and decoding make. One buffer keeps it at 32, and a large one
-is an anonymous map whose pages of zero ids are never touched: a sparse disk's zero chunks (most of a
-1 TiB disk with little data) take no memory at all.
+1 TiB disk, before the copies encoding and decoding make. One buffer keeps it at 32. A disk of 32 GiB
+and more (at 1 MiB chunks) keeps its ids in an unnamed temporary file (``$TMPDIR``, gone with the
+process), read and written in place: the page cache holds them, not the process, so a backup or
+restore of a disk of any size and any density takes the same memory. A sparse disk's zero ids are
+holes in that file: never written, never read from the device.
 """
 
 from __future__ import annotations
 
-import mmap
 import operator
+import os
 import struct
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import overload
+from typing import IO, overload
 
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 
 _ROW = struct.Struct(f"{ID_SIZE}s")
-_MAPPED = 1 << 20  # buffers this large are anonymous maps (a 32 GiB disk's ids at 1 MiB chunks)
-_PIECE = 64 << 10  # ``fill`` reads in pieces of 2048 ids
+_FILED = 1 << 20  # ids this large (a 32 GiB disk's at 1 MiB chunks) live in a temporary file
+_PIECE = 64 << 10  # read and written in pieces of 2048 ids
 _ZERO_PIECE = bytes(_PIECE)
 
 
 class ChunkIds:
-    """A fixed-length sequence of chunk ids (``bytes`` of 32) over one ``bytearray``."""
+    """A fixed-length sequence of chunk ids (``bytes`` of 32): a ``bytearray``, or a temporary file.
 
-    __slots__ = ("_buf", "_written")
-    _buf: bytearray | mmap.mmap
-    # For a map: which pieces of _PIECE bytes were ever written (a byte each). The others hold zero ids
-    # and are never read either: reading a page of an anonymous map makes it count in the RSS too.
-    _written: bytearray | None
+    Thread-safe for setting distinct indexes (a backup's workers each set their chunks' ids)."""
+
+    __slots__ = ("_buf", "_count", "_file")
+    _buf: bytearray | None
+    _file: IO[bytes] | None  # for a large list: the ids at offset 32 x index; unwritten ones are holes
 
     def __init__(self, ids: Iterable[bytes] = ()) -> None:
-        self._written = None
+        self._file = None
         self._buf = bytearray(b"".join(ids))
         if len(self._buf) % ID_SIZE:
             raise ValueError("chunk ids must be 32 bytes each")
+        self._count = len(self._buf) // ID_SIZE
 
     @classmethod
     def zeros(cls, count: int) -> ChunkIds:
-        """``count`` zero ids; pages nothing writes stay unallocated."""
+        """``count`` zero ids; in a temporary file when large (holes: nothing written or held)."""
         out = cls()
-        if count * ID_SIZE >= _MAPPED:
-            out._buf = mmap.mmap(-1, count * ID_SIZE)
-            out._written = bytearray(-(-count * ID_SIZE // _PIECE))
+        out._count = count
+        if count * ID_SIZE >= _FILED:
+            out._buf = None
+            out._file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115  # closed with this object
+            os.ftruncate(out._file.fileno(), count * ID_SIZE)
         else:
             out._buf = bytearray(count * ID_SIZE)
         return out
 
-    def fill(self, read_into: Callable[[memoryview], None]) -> None:
-        """Replace every id with what ``read_into`` reads (in order, into the views it is given), writing
-        only the pieces that are not all zero ids: those pages of a fresh ``zeros`` stay untouched."""
-        view = memoryview(self._buf)
-        piece = memoryview(bytearray(_PIECE))
-        for start in range(0, len(view), _PIECE):
-            n = min(_PIECE, len(view) - start)
-            read_into(piece[:n])
-            if piece[:n] != _ZERO_PIECE[:n] or self._touched(start):
-                view[start : start + n] = piece[:n]
-                if self._written is not None:
-                    self._written[start // _PIECE] = 1
+    @property
+    def in_file(self) -> bool:
+        return self._file is not None
 
-    def _touched(self, start: int) -> bool:
-        return self._written is None or bool(self._written[start // _PIECE])
+    def _write(self, pos: int, data: bytes | memoryview) -> None:
+        if self._file is None:
+            assert self._buf is not None
+            self._buf[pos : pos + len(data)] = data
+            return
+        fd, view = self._file.fileno(), memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def _read(self, pos: int, n: int) -> bytes | memoryview:
+        if self._file is None:
+            assert self._buf is not None
+            return memoryview(self._buf)[pos : pos + n]
+        data = os.pread(self._file.fileno(), n, pos)
+        while len(data) < n:  # the file is as long as the ids: a short read is only a partial one
+            more = os.pread(self._file.fileno(), n - len(data), pos + len(data))
+            if not more:
+                raise OSError(f"chunk id file shorter than {self._count} ids")
+            data += more
+        return data
+
+    def fill(self, read_into: Callable[[memoryview], None]) -> None:
+        """Replace every id with what ``read_into`` reads (in order, into the views it is given); in a file,
+        pieces of zero ids are not written (they are holes already)."""
+        size = self._count * ID_SIZE
+        piece = memoryview(bytearray(_PIECE))
+        for start in range(0, size, _PIECE):
+            n = min(_PIECE, size - start)
+            read_into(piece[:n])
+            if self._file is None or piece[:n] != _ZERO_PIECE[:n]:
+                self._write(start, piece[:n])
 
     def pieces(self, start: int = 0, end: int | None = None) -> Iterator[memoryview | bytes]:
-        """The ids from chunk ``start`` to ``end`` as consecutive buffers, each whole ids; pieces never
-        written come from a constant, not the map."""
-        first, last = start * ID_SIZE, len(self._buf) if end is None else min(end * ID_SIZE, len(self._buf))
-        view = memoryview(self._buf)
-        pos = first
+        """The ids from chunk ``start`` to ``end`` as consecutive buffers of whole ids (at most 2048),
+        each valid until the next is asked for."""
+        pos = start * ID_SIZE
+        last = self._count * ID_SIZE if end is None else min(end * ID_SIZE, self._count * ID_SIZE)
         while pos < last:
             stop = min((pos // _PIECE + 1) * _PIECE, last)
-            yield view[pos:stop] if self._touched(pos) else _ZERO_PIECE[: stop - pos]
+            yield self._read(pos, stop - pos)
             pos = stop
 
     def ids(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -82,7 +108,7 @@ class ChunkIds:
             yield from map(operator.itemgetter(0), _ROW.iter_unpack(piece))
 
     def __len__(self) -> int:
-        return len(self._buf) // ID_SIZE
+        return self._count
 
     @overload
     def __getitem__(self, index: int) -> bytes: ...
@@ -98,16 +124,12 @@ class ChunkIds:
             index += n
         if not 0 <= index < n:
             raise IndexError("chunk index out of range")
-        if not self._touched(index * ID_SIZE):
-            return ZERO_ID
-        return bytes(self._buf[index * ID_SIZE : (index + 1) * ID_SIZE])
+        return bytes(self._read(index * ID_SIZE, ID_SIZE))
 
     def __setitem__(self, index: int, cid: bytes) -> None:
         if len(cid) != ID_SIZE or not 0 <= index < len(self):
             raise IndexError("chunk index out of range, or not a 32-byte id")
-        self._buf[index * ID_SIZE : (index + 1) * ID_SIZE] = cid
-        if self._written is not None:
-            self._written[index * ID_SIZE // _PIECE] = 1
+        self._write(index * ID_SIZE, cid)
 
     def __iter__(self) -> Iterator[bytes]:
         return self.ids()  # C speed per piece: ~50 ms a million
@@ -135,7 +157,9 @@ class ChunkIds:
     def resized(self, count: int) -> ChunkIds:
         """The first ``count`` ids (zero ids appended past the end)."""
         out = ChunkIds.zeros(count)
-        for i, cid in enumerate(self.ids(0, count)):
-            if cid != ZERO_ID:
-                out[i] = cid
+        pos = 0
+        for piece in self.pieces(0, count):
+            if out._file is None or piece != _ZERO_PIECE[: len(piece)]:
+                out._write(pos, piece)
+            pos += len(piece)
         return out

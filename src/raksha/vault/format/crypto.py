@@ -5,9 +5,11 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import blake3
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from raksha.domain.errors import VaultCorrupt
@@ -66,6 +68,38 @@ class Crypto:
     def sealed_size(self, n: int) -> int:
         return n
 
+    def sealer(self, aad: bytes) -> Stream:
+        """``seal`` a piece at a time: the nonce from ``head``, then ``update`` each piece, then ``finish``
+        (the tag). The bytes are those ``seal`` gives for the pieces joined."""
+        raise NotImplementedError("a plaintext vault seals nothing")
+
+    def opener(self, nonce: bytes, aad: bytes, *, what: str = "") -> Stream:
+        """``open`` a piece at a time; ``finish(tag)`` raises VAULT_CORRUPT if anything was not authentic,
+        so nothing read may be trusted before it returns."""
+        raise NotImplementedError("a plaintext vault seals nothing")
+
+
+class Stream:
+    """AES-256-GCM over pieces (see ``Crypto.sealer`` and ``Crypto.opener``)."""
+
+    def __init__(self, context: Any, nonce: bytes, what: str) -> None:
+        self._context = context
+        self.head = nonce
+        self._what = what
+
+    def update(self, data: bytes | memoryview) -> bytes:
+        return bytes(self._context.update(data))
+
+    def finish(self, tag: bytes | None = None) -> bytes:
+        """Sealing: the last bytes and the tag. Opening: check ``tag``; the last bytes."""
+        if tag is None:
+            return bytes(self._context.finalize()) + bytes(self._context.tag)
+        try:
+            return bytes(self._context.finalize_with_tag(tag))
+        except (InvalidTag, ValueError):
+            raise VaultCorrupt(f"{self._what}: authentication failed (damaged or tampered)",
+                               object=self._what) from None
+
 
 class EncryptedCrypto(Crypto):
     """AES-256-GCM with random nonces; ids are BLAKE3 keyed with a secret so they leak nothing."""
@@ -73,6 +107,7 @@ class EncryptedCrypto(Crypto):
     encrypted = True
 
     def __init__(self, key: MasterKey) -> None:
+        self._key = key.encryption_key
         self._aead = AESGCM(key.encryption_key)
         self._id_key = key.chunk_id_key
 
@@ -114,3 +149,14 @@ class EncryptedCrypto(Crypto):
 
     def sealed_size(self, n: int) -> int:
         return NONCE_SIZE + n + TAG_SIZE
+
+    def sealer(self, aad: bytes) -> Stream:
+        nonce = os.urandom(NONCE_SIZE)
+        context = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        context.authenticate_additional_data(aad)
+        return Stream(context, nonce, "")
+
+    def opener(self, nonce: bytes, aad: bytes, *, what: str = "") -> Stream:
+        context = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).decryptor()
+        context.authenticate_additional_data(aad)
+        return Stream(context, nonce, what)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +17,7 @@ from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import BACKUP_MAGIC, ID_SIZE, METADATA_MAGIC, ZERO_ID
 from raksha.vault.format.crypto import Crypto
 from raksha.vault.format.naming import BackupId
-from raksha.vault.format.sealed import open_object, open_payload, seal_object
+from raksha.vault.format.sealed import Payload, open_object, open_payload, open_stream, seal_object, seal_stream
 
 _LEN = struct.Struct("<I")
 _PAIR = struct.Struct("<II")
@@ -98,6 +100,13 @@ class Manifest:
 
 
 def encode_manifest(m: Manifest, crypto: Crypto) -> bytes:
+    out: list[bytes] = []
+    write_manifest(m, crypto, out.append)
+    return b"".join(out)
+
+
+def write_manifest(m: Manifest, crypto: Crypto, write: Callable[[bytes], object]) -> None:
+    """The sealed manifest handed to ``write`` a piece at a time: a large disk's ids are never joined."""
     if len(m.chunk_ids) != m.chunk_count:
         raise ValueError("chunk id count does not match the virtual size")
     head = json.dumps(
@@ -114,16 +123,30 @@ def encode_manifest(m: Manifest, crypto: Crypto) -> bytes:
         },
         sort_keys=True,
     ).encode()
-    parts: list[bytes | memoryview] = [_LEN.pack(len(head)), head, *m.chunk_ids.pieces(),
-                                       m.encode_deltas() if m.deltas else b""]
-    return seal_object(BACKUP_MAGIC, parts, crypto, aad=m.id.backup_key.encode())
+    deltas = m.encode_deltas() if m.deltas else b""
+    parts = itertools.chain((_LEN.pack(len(head)), head), m.chunk_ids.pieces(), (deltas,))
+    size = _LEN.size + len(head) + m.chunk_count * ID_SIZE + len(deltas)
+    seal_stream(BACKUP_MAGIC, parts, size, crypto, write, aad=m.id.backup_key.encode())
 
 
 def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifest:
     what = backup_id.backup_key
-    # Read in parts, the ids straight into their own buffer: a 1 TiB disk's are 32 MB, and decompressing
-    # the whole payload first, then copying them out, held them twice more.
-    payload = open_payload(data, BACKUP_MAGIC, crypto, what=what, aad=what.encode())
+    return _decode(open_payload(data, BACKUP_MAGIC, crypto, what=what, aad=what.encode()), backup_id)
+
+
+def read_manifest_stream(read_range: Callable[[int, int], bytes], size: int, first: bytes, backup_id: BackupId,
+                         crypto: Crypto) -> Manifest:
+    """The manifest of ``size`` bytes read a piece at a time (``first``: its first bytes): a large disk's
+    is never held whole, and its ids go straight to their file (``ChunkIds``)."""
+    what = backup_id.backup_key
+    return _decode(open_stream(read_range, size, first, BACKUP_MAGIC, crypto, what=what, aad=what.encode()),
+                   backup_id)
+
+
+def _decode(payload: Payload, backup_id: BackupId) -> Manifest:
+    what = backup_id.backup_key
+    # Read in parts, the ids straight into their own buffer (or file): decompressing the whole payload
+    # first, then copying them out, held a 1 TiB disk's 32 MB of ids twice more.
     try:
         (head_len,) = _LEN.unpack(payload.read(_LEN.size))
         head = json.loads(payload.read(head_len))
@@ -153,6 +176,7 @@ def decode_manifest(data: bytes, backup_id: BackupId, crypto: Crypto) -> Manifes
         m.deltas = _decode_deltas(memoryview(payload.read(payload.remaining)), m, what)
         if not m.deltas:
             raise VaultCorrupt(f"{what}: version 2 manifest without deltas", object=what)
+    payload.finish()  # a streamed manifest is authentic only now
     if head.get("content_digest") != m.content_digest():
         raise VaultCorrupt(f"{what}: content digest mismatch", object=what)
     return m
