@@ -8,7 +8,7 @@
 # Idempotent: a second run does no apt and no pip work.
 #
 # Usage: scripts/setup.sh [--bench]
-#   --bench   also install restic and borgbackup (for `make bench`)
+#   --bench   also install restic, borgbackup and nbdkit (for `make bench`)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,7 +38,7 @@ packages=(python3 python3-venv python3-dev python3-libnbd libnbd-bin qemu-utils 
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86
           openssl)  # openssl: the tests' TLS front makes its certificate with it
 if (( bench )); then
-    packages+=(restic borgbackup)
+    packages+=(restic borgbackup nbdkit)
 fi
 
 missing=()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MIB, blake3_file, imagegen
-from raksha.domain.errors import AlreadyExists, InvalidInput, NotFound
+from raksha.domain.errors import AlreadyExists, ChunkMissing, InvalidInput, NotFound
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import restore as restore_module
@@ -579,3 +579,57 @@ def test_a_large_disk_restores_a_window_of_chunks_at_a_time(new_vault: MakeVault
     assert blake3_file(outputs / "vda.img") == blake3_file(image)
     assert planned == [0, 3, 6]
     assert restored.chunks_verified == 4  # the repeated chunk is one blob, however many windows read it
+
+
+def test_a_larger_disk_loads_the_locations_of_a_window_at_a_time(new_vault: MakeVault, tmp_path: Path,
+                                                                 outputs: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """Locations are loaded per INDEX_WINDOW of chunks (4 here), so a restore's memory follows neither the
+    vault nor the disk: an incremental with layers, a chunk repeated across windows, all exact."""
+    monkeypatch.setattr(restore_module, "INDEX_WINDOW", 4)
+    monkeypatch.setattr(restore_module, "RESTORE_WINDOW", 3)
+    loads: list[int] = []
+    real_load = Vault.load_index
+    monkeypatch.setattr(Vault, "load_index", lambda self, **kw: (
+        loads.append(len(kw.get("only") or ())), real_load(self, **kw))[1])
+    same = os.urandom(K64)
+    blocks = [same, os.urandom(K64), bytes(K64), os.urandom(K64), same, os.urandom(K64), os.urandom(K64),
+              bytes(K64), os.urandom(K64), same]
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"".join(blocks))
+    vault = new_vault(chunk_size=K64)
+    backup(vault, image, "job1/run1/vm1/vda")
+    changed = [(5 * K64 + 4096, 512), (9 * K64, 100)]  # small changes: stored as layers
+    with open(image, "r+b") as f:
+        for offset, n in changed:
+            f.seek(offset)
+            f.write(os.urandom(n))
+    inc = backup(vault, image, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=changed)
+    assert inc.stats.chunks_delta == 2
+    loads.clear()
+
+    restored = restore(vault, "job1/run2/vm1/vda", outputs / "vda.img")
+
+    assert blake3_file(outputs / "vda.img") == blake3_file(image)
+    assert len(loads) == 3  # chunks 0-3, 4-7, 8-9: three windows, each its own blobs only
+    manifest = vault.read_manifest(BackupId.parse("job1/run2/vm1/vda"))
+    # 0-3: same and two others; 4-7: same, 5's base and layer, 6; 8-9: 8, same and 9's layer
+    assert restored.chunks_verified == restore_module.blobs_to_verify(manifest) == sum(loads) == 3 + 4 + 3
+
+
+def test_a_chunk_missing_in_a_later_window_leaves_no_output(new_vault: MakeVault, tmp_path: Path, outputs: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found only when its window comes (two chunks here), after others were written: nothing is left."""
+    monkeypatch.setattr(restore_module, "INDEX_WINDOW", 2)
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(6 * K64))
+    vault = new_vault(chunk_size=K64, pack_size=2 * K64)
+    backup(vault, image, "job1/run1/vm1/vda")
+    last = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda")).chunk_ids[5]
+    loc = vault.load_index().get(last)
+    assert loc is not None
+    vault.backend.delete(pack_key(loc.pack_id.hex()))
+
+    with pytest.raises(ChunkMissing):
+        restore(vault, "job1/run1/vm1/vda", outputs / "vda.img")
+    assert list(outputs.iterdir()) == []

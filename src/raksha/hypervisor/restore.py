@@ -47,7 +47,7 @@ from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate
 from raksha.hypervisor.snapshot import Layer, disk_chains, is_overlay
 from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
-from raksha.vault.engine.restore import restore_backup
+from raksha.vault.engine.restore import blobs_to_verify, restore_backup
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
@@ -307,7 +307,7 @@ class _DiskPlan:
 
     @property
     def chunks(self) -> int:
-        return len(self.manifest.blob_ids())
+        return blobs_to_verify(self.manifest)
 
 
 @dataclass

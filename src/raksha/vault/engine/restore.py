@@ -20,7 +20,7 @@ from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import LockKind
-from raksha.vault.repository import Vault
+from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.open import create_target
 
 # Blobs next to each other in a pack are fetched with one read of up to READ_SPAN bytes (skipping gaps
@@ -31,6 +31,9 @@ READ_GAP = 256 << 10
 # (about 400 bytes: where its blob is, which chunks it fills) stays a few MB on any disk. A blob used
 # in two windows is read twice.
 RESTORE_WINDOW = 1 << 14
+# Chunks whose locations are loaded at a time (256 GiB of disk at 1 MiB chunks; ~30 MB of id set and
+# locations when all are distinct). A larger disk scans the index once per window.
+INDEX_WINDOW = 1 << 18
 
 
 def restore_threads() -> int:
@@ -113,24 +116,10 @@ def restore_backup(
     with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)
-        needed = manifest.blob_ids()
-        # Only what this backup needs: the restore's memory follows the backup, not the vault. Tolerant: a
-        # damaged index object must not stop restores that do not need it.
-        index = vault.load_index(tolerant=True, only=needed)
-        missing = [cid for cid in needed if cid not in index]
-        if missing and index.damaged:
-            raise VaultCorrupt(
-                f"backup {backup_id} needs {len(missing)} chunk(s) listed in no readable index; damaged index "
-                f"object(s): {', '.join(sorted(index.damaged))}. Run 'raksha vault verify', then "
-                "'raksha vault rebuild-index'",
-                backup=str(backup_id), objects=sorted(index.damaged), chunks=[m.hex() for m in missing[:10]],
-            )
-        if missing:
-            raise ChunkMissing(
-                f"backup {backup_id} references {len(missing)} chunk(s) missing from the vault "
-                f"(first: {missing[0].hex()}); run 'raksha vault verify'",
-                backup=str(backup_id), chunks=[m.hex() for m in missing[:10]],
-            )
+        windows = list(range(0, manifest.chunk_count, INDEX_WINDOW)) or [0]
+        # The first window's locations before anything is written: a restore that cannot even begin
+        # leaves nothing behind (a disk of one window, nearly all, fails before creating its output).
+        index = _locations(vault, manifest, backup_id, windows[0])
         target = create_target(output, fmt, manifest.virtual_size, overwrite=overwrite)
         total = manifest.data_bytes()
         meter = Progress("restore", total, progress)
@@ -181,14 +170,23 @@ def restore_backup(
                 for i in offsets:
                     write(i, out_buffer, data)
 
+        verified = 0
         try:
-            for window in range(0, manifest.chunk_count, RESTORE_WINDOW):
-                work, zeros = window_work(manifest, index.locations, window, window + RESTORE_WINDOW)
-                run_parallel(read_groups(work), one, threads or restore_threads())
-                for first, end in zeros:
-                    offset = first * manifest.chunk_size
-                    target.write_zeroes(offset, min(end * manifest.chunk_size, manifest.virtual_size) - offset)
-            run_parallel(sorted(manifest.deltas), one_delta, threads or restore_threads())
+            for first_chunk in windows:
+                if first_chunk != windows[0]:
+                    index = _locations(vault, manifest, backup_id, first_chunk)
+                    chunks = ChunkReader(vault, index.locations, manifest.chunk_size)
+                last_chunk = min(first_chunk + INDEX_WINDOW, manifest.chunk_count)
+                for window in range(first_chunk, last_chunk, RESTORE_WINDOW):
+                    work, zeros = window_work(manifest, index.locations, window,
+                                              min(window + RESTORE_WINDOW, last_chunk))
+                    run_parallel(read_groups(work), one, threads or restore_threads())
+                    for first, end in zeros:
+                        offset = first * manifest.chunk_size
+                        target.write_zeroes(offset, min(end * manifest.chunk_size, manifest.virtual_size) - offset)
+                run_parallel(sorted(i for i in manifest.deltas if first_chunk <= i < last_chunk), one_delta,
+                             threads or restore_threads())
+                verified += len(index.locations)
             target.flush()
         except BaseException:
             target.close()
@@ -197,6 +195,35 @@ def restore_backup(
         target.close()
         target.commit()  # only now does OUTPUT exist: a killed restore never leaves a half-written one
         meter.finish()
-        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, len(needed),
+        return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, verified,
                              manifest.content_digest(), time.monotonic() - start)
 
+
+def blobs_to_verify(manifest: Manifest) -> int:
+    """How many blobs a restore of ``manifest`` checks against their ids (``chunks_verified``): the distinct
+    ones of each INDEX_WINDOW of chunks (a blob used in two windows is read and checked in each)."""
+    return sum(len(manifest.blob_ids(first, first + INDEX_WINDOW))
+               for first in range(0, manifest.chunk_count, INDEX_WINDOW))
+
+
+def _locations(vault: Vault, manifest: Manifest, backup_id: BackupId, first: int) -> ChunkIndex:
+    """The locations of what chunks ``first`` to ``first + INDEX_WINDOW`` need, or CHUNK_MISSING or
+    VAULT_CORRUPT naming what is not in the vault. Only these: a restore's memory follows neither the vault
+    nor the disk. Tolerant: a damaged index object must not stop restores that do not need it."""
+    needed = manifest.blob_ids(first, first + INDEX_WINDOW)
+    index = vault.load_index(tolerant=True, only=needed)
+    missing = [cid for cid in needed if cid not in index]
+    if missing and index.damaged:
+        raise VaultCorrupt(
+            f"backup {backup_id} needs {len(missing)} chunk(s) listed in no readable index; damaged index "
+            f"object(s): {', '.join(sorted(index.damaged))}. Run 'raksha vault verify', then "
+            "'raksha vault rebuild-index'",
+            backup=str(backup_id), objects=sorted(index.damaged), chunks=[m.hex() for m in missing[:10]],
+        )
+    if missing:
+        raise ChunkMissing(
+            f"backup {backup_id} references {len(missing)} chunk(s) missing from the vault "
+            f"(first: {missing[0].hex()}); run 'raksha vault verify'",
+            backup=str(backup_id), chunks=[m.hex() for m in missing[:10]],
+        )
+    return index

@@ -68,11 +68,14 @@ class Manifest:
         """Chunk ``index`` is all zero: zero id and no layers."""
         return self.chunk_ids[index] == ZERO_ID and index not in self.deltas
 
-    def blob_ids(self) -> IdSet:
-        """Every stored blob this backup's content needs: chunks, bases and layers (never the zero id)."""
-        out = IdSet(cid for cid in self.chunk_ids if cid != ZERO_ID)
-        for layers in self.deltas.values():
-            out.update(layer.blob_id for layer in layers if layer.blob_id != ZERO_ID)
+    def blob_ids(self, start: int = 0, end: int | None = None) -> IdSet:
+        """Every stored blob the content of chunks ``start`` to ``end`` (all) needs: chunks, bases and
+        layers (never the zero id)."""
+        out = IdSet(cid for cid in self.chunk_ids.ids(start, end) if cid != ZERO_ID)
+        stop = self.chunk_count if end is None else end
+        for i, layers in self.deltas.items():
+            if start <= i < stop:
+                out.update(layer.blob_id for layer in layers if layer.blob_id != ZERO_ID)
         return out
 
     def data_bytes(self) -> int:
