@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, overload
 
-from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 
 _ROW = struct.Struct(f"{ID_SIZE}s")
@@ -149,10 +148,6 @@ class ChunkIds:
 
     def count(self, cid: bytes) -> int:
         return sum(map(cid.__eq__, self))
-
-    def distinct(self) -> IdSet:
-        """The ids, each once, in a compact set (a ``set[bytes]`` of a 1 TiB disk's ids takes 100 MB)."""
-        return IdSet(self)
 
     def resized(self, count: int) -> ChunkIds:
         """The first ``count`` ids (zero ids appended past the end)."""
