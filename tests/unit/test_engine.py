@@ -20,7 +20,7 @@ from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import restore as restore_module
 from raksha.vault.engine import seen_ids
-from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.backup import BackupResult, backup_disk, chunks_touching
 from raksha.vault.engine.restore import RestoreResult, restore_backup
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
@@ -633,3 +633,12 @@ def test_a_chunk_missing_in_a_later_window_leaves_no_output(new_vault: MakeVault
     with pytest.raises(ChunkMissing):
         restore(vault, "job1/run1/vm1/vda", outputs / "vda.img")
     assert list(outputs.iterdir()) == []
+
+
+def test_the_chunks_a_backup_reads_are_spans_not_a_list_of_every_chunk() -> None:
+    """A dense 16 TiB disk is one span: 16 bytes, not 8 bytes for each of its 16 million chunks."""
+    chunks = chunks_touching([(5 * MIB, 10), (0, 2 * MIB + 1), (7 * MIB - 1, 2), (100 * MIB, 1)], MIB, 8 * MIB)
+    assert list(chunks) == [0, 1, 2, 5, 6, 7] and list(chunks) == [0, 1, 2, 5, 6, 7]  # iterable again
+    assert len(chunks) == 6 and 2 in chunks and 3 not in chunks and 7 in chunks and 8 not in chunks
+    whole = chunks_touching([(0, 16 << 40)], MIB, 16 << 40)
+    assert len(whole) == 16 << 20 and (16 << 20) - 1 in whole and len(whole._spans) == 1

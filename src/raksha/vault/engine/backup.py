@@ -8,12 +8,12 @@ rerun deduplicates against (or that gc removes after its grace period).
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import threading
 import time
-from array import array
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -95,20 +95,44 @@ class _Filled:
     patched: bool  # the chunk was rebuilt on the parent's copy
 
 
-def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> array[int]:
-    """Indexes of the chunks that ``extents`` overlap, ascending, clipped to the disk.
+class ChunkSpans:
+    """Indexes of chunks, ascending, held as (first, last) spans: 16 bytes a span instead of 8 a chunk
+    (a dense 16 TiB disk's 16 million chunks are one span). Iterable again and again; ``len`` and ``in``
+    without iterating."""
 
-    An array, 8 bytes an index: a list of ints takes 36 MB for the million chunks of a full 1 TiB disk."""
-    out = array("q")
-    last = -1
+    def __init__(self, spans: list[tuple[int, int]]) -> None:
+        self._spans = spans
+        self._firsts = [a for a, _ in spans]
+        self._len = sum(b - a + 1 for a, b in spans)
+
+    def __iter__(self) -> Iterator[int]:
+        for first, last in self._spans:
+            yield from range(first, last + 1)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, i: object) -> bool:
+        if not isinstance(i, int):
+            return False
+        k = bisect.bisect_right(self._firsts, i) - 1
+        return k >= 0 and i <= self._spans[k][1]
+
+
+def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> ChunkSpans:
+    """Indexes of the chunks that ``extents`` overlap, ascending, clipped to the disk."""
+    spans: list[tuple[int, int]] = []
     for off, length in merge_extents(extents):
         end = min(off + length, virtual_size)
         if end <= off:
             continue
-        first = max(off // chunk_size, last + 1)
-        last = max(last, (end - 1) // chunk_size)
-        out.extend(range(first, last + 1))
-    return out
+        first, last = off // chunk_size, (end - 1) // chunk_size
+        if spans and first <= spans[-1][1] + 1:
+            if last > spans[-1][1]:
+                spans[-1] = (spans[-1][0], last)
+            continue
+        spans.append((first, last))
+    return ChunkSpans(spans)
 
 
 def split_by_chunk(extents: list[Extent], chunk_size: int, virtual_size: int) -> dict[int, list[Extent]]:
@@ -242,7 +266,7 @@ class _Backup:
                 out.update(layer.blob_id for layer in self.parent.deltas.get(i, []))
         return out
 
-    def _plan(self, n: int) -> Sequence[int]:
+    def _plan(self, n: int) -> Collection[int]:
         """Chunks to read; ids of the others are set here (zero, or the parent's)."""
         parent = self.parent
         if parent is None:
@@ -290,7 +314,8 @@ class _Backup:
         self.stats.chunks_from_parent = (n - self.ids.count(ZERO_ID)
                                          + sum(1 for i in self.deltas if self.ids[i] == ZERO_ID))
         if bad:  # beyond the parent's end, another span, or its chunk is gone: read it if it may hold data
-            must |= bad & set(self._with_data())
+            data = self._with_data()
+            must |= {i for i in bad if i in data}
         return sorted(must)
 
     def _not_reusable(self, n: int) -> set[int]:
@@ -328,7 +353,7 @@ class _Backup:
         else:
             out[:] = self.source.pread(offset, len(out))
 
-    def _with_data(self) -> Sequence[int]:
+    def _with_data(self) -> ChunkSpans:
         # Whole chunks are read even where part of one is a hole: O_DIRECT reads of holes cost the
         # device nothing, and one 1 MiB read is cheaper than several small ones (measured: slower).
         return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
