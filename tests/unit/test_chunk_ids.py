@@ -95,10 +95,15 @@ def test_a_large_manifest_is_staged_then_read_in_pieces(vault: Vault, monkeypatc
     vault.write_backup(m, {"note": "large"})
     assert list(vault.backend.staging_dir().iterdir()) == []
     monkeypatch.setattr(vault.backend, "get", lambda key: pytest.fail(f"{key} read whole"))
+    ranges: list[int] = []
+    real_range = vault.backend.get_range
+    monkeypatch.setattr(vault.backend, "get_range", lambda key, offset, n: (
+        ranges.append(n), real_range(key, offset, n))[1])
 
     back = vault.read_manifest(BID)
 
     assert back.chunk_ids == m.chunk_ids and back.content_digest() == m.content_digest()
+    assert len(ranges) >= 13 and max(ranges) <= 100_000  # 1.3 MB in pieces of 100 kB
     stored = Path(vault.backend.url) / BID.backup_key
     assert decode_manifest(stored.read_bytes(), BID, vault.crypto).chunk_ids == m.chunk_ids  # the same format
 

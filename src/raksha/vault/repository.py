@@ -29,6 +29,7 @@ from raksha.domain.errors import (
     VaultKeyError,
 )
 from raksha.vault.backends.base import Backend, ObjectInfo
+from raksha.vault.format import sealed
 from raksha.vault.format.chunk_table import ChunkTable, IdSet
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ID_SIZE
@@ -233,10 +234,10 @@ class Vault:
         a chunk) a piece at a time, so that no command holds it whole, whatever the disk's size."""
         key = backup_id.backup_key
         try:
-            first = self.backend.get_range(key, 0, MANIFEST_WHOLE)
-            if len(first) < MANIFEST_WHOLE:
-                return decode_manifest(first, backup_id, self.crypto)
             size = self.backend.stat(key).size
+            if size <= MANIFEST_WHOLE:
+                return decode_manifest(self.backend.get(key), backup_id, self.crypto)
+            first = self.backend.get_range(key, 0, sealed.STREAM_PIECE)
             return read_manifest_stream(lambda offset, n: self.backend.get_range(key, offset, n), size, first,
                                         backup_id, self.crypto)
         except NotFound:
