@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from raksha.domain.errors import VaultCorrupt
+from raksha.domain.errors import StorageFull, VaultCorrupt
 from raksha.vault import repository
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.format import sealed
@@ -150,3 +152,13 @@ print(rss() - before)
     grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                                env=env).stdout)
     assert grown < 12  # MB
+
+
+def test_a_full_tmpdir_is_storage_full_naming_it(tmpfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
+                                                 ) -> None:
+    where = tmpfs("64k")
+    monkeypatch.setattr(tempfile, "tempdir", str(where))
+    ids = ChunkIds.zeros(1 << 16)  # 2 MiB of ids: in a file there
+    with pytest.raises(StorageFull, match=f"no space left in {where}.*TMPDIR") as caught:
+        ids.fill(lambda view: view.__setitem__(slice(None), os.urandom(len(view))))
+    assert caught.value.code == "STORAGE_FULL"

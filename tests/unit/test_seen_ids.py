@@ -6,9 +6,13 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from raksha.domain.errors import StorageFull
 from raksha.vault.engine import seen_ids
 from raksha.vault.engine.seen_ids import SeenIds
 
@@ -80,3 +84,13 @@ print(rss() - half)
     grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout)
     assert grown <= 3  # MB
+
+
+def test_a_full_tmpdir_is_storage_full(tmpfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpfs("64k")))
+    monkeypatch.setattr(seen_ids, "RUN", 4096)  # a run of 128 KiB: more than the tmpfs holds
+    seen = SeenIds(expected=8192)
+    with pytest.raises(StorageFull):
+        for cid in ids(4096, 8):
+            seen.add(cid)
+    seen.close()

@@ -10,18 +10,18 @@ by fence keys kept in memory (8 bytes per FENCE ids). A dense 1 TiB disk: ~2 MB 
 from __future__ import annotations
 
 import bisect
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import IO
 
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ID_SIZE
+from raksha.vault.format.scratch import read_at, scratch_file, write_at
 
 RUN = 1 << 16  # ids held in memory before they become a sorted run in the file (~4 MB of IdSet)
 FENCE = 128  # ids per fence: a lookup in a run reads one block of FENCE ids (4 KiB)
 _BITS_PER_ID = 10
 _HASHES = 7
+_WHAT = "the ids this backup stored"
 
 
 @dataclass
@@ -84,20 +84,17 @@ class SeenIds:
     def _spill(self) -> None:
         ids = sorted(self._recent)
         if self._file is None:
-            self._file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115  # closed by close() or with us
+            self._file = scratch_file(_WHAT)  # closed by close(), or with this object
             self._bloom = bytearray(self._bloom_bytes)
         bloom = self._bloom
         assert bloom is not None
         for cid in ids:
             for p in self._positions(cid):
                 bloom[p >> 3] |= 1 << (p & 7)
-        data = memoryview(b"".join(ids))
-        fd, pos = self._file.fileno(), self._size
-        while data:
-            n = os.pwrite(fd, data, pos)
-            data, pos = data[n:], pos + n
+        data = b"".join(ids)
+        write_at(self._file, data, self._size, _WHAT)
         self._runs.append(_Run(self._size, len(ids), [ids[i][:8] for i in range(0, len(ids), FENCE)]))
-        self._size = pos
+        self._size += len(data)
         self._recent = IdSet()
 
     def _in_run(self, run: _Run, cid: bytes) -> bool:
@@ -112,7 +109,7 @@ class SeenIds:
         start = first * FENCE
         count = min(run.count, (block + 1) * FENCE) - start
         assert self._file is not None
-        data = os.pread(self._file.fileno(), count * ID_SIZE, run.offset + start * ID_SIZE)
+        data = read_at(self._file, count * ID_SIZE, run.offset + start * ID_SIZE, _WHAT)
         ids = [data[i : i + ID_SIZE] for i in range(0, len(data), ID_SIZE)]
         i = bisect.bisect_left(ids, cid)
         return i < len(ids) and ids[i] == cid

@@ -11,18 +11,18 @@ holes in that file: never written, never read from the device.
 from __future__ import annotations
 
 import operator
-import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, overload
 
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
+from raksha.vault.format.scratch import read_at, scratch_file, truncate, write_at
 
 _ROW = struct.Struct(f"{ID_SIZE}s")
 _FILED = 1 << 20  # ids this large (a 32 GiB disk's at 1 MiB chunks) live in a temporary file
 _PIECE = 64 << 10  # read and written in pieces of 2048 ids
 _ZERO_PIECE = bytes(_PIECE)
+_WHAT = "the chunk ids of a large disk"
 
 
 class ChunkIds:
@@ -48,8 +48,8 @@ class ChunkIds:
         out._count = count
         if count * ID_SIZE >= _FILED:
             out._buf = None
-            out._file = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115  # closed with this object
-            os.ftruncate(out._file.fileno(), count * ID_SIZE)
+            out._file = scratch_file(_WHAT)  # closed with this object
+            truncate(out._file, count * ID_SIZE, _WHAT)
         else:
             out._buf = bytearray(count * ID_SIZE)
         return out
@@ -63,22 +63,13 @@ class ChunkIds:
             assert self._buf is not None
             self._buf[pos : pos + len(data)] = data
             return
-        fd, view = self._file.fileno(), memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, pos)
-            view, pos = view[n:], pos + n
+        write_at(self._file, data, pos, _WHAT)
 
     def _read(self, pos: int, n: int) -> bytes | memoryview:
         if self._file is None:
             assert self._buf is not None
             return memoryview(self._buf)[pos : pos + n]
-        data = os.pread(self._file.fileno(), n, pos)
-        while len(data) < n:  # the file is as long as the ids: a short read is only a partial one
-            more = os.pread(self._file.fileno(), n - len(data), pos + len(data))
-            if not more:
-                raise OSError(f"chunk id file shorter than {self._count} ids")
-            data += more
-        return data
+        return read_at(self._file, n, pos, _WHAT)
 
     def fill(self, read_into: Callable[[memoryview], None]) -> None:
         """Replace every id with what ``read_into`` reads (in order, into the views it is given); in a file,
