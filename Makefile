@@ -54,6 +54,6 @@ bench:
 	$(PY) bench/dense_disk.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis bench/work bench/work-driver bench/work-dense
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis bench/work bench/work-driver bench/work-dense bench/work-large
 	rm -rf src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

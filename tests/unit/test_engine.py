@@ -22,10 +22,12 @@ from raksha.vault.engine import restore as restore_module
 from raksha.vault.engine import seen_ids
 from raksha.vault.engine.backup import BackupResult, backup_disk, chunks_touching
 from raksha.vault.engine.restore import RestoreResult, restore_backup
+from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import index_key
 from raksha.vault.format.keys import KdfParams, Secret
+from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.operations.gc import collect_garbage
@@ -584,8 +586,9 @@ def test_a_large_disk_restores_a_window_of_chunks_at_a_time(new_vault: MakeVault
 def test_a_larger_disk_loads_the_locations_of_a_window_at_a_time(new_vault: MakeVault, tmp_path: Path,
                                                                  outputs: Path, monkeypatch: pytest.MonkeyPatch
                                                                  ) -> None:
-    """Locations are loaded per INDEX_WINDOW of chunks (4 here), so a restore's memory follows neither the
-    vault nor the disk: an incremental with layers, a chunk repeated across windows, all exact."""
+    """Locations are loaded for about INDEX_WINDOW blobs at a time (4 here), so a restore's memory follows
+    neither the vault nor the disk: an incremental with layers, a chunk repeated across windows, zero
+    chunks that need nothing, all exact."""
     monkeypatch.setattr(restore_module, "INDEX_WINDOW", 4)
     monkeypatch.setattr(restore_module, "RESTORE_WINDOW", 3)
     loads: list[int] = []
@@ -594,7 +597,7 @@ def test_a_larger_disk_loads_the_locations_of_a_window_at_a_time(new_vault: Make
         loads.append(len(kw.get("only") or ())), real_load(self, **kw))[1])
     same = os.urandom(K64)
     blocks = [same, os.urandom(K64), bytes(K64), os.urandom(K64), same, os.urandom(K64), os.urandom(K64),
-              bytes(K64), os.urandom(K64), same]
+              bytes(K64), os.urandom(K64), same, *[bytes(K64)] * 20]
     image = tmp_path / "disk.img"
     image.write_bytes(b"".join(blocks))
     vault = new_vault(chunk_size=K64)
@@ -606,15 +609,26 @@ def test_a_larger_disk_loads_the_locations_of_a_window_at_a_time(new_vault: Make
             f.write(os.urandom(n))
     inc = backup(vault, image, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=changed)
     assert inc.stats.chunks_delta == 2
+    manifest = vault.read_manifest(BackupId.parse("job1/run2/vm1/vda"))
     loads.clear()
 
     restored = restore(vault, "job1/run2/vm1/vda", outputs / "vda.img")
 
     assert blake3_file(outputs / "vda.img") == blake3_file(image)
-    assert len(loads) == 3  # chunks 0-3, 4-7, 8-9: three windows, each its own blobs only
-    manifest = vault.read_manifest(BackupId.parse("job1/run2/vm1/vda"))
-    # 0-3: same and two others; 4-7: same, 5's base and layer, 6; 8-9: 8, same and 9's layer
-    assert restored.chunks_verified == restore_module.blobs_to_verify(manifest) == sum(loads) == 3 + 4 + 3
+    # Blobs counted with repeats: chunks 0-4 (same, 1, 3, same), 5-8 (5's base and layer, 6, 8), then 9 (same
+    # and its layer) with the 20 zero chunks after it, which need nothing.
+    assert restore_module.index_windows(manifest) == [(0, 5), (5, 9), (9, 30)]
+    assert loads == [3, 4, 2]  # each window's distinct blobs only
+    assert restored.chunks_verified == restore_module.blobs_to_verify(manifest) == 9
+
+
+def test_a_sparse_disk_of_any_size_is_one_index_window() -> None:
+    ids = ChunkIds.zeros(1 << 20)
+    for i in (3, 500_000, 1_048_000):
+        ids[i] = os.urandom(32)
+    m = Manifest(id=BackupId.parse("j/r/vm/vda"), virtual_size=1 << 40, chunk_size=MIB, chunk_ids=ids,
+                 source_format="raw", created="2026-11-26T00:00:00Z")
+    assert restore_module.index_windows(m) == [(0, 1 << 20)]
 
 
 def test_a_chunk_missing_in_a_later_window_leaves_no_output(new_vault: MakeVault, tmp_path: Path, outputs: Path,

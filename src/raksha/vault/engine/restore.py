@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from raksha.vault.directio import AlignedBuffers, nonzero_runs
 from raksha.vault.engine.blobio import BlobReader, ChunkReader
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
-from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 from raksha.vault.format.index import Location
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
@@ -31,8 +33,9 @@ READ_GAP = 256 << 10
 # (about 400 bytes: where its blob is, which chunks it fills) stays a few MB on any disk. A blob used
 # in two windows is read twice.
 RESTORE_WINDOW = 1 << 14
-# Chunks whose locations are loaded at a time (256 GiB of disk at 1 MiB chunks; ~30 MB of id set and
-# locations when all are distinct). A larger disk scans the index once per window.
+_ROW = struct.Struct(f"{ID_SIZE}s")
+# Blobs whose locations are loaded at a time (256 GiB of data at 1 MiB chunks; ~30 MB of id set and
+# locations): a disk with more data scans the index once per window, a sparse one of any size once.
 INDEX_WINDOW = 1 << 18
 
 
@@ -116,10 +119,10 @@ def restore_backup(
     with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)
-        windows = list(range(0, manifest.chunk_count, INDEX_WINDOW)) or [0]
+        windows = index_windows(manifest)
         # The first window's locations before anything is written: a restore that cannot even begin
         # leaves nothing behind (a disk of one window, nearly all, fails before creating its output).
-        index = _locations(vault, manifest, backup_id, windows[0])
+        index = _locations(vault, manifest, backup_id, *windows[0])
         target = create_target(output, fmt, manifest.virtual_size, overwrite=overwrite)
         total = manifest.data_bytes()
         meter = Progress("restore", total, progress)
@@ -172,11 +175,10 @@ def restore_backup(
 
         verified = 0
         try:
-            for first_chunk in windows:
-                if first_chunk != windows[0]:
-                    index = _locations(vault, manifest, backup_id, first_chunk)
+            for n, (first_chunk, last_chunk) in enumerate(windows):
+                if n:
+                    index = _locations(vault, manifest, backup_id, first_chunk, last_chunk)
                     chunks = ChunkReader(vault, index.locations, manifest.chunk_size)
-                last_chunk = min(first_chunk + INDEX_WINDOW, manifest.chunk_count)
                 for window in range(first_chunk, last_chunk, RESTORE_WINDOW):
                     work, zeros = window_work(manifest, index.locations, window,
                                               min(window + RESTORE_WINDOW, last_chunk))
@@ -199,18 +201,44 @@ def restore_backup(
                              manifest.content_digest(), time.monotonic() - start)
 
 
+def index_windows(manifest: Manifest) -> list[tuple[int, int]]:
+    """The [first, end) ranges of chunks whose blobs a restore loads together: each needs at most about
+    INDEX_WINDOW blobs (stored chunks and layers, counted with repeats), so a disk of any size with less
+    data than that is one window and one scan of the index."""
+    windows: list[tuple[int, int]] = []
+    layered = sorted((i, len(layers)) for i, layers in manifest.deltas.items())
+    first = count = i = 0
+    for piece in manifest.chunk_ids.pieces():
+        n = len(piece) // ID_SIZE
+        lo, hi = bisect.bisect_left(layered, (i, 0)), bisect.bisect_left(layered, (i + n, 0))
+        if lo == hi and piece == bytes(len(piece)):
+            i += n  # zero ids and no layers: nothing to load (most of a sparse disk)
+            continue
+        extra = dict(layered[lo:hi])
+        for k, cid in enumerate(_ROW.iter_unpack(piece), i):
+            count += (cid[0] != ZERO_ID) + extra.get(k, 0)
+            if count >= INDEX_WINDOW:
+                windows.append((first, k + 1))
+                first, count = k + 1, 0
+        i += n
+    if first < manifest.chunk_count or not windows:
+        windows.append((first, manifest.chunk_count))
+    return windows
+
+
 def blobs_to_verify(manifest: Manifest) -> int:
     """How many blobs a restore of ``manifest`` checks against their ids (``chunks_verified``): the distinct
-    ones of each INDEX_WINDOW of chunks (a blob used in two windows is read and checked in each)."""
-    return sum(len(manifest.blob_ids(first, first + INDEX_WINDOW))
-               for first in range(0, manifest.chunk_count, INDEX_WINDOW))
+    ones of each of its ``index_windows`` (a blob used in two windows is read and checked in each)."""
+    return sum(len(manifest.blob_ids(first, end)) for first, end in index_windows(manifest))
 
 
-def _locations(vault: Vault, manifest: Manifest, backup_id: BackupId, first: int) -> ChunkIndex:
-    """The locations of what chunks ``first`` to ``first + INDEX_WINDOW`` need, or CHUNK_MISSING or
-    VAULT_CORRUPT naming what is not in the vault. Only these: a restore's memory follows neither the vault
-    nor the disk. Tolerant: a damaged index object must not stop restores that do not need it."""
-    needed = manifest.blob_ids(first, first + INDEX_WINDOW)
+def _locations(vault: Vault, manifest: Manifest, backup_id: BackupId, first: int, end: int) -> ChunkIndex:
+    """The locations of what chunks ``first`` to ``end`` need, or CHUNK_MISSING or VAULT_CORRUPT naming
+    what is not in the vault. Only these: a restore's memory follows neither the vault nor the disk.
+    Tolerant: a damaged index object must not stop restores that do not need it."""
+    needed = manifest.blob_ids(first, end)
+    if not needed:
+        return ChunkIndex()  # all zero: no index to read
     index = vault.load_index(tolerant=True, only=needed)
     missing = [cid for cid in needed if cid not in index]
     if missing and index.damaged:
