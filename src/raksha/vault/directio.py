@@ -38,7 +38,7 @@ def open_direct(path: str | Path, flags: int, mode: int = 0o600) -> tuple[int, b
 
 
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int, what: str) -> None:
-    error = _pwrite_fully(fd, data, offset)
+    error = pwrite_fully(fd, data, offset)
     if error is None:
         return
     # The exception raised here keeps this frame alive in its traceback: it must not keep a view of
@@ -50,7 +50,7 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int, what: str) -> Non
     raise BackendError(f"cannot write {what}: {error}") from error
 
 
-def _pwrite_fully(fd: int, data: memoryview | bytes, offset: int) -> OSError | None:
+def pwrite_fully(fd: int, data: memoryview | bytes, offset: int) -> OSError | None:
     """Write all of ``data`` at ``offset``; return the error (without its traceback) instead of raising."""
     view = memoryview(data)
     try:

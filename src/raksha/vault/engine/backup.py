@@ -235,9 +235,6 @@ class _Backup:
         self.stats.seconds = time.monotonic() - start
         return self._commit()
 
-    def _stored(self, cid: bytes) -> bool:
-        return cid in self.added or (cid in self.stored_ids and cid not in self.condemned)
-
     def _length(self, i: int) -> int:
         return min(self.chunk_size, self.size - i * self.chunk_size)
 
@@ -426,9 +423,9 @@ class _Backup:
     def _store(self, cid: bytes, data: memoryview) -> None:
         """Pack ``data`` under ``cid`` unless the vault (or this backup) has it already."""
         with self._lock:
-            new = not self._stored(cid)
+            # Stored in the vault (and not condemned by a gc), or by this backup already.
+            new = not (cid in self.stored_ids and cid not in self.condemned) and self.added.add(cid)
             if new:
-                self.added.add(cid)
                 self.stats.chunks_new += 1
             else:
                 self.stats.chunks_deduplicated += 1

@@ -49,13 +49,15 @@ class SeenIds:
     def __len__(self) -> int:
         return self._count
 
-    def add(self, cid: bytes) -> None:
+    def add(self, cid: bytes) -> bool:
+        """Add ``cid`` unless it is in already; whether it was new (one lookup for the caller's two)."""
         if cid in self:
-            return
+            return False
         self._recent.add(cid)
         self._count += 1
         if len(self._recent) >= RUN:
             self._spill()
+        return True
 
     def __contains__(self, cid: object) -> bool:
         if not isinstance(cid, bytes):

@@ -12,6 +12,7 @@ import tempfile
 from typing import IO
 
 from raksha.domain.errors import BackendError, RakshaError, StorageFull
+from raksha.vault.directio import pwrite_fully
 
 
 def scratch_file(what: str) -> IO[bytes]:
@@ -22,13 +23,9 @@ def scratch_file(what: str) -> IO[bytes]:
 
 
 def write_at(f: IO[bytes], data: bytes | memoryview, pos: int, what: str) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            n = os.pwrite(f.fileno(), view, pos)
-            view, pos = view[n:], pos + n
-    except OSError as exc:
-        raise _error(exc, what) from exc
+    error = pwrite_fully(f.fileno(), data, pos)
+    if error is not None:
+        raise _error(error, what) from error
 
 
 def read_at(f: IO[bytes], n: int, pos: int, what: str) -> bytes:
