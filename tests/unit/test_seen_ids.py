@@ -65,25 +65,28 @@ def test_ids_sharing_their_first_bytes_across_a_fence_are_found(monkeypatch: pyt
 
 
 def test_memory_stops_growing_with_the_ids() -> None:
-    """From 250,000 to 500,000 ids an IdSet grows ~14 MB; this, by its filter's share (<1 MB)."""
+    """From 250,000 to 750,000 ids an IdSet grows ~25 MB; this, by its filter's share (~1 MB) and what the
+    heap keeps of the spills (a few MB, as the backup's own process would: same malloc settings)."""
     script = """
 import random
 from raksha.vault.engine.seen_ids import SeenIds
+from raksha.vault.malloc import fix_mmap_threshold
+fix_mmap_threshold()
 def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) >> 10
 rng = random.Random(7)
-seen = SeenIds(expected=500_000)
+seen = SeenIds(expected=750_000)
 for _ in range(250_000):
     seen.add(rng.randbytes(32))
-half = rss()
-for _ in range(250_000):
+first = rss()
+for _ in range(500_000):
     seen.add(rng.randbytes(32))
-assert len(seen) == 500_000
-print(rss() - half)
+assert len(seen) == 750_000
+print(rss() - first)
 """
     grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout)
-    assert grown <= 3  # MB
+    assert grown <= 8  # MB
 
 
 def test_a_full_tmpdir_is_storage_full(tmpfs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
