@@ -16,12 +16,14 @@ import pytest
 
 from conftest import MIB, blake3_file, imagegen
 from raksha.domain.errors import AlreadyExists, ChunkMissing, InvalidInput, NotFound
+from raksha.vault import repository
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import restore as restore_module
 from raksha.vault.engine import seen_ids
 from raksha.vault.engine.backup import BackupResult, backup_disk, chunks_touching
 from raksha.vault.engine.restore import RestoreResult, restore_backup
+from raksha.vault.format import sorted_ids
 from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
@@ -403,6 +405,42 @@ def test_a_chunk_seen_again_long_after_is_stored_once(new_vault: MakeVault, tmp_
     assert result.stats.chunks_new == 12 and result.stats.chunks_deduplicated == 5
     restore(vault, "job1/run1/vm1/vda", outputs / "repeats.img")
     assert blake3_file(outputs / "repeats.img") == blake3_file(image)
+
+
+def test_a_large_vault_gives_a_backup_its_stored_ids_from_a_file(
+        new_vault: MakeVault, make_image: Callable[..., Path],
+        make_changed_copy: Callable[..., tuple[Path, list[list[int]]]], outputs: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past IDS_IN_MEMORY stored chunks (8 here, 524,288 really) a backup deduplicates against the vault's
+    ids sorted in a temporary file: a clone and an incremental store what they did in memory."""
+    monkeypatch.setattr(repository, "IDS_IN_MEMORY", 8)
+    monkeypatch.setattr(sorted_ids, "PARTITION", 16)  # 16 partitions, each several blocks of 4 ids
+    monkeypatch.setattr(sorted_ids, "FENCE", 4)
+    built: list[sorted_ids.DiskIdSet] = []
+    finish = sorted_ids.DiskIdSet.finish
+    monkeypatch.setattr(sorted_ids.DiskIdSet, "finish", lambda self: built.append(self) or finish(self))
+    image = make_image("base.img", 16 * MIB, seed=15)
+    clone = image.parent / "clone.img"
+    clone_extents = imagegen.make_clone(image, clone, 0.005, 15)
+    changed, extents = make_changed_copy(clone, "changed.img", fraction=0.01, seed=16)
+    vault = new_vault(chunk_size=K64)
+    first = backup(vault, image, "job1/run1/vm1/vda")
+    assert not built  # an empty vault: nothing to put in a file
+
+    second = backup(vault, clone, "job1/run1/vm2/vda")
+    third = backup(vault, changed, "job1/run2/vm2/vda", parent="job1/run1/vm2/vda",
+                   changed_extents=[(o, n) for o, n in extents])
+
+    assert len(built) == 2 and len(built[0]) == first.stats.chunks_new
+    assert len(built[0]._runs) == 16 and all(s._file is None for s in built)  # closed with the backup
+    assert 0 < second.stats.bytes_stored <= sum(n for _, n in clone_extents) + K64 * len(clone_extents)
+    assert second.stats.chunks_deduplicated >= first.stats.chunks_new - 2 * len(clone_extents)
+    assert third.stats.chunks_from_parent > 0  # the parent's chunks were found stored
+    assert third.stats.bytes_stored <= sum(n for _, n in extents) + K64 * len(extents)
+    for backup_id, source in (("job1/run1/vm2/vda", clone), ("job1/run2/vm2/vda", changed)):
+        restore(vault, backup_id, outputs / "out.img")
+        assert blake3_file(outputs / "out.img") == blake3_file(source)
+        (outputs / "out.img").unlink()
 
 
 def test_a_cloned_disk_stores_only_its_differences(new_vault: MakeVault, make_image: Callable[..., Path],

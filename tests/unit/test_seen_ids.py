@@ -15,6 +15,7 @@ import pytest
 from raksha.domain.errors import StorageFull
 from raksha.vault.engine import seen_ids
 from raksha.vault.engine.seen_ids import SeenIds
+from raksha.vault.format import sorted_ids
 
 
 def ids(n: int, seed: int) -> list[bytes]:
@@ -34,7 +35,7 @@ def test_a_few_ids_stay_in_memory() -> None:
 
 def test_ids_spilled_to_runs_are_still_found_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(seen_ids, "RUN", 100)
-    monkeypatch.setattr(seen_ids, "FENCE", 8)
+    monkeypatch.setattr(sorted_ids, "FENCE", 8)
     added, others = ids(1050, 2), ids(5000, 3)
     seen = SeenIds(expected=len(added))
     for cid in added:
@@ -51,7 +52,7 @@ def test_ids_spilled_to_runs_are_still_found_exactly(monkeypatch: pytest.MonkeyP
 def test_ids_sharing_their_first_bytes_across_a_fence_are_found(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fence keys are 8-byte prefixes: a run of ids with the same prefix spans blocks."""
     monkeypatch.setattr(seen_ids, "RUN", 64)
-    monkeypatch.setattr(seen_ids, "FENCE", 4)
+    monkeypatch.setattr(sorted_ids, "FENCE", 4)
     prefix = b"\x42" * 8
     same = [prefix + tail[:24] for tail in ids(40, 4)]
     mixed = same + ids(24, 5)  # one run of 64, 40 of them under one prefix
@@ -70,6 +71,7 @@ def test_memory_stops_growing_with_the_ids() -> None:
     script = """
 import random
 from raksha.vault.engine.seen_ids import SeenIds
+from raksha.vault.format import sorted_ids
 from raksha.vault.malloc import fix_mmap_threshold
 fix_mmap_threshold()
 def rss():

@@ -54,6 +54,7 @@ from raksha.vault.format.manifest import (
 )
 from raksha.vault.format.naming import PREFIX, BackupId
 from raksha.vault.format.pack import PACK_PREAMBLE_SIZE, PackEntry, decode_header_bytes, pack_key
+from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import LockManager
 from raksha.vault.malloc import fix_mmap_threshold
 
@@ -70,6 +71,9 @@ INDEX_HOLD_BYTES = 4 << 20
 INDEX_BATCH_BYTES = 16 << 20  # index objects read in parallel at once, at most (a merged one is ~5 MB)
 MANIFEST_WHOLE = 4 << 20  # manifests larger than this (a 128 GiB dense disk's) are read in pieces
 SMALL_FILTER = 1 << 16  # ids a load filters on through a plain set (100 bytes each) rather than an IdSet
+# A vault holding more chunks than this gives a backup its stored ids in a temporary file (DiskIdSet,
+# ~0.1 byte an id in memory) instead of an IdSet (~45 bytes an id: 24 MB here).
+IDS_IN_MEMORY = 1 << 19
 DATA_PREFIX = "data/"
 LOCKS_PREFIX = "locks/"
 CONDEMNED_SUFFIX = ".condemned"
@@ -111,7 +115,7 @@ class ChunkIndex:
     """Every stored chunk's location, merged from the index objects read."""
 
     locations: ChunkTable = field(default_factory=ChunkTable)
-    ids: IdSet | None = None  # every stored chunk, when asked for with locations of only some
+    ids: IdSet | DiskIdSet | None = None  # every stored chunk, when asked for with locations of only some
     index_ids: set[str] = field(default_factory=set)  # the index objects this was built from
     damaged: dict[str, str] = field(default_factory=dict)  # unreadable index objects left out: key -> error
 
@@ -120,6 +124,11 @@ class ChunkIndex:
 
     def get(self, chunk_id: bytes) -> Location | None:
         return self.locations.get(chunk_id)
+
+    def close(self) -> None:
+        """Free the temporary file of a large vault's ids (dropping this does too, later)."""
+        if isinstance(self.ids, DiskIdSet):
+            self.ids.close()
 
 
 class Vault:
@@ -334,18 +343,26 @@ class Vault:
         index = ChunkIndex()
         scan = self.scan_index(index.damaged if tolerant else None, check_names=check_names)
         index.locations.reserve(scan.live_entries if only is None else min(len(only), scan.live_entries))
-        if ids:
+        if ids and scan.live_entries > IDS_IN_MEMORY:
+            index.ids = DiskIdSet(scan.live_entries, "the vault's chunk ids")
+        elif ids:
             index.ids = IdSet()
             index.ids.reserve(scan.live_entries)
         # A few wanted ids (a backup's parent chunks) are tested in a plain set: C-speed, against a
         # million rows; many (a restore's) stay compact.
         keep: Container[bytes] | None = set(only) if only is not None and len(only) <= SMALL_FILTER else only
-        for index_id, f in scan.live():
-            if index.ids is not None:
-                index.ids.update(map(itemgetter(0), f.rows()))
-            if only is None or only:
-                index.locations.update_rows(f.rows(), keep=keep)
-            index.index_ids.add(index_id)
+        try:
+            for index_id, f in scan.live():
+                if index.ids is not None:
+                    index.ids.update(map(itemgetter(0), f.rows()))
+                if only is None or only:
+                    index.locations.update_rows(f.rows(), keep=keep)
+                index.index_ids.add(index_id)
+            if isinstance(index.ids, DiskIdSet):
+                index.ids.finish()
+        except BaseException:
+            index.close()
+            raise
         return index
 
     def scan_index(self, damaged: dict[str, str] | None = None, *, check_names: bool = False) -> IndexScan:

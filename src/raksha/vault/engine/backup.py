@@ -31,7 +31,7 @@ from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.manifest import Layer, Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.locks import LockKind
-from raksha.vault.repository import Vault
+from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import DiskSource, Extent, merge_extents
 
 
@@ -207,6 +207,12 @@ class _Backup:
         # will rebuild or layer (the index is the largest structure in memory).
         self.parent = self._read_parent()
         index = self.vault.load_index(tolerant=True, only=self._parent_blobs_to_read(), ids=True)
+        try:
+            return self._run(start, index)
+        finally:
+            index.close()  # a large vault's ids are in a temporary file
+
+    def _run(self, start: float, index: ChunkIndex) -> BackupResult:
         assert index.ids is not None
         condemned = self.vault.condemned_chunks()
         self.stored_ids, self.condemned = index.ids, condemned

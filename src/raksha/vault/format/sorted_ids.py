@@ -1,0 +1,182 @@
+"""Sets of chunk ids too large for memory: ids sorted in an unnamed temporary file.
+
+A ``SortedRun`` is ids sorted in a region of the file, found through fence keys kept in memory (the
+first 8 bytes of every FENCE-th id: 1/16 byte an id), so a lookup reads one block of FENCE ids
+(4 KiB) with ``pread``, not through a map, whose pages would count in the process's RSS.
+
+``DiskIdSet`` is a vault's stored ids, which every backup deduplicates against: an ``IdSet`` of them
+costs ~45 bytes an id (a vault of 2 million chunks took a backup past 150 MB). Built once from the
+index, in partitions by Python's own per-process seeded hash (so ids crafted to share a prefix cannot
+pile into one), each sorted in memory alone and written as a run; a lookup reads one block of one
+run. ``Bloom`` is the filter ``SeenIds`` puts in front of its runs.
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from collections.abc import Iterable
+from typing import IO
+
+from raksha.vault.format.constants import ID_SIZE
+from raksha.vault.format.scratch import read_at, scratch_file, write_at
+
+FENCE = 128  # ids per fence: a lookup reads one block of FENCE ids (4 KiB)
+PARTITION = 1 << 14  # ids a DiskIdSet partition holds on average, sorted in memory at once (~2 MB)
+MAX_PARTITIONS = 1 << 12  # past 64 million ids partitions grow instead: their buffers would
+BUFFER_BYTES = 2 << 20  # a DiskIdSet's write buffers while it is built, all partitions together
+_MIN_FLUSH = 1024
+_BITS_PER_ID = 10
+_HASHES = 7
+
+
+class SortedRun:
+    """``count`` distinct ids sorted at ``offset`` of a file, and the fences to find them."""
+
+    __slots__ = ("count", "fence", "fences", "offset")
+
+    def __init__(self, offset: int, count: int, fence: int, fences: array[int]) -> None:
+        self.offset, self.count, self.fence, self.fences = offset, count, fence, fences
+
+    @classmethod
+    def write(cls, f: IO[bytes], offset: int, ids: list[bytes], what: str) -> SortedRun:
+        """Write ``ids`` (sorted, distinct) at ``offset`` of ``f``."""
+        write_at(f, b"".join(ids), offset, what)
+        fences = array("Q", [int.from_bytes(ids[i][:8], "big") for i in range(0, len(ids), FENCE)])
+        return cls(offset, len(ids), FENCE, fences)
+
+    @property
+    def size(self) -> int:
+        return self.count * ID_SIZE
+
+    def contains(self, f: IO[bytes], cid: bytes, what: str) -> bool:
+        key = int.from_bytes(cid[:8], "big")
+        fences = self.fences
+        block = bisect.bisect_right(fences, key) - 1
+        if block < 0:
+            return False
+        # Ids sharing their first 8 bytes may straddle a fence: start at the first block they may be in
+        # (never more than one, in practice: 2^-64 a pair).
+        first = block
+        while first > 0 and fences[first] == key:
+            first -= 1
+        start = first * self.fence
+        count = min(self.count, (block + 1) * self.fence) - start
+        return _in_sorted(read_at(f, count * ID_SIZE, self.offset + start * ID_SIZE, what), cid)
+
+
+def _in_sorted(data: bytes, cid: bytes) -> bool:
+    """Whether ``cid`` is one of the sorted ids packed in ``data`` (a binary search without a list)."""
+    lo, hi = 0, len(data) // ID_SIZE
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if data[mid * ID_SIZE : (mid + 1) * ID_SIZE] < cid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return data[lo * ID_SIZE : (lo + 1) * ID_SIZE] == cid
+
+
+class Bloom:
+    """A Bloom filter over ids for ``expected`` of them: 10 bits an id, 7 hashes, 1% false positives."""
+
+    def __init__(self, expected: int) -> None:
+        bits = 1 << max(16, (max(1, expected) * _BITS_PER_ID - 1).bit_length())
+        self._mask = bits - 1
+        self._bits = bytearray(bits // 8)
+
+    def _positions(self, cid: bytes) -> list[int]:
+        # Ids are hashes: two 64-bit pieces of one give every position (double hashing).
+        h1, h2 = int.from_bytes(cid[:8], "little"), int.from_bytes(cid[8:16], "little") | 1
+        return [(h1 + i * h2) & self._mask for i in range(_HASHES)]
+
+    def add(self, cid: bytes) -> None:
+        bits = self._bits
+        for p in self._positions(cid):
+            bits[p >> 3] |= 1 << (p & 7)
+
+    def __contains__(self, cid: bytes) -> bool:
+        bits = self._bits
+        return all(bits[p >> 3] >> (p & 7) & 1 for p in self._positions(cid))
+
+
+class DiskIdSet:
+    """A set of chunk ids in a temporary file, built once: ``update`` with every id (about ``expected``
+    of them), then ``finish``; then ``in`` and ``len``. ``close`` frees the file (so does losing it)."""
+
+    def __init__(self, expected: int, what: str) -> None:
+        self._what = what
+        parts = min(MAX_PARTITIONS, 1 << (max(1, -(-expected // PARTITION)) - 1).bit_length())  # a power of two
+        self._mask = parts - 1
+        self._buffers: list[bytearray] | None = [bytearray() for _ in range(parts)]
+        self._flush_at = max(_MIN_FLUSH, BUFFER_BYTES // parts // ID_SIZE * ID_SIZE)
+        self._segments: list[list[tuple[int, int]]] = [[] for _ in range(parts)]  # (offset, size) each
+        self._spill: IO[bytes] | None = None  # partitions' pieces before they are sorted
+        self._spilled = 0
+        self._file: IO[bytes] | None = None
+        self._runs: list[SortedRun] = []
+        self._count = 0
+
+    def update(self, ids: Iterable[bytes]) -> None:
+        buffers, mask, flush_at = self._buffers, self._mask, self._flush_at
+        if buffers is None:
+            raise ValueError("a DiskIdSet is complete once finished")
+        for cid in ids:
+            if len(cid) != ID_SIZE:
+                raise ValueError("a chunk id is 32 bytes")
+            part = hash(cid) & mask
+            buf = buffers[part]
+            buf += cid
+            if len(buf) >= flush_at:
+                self._flush(part, buf)
+
+    def _flush(self, part: int, buf: bytearray) -> None:
+        if self._spill is None:
+            self._spill = scratch_file(self._what)
+        with memoryview(buf) as view:
+            write_at(self._spill, view, self._spilled, self._what)
+        self._segments[part].append((self._spilled, len(buf)))
+        self._spilled += len(buf)
+        del buf[:]
+
+    def finish(self) -> DiskIdSet:
+        """Sort each partition into its run. Returns self."""
+        buffers = self._buffers
+        if buffers is None:
+            return self
+        self._buffers = None
+        self._file = scratch_file(self._what)
+        offset = 0
+        for part, buf in enumerate(buffers):
+            pieces = [read_at(self._spill, size, at, self._what)
+                      for at, size in self._segments[part]] if self._spill is not None else []
+            pieces.append(bytes(buf))
+            buffers[part] = bytearray()  # what this partition held is in ``pieces`` now
+            data = b"".join(pieces)
+            del pieces
+            ids = sorted({data[i : i + ID_SIZE] for i in range(0, len(data), ID_SIZE)})
+            del data
+            run = SortedRun.write(self._file, offset, ids, self._what)
+            self._runs.append(run)
+            offset += run.size
+            self._count += run.count
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        return self
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, cid: object) -> bool:
+        if not isinstance(cid, bytes) or len(cid) != ID_SIZE:
+            return False
+        if self._file is None:
+            raise ValueError("a DiskIdSet answers once finished")
+        return self._runs[hash(cid) & self._mask].contains(self._file, cid, self._what)
+
+    def close(self) -> None:
+        for f in (self._spill, self._file):
+            if f is not None:
+                f.close()
+        self._spill = self._file = None
