@@ -23,8 +23,9 @@ from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
+from raksha.vault.format.deltas import Layer
 from raksha.vault.format.keys import KdfParams, Secret
-from raksha.vault.format.manifest import Layer, Manifest, decode_manifest, encode_manifest
+from raksha.vault.format.manifest import Manifest, decode_manifest, encode_manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.operations.gc import collect_garbage

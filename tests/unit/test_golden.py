@@ -23,8 +23,9 @@ from raksha.domain.errors import VaultKeyError
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.deltas import Layer
 from raksha.vault.format.keys import Secret
-from raksha.vault.format.manifest import Layer, Manifest
+from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.operations.catalog import list_backups
 from raksha.vault.operations.gc import collect_garbage

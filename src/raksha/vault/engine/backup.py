@@ -13,7 +13,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +28,8 @@ from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ZERO_ID
-from raksha.vault.format.manifest import Layer, Manifest
+from raksha.vault.format.deltas import Deltas, Layer, encode_layers
+from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import ChunkIndex, Vault
@@ -77,6 +78,10 @@ MAX_LAYERED_FRACTION = 2  # layers cover at most 1/2 of the chunk
 MAX_RANGES = 64
 MAX_LAYERED_SHARE = 2  # at most 1/2 of the chunks carry layers
 MIN_LAYERED_ROOM = 64
+
+
+def _keep_none(_index: int) -> bool:
+    return False
 
 
 def default_threads() -> int:
@@ -195,7 +200,11 @@ class _Backup:
         self._zero_ids: dict[int, bytes] = {}
         self.patch: dict[int, list[Extent]] = {}  # changed in part, rebuilt whole: the changed ranges
         self.delta: dict[int, list[Extent]] = {}  # changed in part, stored as a new layer: the changed ranges
-        self.deltas: dict[int, list[Layer]] = {}  # the new manifest's layers
+        # The new manifest's layers: the parent's on chunks this backup keeps, and this backup's own
+        # (encoded: a large disk may carry layers on hundreds of thousands of chunks).
+        self.kept_deltas = Deltas()
+        self.keep_delta: Callable[[int], bool] = _keep_none
+        self.new_deltas: dict[int, bytes] = {}
         self._started = datetime.now(UTC)
 
     def run(self) -> BackupResult:
@@ -313,9 +322,10 @@ class _Backup:
         for i in skip:
             if i < common:
                 self.ids[i] = ZERO_ID  # read below: zero unless the read finds data
-        self.deltas = {i: layers for i, layers in parent.deltas.items() if i < common and i not in skip}
-        self.stats.chunks_from_parent = (n - self.ids.count(ZERO_ID)
-                                         + sum(1 for i in self.deltas if self.ids[i] == ZERO_ID))
+        self.kept_deltas = parent.deltas
+        self.keep_delta = lambda i: i < common and i not in skip
+        self.stats.chunks_from_parent = (n - self.ids.count(ZERO_ID) + sum(
+            1 for i in parent.deltas.indexes(0, common) if i not in skip and self.ids[i] == ZERO_ID))
         if bad:  # beyond the parent's end, another span, or its chunk is gone: read it if it may hold data
             data = self._with_data()
             must |= {i for i in bad if i in data}
@@ -422,9 +432,9 @@ class _Backup:
             self._store(cid, data)
         base, below = self._from_parent[i]
         self.ids[i] = base
-        layers = [*below, Layer(cid, tuple(self.delta[i]))]
+        entry = encode_layers(i, [*below, Layer(cid, tuple(self.delta[i]))])
         with self._lock:
-            self.deltas[i] = layers
+            self.new_deltas[i] = entry
 
     def _store(self, cid: bytes, data: memoryview) -> None:
         """Pack ``data`` under ``cid`` unless the vault (or this backup) has it already."""
@@ -457,7 +467,7 @@ class _Backup:
             source_format=self.source.format,
             created=created,
             parent=str(self.parent_id) if self.parent_id else None,
-            deltas=dict(sorted(self.deltas.items())),
+            deltas=Deltas.merged(self.kept_deltas, self.keep_delta, self.new_deltas),
         )
         kind = "incremental" if self.changed is not None else "full"
         digest = manifest.content_digest()

@@ -10,8 +10,9 @@ from raksha.domain.errors import ChunkMissing, NotFound
 from raksha.vault.directio import AlignedBuffers, aligned_span
 from raksha.vault.format.blob import BlobDecoder
 from raksha.vault.format.constants import ZERO_ID
+from raksha.vault.format.deltas import Layer
 from raksha.vault.format.index import Location
-from raksha.vault.format.manifest import Layer, Manifest
+from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.pack import pack_key
 from raksha.vault.repository import Vault
 

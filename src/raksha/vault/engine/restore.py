@@ -7,6 +7,7 @@ import mmap
 import os
 import struct
 import time
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -186,8 +187,7 @@ def restore_backup(
                     for first, end in zeros:
                         offset = first * manifest.chunk_size
                         target.write_zeroes(offset, min(end * manifest.chunk_size, manifest.virtual_size) - offset)
-                run_parallel(sorted(i for i in manifest.deltas if first_chunk <= i < last_chunk), one_delta,
-                             threads or restore_threads())
+                run_parallel(manifest.deltas.indexes(first_chunk, last_chunk), one_delta, threads or restore_threads())
                 verified += len(index.locations)
             target.flush()
         except BaseException:
@@ -206,15 +206,16 @@ def index_windows(manifest: Manifest) -> list[tuple[int, int]]:
     INDEX_WINDOW blobs (stored chunks and layers, counted with repeats), so a disk of any size with less
     data than that is one window and one scan of the index."""
     windows: list[tuple[int, int]] = []
-    layered = sorted((i, len(layers)) for i, layers in manifest.deltas.items())
+    layered = manifest.deltas.indexes()
+    counts = array("I", (count for _, count in manifest.deltas.layer_counts()))
     first = count = i = 0
     for piece in manifest.chunk_ids.pieces():
         n = len(piece) // ID_SIZE
-        lo, hi = bisect.bisect_left(layered, (i, 0)), bisect.bisect_left(layered, (i + n, 0))
+        lo, hi = bisect.bisect_left(layered, i), bisect.bisect_left(layered, i + n)
         if lo == hi and piece == bytes(len(piece)):
             i += n  # zero ids and no layers: nothing to load (most of a sparse disk)
             continue
-        extra = dict(layered[lo:hi])
+        extra = dict(zip(layered[lo:hi], counts[lo:hi], strict=True))
         for k, cid in enumerate(_ROW.iter_unpack(piece), i):
             count += (cid[0] != ZERO_ID) + extra.get(k, 0)
             if count >= INDEX_WINDOW:

@@ -16,26 +16,11 @@ from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import BACKUP_MAGIC, ID_SIZE, METADATA_MAGIC, ZERO_ID
 from raksha.vault.format.crypto import Crypto
+from raksha.vault.format.deltas import Deltas
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sealed import Payload, open_object, open_payload, open_stream, seal_object, seal_stream
 
 _LEN = struct.Struct("<I")
-_PAIR = struct.Struct("<II")
-MAX_DELTA_ITEMS = 65536  # layers per chunk, ranges per layer (format.md §8.1)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One delta layer on a chunk (format.md §8.1): ``blob_id``'s bytes overwrite ``ranges`` in order.
-
-    ``blob_id`` is the zero id when the bytes are all zero (nothing stored)."""
-
-    blob_id: bytes
-    ranges: tuple[tuple[int, int], ...]
-
-    @property
-    def length(self) -> int:
-        return sum(n for _, n in self.ranges)
 
 
 @dataclass
@@ -47,11 +32,13 @@ class Manifest:
     source_format: str
     created: str
     parent: str | None = None
-    deltas: dict[int, list[Layer]] = field(default_factory=dict)  # chunk index -> layers, in order
+    deltas: Deltas = field(default_factory=Deltas)  # chunk index -> layers, in order (a dict is converted)
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_ids, ChunkIds):
             self.chunk_ids = ChunkIds(self.chunk_ids)
+        if not isinstance(self.deltas, Deltas):
+            self.deltas = Deltas(self.deltas)
 
     @property
     def chunk_count(self) -> int:
@@ -72,10 +59,7 @@ class Manifest:
         """Every stored blob the content of chunks ``start`` to ``end`` (all) needs: chunks, bases and
         layers (never the zero id)."""
         out = IdSet(cid for cid in self.chunk_ids.ids(start, end) if cid != ZERO_ID)
-        stop = self.chunk_count if end is None else end
-        for i, layers in self.deltas.items():
-            if start <= i < stop:
-                out.update(layer.blob_id for layer in layers if layer.blob_id != ZERO_ID)
+        out.update(self.deltas.blob_ids(start, end))
         return out
 
     def data_bytes(self) -> int:
@@ -84,21 +68,15 @@ class Manifest:
                    if cid != ZERO_ID or i in self.deltas)
 
     def encode_deltas(self) -> bytes:
-        parts = [_LEN.pack(len(self.deltas))]
-        for i in sorted(self.deltas):
-            layers = self.deltas[i]
-            parts.append(_PAIR.pack(i, len(layers)))
-            for layer in layers:
-                parts.append(layer.blob_id + _LEN.pack(len(layer.ranges)))
-                parts.extend(_PAIR.pack(off, n) for off, n in layer.ranges)
-        return b"".join(parts)
+        return self.deltas.encode()
 
     def content_digest(self) -> str:
         h = blake3.blake3(struct.pack("<QQ", self.virtual_size, self.chunk_size))
         for piece in self.chunk_ids.pieces():  # the ids one after another, as format.md §8 says
             h.update(piece)
         if self.deltas:
-            h.update(self.encode_deltas())
+            for piece in self.deltas.pieces():
+                h.update(piece)
         return h.hexdigest()
 
 
@@ -126,9 +104,9 @@ def write_manifest(m: Manifest, crypto: Crypto, write: Callable[[bytes], object]
         },
         sort_keys=True,
     ).encode()
-    deltas = m.encode_deltas() if m.deltas else b""
-    parts = itertools.chain((_LEN.pack(len(head)), head), m.chunk_ids.pieces(), (deltas,))
-    size = _LEN.size + len(head) + m.chunk_count * ID_SIZE + len(deltas)
+    deltas = m.deltas.pieces() if m.deltas else ()
+    parts = itertools.chain((_LEN.pack(len(head)), head), m.chunk_ids.pieces(), deltas)
+    size = _LEN.size + len(head) + m.chunk_count * ID_SIZE + (m.deltas.encoded_size if m.deltas else 0)
     seal_stream(BACKUP_MAGIC, parts, size, crypto, write, aad=m.id.backup_key.encode())
 
 
@@ -176,59 +154,13 @@ def _decode(payload: Payload, backup_id: BackupId) -> Manifest:
     m.chunk_ids = ChunkIds.zeros(m.chunk_count)
     m.chunk_ids.fill(payload.readinto)  # zero ids not written: a sparse disk's take no memory
     if version == 2:
-        m.deltas = _decode_deltas(memoryview(payload.read(payload.remaining)), m, what)
+        m.deltas = Deltas.decode(memoryview(payload.read(payload.remaining)), m.chunk_count, m.chunk_length, what)
         if not m.deltas:
             raise VaultCorrupt(f"{what}: version 2 manifest without deltas", object=what)
     payload.finish()  # a streamed manifest is authentic only now
     if head.get("content_digest") != m.content_digest():
         raise VaultCorrupt(f"{what}: content digest mismatch", object=what)
     return m
-
-
-def _decode_deltas(data: memoryview, m: Manifest, what: str) -> dict[int, list[Layer]]:
-    def bad(why: str) -> VaultCorrupt:
-        return VaultCorrupt(f"{what}: malformed deltas: {why}", object=what)
-
-    pos = 0
-
-    def take(st: struct.Struct) -> tuple[int, ...]:
-        nonlocal pos
-        if pos + st.size > len(data):
-            raise bad("truncated")
-        value = st.unpack_from(data, pos)
-        pos += st.size
-        return value
-
-    (count,) = take(_LEN)
-    deltas: dict[int, list[Layer]] = {}
-    last = -1
-    for _ in range(count):
-        index, n_layers = take(_PAIR)
-        if not last < index < m.chunk_count:
-            raise bad(f"chunk index {index} out of order or range")
-        if not 0 < n_layers <= MAX_DELTA_ITEMS:
-            raise bad(f"{n_layers} layers on chunk {index}")
-        last, length, layers = index, m.chunk_length(index), []
-        for _ in range(n_layers):
-            if pos + ID_SIZE > len(data):
-                raise bad("truncated")
-            blob_id = bytes(data[pos : pos + ID_SIZE])
-            pos += ID_SIZE
-            (n_ranges,) = take(_LEN)
-            if not 0 < n_ranges <= MAX_DELTA_ITEMS:
-                raise bad(f"{n_ranges} ranges in a layer of chunk {index}")
-            ranges, end = [], 0
-            for _ in range(n_ranges):
-                off, n = take(_PAIR)
-                if n == 0 or off < end or off + n > length:
-                    raise bad(f"range ({off}, {n}) of chunk {index}")
-                ranges.append((off, n))
-                end = off + n
-            layers.append(Layer(blob_id, tuple(ranges)))
-        deltas[index] = layers
-    if pos != len(data):
-        raise bad("trailing bytes")
-    return deltas
 
 
 def encode_metadata(backup_id: BackupId, meta: dict[str, Any], crypto: Crypto) -> bytes:

@@ -1,0 +1,235 @@
+"""A manifest's delta layers (format.md §8.1), kept in their encoded form.
+
+As ``dict[int, list[Layer]]`` a layered chunk cost ~425 bytes (the list, a Layer, its id, its tuples of
+ranges); a large disk that took scattered writes carries layers on up to half its chunks (ADR 0011), so
+a 256 GiB disk's manifest took 100 MB and a terabyte's would take several hundred. Here a layered chunk
+costs its encoding (52 bytes for one layer of one range) and 12 bytes of index: the chunk number and
+where its entry starts. Layers are decoded when asked for.
+
+The encoding is format.md §8.1's, entry after entry: chunk index and layer count (``<II``), then per
+layer the blob id, the range count (``<I``) and the ranges (``<II`` each). ``encode`` is the count of
+entries followed by them, as a manifest stores it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from raksha.domain.errors import VaultCorrupt
+from raksha.vault.format.constants import ID_SIZE, ZERO_ID
+
+_LEN = struct.Struct("<I")
+_PAIR = struct.Struct("<II")
+MAX_DELTA_ITEMS = 65536  # layers per chunk, ranges per layer (format.md §8.1)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One delta layer on a chunk (format.md §8.1): ``blob_id``'s bytes overwrite ``ranges`` in order.
+
+    ``blob_id`` is the zero id when the bytes are all zero (nothing stored)."""
+
+    blob_id: bytes
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.ranges)
+
+
+def encode_layers(index: int, layers: Sequence[Layer]) -> bytes:
+    """Chunk ``index``'s entry."""
+    parts = [_PAIR.pack(index, len(layers))]
+    for layer in layers:
+        parts.append(layer.blob_id + _LEN.pack(len(layer.ranges)))
+        parts.extend(_PAIR.pack(off, n) for off, n in layer.ranges)
+    return b"".join(parts)
+
+
+class Deltas(Mapping[int, list[Layer]]):
+    """Chunk index -> its layers, in order; entries are appended in increasing chunk order."""
+
+    __slots__ = ("_data", "_index", "_offset")
+
+    def __init__(self, items: Mapping[int, Sequence[Layer]] | None = None) -> None:
+        self._data = bytearray()
+        self._index = array("I")  # chunk numbers, increasing
+        self._offset = array("Q")  # where each one's entry starts in _data
+        for i in sorted(items or ()):
+            assert items is not None
+            self.append(i, items[i])
+
+    def append(self, index: int, layers: Sequence[Layer]) -> None:
+        self.append_entry(index, encode_layers(index, layers))
+
+    def append_entry(self, index: int, entry: bytes | memoryview) -> None:
+        """Add chunk ``index``'s encoded entry (from ``encode_layers`` or ``entry``); after every other."""
+        if self._index and index <= self._index[-1]:
+            raise ValueError("delta entries are added in increasing chunk order")
+        self._index.append(index)
+        self._offset.append(len(self._data))
+        self._data += entry
+
+    def entry(self, index: int) -> memoryview:
+        """Chunk ``index``'s encoded entry (KeyError if it has none)."""
+        k = self._find(index)
+        if k < 0:
+            raise KeyError(index)
+        return self._entry_at(k)
+
+    def _entry_at(self, k: int) -> memoryview:
+        end = self._offset[k + 1] if k + 1 < len(self._offset) else len(self._data)
+        return memoryview(self._data)[self._offset[k] : end]
+
+    def _find(self, index: int) -> int:
+        k = bisect.bisect_left(self._index, index)
+        return k if k < len(self._index) and self._index[k] == index else -1
+
+    def __getitem__(self, index: int) -> list[Layer]:
+        k = self._find(index)
+        if k < 0:
+            raise KeyError(index)
+        return _decode_layers(self._data, self._offset[k])
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and self._find(index) >= 0
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._index)
+
+    def items(self) -> Iterator[tuple[int, list[Layer]]]:  # type: ignore[override]
+        """In chunk order, without a lookup per chunk."""
+        for index, offset in zip(self._index, self._offset, strict=True):
+            yield index, _decode_layers(self._data, offset)
+
+    def indexes(self, start: int = 0, stop: int | None = None) -> array[int]:
+        """The layered chunks in [start, stop), in order (a compact array)."""
+        lo = bisect.bisect_left(self._index, start)
+        hi = len(self._index) if stop is None else bisect.bisect_left(self._index, stop)
+        return self._index[lo:hi]
+
+    def layer_counts(self) -> Iterator[tuple[int, int]]:
+        """(chunk index, its number of layers), in order, reading only each entry's head."""
+        for offset in self._offset:
+            yield _PAIR.unpack_from(self._data, offset)
+
+    def blob_ids(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """The stored blobs of the layers of chunks in [start, stop) (never the zero id), with repeats."""
+        lo = bisect.bisect_left(self._index, start)
+        hi = len(self._index) if stop is None else bisect.bisect_left(self._index, stop)
+        data = self._data
+        for k in range(lo, hi):
+            pos = self._offset[k]
+            _, n_layers = _PAIR.unpack_from(data, pos)
+            pos += _PAIR.size
+            for _ in range(n_layers):
+                blob_id = bytes(data[pos : pos + ID_SIZE])
+                (n_ranges,) = _LEN.unpack_from(data, pos + ID_SIZE)
+                pos += ID_SIZE + _LEN.size + n_ranges * _PAIR.size
+                if blob_id != ZERO_ID:
+                    yield blob_id
+
+    def encode(self) -> bytes:
+        return _LEN.pack(len(self._index)) + bytes(self._data)
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """``encode`` a piece at a time (a manifest is sealed as a stream)."""
+        yield _LEN.pack(len(self._index))
+        yield memoryview(self._data)
+
+    @property
+    def encoded_size(self) -> int:
+        return _LEN.size + len(self._data)
+
+    @classmethod
+    def merged(cls, kept: Deltas, keep: Callable[[int], bool], new: Mapping[int, bytes]) -> Deltas:
+        """``kept``'s entries for which ``keep`` holds, and ``new``'s (chunk -> entry), in chunk order;
+        ``new`` wins where both have one. Entries are copied encoded, never decoded."""
+        out = cls()
+        fresh = sorted(new)
+        j = 0
+        for k, index in enumerate(kept._index):
+            while j < len(fresh) and fresh[j] < index:
+                out.append_entry(fresh[j], new[fresh[j]])
+                j += 1
+            if j < len(fresh) and fresh[j] == index:
+                continue  # replaced below
+            if keep(index):
+                out.append_entry(index, kept._entry_at(k))
+        for i in fresh[j:]:
+            out.append_entry(i, new[i])
+        return out
+
+    @classmethod
+    def decode(cls, data: memoryview, chunk_count: int, chunk_length: Callable[[int], int], what: str) -> Deltas:
+        """Check every entry (chunk order and range, counts, ranges in order inside their chunk), keeping
+        the bytes as they are; anything else is VAULT_CORRUPT."""
+
+        def bad(why: str) -> VaultCorrupt:
+            return VaultCorrupt(f"{what}: malformed deltas: {why}", object=what)
+
+        size = len(data)
+
+        def need(pos: int, n: int) -> None:
+            if pos + n > size:
+                raise bad("truncated")
+
+        need(0, _LEN.size)
+        (count,) = _LEN.unpack_from(data, 0)
+        out = cls()
+        out._data = bytearray(data[_LEN.size :])
+        body, pos, last = out._data, 0, -1
+        size = len(body)
+        for _ in range(count):
+            need(pos, _PAIR.size)
+            index, n_layers = _PAIR.unpack_from(body, pos)
+            if not last < index < chunk_count:
+                raise bad(f"chunk index {index} out of order or range")
+            if not 0 < n_layers <= MAX_DELTA_ITEMS:
+                raise bad(f"{n_layers} layers on chunk {index}")
+            out._index.append(index)
+            out._offset.append(pos)
+            last, length = index, chunk_length(index)
+            pos += _PAIR.size
+            for _ in range(n_layers):
+                need(pos, ID_SIZE + _LEN.size)
+                (n_ranges,) = _LEN.unpack_from(body, pos + ID_SIZE)
+                if not 0 < n_ranges <= MAX_DELTA_ITEMS:
+                    raise bad(f"{n_ranges} ranges in a layer of chunk {index}")
+                pos += ID_SIZE + _LEN.size
+                need(pos, n_ranges * _PAIR.size)
+                end = 0
+                for off, n in _PAIR.iter_unpack(body[pos : pos + n_ranges * _PAIR.size]):
+                    if n == 0 or off < end or off + n > length:
+                        raise bad(f"range ({off}, {n}) of chunk {index}")
+                    end = off + n
+                pos += n_ranges * _PAIR.size
+        if pos != size:
+            raise bad("trailing bytes")
+        return out
+
+
+def _decode_layers(data: bytes | bytearray, pos: int) -> list[Layer]:
+    _, n_layers = _PAIR.unpack_from(data, pos)
+    pos += _PAIR.size
+    layers = []
+    for _ in range(n_layers):
+        blob_id = bytes(data[pos : pos + ID_SIZE])
+        (n_ranges,) = _LEN.unpack_from(data, pos + ID_SIZE)
+        pos += ID_SIZE + _LEN.size
+        ranges = tuple(_PAIR.iter_unpack(data[pos : pos + n_ranges * _PAIR.size]))
+        pos += n_ranges * _PAIR.size
+        layers.append(Layer(blob_id, ranges))
+    return layers
+
+
+def entries_of(items: Iterable[tuple[int, Sequence[Layer]]]) -> dict[int, bytes]:
+    """Encoded entries of (chunk, layers) pairs, for ``Deltas.merged``."""
+    return {i: encode_layers(i, layers) for i, layers in items}
