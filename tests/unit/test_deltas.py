@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
-from raksha.vault.format.deltas import Layer
+from raksha.vault.format.deltas import Deltas, Layer, NewEntries
 from raksha.vault.format.keys import KdfParams, Secret
 from raksha.vault.format.manifest import Manifest, decode_manifest, encode_manifest
 from raksha.vault.format.naming import BackupId
@@ -269,15 +270,16 @@ def test_deltas_on_a_chunk_past_the_end_are_vault_corrupt(crypto: Crypto) -> Non
         decode_manifest(encode_manifest(m, crypto), m.id, crypto)
 
 
-def test_an_incremental_loads_locations_only_of_the_parent_chunks_it_changes(
+def test_an_incremental_loads_locations_only_of_the_parent_chunks_it_rebuilds(
         vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every stored id is loaded (to deduplicate against), locations only where changes need the parent."""
+    """Every stored id is loaded (to deduplicate against), locations only of what a rebuild reads: the
+    parent's chunk and its layers. A new layer reads nothing of its base."""
     disk = Disk(tmp_path / "disk.img")
     disk.backup(vault, full=True)
     disk.write(MIB + 4 * KIB, os.urandom(16 * KIB))  # chunk 1
     disk.backup(vault)  # chunk 1 now has a layer
-    disk.write(MIB + 64 * KIB, os.urandom(4 * KIB))  # chunk 1 again
-    disk.write(3 * MIB + 5, os.urandom(10))  # chunk 3
+    disk.write(MIB + 64 * KIB, os.urandom(600 * KIB))  # chunk 1 again, most of it: rebuilt
+    disk.write(3 * MIB + 5, os.urandom(10))  # chunk 3: a layer
     loads: list[tuple[object, object]] = []
     real = Vault.load_index
 
@@ -286,9 +288,51 @@ def test_an_incremental_loads_locations_only_of_the_parent_chunks_it_changes(
         return real(self, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Vault, "load_index", load_index)
-    disk.backup(vault)
+    result = disk.backup(vault)
     parent = manifest(vault, 2)
     ((only, ids),) = loads
-    assert ids is True
-    assert only == {parent.chunk_ids[1], parent.chunk_ids[3], *(layer.blob_id for layer in parent.deltas[1])}
+    assert ids is True and result.stats.chunks_patched == 1 and result.stats.chunks_delta == 1
+    assert only == {parent.chunk_ids[1], *(layer.blob_id for layer in parent.deltas[1])}
     assert disk.restores_exactly(vault, 3, tmp_path / "out.img")
+
+
+# -- Deltas: layers kept encoded ----------------------------------------------------------------------
+
+
+def test_deltas_answer_as_the_dict_they_replace_and_encode_as_the_format_says() -> None:
+    a, b = os.urandom(32), os.urandom(32)
+    layers = {7: [Layer(a, ((0, 4096), (8192, 10)))], 2: [Layer(b, ((0, 5),)), Layer(ZERO_ID, ((1, 2),))]}
+    deltas = Deltas(layers)
+
+    assert deltas == layers and dict(deltas.items()) == layers and list(deltas) == [2, 7]
+    assert deltas[7] == layers[7] and deltas.get(3) is None and 2 in deltas and 3 not in deltas
+    assert list(deltas.indexes(3)) == [7] and list(deltas.layer_counts()) == [(2, 2), (7, 1)]
+    assert sorted(deltas.blob_ids()) == sorted([a, b])  # never the zero id
+    assert list(deltas.blob_ids(0, 7)) == [b]
+    # format.md §8.1: the count, then entry after entry in chunk order
+    assert deltas.encode() == (struct.pack("<I", 2) + struct.pack("<II", 2, 2) + b + struct.pack("<III", 1, 0, 5)
+                               + ZERO_ID + struct.pack("<III", 1, 1, 2) + struct.pack("<II", 7, 1) + a
+                               + struct.pack("<IIIII", 2, 0, 4096, 8192, 10))
+    assert b"".join(deltas.pieces()) == deltas.encode() and deltas.encoded_size == len(deltas.encode())
+    with pytest.raises(ValueError, match="increasing chunk order"):
+        deltas.append(5, layers[7])
+
+
+def test_a_backup_s_deltas_keep_the_parent_s_and_replace_what_changed() -> None:
+    old = [Layer(os.urandom(32), ((0, 1),))]
+    parent = Deltas({1: old, 4: old, 6: old, 9: old})
+    new = NewEntries()
+    for i in (8, 4, 0):  # as workers finish them
+        new.add(i, [*parent.get(i, []), Layer(os.urandom(32), ((2, 3),))])
+
+    merged = Deltas.merged(parent, lambda i: i != 6, new)
+
+    assert list(merged) == [0, 1, 4, 8, 9] and merged[1] == merged[9] == old
+    assert len(merged[4]) == 2 and merged[4][0] == old[0] and len(merged[0]) == len(merged[8]) == 1
+
+
+def test_a_layered_chunk_costs_tens_of_bytes_not_hundreds() -> None:
+    layers = {i: [Layer(os.urandom(32), ((4096, 4096),))] for i in range(0, 200_000, 2)}
+    deltas = Deltas(layers)
+    size = len(deltas._data) + deltas._index.itemsize * len(deltas._index) + deltas._offset.itemsize * len(deltas)
+    assert size / len(deltas) <= 64  # 52 encoded + 12 of index; as Layer objects in a dict: ~425

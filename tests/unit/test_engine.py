@@ -21,7 +21,8 @@ from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import restore as restore_module
 from raksha.vault.engine import seen_ids
-from raksha.vault.engine.backup import BackupResult, backup_disk, chunks_touching
+from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.changes import chunks_touching
 from raksha.vault.engine.restore import RestoreResult, restore_backup
 from raksha.vault.format import sorted_ids
 from raksha.vault.format.chunk_ids import ChunkIds
@@ -693,4 +694,4 @@ def test_the_chunks_a_backup_reads_are_spans_not_a_list_of_every_chunk() -> None
     assert list(chunks) == [0, 1, 2, 5, 6, 7] and list(chunks) == [0, 1, 2, 5, 6, 7]  # iterable again
     assert len(chunks) == 6 and 2 in chunks and 3 not in chunks and 7 in chunks and 8 not in chunks
     whole = chunks_touching([(0, 16 << 40)], MIB, 16 << 40)
-    assert len(whole) == 16 << 20 and (16 << 20) - 1 in whole and len(whole._spans) == 1
+    assert len(whole) == 16 << 20 and (16 << 20) - 1 in whole and whole.spans == 1

@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,7 +141,7 @@ class DiskPlan:
     size: int = 0
     granularity: int = BITMAP_GRANULARITY
     added: bool = False  # this run's bitmap was added to ``node``
-    extents: list[Extent] | None = None  # the changed extents read from the parent's bitmap (raw or fine)
+    extents: Sequence[Extent] | None = None  # the changed extents read from the parent's bitmap (raw or fine)
     fine_parent: bool = False  # qcow2: the parent checkpoint's fine bitmap is usable; read its extents
 
     def own_bitmap(self, checkpoint: str) -> str:
@@ -187,7 +187,7 @@ class DomainPoint:
         return NbdSource(self.socket, path=f"{self.domain.name()}:{disk.target}", fmt=disk.format,
                          export_name=disk.target, dirty_bitmap=bitmap)
 
-    def changed_extents(self, disk: DiskInfo, source: NbdSource) -> list[Extent]:
+    def changed_extents(self, disk: DiskInfo, source: NbdSource) -> Sequence[Extent]:
         """The extents written since the parent run (only for a disk read incrementally)."""
         plan = self.plan(disk)
         if plan.extents is not None:

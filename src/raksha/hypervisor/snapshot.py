@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +108,8 @@ def overlay_extents(path: str, depth: int = 0) -> list[Extent]:
                          capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise SourceError(f"{path}: qemu-img map failed: {res.stderr.strip()}")
-    return merge_extents([(int(e["start"]), int(e["length"])) for e in json.loads(res.stdout)
-                          if 0 <= int(e.get("depth", -1)) <= depth])
+    return list(merge_extents([(int(e["start"]), int(e["length"])) for e in json.loads(res.stdout)
+                               if 0 <= int(e.get("depth", -1)) <= depth]))
 
 
 SNAPSHOT_OVERLAY = "snapshot-overlay"  # tracking method: the parent run's overlay holds the changes
@@ -164,7 +164,7 @@ class SnapshotDomainPoint:
         self.sources.append(src)
         return src
 
-    def changed_extents(self, disk: DiskInfo, source: NbdSource) -> list[Extent]:
+    def changed_extents(self, disk: DiskInfo, source: NbdSource) -> Sequence[Extent]:
         extents = self.states[disk.target].extents
         if extents is None:
             raise SourceError(f"{self.domain.name()}:{disk.target}: no changed extents (read it in full)")

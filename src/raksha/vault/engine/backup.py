@@ -8,18 +8,18 @@ rerun deduplicates against (or that gc removes after its grace period).
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from raksha.domain.errors import AlreadyExists, InvalidInput, RakshaError
 from raksha.vault.engine.blobio import ChunkReader
+from raksha.vault.engine.changes import ChangedExtents, ChunkFlags, ChunkSpans, chunks_touching
 from raksha.vault.engine.packer import Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.seen_ids import SeenIds
@@ -28,12 +28,12 @@ from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ZERO_ID
-from raksha.vault.format.deltas import Deltas, Layer, encode_layers
+from raksha.vault.format.deltas import Deltas, Layer, NewEntries
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import ChunkIndex, Vault
-from raksha.vault.sources.base import DiskSource, Extent, merge_extents
+from raksha.vault.sources.base import DiskSource, Extent
 
 
 @dataclass
@@ -100,66 +100,13 @@ class _Filled:
     patched: bool  # the chunk was rebuilt on the parent's copy
 
 
-class ChunkSpans:
-    """Indexes of chunks, ascending, held as (first, last) spans: 16 bytes a span instead of 8 a chunk
-    (a dense 16 TiB disk's 16 million chunks are one span). Iterable again and again; ``len`` and ``in``
-    without iterating."""
-
-    def __init__(self, spans: list[tuple[int, int]]) -> None:
-        self._spans = spans
-        self._firsts = [a for a, _ in spans]
-        self._len = sum(b - a + 1 for a, b in spans)
-
-    def __iter__(self) -> Iterator[int]:
-        for first, last in self._spans:
-            yield from range(first, last + 1)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __contains__(self, i: object) -> bool:
-        if not isinstance(i, int):
-            return False
-        k = bisect.bisect_right(self._firsts, i) - 1
-        return k >= 0 and i <= self._spans[k][1]
-
-
-def chunks_touching(extents: list[Extent], chunk_size: int, virtual_size: int) -> ChunkSpans:
-    """Indexes of the chunks that ``extents`` overlap, ascending, clipped to the disk."""
-    spans: list[tuple[int, int]] = []
-    for off, length in merge_extents(extents):
-        end = min(off + length, virtual_size)
-        if end <= off:
-            continue
-        first, last = off // chunk_size, (end - 1) // chunk_size
-        if spans and first <= spans[-1][1] + 1:
-            if last > spans[-1][1]:
-                spans[-1] = (spans[-1][0], last)
-            continue
-        spans.append((first, last))
-    return ChunkSpans(spans)
-
-
-def split_by_chunk(extents: list[Extent], chunk_size: int, virtual_size: int) -> dict[int, list[Extent]]:
-    """Each chunk's changed ranges, relative to the chunk's start."""
-    out: dict[int, list[Extent]] = {}
-    for off, length in merge_extents(extents):
-        end = min(off + length, virtual_size)
-        while off < end:
-            i = off // chunk_size
-            stop = min((i + 1) * chunk_size, end)
-            out.setdefault(i, []).append((off - i * chunk_size, stop - off))
-            off = stop
-    return out
-
-
 def backup_disk(
     vault: Vault,
     source: DiskSource,
     backup_id: BackupId,
     *,
     parent: BackupId | None = None,
-    changed_extents: list[Extent] | None = None,
+    changed_extents: Sequence[Extent] | None = None,
     threads: int | None = None,
     progress: ProgressCallback | None = None,
     hints: dict[str, str] | None = None,
@@ -179,7 +126,7 @@ class _Backup:
         source: DiskSource,
         backup_id: BackupId,
         parent: BackupId | None,
-        changed_extents: list[Extent] | None,
+        changed_extents: Sequence[Extent] | None,
         threads: int | None,
         progress: ProgressCallback | None,
         hints: dict[str, str] | None,
@@ -188,23 +135,25 @@ class _Backup:
         self.source = source
         self.id = backup_id
         self.parent_id = parent
-        self.changed = changed_extents
         self.threads = threads or default_threads()
         self.callback = progress
         self.hints = hints or {}
         self.chunk_size = vault.config.chunk_size
         self.size = source.virtual_size
+        self.changed = None if changed_extents is None else ChangedExtents(changed_extents, self.chunk_size, self.size)
         self.stats = BackupStats(virtual_size=self.size)
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: a BlobEncoder, a BlobDecoder
         self._zero_ids: dict[int, bytes] = {}
-        self.patch: dict[int, list[Extent]] = {}  # changed in part, rebuilt whole: the changed ranges
-        self.delta: dict[int, list[Extent]] = {}  # changed in part, stored as a new layer: the changed ranges
+        # Chunks changed in part: rebuilt whole on the parent's copy (patch), or stored as a new layer of
+        # just the changed ranges (delta). Their ranges come from ``self.changed``.
+        n = -(-self.size // self.chunk_size)
+        self.patch, self.delta = ChunkFlags(n), ChunkFlags(n)
         # The new manifest's layers: the parent's on chunks this backup keeps, and this backup's own
         # (encoded: a large disk may carry layers on hundreds of thousands of chunks).
         self.kept_deltas = Deltas()
         self.keep_delta: Callable[[int], bool] = _keep_none
-        self.new_deltas: dict[int, bytes] = {}
+        self.new_deltas = NewEntries()
         self._started = datetime.now(UTC)
 
     def run(self) -> BackupResult:
@@ -255,8 +204,10 @@ class _Backup:
 
     def _work(self, i: int) -> int:
         """Bytes chunk ``i`` costs to back up: what progress counts."""
-        ranges = self.delta.get(i)
-        return self._length(i) if ranges is None else sum(n for _, n in ranges)
+        if i in self.delta:
+            assert self.changed is not None
+            return sum(n for _, n in self.changed.ranges(i))
+        return self._length(i)
 
     def _read_parent(self) -> Manifest | None:
         if self.parent_id is None:
@@ -267,78 +218,90 @@ class _Backup:
         return parent
 
     def _parent_blobs_to_read(self) -> IdSet:
-        """The blobs of the parent's chunks that the changed extents touch: all a rebuild or a new layer
-        can read (``_from_parent`` below), so the only locations this backup loads."""
+        """The blobs of the parent's chunks that changes may rebuild on the parent's copy (``_patched``
+        below): all this backup reads of the parent, so the only locations it loads. A new layer reads
+        nothing of its base. Which chunks are rebuilt is only final once the index says which parent
+        chunks are still stored; a chunk that turns out not to be can only become a layer or be read whole."""
         out = IdSet()
-        if self.parent is None or self.changed is None:
+        parent, changed = self.parent, self.changed
+        if parent is None or changed is None:
             return out
-        for i in chunks_touching(self.changed, self.chunk_size, self.size):
-            if i < self.parent.chunk_count:
-                out.add(self.parent.chunk_ids[i])
-                out.update(layer.blob_id for layer in self.parent.deltas.get(i, []))
+        n = -(-self.size // self.chunk_size)
+        must = changed.chunks()
+        self._classify(must, n, min(n, parent.chunk_count), set())
+        for i in must:
+            if i in self.patch:
+                out.add(parent.chunk_ids[i])
+                out.update(layer.blob_id for layer in parent.deltas.get(i, []))
+        self.patch, self.delta = ChunkFlags(n), ChunkFlags(n)
         return out
 
-    def _plan(self, n: int) -> Collection[int]:
-        """Chunks to read; ids of the others are set here (zero, or the parent's)."""
-        parent = self.parent
-        if parent is None:
-            self.ids = ChunkIds.zeros(n)
-            return self._with_data()
-        if self.changed is None:  # no change tracking: read everything that holds data
-            self.ids = ChunkIds.zeros(n)
-            return self._with_data()
-        must = set(chunks_touching(self.changed, self.chunk_size, self.size))
-        # Only the changed bytes of a chunk changed in part are read from the source: the load on the VM's
-        # storage follows what changed, not the chunk size. They are stored as a layer on the parent's
-        # chunk while the layers stay few and small, so the work follows what changed too; else the
-        # chunk is rebuilt from the parent's copy and stored whole.
-        changes = split_by_chunk(self.changed, self.chunk_size, self.size)
-        # Chunks the parent cannot supply (format.md §8: same span, and everything it is made of stored
-        # or zero), found with set operations, not per chunk in Python: a disk of millions of chunks plans
-        # in a fraction of a second.
-        bad = self._not_reusable(n)
-        # Chunks that keep the parent's layers, plus those layered now, stay within the share.
+    def _classify(self, must: ChunkSpans, n: int, common: int, bad: set[int]) -> None:
+        """Sort the chunks changed in part into layers (``self.delta``) and rebuilds (``self.patch``).
+
+        Only the changed bytes of a chunk changed in part are read from the source: the load on the VM's
+        storage follows what changed, not the chunk size. They are stored as a layer on the parent's
+        chunk while the layers stay few and small, so the work follows what changed too; else the
+        chunk is rebuilt from the parent's copy and stored whole. Chunks that keep the parent's layers,
+        plus those layered now, stay within the share."""
+        parent, changed = self.parent, self.changed
+        assert parent is not None and changed is not None
         room = max(MIN_LAYERED_ROOM, n // MAX_LAYERED_SHARE) - sum(
-            1 for i in parent.deltas if i < n and i not in changes)
-        for i, ranges in changes.items():
-            changed = sum(r[1] for r in ranges)
-            if changed >= self._length(i) or i in bad:
+            1 for i in parent.deltas.indexes(0, n) if i not in must)
+        for i in must:
+            if i >= common or i in bad:
+                continue
+            ranges = changed.ranges(i)
+            size = sum(r[1] for r in ranges)
+            if size >= self._length(i):
                 continue
             layers = parent.deltas.get(i, [])
             if (room > 0 and len(layers) < MAX_LAYERS and len(ranges) <= MAX_RANGES
-                    and (sum(layer.length for layer in layers) + changed) * MAX_LAYERED_FRACTION <= self._length(i)):
-                self.delta[i] = ranges
+                    and (sum(layer.length for layer in layers) + size) * MAX_LAYERED_FRACTION <= self._length(i)):
+                self.delta.add(i)
                 room -= 1
             else:
-                self.patch[i] = ranges
-        # Every other chunk is the parent's, unless it cannot be.
+                self.patch.add(i)
+
+    def _plan(self, n: int) -> Collection[int]:
+        """Chunks to read; ids of the others are set here (zero, or the parent's)."""
+        parent, changed = self.parent, self.changed
+        if parent is None or changed is None:  # a full, or no change tracking: read all that holds data
+            self.ids = ChunkIds.zeros(n)
+            return self._with_data()
+        must = changed.chunks()
         common = min(n, parent.chunk_count)
-        skip = must | bad
-        # What rebuilding or layering a changed chunk starts from; then the parent's ids become ours
-        # (no copy: a 1 TiB disk's ids are 32 MB) and the parent keeps only its layers.
-        self._from_parent = {i: (parent.chunk_ids[i], parent.deltas.get(i, [])) for i in (*self.patch, *self.delta)}
+        # Chunks the parent cannot supply (format.md §8: same span, and everything it is made of stored
+        # or zero); every chunk past its end neither.
+        bad = self._not_reusable(n, common)
+        self._classify(must, n, common, bad)
+        # Every other chunk is the parent's, unless it cannot be. The parent's ids become ours (no copy: a
+        # 1 TiB disk's ids are 32 MB); a changed chunk keeps its parent's id until it is read, as what a
+        # rebuild or a new layer starts from.
         self.ids = parent.chunk_ids if n == parent.chunk_count else parent.chunk_ids.resized(n)
         parent.chunk_ids = ChunkIds()
-        for i in skip:
-            if i < common:
-                self.ids[i] = ZERO_ID  # read below: zero unless the read finds data
-        self.kept_deltas = parent.deltas
-        self.keep_delta = lambda i: i < common and i not in skip
-        self.stats.chunks_from_parent = (n - self.ids.count(ZERO_ID) + sum(
-            1 for i in parent.deltas.indexes(0, common) if i not in skip and self.ids[i] == ZERO_ID))
-        if bad:  # beyond the parent's end, another span, or its chunk is gone: read it if it may hold data
-            data = self._with_data()
-            must |= {i for i in bad if i in data}
-        return sorted(must)
+        for i in bad:
+            self.ids[i] = ZERO_ID  # read below: zero unless the read finds data
 
-    def _not_reusable(self, n: int) -> set[int]:
-        """Our chunk indexes the parent cannot supply: beyond its end, of another length (only a last chunk
-        can be short), or made of a blob that is not stored (missing from the index, or condemned by gc)."""
+        def kept(i: int) -> bool:
+            return i < common and i not in must and i not in bad
+
+        self.kept_deltas, self.keep_delta = parent.deltas, kept
+        touched = sum(1 for i in must if i < common and i not in bad and self.ids[i] != ZERO_ID)
+        self.stats.chunks_from_parent = (n - self.ids.count(ZERO_ID) - touched + sum(
+            1 for i in parent.deltas.indexes(0, common) if kept(i) and self.ids[i] == ZERO_ID))
+        if not bad and common == n:
+            return must
+        # Beyond the parent's end, or a chunk it cannot supply: read it if it may hold data.
+        data = self._with_data()
+        return must.union(i for i in bad if i in data).merged(data.clipped(common, n))
+
+    def _not_reusable(self, n: int, common: int) -> set[int]:
+        """Chunks below ``common`` the parent cannot supply: of another length (only a last chunk can be
+        short), or made of a blob that is not stored (missing from the index, or condemned by gc)."""
         parent = self.parent
         assert parent is not None
-        common = min(n, parent.chunk_count)
-        bad = set(range(common, n))
-        bad.update(i for i in {common - 1, n - 1} if 0 <= i < common and parent.chunk_length(i) != self._length(i))
+        bad = {i for i in {common - 1, n - 1} if 0 <= i < common and parent.chunk_length(i) != self._length(i)}
         stored, condemned = self.stored_ids, self.condemned
 
         def gone(cid: bytes) -> bool:
@@ -374,13 +337,14 @@ class _Backup:
     def _patched(self, i: int, out: memoryview) -> int | None:
         """Fill ``out`` with the parent's chunk and the changed ranges read from the source; the bytes
         read, or None if the parent's copy fails."""
-        base, layers = self._from_parent[i]
+        assert self.parent is not None and self.changed is not None
         try:
-            self._chunks.layered_into(base, layers, out, what=f"parent {self.parent_id} chunk {i}")
+            self._chunks.layered_into(self.ids[i], self.parent.deltas.get(i, []), out,
+                                      what=f"parent {self.parent_id} chunk {i}")
         except RakshaError:
             return None  # damaged or gone: read the whole chunk from the source instead
         read = 0
-        for off, n in self.patch[i]:
+        for off, n in self.changed.ranges(i):
             self._read(i * self.chunk_size + off, out[off : off + n])
             read += n
         return read
@@ -388,8 +352,9 @@ class _Backup:
     def _fill(self, i: int, buf: mmap.mmap) -> _Filled:
         """The I/O of chunk ``i`` (in a reader thread): its changed ranges one after another for a new
         layer, else the whole chunk (rebuilt on the parent's copy where it changed in part)."""
-        ranges = self.delta.get(i)
-        if ranges is not None:
+        if i in self.delta:
+            assert self.changed is not None
+            ranges = self.changed.ranges(i)
             length = sum(n for _, n in ranges)
             data = memoryview(buf)[:length]
             pos = 0
@@ -419,6 +384,7 @@ class _Backup:
         if delta:
             self._layer(i, ZERO_ID if zero else cid, data)
         elif zero:
+            self.ids[i] = ZERO_ID  # a changed chunk had its parent's id until now
             with self._lock:
                 self.stats.chunks_zero += 1
         else:
@@ -430,11 +396,12 @@ class _Backup:
         """Chunk ``i`` becomes the parent's copy with one more layer: ``data``, the changed ranges."""
         if cid != ZERO_ID:  # a layer of zeros is stored as nothing
             self._store(cid, data)
-        base, below = self._from_parent[i]
-        self.ids[i] = base
-        entry = encode_layers(i, [*below, Layer(cid, tuple(self.delta[i]))])
+        assert self.parent is not None and self.changed is not None
+        # On the parent's copy: its id (kept in ``self.ids``) and its layers, then this one.
+        below = self.parent.deltas.get(i, [])
+        layers = [*below, Layer(cid, tuple(self.changed.ranges(i)))]
         with self._lock:
-            self.new_deltas[i] = entry
+            self.new_deltas.add(i, layers)
 
     def _store(self, cid: bytes, data: memoryview) -> None:
         """Pack ``data`` under ``cid`` unless the vault (or this backup) has it already."""
@@ -478,7 +445,7 @@ class _Backup:
             "kind": kind,
             "source": {"path": self.source.path, "format": self.source.format, "virtual_size": self.size},
             "changed_extents": (
-                {"count": len(self.changed), "bytes": sum(e[1] for e in self.changed)}
+                {"count": self.changed.count, "bytes": self.changed.bytes}
                 if self.changed is not None else None
             ),
             "stats": asdict(self.stats),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import struct
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from raksha.domain.errors import VaultCorrupt
@@ -149,22 +149,23 @@ class Deltas(Mapping[int, list[Layer]]):
         return _LEN.size + len(self._data)
 
     @classmethod
-    def merged(cls, kept: Deltas, keep: Callable[[int], bool], new: Mapping[int, bytes]) -> Deltas:
-        """``kept``'s entries for which ``keep`` holds, and ``new``'s (chunk -> entry), in chunk order;
-        ``new`` wins where both have one. Entries are copied encoded, never decoded."""
+    def merged(cls, kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> Deltas:
+        """``kept``'s entries for which ``keep`` holds, and ``new``'s, in chunk order; ``new`` wins where
+        both have one. Entries are copied encoded, never decoded."""
         out = cls()
-        fresh = sorted(new)
-        j = 0
+        fresh = new.in_order()
+        nxt = next(fresh, None)
         for k, index in enumerate(kept._index):
-            while j < len(fresh) and fresh[j] < index:
-                out.append_entry(fresh[j], new[fresh[j]])
-                j += 1
-            if j < len(fresh) and fresh[j] == index:
-                continue  # replaced below
+            while nxt is not None and nxt[0] < index:
+                out.append_entry(*nxt)
+                nxt = next(fresh, None)
+            if nxt is not None and nxt[0] == index:
+                continue  # replaced by the new entry
             if keep(index):
                 out.append_entry(index, kept._entry_at(k))
-        for i in fresh[j:]:
-            out.append_entry(i, new[i])
+        while nxt is not None:
+            out.append_entry(*nxt)
+            nxt = next(fresh, None)
         return out
 
     @classmethod
@@ -230,6 +231,26 @@ def _decode_layers(data: bytes | bytearray, pos: int) -> list[Layer]:
     return layers
 
 
-def entries_of(items: Iterable[tuple[int, Sequence[Layer]]]) -> dict[int, bytes]:
-    """Encoded entries of (chunk, layers) pairs, for ``Deltas.merged``."""
-    return {i: encode_layers(i, layers) for i, layers in items}
+class NewEntries:
+    """Entries a backup encodes as its workers finish chunks, in any order, each chunk once: 12 bytes and
+    the entry itself a chunk. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._index = array("I")
+        self._offset = array("Q")
+
+    def add(self, index: int, layers: Sequence[Layer]) -> None:
+        self._index.append(index)
+        self._offset.append(len(self._data))
+        self._data += encode_layers(index, layers)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def in_order(self) -> Iterator[tuple[int, memoryview]]:
+        """(chunk index, its entry), in chunk order."""
+        last = len(self._index) - 1
+        for k in sorted(range(len(self._index)), key=self._index.__getitem__):
+            end = self._offset[k + 1] if k < last else len(self._data)
+            yield self._index[k], memoryview(self._data)[self._offset[k] : end]

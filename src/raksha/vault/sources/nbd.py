@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raksha.domain.errors import ImageInvalid, SourceError, StorageFull
-from raksha.vault.sources.base import Extent
+from raksha.vault.sources.base import ExtentArray
 
 _MAX_STATUS = 1 << 30
 # + "<pid>-": the socket directory of a qemu-nbd export tells which process started it (and whether it died).
@@ -141,21 +141,21 @@ class NbdSource:
             raise SourceError(f"{path}: cannot connect to its NBD export: {exc}") from exc
         self.virtual_size = int(self._conns.first.get_size())
 
-    def data_extents(self) -> list[Extent]:
+    def data_extents(self) -> ExtentArray:
         """Extents not known to read as zeros (base:allocation without the zero flag)."""
         if not self._conns.first.can_meta_context(BASE_ALLOCATION):
-            return [(0, self.virtual_size)]
+            return ExtentArray([(0, self.virtual_size)])
         return self._extents(BASE_ALLOCATION, lambda flags: not flags & STATE_ZERO)
 
-    def dirty_extents(self) -> list[Extent]:
+    def dirty_extents(self) -> ExtentArray:
         """Extents the dirty bitmap marks as written since its checkpoint."""
         if self._bitmap is None or not self._conns.first.can_meta_context(self._bitmap):
             raise SourceError(f"{self.path}: the export offers no dirty bitmap {self._bitmap!r}")
         return self._extents(self._bitmap, lambda flags: bool(flags & 1))
 
-    def _extents(self, context: str, wanted: Callable[[int], bool]) -> list[Extent]:
+    def _extents(self, context: str, wanted: Callable[[int], bool]) -> ExtentArray:
         h = self._conns.first
-        out: list[Extent] = []
+        out = ExtentArray()
         pos = 0
         while pos < self.virtual_size:
             found: list[int] = []
@@ -172,10 +172,7 @@ class NbdSource:
                 length, flags = found[i], found[i + 1]
                 length = min(length, self.virtual_size - pos)
                 if wanted(flags):
-                    if out and out[-1][0] + out[-1][1] == pos:
-                        out[-1] = (out[-1][0], out[-1][1] + length)
-                    else:
-                        out.append((pos, length))
+                    out.append_joined(pos, length)
                 pos += length
         return out
 

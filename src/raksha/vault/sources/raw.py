@@ -7,6 +7,7 @@ import mmap
 import os
 import stat
 import threading
+from collections.abc import Sequence
 
 from raksha.domain.errors import SourceError
 from raksha.vault.directio import ALIGN, open_direct, pwrite_all
@@ -31,7 +32,7 @@ class RawSource:
             os.close(self._direct_fd)
             self._direct_fd = -1
 
-    def data_extents(self) -> list[Extent]:
+    def data_extents(self) -> Sequence[Extent]:
         """Walk SEEK_DATA/SEEK_HOLE so holes are never read; devices report everything as data."""
         if not self._is_file:
             return [(0, self.virtual_size)]
