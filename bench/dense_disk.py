@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import imagegen  # noqa: E402
+from peak_rss import run_measured  # noqa: E402
 
 TARGET_MB = 150.0
 BID = "dense/run1/vm1/vda"
@@ -80,17 +80,10 @@ source.close()
 
 def run(script: str, *args: str) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes) and output of one phase in a fresh process, which must succeed."""
-    start = time.perf_counter()
-    with open(os.devnull, "rb") as stdin:
-        proc = subprocess.Popen([sys.executable, "-c", script, *args], stdin=stdin, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)  # its output is a line: the pipes cannot fill
-    seconds = time.perf_counter() - start
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"phase failed: {err.strip()[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024, out
+    seconds, rss, code, out, err = run_measured([sys.executable, "-c", script, *args])
+    if code != 0:
+        raise SystemExit(f"phase failed: {err.decode(errors='replace').strip()[-2000:]}")
+    return seconds, rss, out.decode()
 
 
 def main() -> int:

@@ -21,12 +21,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import imagegen  # noqa: E402
+from peak_rss import run_measured  # noqa: E402
 
 RAKSHA = ROOT / ".venv" / "bin" / "raksha"
 TARGET_MB = 150.0
@@ -34,15 +34,12 @@ REGIONS, REGION = 16, 8 << 20
 
 
 def measured(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command, which must succeed."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv[:3])} failed: {err.strip()}")
-    return seconds, usage.ru_maxrss * 1024
+    """Wall seconds and peak RSS (bytes) of one command, which must succeed (peak_rss.py: its own peak,
+    not this process's, which holds a large vault's index once it built one)."""
+    seconds, rss, code, _, err = run_measured(argv, env)
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} failed: {err.decode(errors='replace').strip()}")
+    return seconds, rss
 
 
 def index_other_chunks(vault: Path, count: int, password: str) -> None:

@@ -53,10 +53,12 @@ def encode_layers(index: int, layers: Sequence[Layer]) -> bytes:
 class Deltas(Mapping[int, list[Layer]]):
     """Chunk index -> its layers, in order; entries are appended in increasing chunk order."""
 
-    __slots__ = ("_data", "_index", "_offset")
+    __slots__ = ("_base", "_data", "_index", "_offset")
 
     def __init__(self, items: Mapping[int, Sequence[Layer]] | None = None) -> None:
-        self._data = bytearray()
+        # Entries from _base on: a decoded manifest's payload as read (no copy of it), or built here.
+        self._data: bytes | bytearray = bytearray()
+        self._base = 0
         self._index = array("I")  # chunk numbers, increasing
         self._offset = array("Q")  # where each one's entry starts in _data
         for i in sorted(items or ()):
@@ -70,6 +72,8 @@ class Deltas(Mapping[int, list[Layer]]):
         """Add chunk ``index``'s encoded entry (from ``encode_layers`` or ``entry``); after every other."""
         if self._index and index <= self._index[-1]:
             raise ValueError("delta entries are added in increasing chunk order")
+        if not isinstance(self._data, bytearray):
+            self._data = bytearray(self._data)
         self._index.append(index)
         self._offset.append(len(self._data))
         self._data += entry
@@ -137,16 +141,16 @@ class Deltas(Mapping[int, list[Layer]]):
                     yield blob_id
 
     def encode(self) -> bytes:
-        return _LEN.pack(len(self._index)) + bytes(self._data)
+        return _LEN.pack(len(self._index)) + bytes(memoryview(self._data)[self._base :])
 
     def pieces(self) -> Iterator[bytes | memoryview]:
         """``encode`` a piece at a time (a manifest is sealed as a stream)."""
         yield _LEN.pack(len(self._index))
-        yield memoryview(self._data)
+        yield memoryview(self._data)[self._base :]
 
     @property
     def encoded_size(self) -> int:
-        return _LEN.size + len(self._data)
+        return _LEN.size + len(self._data) - self._base
 
     @classmethod
     def merged(cls, kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> Deltas:
@@ -169,9 +173,9 @@ class Deltas(Mapping[int, list[Layer]]):
         return out
 
     @classmethod
-    def decode(cls, data: memoryview, chunk_count: int, chunk_length: Callable[[int], int], what: str) -> Deltas:
+    def decode(cls, data: bytes | bytearray, chunk_count: int, chunk_length: Callable[[int], int], what: str) -> Deltas:
         """Check every entry (chunk order and range, counts, ranges in order inside their chunk), keeping
-        the bytes as they are; anything else is VAULT_CORRUPT."""
+        ``data`` itself (not a copy); anything else is VAULT_CORRUPT."""
 
         def bad(why: str) -> VaultCorrupt:
             return VaultCorrupt(f"{what}: malformed deltas: {why}", object=what)
@@ -185,9 +189,8 @@ class Deltas(Mapping[int, list[Layer]]):
         need(0, _LEN.size)
         (count,) = _LEN.unpack_from(data, 0)
         out = cls()
-        out._data = bytearray(data[_LEN.size :])
-        body, pos, last = out._data, 0, -1
-        size = len(body)
+        out._data, out._base = data, _LEN.size
+        body, pos, last = data, _LEN.size, -1
         for _ in range(count):
             need(pos, _PAIR.size)
             index, n_layers = _PAIR.unpack_from(body, pos)

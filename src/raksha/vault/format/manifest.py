@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +58,12 @@ class Manifest:
     def blob_ids(self, start: int = 0, end: int | None = None) -> IdSet:
         """Every stored blob the content of chunks ``start`` to ``end`` (all) needs: chunks, bases and
         layers (never the zero id)."""
-        out = IdSet(cid for cid in self.chunk_ids.ids(start, end) if cid != ZERO_ID)
-        out.update(self.deltas.blob_ids(start, end))
-        return out
+        return IdSet(self.iter_blob_ids(start, end))
+
+    def iter_blob_ids(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """``blob_ids`` one at a time, repeats and all: to add to a set without a second one."""
+        yield from (cid for cid in self.chunk_ids.ids(start, end) if cid != ZERO_ID)
+        yield from self.deltas.blob_ids(start, end)
 
     def data_bytes(self) -> int:
         """Bytes of the chunks that are not all zero: what a restore writes."""
@@ -154,7 +157,9 @@ def _decode(payload: Payload, backup_id: BackupId) -> Manifest:
     m.chunk_ids = ChunkIds.zeros(m.chunk_count)
     m.chunk_ids.fill(payload.readinto)  # zero ids not written: a sparse disk's take no memory
     if version == 2:
-        m.deltas = Deltas.decode(memoryview(payload.read(payload.remaining)), m.chunk_count, m.chunk_length, what)
+        encoded = bytearray(payload.remaining)  # read into, kept by Deltas: one copy of a large disk's layers
+        payload.readinto(encoded)
+        m.deltas = Deltas.decode(encoded, m.chunk_count, m.chunk_length, what)
         if not m.deltas:
             raise VaultCorrupt(f"{what}: version 2 manifest without deltas", object=what)
     payload.finish()  # a streamed manifest is authentic only now

@@ -147,7 +147,7 @@ def live_chunks(vault: Vault) -> tuple[IdSet, int]:
     ids = vault.backup_ids()
     for bid in ids:
         try:
-            live.update(vault.read_manifest(bid).blob_ids())
+            live.update(vault.read_manifest(bid).iter_blob_ids())
         except NotFound:
             continue  # deleted meanwhile: its chunks are garbage now
         except RakshaError as err:

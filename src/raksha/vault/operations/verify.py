@@ -110,7 +110,7 @@ class _Verify:
             except RakshaError as err:
                 self._damaged_backup(str(bid), f"{err.code}: {err.message}")
                 continue
-            referenced.update(manifest.blob_ids())
+            referenced.update(manifest.iter_blob_ids())
             readable.append(bid)
             try:
                 self.vault.read_metadata(bid)
