@@ -24,7 +24,7 @@ from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
-from raksha.vault.format.deltas import Deltas, Layer, NewEntries
+from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, encode_layers
 from raksha.vault.format.keys import KdfParams, Secret
 from raksha.vault.format.manifest import Manifest, decode_manifest, encode_manifest
 from raksha.vault.format.naming import BackupId
@@ -329,6 +329,34 @@ def test_a_backup_s_deltas_keep_the_parent_s_and_replace_what_changed() -> None:
 
     assert list(merged) == [0, 1, 4, 8, 9] and merged[1] == merged[9] == old
     assert len(merged[4]) == 2 and merged[4][0] == old[0] and len(merged[0]) == len(merged[8]) == 1
+
+
+def test_a_new_manifest_s_deltas_stream_the_same_bytes_unbuilt() -> None:
+    """What a backup writes (count, size, encoding) comes from the parent's entries and the new ones as they
+    are; asking anything else builds the same deltas."""
+    old = [Layer(os.urandom(32), ((0, 1),))]
+    parent = Deltas({i: old for i in range(0, 400, 3)})
+    new = NewEntries()
+    for i in (398, 7, 30, 2, 150):  # 30 and 150 replace the parent's
+        new.add(i, [Layer(os.urandom(32), ((5, 6),))])
+
+    def keep(i: int) -> bool:
+        return i % 2 == 0
+
+    built = Deltas.merged(parent, keep, new)
+    lazy = MergedDeltas(parent, keep, new)
+    assert len(lazy) == len(built) and lazy.encoded_size == built.encoded_size
+    assert b"".join(lazy.pieces()) == built.encode() == lazy.encode() and not lazy._built
+    assert lazy == built and lazy._built and list(lazy.indexes()) == list(built.indexes())
+
+
+def test_new_entries_come_out_in_chunk_order_however_sparse() -> None:
+    for indexes in ([5, 3, 9, 0], [10**7, 3, 10**6]):  # dense: a table of positions; sparse: a sort
+        new = NewEntries()
+        for i in indexes:
+            new.add(i, [Layer(ZERO_ID, ((0, i % 7 + 1),))])
+        assert [i for i, _ in new.in_order()] == sorted(indexes)
+        assert all(bytes(entry) == encode_layers(i, [Layer(ZERO_ID, ((0, i % 7 + 1),))]) for i, entry in new.in_order())
 
 
 def test_a_layered_chunk_costs_tens_of_bytes_not_hundreds() -> None:

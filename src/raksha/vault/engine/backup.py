@@ -28,7 +28,7 @@ from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ZERO_ID
-from raksha.vault.format.deltas import Deltas, Layer, NewEntries
+from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.locks import LockKind
@@ -434,7 +434,7 @@ class _Backup:
             source_format=self.source.format,
             created=created,
             parent=str(self.parent_id) if self.parent_id else None,
-            deltas=Deltas.merged(self.kept_deltas, self.keep_delta, self.new_deltas),
+            deltas=MergedDeltas(self.kept_deltas, self.keep_delta, self.new_deltas),
         )
         kind = "incremental" if self.changed is not None else "full"
         digest = manifest.content_digest()

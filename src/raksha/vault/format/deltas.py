@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import struct
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from raksha.domain.errors import VaultCorrupt
@@ -157,19 +157,8 @@ class Deltas(Mapping[int, list[Layer]]):
         """``kept``'s entries for which ``keep`` holds, and ``new``'s, in chunk order; ``new`` wins where
         both have one. Entries are copied encoded, never decoded."""
         out = cls()
-        fresh = new.in_order()
-        nxt = next(fresh, None)
-        for k, index in enumerate(kept._index):
-            while nxt is not None and nxt[0] < index:
-                out.append_entry(*nxt)
-                nxt = next(fresh, None)
-            if nxt is not None and nxt[0] == index:
-                continue  # replaced by the new entry
-            if keep(index):
-                out.append_entry(index, kept._entry_at(k))
-        while nxt is not None:
-            out.append_entry(*nxt)
-            nxt = next(fresh, None)
+        for index, entry in _merge(kept, keep, new):
+            out.append_entry(index, entry)
         return out
 
     @classmethod
@@ -253,7 +242,111 @@ class NewEntries:
 
     def in_order(self) -> Iterator[tuple[int, memoryview]]:
         """(chunk index, its entry), in chunk order."""
-        last = len(self._index) - 1
-        for k in sorted(range(len(self._index)), key=self._index.__getitem__):
-            end = self._offset[k + 1] if k < last else len(self._data)
+        n = len(self._index)
+        if not n:
+            return
+        top = max(self._index)
+        if top < 16 * n:  # where each chunk's entry is, 4 bytes a chunk: no list of a million ints to sort
+            where = array("i", [-1]) * (top + 1)
+            for k, i in enumerate(self._index):
+                where[i] = k
+            order: Iterable[int] = (k for k in where if k >= 0)
+        else:
+            order = sorted(range(n), key=self._index.__getitem__)
+        for k in order:
+            end = self._offset[k + 1] if k + 1 < n else len(self._data)
             yield self._index[k], memoryview(self._data)[self._offset[k] : end]
+
+
+def _merge(kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> Iterator[tuple[int, memoryview]]:
+    fresh = new.in_order()
+    nxt = next(fresh, None)
+    for k, index in enumerate(kept._index):
+        while nxt is not None and nxt[0] < index:
+            yield nxt
+            nxt = next(fresh, None)
+        if nxt is not None and nxt[0] == index:
+            continue  # replaced by the new entry
+        if keep(index):
+            yield index, kept._entry_at(k)
+    while nxt is not None:
+        yield nxt
+        nxt = next(fresh, None)
+
+
+class MergedDeltas(Deltas):
+    """``Deltas.merged`` not built: a new manifest's count, size and encoding come from the parent's
+    entries and the new ones as they are, one pass each (a terabyte's half-million layered chunks would
+    otherwise be held twice while the manifest is written). Anything else builds it first."""
+
+    __slots__ = ("_built", "_count", "_parts", "_size")
+
+    def __init__(self, kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> None:
+        super().__init__()
+        self._parts, self._built = (kept, keep, new), False
+        self._count = self._size = 0
+        for _, entry in _merge(kept, keep, new):
+            self._count += 1
+            self._size += len(entry)
+
+    def _build(self) -> None:
+        if not self._built:
+            self._built = True
+            for index, entry in _merge(*self._parts):
+                self.append_entry(index, entry)
+
+    def __len__(self) -> int:
+        return self._count if not self._built else super().__len__()
+
+    @property
+    def encoded_size(self) -> int:
+        return _LEN.size + self._size if not self._built else super().encoded_size
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        if self._built:
+            yield from super().pieces()
+            return
+        yield _LEN.pack(self._count)
+        buf = bytearray()
+        for _, entry in _merge(*self._parts):
+            buf += entry
+            if len(buf) >= 1 << 20:
+                yield bytes(buf)
+                buf.clear()
+        if buf:
+            yield bytes(buf)
+
+    def encode(self) -> bytes:
+        return b"".join(self.pieces())
+
+    def entry(self, index: int) -> memoryview:
+        self._build()
+        return super().entry(index)
+
+    def __getitem__(self, index: int) -> list[Layer]:
+        self._build()
+        return super().__getitem__(index)
+
+    def __contains__(self, index: object) -> bool:
+        self._build()
+        return super().__contains__(index)
+
+    def __iter__(self) -> Iterator[int]:
+        self._build()
+        return super().__iter__()
+
+    def items(self) -> Iterator[tuple[int, list[Layer]]]:  # type: ignore[override]
+        self._build()
+        return super().items()
+
+    def indexes(self, start: int = 0, stop: int | None = None) -> array[int]:
+        self._build()
+        return super().indexes(start, stop)
+
+    def layer_counts(self) -> Iterator[tuple[int, int]]:
+        self._build()
+        return super().layer_counts()
+
+    def blob_ids(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        self._build()
+        return super().blob_ids(start, stop)
