@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from raksha.vault.engine.changes import ChangedExtents, ChunkFlags, ChunkSpans, chunks_touching
+from raksha.vault.sources.base import ExtentArray
 
 K = 1024
 CHUNK = 64 * K
@@ -55,3 +56,15 @@ def test_flags_take_a_bit_a_chunk() -> None:
         flags.add(i)
     assert flags.count == 4 and len(flags._bits) == 1 << 17
     assert 7 in flags and 6 not in flags and (1 << 20) - 1 in flags and 1 << 20 not in flags and -1 not in flags
+
+
+def test_a_dirty_bitmap_s_extents_are_used_as_they_come_and_anything_else_is_merged_first() -> None:
+    clean = ExtentArray([(0, 10), (CHUNK, 5), (3 * CHUNK - 2, 4)])
+    assert ChangedExtents(clean, CHUNK, 4 * CHUNK)._extents is clean  # in order, apart, inside: no copy
+    for messy in ([(CHUNK, 5), (0, 10), (3 * CHUNK - 2, 4)],  # out of order
+                  [(0, 10), (10, 5), (CHUNK, 5), (3 * CHUNK - 2, 4)],  # touching
+                  [(0, 10), (CHUNK, 5), (3 * CHUNK - 2, 4), (4 * CHUNK - 1, 9)]):  # past the end
+        changed = ChangedExtents(ExtentArray(messy), CHUNK, 4 * CHUNK)
+        assert changed._extents is not messy
+        assert changed.ranges(0) == [(0, 15 if (10, 5) in messy else 10)] and changed.ranges(2) == [(CHUNK - 2, 2)]
+        assert changed.ranges(3)[0] == (0, 2)

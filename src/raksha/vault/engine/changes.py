@@ -12,7 +12,7 @@ import bisect
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 
-from raksha.vault.sources.base import Extent, merge_extents
+from raksha.vault.sources.base import Extent, ExtentArray, merge_extents
 
 
 class ChunkSpans:
@@ -90,33 +90,49 @@ def chunks_touching(extents: Sequence[Extent], chunk_size: int, virtual_size: in
 
 
 class ChangedExtents:
-    """The changed extents of a disk, sorted, merged and clipped to it; each chunk's share on demand."""
+    """The changed extents of a disk, sorted, merged and clipped to it; each chunk's share on demand.
+    Extents that arrive that way already as an ``ExtentArray`` (a dirty bitmap's) are used as they are."""
 
     def __init__(self, extents: Sequence[Extent], chunk_size: int, virtual_size: int) -> None:
         self.chunk_size = chunk_size
-        self._offs, self._ends = array("Q"), array("Q")
+        self.count = len(extents)
+        self.bytes = sum(n for _, n in extents)  # as given, overlaps and all (what the caller said changed)
+        if isinstance(extents, ExtentArray) and _normalized(extents, virtual_size):
+            self._extents = extents
+            return
+        self._extents = ExtentArray()
         for off, length in merge_extents(extents):
             end = min(off + length, virtual_size)
             if end > off:
-                self._offs.append(off)
-                self._ends.append(end)
-        self.count = len(extents)
-        self.bytes = sum(n for _, n in extents)  # as given, overlaps and all (what the caller said changed)
+                self._extents.append(off, end - off)
 
     def chunks(self) -> ChunkSpans:
         cs = self.chunk_size
-        return ChunkSpans((off // cs, (end - 1) // cs) for off, end in zip(self._offs, self._ends, strict=True))
+        return ChunkSpans((off // cs, (off + n - 1) // cs) for off, n in self._extents)
 
     def ranges(self, i: int) -> list[Extent]:
         """Chunk ``i``'s changed ranges, relative to its start, in order."""
         start, stop = i * self.chunk_size, (i + 1) * self.chunk_size
-        k = max(0, bisect.bisect_right(self._ends, start))  # the first extent ending after the chunk starts
+        offs, lens = self._extents.offsets, self._extents.lengths
+        k = bisect.bisect_right(offs, start) - 1  # the last extent starting at or before the chunk
+        if k < 0 or offs[k] + lens[k] <= start:
+            k += 1
         out: list[Extent] = []
-        while k < len(self._offs) and self._offs[k] < stop:
-            lo, hi = max(self._offs[k], start), min(self._ends[k], stop)
+        while k < len(offs) and offs[k] < stop:
+            lo, hi = max(offs[k], start), min(offs[k] + lens[k], stop)
             out.append((lo - start, hi - lo))
             k += 1
         return out
+
+
+def _normalized(extents: ExtentArray, virtual_size: int) -> bool:
+    """In order, apart (not even touching), not empty, inside the disk: what merging would give."""
+    end = -1
+    for off, n in extents:
+        if n <= 0 or off <= end or off + n > virtual_size:
+            return False
+        end = off + n
+    return True
 
 
 class ChunkFlags:

@@ -20,6 +20,14 @@ class ExtentArray(Sequence[Extent]):
         for off, length in extents:
             self.append(off, length)
 
+    @property
+    def offsets(self) -> array[int]:
+        return self._offsets
+
+    @property
+    def lengths(self) -> array[int]:
+        return self._lengths
+
     def append(self, offset: int, length: int) -> None:
         self._offsets.append(offset)
         self._lengths.append(length)
