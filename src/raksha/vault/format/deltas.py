@@ -230,11 +230,14 @@ class NewEntries:
     def __init__(self) -> None:
         self._data = bytearray()
         self._index = array("I")
-        self._offset = array("Q")
+        self._offset = array("I")  # 8 bytes wide only once the entries pass 4 GiB
 
     def add(self, index: int, layers: Sequence[Layer]) -> None:
+        at = len(self._data)
+        if at >> 32 and self._offset.typecode == "I":
+            self._offset = array("Q", self._offset)
         self._index.append(index)
-        self._offset.append(len(self._data))
+        self._offset.append(at)
         self._data += encode_layers(index, layers)
 
     def __len__(self) -> int:
