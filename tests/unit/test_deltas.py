@@ -20,7 +20,7 @@ from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import backup as backup_module
 from raksha.vault.engine.backup import MAX_LAYERS, MAX_RANGES, BackupResult, backup_disk
-from raksha.vault.engine.restore import restore_backup
+from raksha.vault.engine.restore import restore_backup, touched_blocks
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
@@ -187,6 +187,33 @@ def test_a_layer_on_a_chunk_of_zeros(vault: Vault, tmp_path: Path) -> None:
     m = manifest(vault, 2)
     assert m.chunk_ids[0] == ZERO_ID and not m.is_zero(0) and len(m.deltas[0]) == 1
     assert disk.restores_exactly(vault, 2, tmp_path / "out.img")
+
+
+def test_layers_on_holes_restore_exactly_and_stay_sparse(vault: Vault, tmp_path: Path) -> None:
+    """Written from its layers' blocks alone (no fill or scan of the chunk): the rest stays a hole."""
+    disk = Disk(tmp_path / "disk.img")
+    with open(disk.path, "r+b") as f:
+        f.truncate(0)
+        f.truncate(4 * MIB)
+    disk.backup(vault, full=True)  # chunks 0-3: holes
+    disk.write(12 * KIB + 5, os.urandom(100))  # one block, unaligned
+    disk.write(MIB + 8 * KIB, bytes(4 * KIB))  # zeros written over a hole: a zero layer
+    disk.write(2 * MIB + 60 * KIB, os.urandom(10 * KIB))  # three blocks
+    disk.write(2 * MIB + 62 * KIB, os.urandom(KIB))  # inside them again, next backup: a second layer
+    disk.backup(vault)
+    disk.write(2 * MIB + 900 * KIB, os.urandom(KIB))
+    disk.backup(vault)
+    m = manifest(vault, 3)
+    assert m.chunk_ids[2] == ZERO_ID and len(m.deltas[2]) == 2 and m.deltas[1][0].blob_id == ZERO_ID
+    out = tmp_path / "out.img"
+    assert disk.restores_exactly(vault, 3, out)
+    assert os.stat(out).st_blocks * 512 <= 6 * 4 * KIB  # blocks the layers wrote: 1 + 1 + 3 + 1
+
+
+def test_the_blocks_layers_touch() -> None:
+    layers = [Layer(ZERO_ID, ((5, 10), (8190, 4))), Layer(ZERO_ID, ((4096, 1),)), Layer(ZERO_ID, ((20000, 3000),))]
+    assert touched_blocks(layers, 64 * KIB) == [(0, 12288), (16384, 24576)]
+    assert touched_blocks(layers, 22000) == [(0, 12288), (16384, 22000)]  # a short last chunk
 
 
 def test_deleting_parents_and_collecting_garbage_keeps_every_layer_a_backup_needs(vault: Vault,

@@ -59,6 +59,7 @@ def test_raw_target_writes_views_in_place_and_copies_the_rest(tmp_path: Path) ->
         target.pwrite(unaligned, MIB)  # a view of unaligned memory: EINVAL, then copied
         target.pwrite(bytes(aligned), 2 * MIB)  # bytes: copied into an aligned buffer
         target.pwrite(odd, 3 * MIB + 5)  # unaligned: an ordinary write
+        target.pwrite(memoryview(aligned)[:4096], 3 * MIB + 8192)  # aligned but small: buffered too
         target.flush()
     finally:
         target.close()
@@ -68,6 +69,7 @@ def test_raw_target_writes_views_in_place_and_copies_the_rest(tmp_path: Path) ->
     assert out[MIB : 2 * MIB] == unaligned
     assert out[3 * MIB + 5 : 3 * MIB + 1005] == odd
     assert out[3 * MIB : 3 * MIB + 5] == bytes(5)
+    assert out[3 * MIB + 8192 : 3 * MIB + 12288] == aligned[:4096]
 
 
 def test_pread_into_returns_the_range_from_an_aligned_read(tmp_path: Path) -> None:

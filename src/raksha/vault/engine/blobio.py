@@ -16,6 +16,8 @@ from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.pack import pack_key
 from raksha.vault.repository import Vault
 
+READ_AHEAD = 1 << 20  # of a pack, for a chunk's small blobs (layers): see BlobReader
+
 
 class BlobReader:
     """``read(loc)``: a blob's bytes, as a view of this thread's buffer (valid until its next read).
@@ -24,10 +26,14 @@ class BlobReader:
     blob; others fall back to ``Vault.read_blob``.
     """
 
-    def __init__(self, vault: Vault) -> None:
+    def __init__(self, vault: Vault, *, read_ahead: int = 0) -> None:
         self._vault = vault
         self._into: Callable[..., memoryview] | None = getattr(vault.backend, "get_range_into", None)
         self._local = threading.local()
+        # Reads shorter than this read this much of the pack and keep it for the thread's next reads
+        # (packs never change): a layered restore's small layer blobs lie side by side in their packs,
+        # one O_DIRECT read each was one random device read each.
+        self._read_ahead = read_ahead
 
     def read(self, loc: Location) -> memoryview | bytes:
         return self.read_range(pack_key(loc.pack_id.hex()), loc.offset, loc.stored_length)
@@ -35,11 +41,20 @@ class BlobReader:
     def read_range(self, key: str, offset: int, length: int) -> memoryview | bytes:
         if self._into is None:
             return self._vault.backend.get_range(key, offset, length)
+        held: tuple[str, int, memoryview] | None = getattr(self._local, "held", None)
+        if held is not None and held[0] == key and held[1] <= offset and offset + length <= held[1] + len(held[2]):
+            return held[2][offset - held[1] : offset - held[1] + length]
+        span = self._read_ahead if length < self._read_ahead else length
         buf: mmap.mmap | None = getattr(self._local, "buf", None)
-        need = aligned_span(offset, length)
+        need = aligned_span(offset, span)
         if buf is None or len(buf) < need:
             buf = self._local.buf = mmap.mmap(-1, max(need, 1 << 20))  # anonymous maps are page-aligned
-        return self._into(key, offset, length, buf)
+        self._local.held = None  # the buffer is being overwritten
+        view = self._into(key, offset, span, buf)  # shorter at the pack's end
+        if span == length:
+            return view
+        self._local.held = (key, offset, view)
+        return view[:length]
 
 
 class ChunkReader:
@@ -47,7 +62,7 @@ class ChunkReader:
     (format.md §8.1), every blob checked against its id. Thread-safe: buffers and decoders per thread."""
 
     def __init__(self, vault: Vault, locations: Mapping[bytes, Location], chunk_size: int) -> None:
-        self._blobs = BlobReader(vault)
+        self._blobs = BlobReader(vault, read_ahead=READ_AHEAD)
         self._crypto = vault.crypto
         self._locations = locations
         self._chunk_size = chunk_size
@@ -88,6 +103,10 @@ class ChunkReader:
             out[:] = self._zero[:length]
         else:
             self.blob_into(base, length, out, what=what)
+        self.layers_into(layers, out, what=what)
+
+    def layers_into(self, layers: Sequence[Layer], out: memoryview, *, what: str) -> None:
+        """``layers`` applied in order onto what ``out`` holds (only their ranges are written)."""
         for layer in layers:
             if layer.blob_id == ZERO_ID:
                 for off, n in layer.ranges:

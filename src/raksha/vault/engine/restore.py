@@ -8,16 +8,17 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from raksha.domain.errors import ChunkMissing, NotFound, VaultCorrupt
-from raksha.vault.directio import AlignedBuffers, nonzero_runs
+from raksha.vault.directio import ALIGN, AlignedBuffers, nonzero_runs
 from raksha.vault.engine.blobio import BlobReader, ChunkReader
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
+from raksha.vault.format.deltas import Layer
 from raksha.vault.format.index import Location
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
@@ -147,6 +148,18 @@ def restore_backup(
         def one_delta(i: int) -> None:
             out_buffer = out_buffers.get()
             data = memoryview(out_buffer)[: manifest.chunk_length(i)]
+            if skip_zero_blocks and manifest.chunk_ids[i] == ZERO_ID:
+                # Layers on a hole (writes where the parent had nothing): only the blocks they touch can
+                # hold data, and a fresh image reads as zeros elsewhere. No fill or scan of the chunk.
+                layers = manifest.deltas[i]
+                runs = touched_blocks(layers, len(data))
+                for start, end in runs:
+                    data[start:end] = bytes(end - start)
+                chunks.layers_into(layers, data, what=f"backup {manifest.id} chunk {i}")
+                for start, end in runs:
+                    target.pwrite(cast(bytes, data[start:end]), i * manifest.chunk_size + start)
+                meter.add(len(data))
+                return
             chunks.chunk_into(manifest, i, data)
             write(i, out_buffer, data)
 
@@ -199,6 +212,20 @@ def restore_backup(
         meter.finish()
         return RestoreResult(backup_id, output, fmt, manifest.virtual_size, total, verified,
                              manifest.content_digest(), time.monotonic() - start)
+
+
+def touched_blocks(layers: Sequence[Layer], length: int) -> list[tuple[int, int]]:
+    """The ALIGN blocks of a chunk of ``length`` bytes that ``layers`` write, as [start, end) runs in order
+    (the last may end unaligned at ``length``), as ``nonzero_runs`` gives them."""
+    spans = sorted((off - off % ALIGN, min(length, -(-(off + n) // ALIGN) * ALIGN))
+                   for layer in layers for off, n in layer.ranges)
+    runs: list[tuple[int, int]] = []
+    for start, end in spans:
+        if runs and start <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+        else:
+            runs.append((start, end))
+    return runs
 
 
 def index_windows(manifest: Manifest) -> list[tuple[int, int]]:
