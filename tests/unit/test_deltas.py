@@ -352,7 +352,7 @@ def test_a_backup_s_deltas_keep_the_parent_s_and_replace_what_changed() -> None:
     for i in (8, 4, 0):  # as workers finish them
         new.add(i, [*parent.get(i, []), Layer(os.urandom(32), ((2, 3),))])
 
-    merged = Deltas.merged(parent, lambda i: i != 6, new)
+    merged = MergedDeltas(parent, lambda i: i != 6, new)
 
     assert list(merged) == [0, 1, 4, 8, 9] and merged[1] == merged[9] == old
     assert len(merged[4]) == 2 and merged[4][0] == old[0] and len(merged[0]) == len(merged[8]) == 1
@@ -370,7 +370,8 @@ def test_a_new_manifest_s_deltas_stream_the_same_bytes_unbuilt() -> None:
     def keep(i: int) -> bool:
         return i % 2 == 0
 
-    built = Deltas.merged(parent, keep, new)
+    built = MergedDeltas(parent, keep, new)
+    built._build()
     lazy = MergedDeltas(parent, keep, new)
     assert len(lazy) == len(built) and lazy.encoded_size == built.encoded_size
     assert b"".join(lazy.pieces()) == built.encode() == lazy.encode() and not lazy._built

@@ -69,7 +69,7 @@ class Deltas(Mapping[int, list[Layer]]):
         self.append_entry(index, encode_layers(index, layers))
 
     def append_entry(self, index: int, entry: bytes | memoryview) -> None:
-        """Add chunk ``index``'s encoded entry (from ``encode_layers`` or ``entry``); after every other."""
+        """Add chunk ``index``'s encoded entry (from ``encode_layers``); after every other."""
         if self._index and index <= self._index[-1]:
             raise ValueError("delta entries are added in increasing chunk order")
         if not isinstance(self._data, bytearray):
@@ -77,13 +77,6 @@ class Deltas(Mapping[int, list[Layer]]):
         self._index.append(index)
         self._offset.append(len(self._data))
         self._data += entry
-
-    def entry(self, index: int) -> memoryview:
-        """Chunk ``index``'s encoded entry (KeyError if it has none)."""
-        k = self._find(index)
-        if k < 0:
-            raise KeyError(index)
-        return self._entry_at(k)
 
     def _entry_at(self, k: int) -> memoryview:
         end = self._offset[k + 1] if k + 1 < len(self._offset) else len(self._data)
@@ -151,15 +144,6 @@ class Deltas(Mapping[int, list[Layer]]):
     @property
     def encoded_size(self) -> int:
         return _LEN.size + len(self._data) - self._base
-
-    @classmethod
-    def merged(cls, kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> Deltas:
-        """``kept``'s entries for which ``keep`` holds, and ``new``'s, in chunk order; ``new`` wins where
-        both have one. Entries are copied encoded, never decoded."""
-        out = cls()
-        for index, entry in _merge(kept, keep, new):
-            out.append_entry(index, entry)
-        return out
 
     @classmethod
     def decode(cls, data: bytes | bytearray, chunk_count: int, chunk_length: Callable[[int], int], what: str) -> Deltas:
@@ -278,8 +262,9 @@ def _merge(kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> Iterat
 
 
 class MergedDeltas(Deltas):
-    """``Deltas.merged`` not built: a new manifest's count, size and encoding come from the parent's
-    entries and the new ones as they are, one pass each (a terabyte's half-million layered chunks would
+    """``kept``'s entries for which ``keep`` holds, and ``new``'s, in chunk order (``new`` wins where both
+    have one), not built: a new manifest's count, size and encoding come from the parent's entries and
+    the new ones as they are, copied encoded, one pass each (a terabyte's half-million layered chunks would
     otherwise be held twice while the manifest is written). Anything else builds it first."""
 
     __slots__ = ("_built", "_count", "_parts", "_size")
@@ -321,10 +306,6 @@ class MergedDeltas(Deltas):
 
     def encode(self) -> bytes:
         return b"".join(self.pieces())
-
-    def entry(self, index: int) -> memoryview:
-        self._build()
-        return super().entry(index)
 
     def __getitem__(self, index: int) -> list[Layer]:
         self._build()
