@@ -50,6 +50,7 @@ def main() -> int:
     p.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "layered-disk.json")
     p.add_argument("--backups-only", action="store_true",
                    help="stop after the two incrementals (no restore, verify or comparison)")
+    p.add_argument("--keep", action="store_true", help="keep --workdir (the image and the vault) at the end")
     args = p.parse_args()
     size = imagegen.parse_size(args.size)
     chunks = size // CHUNK
@@ -96,7 +97,8 @@ def main() -> int:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({"size": size, "layered_chunks": layered, "identical": identical,
                                          "target_mb": TARGET_MB, "phases": results}, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if identical is not False else 1
 
 

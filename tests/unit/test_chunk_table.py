@@ -11,7 +11,7 @@ import pytest
 from raksha.domain.errors import NotFound
 from raksha.vault import repository
 from raksha.vault.backends.local import LocalBackend
-from raksha.vault.format.chunk_table import ChunkTable, IdSet
+from raksha.vault.format.chunk_table import ChunkLocator, ChunkTable, IdSet
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.crypto import Crypto
 from raksha.vault.format.index import Location, decode_index, encode_index
@@ -125,6 +125,58 @@ def test_a_restore_loads_only_the_locations_it_needs(vault: Vault) -> None:
     wanted = IdSet([*list(entries)[:7], os.urandom(32)])  # and one the vault does not hold
     index = vault.load_index(only=wanted)
     assert index.locations == {cid: entries[cid] for cid in list(entries)[:7]}
+
+
+def test_a_locator_fills_in_the_locations_of_the_ids_it_wants_and_adds_none(vault: Vault) -> None:
+    entries = _locations(500)
+    vault.write_index(dict(list(entries.items())[:300]))
+    vault.write_index(dict(list(entries.items())[250:]))  # 50 listed twice: either location is right
+    absent = os.urandom(32)
+    wanted = ChunkLocator()
+    wanted.add_ids([*list(entries)[::5], absent, next(iter(entries))])  # repeats are one row
+
+    index = vault.load_index(locate=wanted)
+
+    assert index.locations is wanted and len(wanted) == 101
+    assert list(wanted.unlocated()) == [absent]
+    assert wanted.get(absent) is None and not wanted.is_located(absent) and absent in wanted
+    assert all(wanted.get(cid) == entries[cid] and wanted.is_located(cid) for cid in list(entries)[::5])
+    by_pack, total = wanted.by_pack()
+    grouped = {cid: loc for pack, rows in by_pack.items() for cid, loc in wanted.entries(rows)
+               if loc.pack_id == pack}
+    assert grouped == {cid: entries[cid] for cid in list(entries)[::5]}
+    assert total == sum(loc.stored_length for loc in grouped.values())
+
+
+def test_verify_holds_a_referenced_chunk_once_at_under_70_bytes() -> None:
+    """Verify wants every referenced chunk, then its location, then the chunks grouped by pack: one
+    table and 4 bytes a chunk (an IdSet, a ChunkTable and 44-byte rows by pack took ~150)."""
+    n = 50_000
+    records = decode_index(encode_index(_locations(n, packs=n // 2000), Crypto()), Crypto(), what="index")
+    ids = [cid for cid, *_ in records.rows()]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        wanted = ChunkLocator()
+        wanted.add_ids(ids)
+        wanted.locate_rows(records.rows())
+        by_pack, _total = wanted.by_pack()
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert sum(len(rows) for rows in by_pack.values()) == n and not list(wanted.unlocated())
+    assert peak / n < 70
+
+
+def test_a_locator_that_loads_again_forgets_what_the_first_attempt_found(vault: Vault) -> None:
+    entries = _locations(10)
+    wanted = ChunkLocator()
+    wanted.add_ids(entries)
+    wanted.locate_rows((cid, os.urandom(32), 0, 1, 2) for cid in entries)  # an index since replaced
+    vault.write_index(dict(list(entries.items())[:4]))
+    vault.load_index(locate=wanted)
+    assert {cid: wanted.get(cid) for cid in entries} == {
+        cid: (loc if k < 4 else None) for k, (cid, loc) in enumerate(entries.items())}
 
 
 def test_many_index_objects_are_read_in_parallel_batches_in_order(vault: Vault,

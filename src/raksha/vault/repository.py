@@ -30,7 +30,7 @@ from raksha.domain.errors import (
 )
 from raksha.vault.backends.base import Backend, ObjectInfo
 from raksha.vault.format import sealed
-from raksha.vault.format.chunk_table import ChunkTable, IdSet
+from raksha.vault.format.chunk_table import ChunkLocator, ChunkTable, IdSet
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ID_SIZE
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
@@ -320,9 +320,10 @@ class Vault:
         return f
 
     def load_index(self, *, tolerant: bool = False, only: IdSet | None = None, ids: bool = False,
-                   check_names: bool = False) -> ChunkIndex:
+                   check_names: bool = False, locate: ChunkLocator | None = None) -> ChunkIndex:
         """Every chunk's location, or with ``only`` those of these chunks (a restore's: its memory then
-        follows the backup, not the vault); with ``ids``, also every stored chunk id (``ids``: what a
+        follows the backup, not the vault), or with ``locate`` those of its ids, filled in in place (it is
+        then the result's ``locations``); with ``ids``, also every stored chunk id (``ids``: what a
         backup deduplicates against, ~40 bytes a chunk against a location's ~58). ``tolerant``: skip
         unreadable index objects (listed in ``damaged``) rather than fail; their chunks then look
         absent, which backup and restore can live with. ``check_names`` (verify; implies tolerant):
@@ -334,15 +335,19 @@ class Vault:
         any of its entries count) instead of all being held at once."""
         for _attempt in range(5):
             try:
-                return self._load_index(tolerant or check_names, only, ids, check_names)
+                return self._load_index(tolerant or check_names, only, ids, check_names, locate)
             except NotFound:
                 continue  # an object went under a concurrent gc, which wrote its replacement first
         raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
-    def _load_index(self, tolerant: bool, only: IdSet | None, ids: bool, check_names: bool) -> ChunkIndex:
-        index = ChunkIndex()
+    def _load_index(self, tolerant: bool, only: IdSet | None, ids: bool, check_names: bool,
+                    locate: ChunkLocator | None) -> ChunkIndex:
+        index = ChunkIndex() if locate is None else ChunkIndex(locations=locate)
+        if locate is not None:
+            locate.forget_locations()  # an attempt that started over must not keep a gone object's rows
         scan = self.scan_index(index.damaged if tolerant else None, check_names=check_names)
-        index.locations.reserve(scan.live_entries if only is None else min(len(only), scan.live_entries))
+        if locate is None:
+            index.locations.reserve(scan.live_entries if only is None else min(len(only), scan.live_entries))
         if ids and scan.live_entries > IDS_IN_MEMORY:
             index.ids = DiskIdSet(scan.live_entries, "the vault's chunk ids")
         elif ids:
@@ -355,7 +360,9 @@ class Vault:
             for index_id, f in scan.live():
                 if index.ids is not None:
                     index.ids.update(map(itemgetter(0), f.rows()))
-                if only is None or only:
+                if locate is not None:
+                    locate.locate_rows(f.rows())
+                elif only is None or only:
                     index.locations.update_rows(f.rows(), keep=keep)
                 index.index_ids.add(index_id)
             if isinstance(index.ids, DiskIdSet):

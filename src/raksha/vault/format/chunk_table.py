@@ -20,6 +20,7 @@ from raksha.vault.format.constants import ID_SIZE
 from raksha.vault.format.index import Location
 
 _MIN_SLOTS = 1 << 8
+UNLOCATED = 0xFFFFFFFF  # a ChunkLocator row's pack number until the index gives its location
 _FIELDS = struct.Struct("<IIII")  # pack number, offset, stored length, raw length
 _ROW = struct.Struct(f"<{ID_SIZE}sIIII")
 
@@ -201,6 +202,30 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
         for cid, pack_id, offset, stored, raw in self.rows():
             yield cid, Location(pack_id, offset, stored, raw)
 
+    def by_pack(self) -> tuple[dict[bytes, array[int]], int]:
+        """Row numbers grouped by pack (4 bytes a chunk beside the table, not a copy of its rows), and the
+        stored bytes of them all. A ChunkLocator's unlocated rows are left out."""
+        groups: dict[int, array[int]] = {}
+        total = 0
+        view = memoryview(self._rows)[: self._count * _ROW.size]
+        for row, (_cid, pack, _offset, stored, _raw) in enumerate(_ROW.iter_unpack(view)):
+            if pack == UNLOCATED:
+                continue
+            rows = groups.get(pack)
+            if rows is None:
+                rows = groups[pack] = array("I")
+            rows.append(row)
+            total += stored
+        return {self._packs[pack]: rows for pack, rows in groups.items()}, total
+
+    def entries(self, rows: Iterable[int]) -> list[tuple[bytes, Location]]:
+        """(chunk id, location) of each row number (as ``by_pack`` gives them)."""
+        out = []
+        for row in rows:
+            cid, pack, offset, stored, raw = _ROW.unpack_from(self._rows, row * _ROW.size)
+            out.append((cid, Location(self._packs[pack], offset, stored, raw)))
+        return out
+
     def add(self, cid: bytes, pack_id: bytes, offset: int, stored_length: int, raw_length: int) -> None:
         pack = self._pack_numbers.get(pack_id)
         if pack is None:
@@ -252,3 +277,68 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
                         slots, mask = self._slots, self._mask
         finally:
             self._count = count  # what was added stays consistent, whatever stopped the loop
+
+
+class ChunkLocator(ChunkTable):
+    """The ids something needs, then their locations: one table for both (~58 bytes an id).
+
+    Verify adds every id the backups reference (``add_ids``), then reads the index through
+    ``locate_rows``, which fills in the rows already here and adds none. An ``IdSet`` of the wanted ids
+    beside a ``ChunkTable`` of their locations held each id twice (~103 bytes).
+    """
+
+    __slots__ = ()
+
+    def add_ids(self, ids: Iterable[bytes]) -> None:
+        """Want these ids; their rows stay unlocated until ``locate_rows`` sees them."""
+        unlocated = _FIELDS.pack(UNLOCATED, 0, 0, 0)
+        rows, slots, mask, count, width = self._rows, self._slots, self._mask, self._count, self._width
+        try:
+            for cid in ids:
+                if len(cid) != ID_SIZE:
+                    raise ValueError("a chunk id is 32 bytes")
+                i = hash(cid) & mask
+                while r := slots[i]:
+                    start = (r - 1) * width
+                    if rows[start : start + ID_SIZE] == cid:
+                        break
+                    i = (i + 1) & mask
+                else:
+                    rows += cid + unlocated
+                    count += 1
+                    slots[i] = count
+                    if count * 5 > len(slots) * 3:
+                        self._count = count
+                        self._resize(count)
+                        slots, mask = self._slots, self._mask
+        finally:
+            self._count = count
+
+    def forget_locations(self) -> None:
+        """Every row unlocated again (a load of the index that starts over)."""
+        rows, width = self._rows, self._width
+        for start in range(ID_SIZE, self._count * width, width):
+            _FIELDS.pack_into(rows, start, UNLOCATED, 0, 0, 0)
+
+    def locate_rows(self, rows: Iterable[tuple[bytes, bytes, int, int, int]]) -> None:
+        """Rows as an index file holds them: each of a wanted id sets (or replaces) its location; the
+        others are skipped."""
+        self.update_rows(rows, keep=self)
+
+    def is_located(self, cid: bytes) -> bool:
+        row = self._find(cid)[0]
+        return row >= 0 and _FIELDS.unpack_from(self._rows, row * _ROW.size + ID_SIZE)[0] != UNLOCATED
+
+    def unlocated(self) -> Iterator[bytes]:
+        """The wanted ids no index row has located."""
+        view = memoryview(self._rows)[: self._count * _ROW.size]
+        for cid, pack, _offset, _stored, _raw in _ROW.iter_unpack(view):
+            if pack == UNLOCATED:
+                yield cid
+
+    def get(self, cid: bytes, default: Location | None = None) -> Location | None:  # type: ignore[override]
+        row = self._find(cid)[0] if isinstance(cid, bytes) else -1
+        if row < 0:
+            return default
+        _cid, pack, offset, stored, raw = _ROW.unpack_from(self._rows, row * _ROW.size)
+        return default if pack == UNLOCATED else Location(self._packs[pack], offset, stored, raw)

@@ -8,11 +8,10 @@ condemns one chunk (and the backups using it), not the whole pack.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ from raksha.domain.errors import NotFound, RakshaError
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
-from raksha.vault.format.chunk_table import ChunkTable, IdSet
+from raksha.vault.format.chunk_table import ChunkLocator, ChunkTable
 from raksha.vault.format.index import Location
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import check_preamble, pack_key
@@ -73,11 +72,6 @@ def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = 
 
 
 READ_PIECE = 4 << 20  # a pack is read in pieces of this size (one per thread in memory, not the pack)
-_WANTED = struct.Struct("<32sIII")  # a chunk to check: id, offset, stored length, raw length
-
-
-def _entries(pack_id: bytes, rows: bytearray) -> list[tuple[bytes, Location]]:
-    return [(cid, Location(pack_id, offset, stored, raw)) for cid, offset, stored, raw in _WANTED.iter_unpack(rows)]
 
 
 class _Verify:
@@ -99,9 +93,9 @@ class _Verify:
         start = time.monotonic()
         # Manifests before the index: a backup indexes its chunks before it writes its manifest, so
         # one that commits while we run cannot look as if its chunks were missing.
-        # Which backups use a chunk is worked out again only for damaged chunks (usually none): a map
-        # of every chunk to its users cost ~170 bytes a chunk, a compact set ~45.
-        referenced = IdSet()
+        # One table holds every referenced chunk and then its location (~58 bytes a chunk); which
+        # backups use a chunk is worked out again only for damaged chunks (usually none).
+        wanted = ChunkLocator()
         readable: list[BackupId] = []
         for bid in self.vault.backup_ids():
             self.report.backups_checked += 1
@@ -110,17 +104,17 @@ class _Verify:
             except RakshaError as err:
                 self._damaged_backup(str(bid), f"{err.code}: {err.message}")
                 continue
-            referenced.update(manifest.iter_blob_ids())
+            wanted.add_ids(manifest.iter_blob_ids())
+            del manifest  # before the next is read: one manifest at a time (a terabyte disk's: ~65 MB)
             readable.append(bid)
             try:
                 self.vault.read_metadata(bid)
             except RakshaError as err:  # its data is still checked: a restore does not need the metadata
                 self._damaged_backup(str(bid), f"metadata: {err.code}: {err.message}")
-        locations = self._load_index(report=True, only=referenced)
-        for cid in referenced:
-            if cid not in locations:
-                self.bad_chunks[cid] = f"chunk {cid.hex()} is missing (no index entry)"
-        self._check((cid, loc) for cid, loc in locations.items() if cid in referenced)
+        self._locate(wanted, report=True)
+        for cid in wanted.unlocated():
+            self.bad_chunks[cid] = f"chunk {cid.hex()} is missing (no index entry)"
+        self._check(wanted)
         if self.missing_packs:
             self._recheck_moved()
         for key in sorted(self.missing_packs):
@@ -142,41 +136,38 @@ class _Verify:
             except RakshaError as err:
                 self._damaged_backup(str(bid), f"{err.code}: {err.message}")
                 continue
-            for cid in manifest.blob_ids():
+            for cid in manifest.blob_ids():  # distinct: one reason per damaged chunk
                 why = self.bad_chunks.get(cid)
                 if why is not None:
                     self._damaged_backup(str(bid), why)
+            del manifest
 
     def _damaged_backup(self, bid: str, why: str) -> None:
         self.report.damaged_backups.setdefault(bid, []).append(why)
 
-    def _load_index(self, *, report: bool, only: IdSet | None = None) -> ChunkTable:
-        """The locations of ``only`` (or every chunk), reading each index object on its own so that one
-        damaged object is reported (``report``) and the others still count. An object whose bytes do not
-        match its name is reported but still used if it decodes."""
-        index = self.vault.load_index(only=only, check_names=True)
+    def _locate(self, wanted: ChunkLocator, *, report: bool) -> None:
+        """Fill in the locations of ``wanted``, reading each index object on its own so that one damaged
+        object is reported (``report``) and the others still count. An object whose bytes do not match
+        its name is reported but still used if it decodes."""
+        index = self.vault.load_index(locate=wanted, check_names=True)
         if report:  # once, from the listing that held
             for key, why in index.damaged.items():
                 self.damaged(key, why)
-        return index.locations
 
-    def _check(self, wanted: Iterable[tuple[bytes, Location]]) -> None:
-        # Grouped by pack, 44 bytes a chunk; each pack's list of Locations is made only while it is read.
-        by_pack: dict[bytes, bytearray] = defaultdict(bytearray)
-        total = 0
-        for cid, loc in wanted:
-            by_pack[loc.pack_id] += _WANTED.pack(cid, loc.offset, loc.stored_length, loc.raw_length)
-            total += loc.stored_length
+    def _check(self, table: ChunkTable) -> None:
+        # Row numbers grouped by pack, 4 bytes a chunk; a pack's list of Locations is made only while
+        # it is read.
+        by_pack, total = table.by_pack()
         if self.read_data:
-            self._read_packs(by_pack, total)
+            self._read_packs(table, by_pack, total)
         else:
-            self._stat_packs(by_pack)
+            self._stat_packs(table, by_pack)
 
-    def _stat_packs(self, by_pack: dict[bytes, bytearray]) -> None:
+    def _stat_packs(self, table: ChunkTable, by_pack: dict[bytes, array[int]]) -> None:
         """Without reading data: every pack must exist and be long enough for the blobs it is said to hold."""
         sizes = {pid: size for pid, size, _mtime in self.vault.iter_packs()}
         for pack_id, rows in sorted(by_pack.items()):
-            entries = _entries(pack_id, rows)
+            entries = table.entries(rows)
             key = pack_key(pack_id.hex())
             size = sizes.get(pack_id.hex())
             if size is None:
@@ -189,13 +180,13 @@ class _Verify:
                 if loc.offset + loc.stored_length > size - 4:
                     self._bad(cid, f"chunk {cid.hex()} in {key}: the pack is too short (truncated)")
 
-    def _read_packs(self, by_pack: dict[bytes, bytearray], total: int) -> None:
+    def _read_packs(self, table: ChunkTable, by_pack: dict[bytes, array[int]], total: int) -> None:
         meter = Progress("verify", total, self.callback)
         local = threading.local()
 
-        def check(item: tuple[bytes, bytearray]) -> None:
+        def check(item: tuple[bytes, array[int]]) -> None:
             pack_id, rows = item
-            entries = _entries(pack_id, rows)
+            entries = table.entries(rows)
             key = pack_key(pack_id.hex())
             dec = getattr(local, "d", None)
             if dec is None:
@@ -275,14 +266,16 @@ class _Verify:
 
         Those chunks are checked where the index now puts them; only the rest are reported missing.
         """
-        fresh = self._load_index(report=False, only=IdSet(c for cids in self.missing_packs.values() for c in cids))
-        moved: dict[bytes, Location] = {}
+        fresh = ChunkLocator()
+        fresh.add_ids(c for cids in self.missing_packs.values() for c in cids)
+        self._locate(fresh, report=False)
+        moved = ChunkTable()
         for key, cids in list(self.missing_packs.items()):
             still = []
             for cid in cids:
                 loc = fresh.get(cid)
                 if loc is not None and pack_key(loc.pack_id.hex()) != key:
-                    moved[cid] = loc
+                    moved.add(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)
                 else:
                     still.append(cid)
             if still:
@@ -290,7 +283,7 @@ class _Verify:
             else:
                 del self.missing_packs[key]
         if moved:
-            self._check(moved.items())
+            self._check(moved)
 
     def _bad(self, cid: bytes, why: str) -> None:
         with self.lock:
