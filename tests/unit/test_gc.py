@@ -202,6 +202,23 @@ def test_gc_with_nothing_to_free_deletes_nothing(three_backups: tuple[Vault, dic
     assert pack_ids(vault) == before
 
 
+def test_chunks_two_index_objects_both_list_count_once(three_backups: tuple[Vault, dict[str, Path]],
+                                                        tmp_path: Path) -> None:
+    # Counted twice, every pack would look half garbage and be rewritten for nothing.
+    vault, imgs = three_backups
+    entries = dict(vault.load_index().locations.items())
+    vault.write_index(entries)  # a second live object naming every entry again
+    before = pack_ids(vault)
+
+    report = collect_garbage(vault, grace=0)
+
+    assert (report.packs_deleted, report.packs_repacked, report.bytes_freed) == (0, 0, 0)
+    assert pack_ids(vault) == before
+    live = [f for f in index_objects(vault).values()]
+    assert len(live) == 1 and sorted(live[0].entries) == sorted(entries)  # consolidated, each chunk once
+    assert_restores(vault, B, imgs[B], tmp_path)
+
+
 def test_packs_younger_than_the_grace_period_are_never_deleted(tmp_path: Path) -> None:
     base, other = image(tmp_path / "base.img", seed=1), image(tmp_path / "other.img", seed=3)
     vault = make_vault(tmp_path / "vault")

@@ -123,6 +123,10 @@ class IdSet(_IdRows, Set[bytes]):
         if row < 0:
             self._append(slot, cid)
 
+    def row_of(self, cid: bytes) -> int:
+        """The id's row (0 to len - 1, in the order added), or -1: a key into arrays beside the set."""
+        return self._find(cid)[0] if type(cid) is bytes else -1
+
     def buffer(self) -> memoryview:
         """The ids one after another, in the order added."""
         return memoryview(self._rows)[: self._count * ID_SIZE]
