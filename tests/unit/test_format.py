@@ -603,18 +603,51 @@ def test_passphrases_unwrap_in_several_threads_at_once() -> None:
 
 
 def test_a_prefetched_derivation_is_taken_by_the_unwrap() -> None:
-    from raksha.vault.format import keys
+    from raksha.vault.format import kdf
 
     master = MasterKey.generate()
     right = wrap_master_key(master, Secret(passphrase=b"pw"), VAULT_ID, FAST_KDF)
     other = wrap_master_key(MasterKey.generate(), Secret(passphrase=b"other"), VAULT_ID, FAST_KDF)
-    keys.prefetch_keks([b"{not json", other, right, wrap_master_key(master, Secret(keyfile=os.urandom(32)), VAULT_ID)],
-                       Secret(passphrase=b"pw"))
-    assert len(keys._prefetched) == 2  # the two Argon2id key files; the malformed and key-file ones skipped
+    kdf.prefetch([b"{not json", other, right, wrap_master_key(master, Secret(keyfile=os.urandom(32)), VAULT_ID)],
+                 Secret(passphrase=b"pw"))
+    assert len(kdf._pending) == 2  # the two Argon2id key files; the malformed and key-file ones skipped
     assert unwrap_master_key(other, Secret(passphrase=b"pw"), VAULT_ID) is None  # prefetched, does not fit
     assert unwrap_master_key(right, Secret(passphrase=b"pw"), VAULT_ID) == master
-    assert keys._prefetched == {}  # each result taken once: no derived key lingers
+    assert kdf._pending == {}  # each result taken once: no derived key lingers
     assert unwrap_master_key(right, Secret(passphrase=b"pw"), VAULT_ID) == master  # derived again
+
+
+def test_a_prefetched_derivation_that_failed_raises_when_taken() -> None:
+    from raksha.vault.format import kdf
+
+    doc = json.loads(wrap_master_key(MasterKey.generate(), Secret(passphrase=b"pw"), VAULT_ID, FAST_KDF))
+    doc["kdf"]["memory_kib"] = 1  # below Argon2's minimum of 8 KiB a lane
+    broken = json.dumps(doc).encode()
+    kdf.prefetch([broken], Secret(passphrase=b"pw"))
+    with pytest.raises(VaultCorrupt, match="Argon2id parameters rejected"):
+        unwrap_master_key(broken, Secret(passphrase=b"pw"), VAULT_ID)
+    assert kdf._pending == {}
+
+
+def test_argon2id_agrees_with_openssls() -> None:
+    # Key files written before ADR 0016 were derived by cryptography (OpenSSL); libargon2 must give
+    # the same keys. The golden vault checks one such file; this checks costs other than its own.
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+    from raksha.vault.format.kdf import derive_argon2
+
+    salt = os.urandom(16)
+    for iterations, memory_kib, lanes in ((1, 8, 1), (2, 1024, 4), (3, 4096, 2)):
+        ours = derive_argon2(b"password", {"salt": base64.b64encode(salt).decode(), "iterations": iterations,
+                                           "memory_kib": memory_kib, "lanes": lanes})
+        theirs = Argon2id(salt=salt, length=32, iterations=iterations, lanes=lanes,
+                          memory_cost=memory_kib).derive(b"password")
+        assert ours == theirs
+
+
+def test_a_secrets_repr_shows_neither_passphrase_nor_key() -> None:
+    assert "hunter2" not in repr(Secret(passphrase=b"hunter2"))
+    assert repr(Secret(keyfile=b"k" * 32)) == "Secret(keyfile=...)"
 
 
 def test_master_key_wrapped_by_a_key_file() -> None:

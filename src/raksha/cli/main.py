@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import signal
 import sys
@@ -58,5 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The console script: ``main``, then exit without the interpreter's final collections."""
+    code = main()
+    # Finalizing walks every object the imports made, ~35 ms a command; frozen objects are skipped.
+    # Only this process's exit, never an in-process main() (tests), so nothing is kept alive longer.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from raksha.domain.errors import RakshaError
-from raksha.vault.engine.progress import ProgressCallback, ProgressEvent
+
+if TYPE_CHECKING:
+    from raksha.vault.engine.progress import ProgressCallback, ProgressEvent
 
 
 def _human(n: float) -> str:

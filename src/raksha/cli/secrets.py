@@ -7,7 +7,7 @@ import os
 import sys
 
 from raksha.domain.errors import InvalidInput, VaultKeyError
-from raksha.vault.format.keys import Secret
+from raksha.vault.format.kdf import Secret
 
 
 def _read(path: str, what: str) -> bytes:

@@ -8,22 +8,21 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from raksha.cli.output import TerminalProgress, emit, human_bytes, table
 from raksha.cli.secrets import resolve_secret
 from raksha.domain.errors import EXIT_DAMAGED, InvalidInput, RakshaError, VaultKeyError
-from raksha.vault.backends import Backend, open_backend
-from raksha.vault.format.keys import KEYS_PREFIX, KdfParams, prefetch_keks
-from raksha.vault.format.naming import BackupId
+from raksha.vault.format.kdf import KdfParams, prefetch
 
 if TYPE_CHECKING:
+    from raksha.vault.backends import Backend
     from raksha.vault.repository import Vault
     from raksha.vault.sources.base import ExtentArray
 
 # The vault, engine and operations are imported by each command, most while the vault's key derives
-# (open_vault): on a cold cache they and the key derivation each take ~0.1 s, and now overlap.
+# (VaultOpening): they and the derivation each take ~0.1 s, and overlap. What this module imports
+# itself comes before the derivation starts, so it stays light (no dataclasses, no cryptography).
 
 _SIZE = re.compile(r"^(\d+)([KMG]i?B?)?$", re.I)
 
@@ -165,30 +164,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 # -- helpers --------------------------------------------------------------------------------------
 
 
+class VaultOpening:
+    """A vault whose key has started deriving in the background: the command checks the rest of its
+    arguments and imports what it runs next meanwhile, then calls ``open``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from raksha.vault.backends import open_backend
+
+        self.args = args
+        self.backend = open_backend(args.dir)
+        self.secret = resolve_secret(args.password_file, args.key_file, required=False)
+        if self.secret is not None:
+            prefetch(_key_files(self.backend), self.secret)
+
+    def open(self, *modules: str) -> Vault:
+        """The vault, unlocked, once ``modules`` are imported."""
+        from raksha.vault.repository import Vault
+
+        for module in modules:
+            importlib.import_module(module)
+        try:
+            return Vault.open(self.backend, self.secret)
+        except VaultKeyError as err:
+            if err.code != "VAULT_KEY_REQUIRED":
+                raise
+        return Vault.open(self.backend, resolve_secret(self.args.password_file, self.args.key_file, required=True))
+
+
 def open_vault(args: argparse.Namespace, *modules: str) -> Vault:
-    """The vault at ``args.dir``, unlocked. An encrypted vault's key derives in a background thread
-    while ``modules`` (what the command runs next) are imported."""
-    backend = open_backend(args.dir)
-    secret = resolve_secret(args.password_file, args.key_file, required=False)
-    if secret is not None:
-        prefetch_keks(_key_files(backend), secret)
-    from raksha.vault.repository import Vault
-
-    for module in modules:
-        importlib.import_module(module)
-
-    try:
-        return Vault.open(backend, secret)
-    except VaultKeyError as err:
-        if err.code != "VAULT_KEY_REQUIRED":
-            raise
-    return Vault.open(backend, resolve_secret(args.password_file, args.key_file, required=True))
+    """The vault at ``args.dir``, unlocked; its key derives while ``modules`` are imported."""
+    return VaultOpening(args).open(*modules)
 
 
 def _key_files(backend: Backend) -> list[bytes]:
     """The vault's key files, or none if they cannot be read now (opening the vault says why)."""
     try:
-        return [backend.get(info.key) for info in backend.list(KEYS_PREFIX)]
+        return [backend.get(info.key) for info in backend.list("keys/")]  # format.md §4
     except RakshaError:
         return []
 
@@ -265,6 +276,7 @@ def _hints(items: list[str]) -> dict[str, str]:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from raksha.vault.backends import open_backend
     from raksha.vault.format.config import VaultConfig
     from raksha.vault.repository import Vault
 
@@ -280,11 +292,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    opening = VaultOpening(args)
+    from raksha.vault.format.naming import BackupId
+
     backup_id = BackupId.parse(args.id)
     parent = BackupId.parse(args.parent) if args.parent else None
     extents = _read_extents(args.changed_extents) if args.changed_extents else None
     hints = _hints(args.hint)
-    vault = open_vault(args, "raksha.vault.engine.backup", "raksha.vault.sources.open")
+    vault = opening.open("raksha.vault.engine.backup", "raksha.vault.sources.open")
     from raksha.vault.engine.backup import backup_disk
     from raksha.vault.sources.open import open_source
 
@@ -306,8 +321,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    opening = VaultOpening(args)
+    from raksha.vault.format.naming import BackupId
+
     backup_id = BackupId.parse(args.id)
-    vault = open_vault(args, "raksha.vault.engine.restore")
+    vault = opening.open("raksha.vault.engine.restore")
     from raksha.vault.engine.restore import restore_backup
 
     result = _with_progress(args, lambda cb: restore_backup(
@@ -340,6 +358,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
     from raksha.domain.retention import RetentionPolicy
 
     policy = RetentionPolicy(keep_last=args.keep_last, keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
@@ -355,10 +375,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    opening = VaultOpening(args)
+    from raksha.vault.format.naming import BackupId
     from raksha.vault.locks import LockKind
 
     backup_id = BackupId.parse(args.id)
-    vault = open_vault(args)
+    vault = opening.open()
     with vault.locks.acquire(LockKind.SHARED, f"delete {backup_id}"):
         vault.delete_backup(backup_id)
     emit({"deleted": str(backup_id)}, args.json, f"deleted {backup_id}; run 'raksha vault gc' to free its space")

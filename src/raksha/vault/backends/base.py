@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from raksha.domain.errors import InvalidInput
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(NamedTuple):
+    # Not a dataclass: this module is on every CLI command's path to starting its key derivation.
     key: str
     size: int
     mtime: float  # seconds since the epoch, as the backend reports it

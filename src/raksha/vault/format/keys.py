@@ -6,111 +6,25 @@ import base64
 import json
 import os
 import socket
-import threading
-from collections.abc import Iterable
-from concurrent.futures import Future
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from raksha.domain.errors import InvalidInput, VaultCorrupt
+from raksha.domain.errors import VaultCorrupt
 from raksha.vault.format.constants import KEYFILE_CONTEXT, NONCE_SIZE
 from raksha.vault.format.crypto import MasterKey
+from raksha.vault.format.kdf import KdfParams, Secret, derive
+
+__all__ = ["KEYS_PREFIX", "KdfParams", "Secret", "key_file_id", "unwrap_master_key", "wrap_master_key"]
 
 KEYS_PREFIX = "keys/"  # where a vault keeps its key files (format.md §4)
 
 
-@dataclass(frozen=True)
-class KdfParams:
-    """Argon2id costs. The defaults follow OWASP's 64 MiB / t=3 guidance."""
-
-    memory_kib: int = 65536
-    iterations: int = 3
-    lanes: int = 4
-
-
-@dataclass(frozen=True)
-class Secret:
-    """What a user holds: a passphrase, or the bytes of a key file."""
-
-    passphrase: bytes | None = None
-    keyfile: bytes | None = None
-
-    def __post_init__(self) -> None:
-        if (self.passphrase is None) == (self.keyfile is None):
-            raise ValueError("a secret is a passphrase or a key file, not both")
-        if self.passphrase is not None and not self.passphrase:
-            raise InvalidInput("the passphrase is empty", code="VAULT_KEY_EMPTY")
-        if self.keyfile is not None and len(self.keyfile) < 32:
-            raise InvalidInput("a key file must hold at least 32 bytes", code="VAULT_KEY_EMPTY")
-
-
 def _aad(vault_id: str) -> bytes:
     return f"raksha-master-key:{vault_id}".encode()
-
-
-# One Argon2id derivation at a time in a process: two at once in two threads never return with the
-# cryptography 50 wheels (OpenSSL 4.0) (both threads block before computing anything; reproduced with
-# nothing but two Argon2id(...).derive calls). The service opens vaults from several threads.
-_ARGON2 = threading.Lock()
-
-
-# Derivations started ahead by ``prefetch_keks``, by passphrase and parameters; taken once used.
-_prefetched: dict[tuple[bytes, str, int, int, int], Future[bytes]] = {}
-_prefetched_lock = threading.Lock()
-
-
-def _argon2_key(passphrase: bytes, kdf: dict[str, Any]) -> tuple[bytes, str, int, int, int]:
-    return (passphrase, str(kdf["salt"]), int(kdf["iterations"]), int(kdf["lanes"]), int(kdf["memory_kib"]))
-
-
-def prefetch_keks(key_files: Iterable[bytes], secret: Secret) -> None:
-    """Start deriving, in a background thread, what ``secret`` gives for each Argon2id key file, so
-    the derivation (0.13 s with the default costs) overlaps whatever the caller does next: a CLI
-    command loads the modules it needs meanwhile. ``unwrap_master_key`` then takes the result
-    instead of deriving again. Malformed key files are skipped here and reported by the unwrap."""
-    if secret.passphrase is None:
-        return
-    jobs: list[tuple[dict[str, Any], Future[bytes]]] = []
-    with _prefetched_lock:
-        for data in key_files:
-            try:
-                kdf = json.loads(data)["kdf"]
-                key = _argon2_key(secret.passphrase, kdf) if kdf.get("algorithm") == "argon2id" else None
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
-            if key is not None and key not in _prefetched:
-                future: Future[bytes] = Future()
-                _prefetched[key] = future
-                jobs.append((kdf, future))
-    if not jobs:
-        return
-
-    def derive() -> None:
-        for kdf, future in jobs:
-            try:
-                future.set_result(_derive_argon2(secret, kdf))
-            except BaseException as exc:  # raised again by whoever takes the result
-                future.set_exception(exc)
-
-    threading.Thread(target=derive, name="raksha-kdf", daemon=True).start()
-
-
-def _derive_argon2(secret: Secret, kdf: dict[str, Any]) -> bytes:
-    assert secret.passphrase is not None
-    with _ARGON2:
-        return Argon2id(
-            salt=base64.b64decode(kdf["salt"]),
-            length=32,
-            iterations=int(kdf["iterations"]),
-            lanes=int(kdf["lanes"]),
-            memory_cost=int(kdf["memory_kib"]),
-        ).derive(secret.passphrase)
 
 
 def _kek(secret: Secret, kdf: dict[str, Any]) -> bytes:
@@ -119,9 +33,7 @@ def _kek(secret: Secret, kdf: dict[str, Any]) -> bytes:
         return blake3.blake3(secret.keyfile, derive_key_context=KEYFILE_CONTEXT).digest()
     if kdf["algorithm"] == "argon2id":
         assert secret.passphrase is not None
-        with _prefetched_lock:
-            future = _prefetched.pop(_argon2_key(secret.passphrase, kdf), None)
-        return future.result() if future is not None else _derive_argon2(secret, kdf)
+        return derive(secret.passphrase, kdf)
     raise VaultCorrupt(f"unknown key derivation {kdf['algorithm']!r}")
 
 
