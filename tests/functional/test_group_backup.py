@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,39 @@ def test_full_incremental_and_a_lost_checkpoint_downgrading_to_full(conn: libvir
     assert "<name>raksha-gb-a</name>" in meta["hints"]["domain_xml"]
     assert json.loads(meta["hints"]["backing_chain"]) == [{"filename": str(tmp_path / "a.qcow2"), "format": "qcow2"}]
     assert json.loads(meta["hints"]["interfaces"]) == []
+
+
+def test_the_pull_job_ends_while_the_vault_commits_the_last_disk(conn: libvirt.virConnect, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a domain's last disk is read, its backup job (and the guest's copy-before-write) ends at once,
+    not after the vault has committed; the disks before it still read from the running job."""
+    from raksha.vault.engine import backup as engine
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    disks = [(make_data_disk(tmp_path / "a.qcow2", "32M"), "qcow2"), (make_data_disk(tmp_path / "b.raw", "32M",
+                                                                                    fmt="raw"), "raw")]
+    seen: list[tuple[str, bool]] = []
+    commit = engine._Backup._commit
+
+    def observed_commit(self: engine._Backup) -> object:
+        # The job ending began before this commit if it ends while we wait here (it takes milliseconds).
+        dom = conn.lookupByName("raksha-gb-end")
+        ended = False
+        for _ in range(250):
+            if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                ended = True
+                break
+            time.sleep(0.02)
+        seen.append((self.id.resource, ended))
+        return commit(self)
+
+    monkeypatch.setattr(engine._Backup, "_commit", observed_commit)
+    with GuestDomain(conn, build_guest(), disks, tmp_path, name="raksha-gb-end", agent=False) as vm:
+        assert vm.dom is not None
+        for run, parent in (("full", None), ("incr", "full")):
+            seen.clear()
+            result = backup_domains(conn, ["raksha-gb-end"], vault, "job", run, parent_run=parent)
+            assert [d.kind for d in result.vms[0].disks] == (["full", "full"] if parent is None
+                                                            else ["incremental", "incremental"])
+            assert seen == [("vda", False), ("vdb", True)], run
+            assert vm.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.operations.gc import collect_garbage
 from raksha.vault.repository import Vault
+from raksha.vault.sources.base import DiskSource
 from raksha.vault.sources.open import open_source
 
 K64 = 64 << 10
@@ -258,6 +260,53 @@ def test_incremental_without_extents_rereads_everything_and_matches(
     assert inc.stats.chunks_deduplicated > 0 and inc.stats.chunks_from_parent == 0
     restore(vault, "job1/run2/vm1/vda", outputs / "new.img")
     assert blake3_file(outputs / "new.img") == blake3_file(changed)
+
+
+class CountingReads:
+    """The source it wraps, counting the engine's reads of it (from any reader thread)."""
+
+    def __init__(self, source: DiskSource) -> None:
+        self.source = source
+        self.reads: list[int] = []  # offsets; list.append is atomic
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.reads.append(offset)
+        return self.source.pread(offset, length)
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        self.reads.append(offset)
+        readinto = getattr(self.source, "readinto", None)
+        if readinto is not None:
+            readinto(offset, out)
+        else:
+            out[:] = self.source.pread(offset, len(out))
+
+
+def test_reads_done_comes_after_the_last_read_and_before_the_commit(
+        new_vault: MakeVault, make_image: Callable[..., Path],
+        make_changed_copy: Callable[..., tuple[Path, list[list[int]]]]) -> None:
+    base = make_image("base.img", 8 * MIB, seed=5)
+    changed, extents = make_changed_copy(base, "changed.img", fraction=0.05, seed=6)
+    vault = new_vault(chunk_size=K64)
+    for backup_id, parent, changes in (("job1/run1/vm1/vda", None, None),
+                                       ("job1/run2/vm1/vda", "job1/run1/vm1/vda", [(o, n) for o, n in extents])):
+        source = CountingReads(open_source(str(changed if parent else base)))
+        bid = BackupId.parse(backup_id)
+        events: list[tuple[int, bool]] = []
+
+        def done(s: CountingReads = source, b: BackupId = bid, e: list[tuple[int, bool]] = events) -> None:
+            e.append((len(s.reads), vault.has_backup(b)))
+
+        try:
+            backup_disk(vault, source, bid, parent=BackupId.parse(parent) if parent else None,
+                        changed_extents=changes, reads_done=done)
+        finally:
+            source.close()
+        assert source.reads and events == [(len(source.reads), False)]  # once, after every read, before the commit
+        assert vault.has_backup(bid)
 
 
 def test_changed_extents_need_a_parent(new_vault: MakeVault, make_image: Callable[..., Path]) -> None:

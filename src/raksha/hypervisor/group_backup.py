@@ -27,7 +27,7 @@ from typing import Any
 import libvirt
 
 from raksha.domain.errors import InvalidInput, NotFound, RakshaError, VmGone
-from raksha.hypervisor.disks import backing_chain, domain_interfaces
+from raksha.hypervisor.disks import domain_interfaces
 from raksha.hypervisor.errors import translate, vm_gone
 from raksha.hypervisor.pull import consistency_group
 from raksha.hypervisor.snapshot import snapshot_group
@@ -37,6 +37,7 @@ from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
+from raksha.vault.sources.nbd import NbdSource
 
 
 @dataclass
@@ -173,12 +174,21 @@ def _vm_error(dom: libvirt.virDomain, name: str, exc: Exception) -> RakshaError:
     return exc
 
 
+def _last_read(source: NbdSource, p: DomainPoint) -> Callable[[], None]:
+    """After the domain's last disk is read: let go of its export, so the job can end while the vault commits."""
+    def done() -> None:
+        source.close()
+        p.reads_done()
+
+    return done
+
+
 def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, parent_run: str | None,
                freeze_ms: float, threads: int | None, progress: ProgressHook | None) -> None:
     # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
     xml = p.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)
     described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
-    for disk in p.disks:
+    for n, disk in enumerate(p.disks, 1):
         bid = BackupId(job, run, vm.uuid, disk.target)
         parent = BackupId(job, parent_run, vm.uuid, disk.target) if parent_run else None
         plan = p.plan(disk)
@@ -197,7 +207,8 @@ def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, p
                 hints={"vm_name": vm.name, "consistency": p.consistency, "consistency_note": p.why,
                        "freeze_ms": f"{freeze_ms:.0f}", "tracking": tracking, "tracking_method": plan.method,
                        "disk_path": disk.path, "disk_format": disk.format, "bus": disk.bus,
-                       "backing_chain": json.dumps(backing_chain(disk.path)), **described},
+                       "backing_chain": json.dumps(p.backing_chain(disk)), **described},
+                reads_done=_last_read(source, p) if n == len(p.disks) else None,
             )
         finally:
             source.close()

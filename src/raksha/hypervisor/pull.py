@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ import libvirt
 import libvirt_qemu
 
 from raksha.domain.errors import RakshaError
-from raksha.hypervisor.disks import DiskInfo, domain_disks
+from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate, vm_gone
 from raksha.hypervisor.strategy import (
     CRASH,
@@ -143,6 +144,7 @@ class DiskPlan:
     added: bool = False  # this run's bitmap was added to ``node``
     extents: Sequence[Extent] | None = None  # the changed extents read from the parent's bitmap (raw or fine)
     fine_parent: bool = False  # qcow2: the parent checkpoint's fine bitmap is usable; read its extents
+    chain: list[dict[str, str]] | None = None  # the image and its backing files as QEMU has them open
 
     def own_bitmap(self, checkpoint: str) -> str:
         """The QEMU bitmap Raksha itself adds for a run: the run's name on raw disks, ``<name>~fine`` on qcow2."""
@@ -166,6 +168,9 @@ class DomainPoint:
     plans: dict[str, DiskPlan] = field(default_factory=dict)
     error: RakshaError | None = None  # set when this domain failed: its previous base is kept
     started: bool = False
+    # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
+    _ending: threading.Thread | None = field(default=None, init=False, repr=False)
+    _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
 
     def plan(self, disk: DiskInfo) -> DiskPlan:
         return self.plans.setdefault(disk.target, DiskPlan(CHECKPOINT if tracked(disk) else UNTRACKED))
@@ -179,6 +184,39 @@ class DomainPoint:
     def fail(self, error: RakshaError) -> None:
         """The caller could not back this domain up: drop this run's checkpoint and bitmaps on exit."""
         self.error = error
+
+    def backing_chain(self, disk: DiskInfo) -> list[dict[str, str]]:
+        """From QEMU's view of the disk when the run was planned, else from the image files."""
+        plan = self.plans.get(disk.target)
+        return plan.chain if plan is not None and plan.chain is not None else backing_chain(disk.path)
+
+    def reads_done(self) -> None:
+        """Every disk of this domain has been read: end its pull job now, in the background, while the
+        vault commits. The guest's writes stop paying copy-before-write sooner, and the group's exit
+        only waits for what is already under way."""
+        if self.started and self._ending is None:
+            self._ending = threading.Thread(target=self._end_job, name=f"raksha-end-{self.domain.name()}",
+                                            daemon=True)
+            self._ending.start()
+
+    def end_job(self) -> list[str]:
+        """End the pull job (if ``reads_done`` has not already) and wait until it has ended; what went wrong."""
+        if self.started and self._ending is None:
+            self.reads_done()
+        if self._ending is not None:
+            self._ending.join()
+        return self._end_errors
+
+    def _end_job(self) -> None:
+        try:
+            self.domain.abortJob()
+        except libvirt.libvirtError as exc:
+            if not vm_gone(self.domain):  # a vanished domain has nothing left to end
+                self._end_errors.append(f"{self.domain.name()}: ending the pull job failed: "
+                                        f"{exc.get_error_message()}")
+        if not _wait_job_end(self.domain):
+            self._end_errors.append(f"{self.domain.name()}: the pull job had not ended 60 s after it was "
+                                    "aborted (virsh domjobabort)")
 
     def source(self, disk: DiskInfo) -> NbdSource:
         plan = self.plan(disk)
@@ -259,6 +297,16 @@ def _top_nodes(dom: libvirt.virDomain) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _image_chain(node: dict[str, Any]) -> list[dict[str, str]]:
+    """The image and its backing files, as ``qemu-img info --backing-chain`` names them (no process to run)."""
+    out = []
+    image = node.get("image")
+    while isinstance(image, dict):
+        out.append({"filename": str(image.get("filename", "")), "format": str(image.get("format", ""))})
+        image = image.get("backing-image")
+    return out
+
+
 def _bitmaps(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {b["name"]: b for b in node.get("dirty-bitmaps", []) if "name" in b}
 
@@ -279,7 +327,7 @@ def _wait_job_end(dom: libvirt.virDomain, timeout: float = 60.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(pause)
-        pause = min(pause * 2, 0.1)
+        pause = min(pause * 2, 0.02)
     return True
 
 
@@ -309,7 +357,8 @@ def _plan_disks(p: DomainPoint) -> None:
         if tracked(disk):
             node_name = str(node["node-name"]) if node else None
             plan = p.plans[disk.target] = DiskPlan(CHECKPOINT, node=node_name,
-                                                   size=int((node or {}).get("image", {}).get("virtual-size", 0)))
+                                                   size=int((node or {}).get("image", {}).get("virtual-size", 0)),
+                                                   chain=_image_chain(node) if node else None)
             plan.granularity = bitmap_granularity(plan.size)
             if idle:
                 _drop_leftovers(p, plan, bitmaps)
@@ -340,7 +389,8 @@ def _plan_disks(p: DomainPoint) -> None:
             p.plans[disk.target] = DiskPlan(UNTRACKED, note=f"full read: no changed-block tracking ({why})")
             continue
         plan = p.plans[disk.target] = DiskPlan(QEMU_BITMAP, node=str(node["node-name"]),
-                                               size=int(node.get("image", {}).get("virtual-size", 0)))
+                                               size=int(node.get("image", {}).get("virtual-size", 0)),
+                                               chain=_image_chain(node))
         plan.granularity = bitmap_granularity(plan.size)
         if idle:
             _drop_leftovers(p, plan, bitmaps)
@@ -619,18 +669,11 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     except libvirt.libvirtError as exc:
         raise translate(exc, "pull backup failed") from exc
     finally:
-        for p in points:
+        for p in points:  # every job not ended yet is aborted at once, then each waited for
             if p.started:
-                try:
-                    p.domain.abortJob()
-                except libvirt.libvirtError as exc:
-                    if not vm_gone(p.domain):  # a vanished domain has nothing left to end
-                        group.cleanup_errors.append(f"{p.domain.name()}: ending the pull job failed: "
-                                                    f"{exc.get_error_message()}")
+                p.reads_done()
         for p in points:
-            if p.started and not _wait_job_end(p.domain):
-                group.cleanup_errors.append(f"{p.domain.name()}: the pull job had not ended 60 s after it was "
-                                            "aborted (virsh domjobabort)")
+            group.cleanup_errors.extend(p.end_job())
             try:
                 group.cleanup_errors.extend(_settle(p, ok and p.started and p.error is None))
             except libvirt.libvirtError as exc:

@@ -28,7 +28,7 @@ from pathlib import Path
 import libvirt
 
 from raksha.domain.errors import RakshaError, SourceError, VmGone
-from raksha.hypervisor.disks import DiskInfo, domain_disks
+from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate
 from raksha.hypervisor.strategy import (
     CRASH,
@@ -169,6 +169,12 @@ class SnapshotDomainPoint:
         if extents is None:
             raise SourceError(f"{self.domain.name()}:{disk.target}: no changed extents (read it in full)")
         return extents
+
+    def backing_chain(self, disk: DiskInfo) -> list[dict[str, str]]:
+        return backing_chain(disk.path)
+
+    def reads_done(self) -> None:
+        """Nothing to end early: the overlays are committed back when the group closes."""
 
     def close_sources(self) -> None:
         for src in self.sources:

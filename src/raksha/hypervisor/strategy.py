@@ -74,6 +74,10 @@ class DomainPoint(Protocol):
 
     def changed_extents(self, disk: DiskInfo, source: NbdSource) -> Sequence[Extent]: ...
 
+    def backing_chain(self, disk: DiskInfo) -> list[dict[str, str]]: ...  # the image, then its backing files
+
+    def reads_done(self) -> None: ...  # every disk of the domain is read; the vault commits next
+
     def fail(self, error: RakshaError) -> None: ...
 
 

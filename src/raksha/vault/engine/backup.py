@@ -110,13 +110,17 @@ def backup_disk(
     threads: int | None = None,
     progress: ProgressCallback | None = None,
     hints: dict[str, str] | None = None,
+    reads_done: Callable[[], None] | None = None,
 ) -> BackupResult:
+    """Back ``source`` up as ``backup_id``: whole, or with ``parent`` and ``changed_extents`` only what
+    changed. ``reads_done`` is called once the source will not be read again, before the last pack is
+    sealed and the backup committed: a live VM's backup job can end while the vault commits."""
     if changed_extents is not None and parent is None:
         raise InvalidInput("changed extents need a parent backup to apply to", code="PARENT_REQUIRED")
     if vault.has_backup(backup_id):
         raise AlreadyExists(f"backup {backup_id} already exists", code="BACKUP_EXISTS")
     with vault.locks.acquire(LockKind.SHARED, f"backup {backup_id}"):
-        return _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints).run()
+        return _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints, reads_done).run()
 
 
 class _Backup:
@@ -130,8 +134,10 @@ class _Backup:
         threads: int | None,
         progress: ProgressCallback | None,
         hints: dict[str, str] | None,
+        reads_done: Callable[[], None] | None = None,
     ) -> None:
         self.vault = vault
+        self.reads_done = reads_done
         self.source = source
         self.id = backup_id
         self.parent_id = parent
@@ -188,6 +194,8 @@ class _Backup:
                    for _ in range(max(readers + workers, PREFETCH_BYTES // self.chunk_size))]
         try:
             run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers)
+            if self.reads_done is not None:
+                self.reads_done()
             self.packer.flush()
         except BaseException:
             self.packer.abort()

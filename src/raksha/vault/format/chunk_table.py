@@ -198,7 +198,8 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
         if row < 0:
             return default
         _cid, pack, offset, stored, raw = _ROW.unpack_from(self._rows, row * _ROW.size)
-        return Location(self._packs[pack], offset, stored, raw)
+        # Only a ChunkLocator holds UNLOCATED rows: an id it wants whose location no index gave yet.
+        return default if pack == UNLOCATED else Location(self._packs[pack], offset, stored, raw)
 
     def rows(self) -> Iterator[tuple[bytes, bytes, int, int, int]]:
         """(chunk id, pack id, offset, stored length, raw length) of every chunk, as index files list them."""
@@ -292,7 +293,8 @@ class ChunkLocator(ChunkTable):
     """The ids something needs, then their locations: one table for both (~58 bytes an id).
 
     Verify adds every id the backups reference (``add_ids``), then reads the index through
-    ``locate_rows``, which fills in the rows already here and adds none. An ``IdSet`` of the wanted ids
+    ``locate_rows``, which fills in the rows already here and adds none; ``get`` answers None for an id
+    wanted and not located yet. An ``IdSet`` of the wanted ids
     beside a ``ChunkTable`` of their locations held each id twice (~103 bytes).
     """
 
@@ -313,20 +315,9 @@ class ChunkLocator(ChunkTable):
         others are skipped."""
         self.update_rows(rows, keep=self)
 
-    def is_located(self, cid: bytes) -> bool:
-        row = self._find(cid)[0]
-        return row >= 0 and _FIELDS.unpack_from(self._rows, row * _ROW.size + ID_SIZE)[0] != UNLOCATED
-
     def unlocated(self) -> Iterator[bytes]:
         """The wanted ids no index row has located."""
         view = memoryview(self._rows)[: self._count * _ROW.size]
         for cid, pack, _offset, _stored, _raw in _ROW.iter_unpack(view):
             if pack == UNLOCATED:
                 yield cid
-
-    def get(self, cid: bytes, default: Location | None = None) -> Location | None:  # type: ignore[override]
-        row = self._find(cid)[0] if isinstance(cid, bytes) else -1
-        if row < 0:
-            return default
-        _cid, pack, offset, stored, raw = _ROW.unpack_from(self._rows, row * _ROW.size)
-        return default if pack == UNLOCATED else Location(self._packs[pack], offset, stored, raw)

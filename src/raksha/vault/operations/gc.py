@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,9 +134,13 @@ class _Pack:
         return sum(stored for _cid, stored in self.entries.stored_lengths())
 
 
-def _in_packs(ids: IdSet, packs: Iterable[_Pack]) -> set[bytes]:
-    """Those of ``ids`` that ``packs`` hold: a set as large as the answer, not as the packs' chunks."""
-    return {cid for p in packs for cid in p.entries if cid in ids}
+def _only_in_going(packs: dict[str, _Pack], skip: Container[bytes]) -> IdSet:
+    """The chunks of packs going away that are not in ``skip`` and that no pack staying holds. What
+    is looked up in the staying packs is sized by the candidates, not by every chunk those hold."""
+    candidates = IdSet(cid for p in packs.values() if p.fate in (DELETE, REPACK)
+                       for cid in p.entries if cid not in skip)
+    kept = {cid for p in packs.values() if p.fate == KEEP for cid in p.entries if cid in candidates}
+    return IdSet(cid for cid in candidates if cid not in kept) if kept else candidates
 
 
 def _writer_alive(path: Path) -> bool:
@@ -313,10 +317,7 @@ class _Gc:
 
     def _condemn(self, packs: dict[str, _Pack], live: IdSet) -> IdSet:
         """Chunks this gc will delete: in packs going away, in no pack staying, referenced by no backup."""
-        going = [p for p in packs.values() if p.fate in (DELETE, REPACK)]
-        unused = IdSet(cid for p in going for cid in p.entries if cid not in live)
-        kept = _in_packs(unused, (p for p in packs.values() if p.fate == KEEP))
-        return IdSet(cid for cid in unused if cid not in kept) if kept else unused
+        return _only_in_going(packs, live)
 
     # -- wait ------------------------------------------------------------------------------------
 
@@ -356,9 +357,7 @@ class _Gc:
         # 1. Copy every chunk of a pack going away that is not condemned and not in a pack that stays:
         # blobs are sealed per chunk, so they are copied verbatim. Not only the chunks live now: a backup
         # that started after the condemned list was published may use any chunk that is not on it.
-        going = [p for p in packs.values() if p.fate in (REPACK, DELETE)]
-        kept_chunks = _in_packs(IdSet(cid for p in going for cid in p.entries if cid not in condemned),
-                                (p for p in packs.values() if p.fate == KEEP))
+        to_copy = _only_in_going(packs, condemned)
         packer = Packer(self.vault)
         copied = IdSet()
         try:
@@ -366,7 +365,7 @@ class _Gc:
                 if p.fate not in (REPACK, DELETE):
                     continue
                 for cid, loc in p.entries.items():
-                    if cid not in condemned and cid not in kept_chunks and cid not in copied:
+                    if cid in to_copy and cid not in copied:
                         packer.add(cid, self.vault.read_blob(loc), loc.raw_length)
                         copied.add(cid)
                         p.fate = REPACK  # a DELETE pack holding a chunk that became live meanwhile
