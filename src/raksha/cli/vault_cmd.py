@@ -294,17 +294,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     opening = VaultOpening(args)
     from raksha.vault.format.naming import BackupId
+    from raksha.vault.sources.open import open_source
 
     backup_id = BackupId.parse(args.id)
     parent = BackupId.parse(args.parent) if args.parent else None
     extents = _read_extents(args.changed_extents) if args.changed_extents else None
     hints = _hints(args.hint)
-    vault = opening.open("raksha.vault.engine.backup", "raksha.vault.sources.open")
-    from raksha.vault.engine.backup import backup_disk
-    from raksha.vault.sources.open import open_source
-
-    source = open_source(args.image, args.format)
+    source = open_source(args.image, args.format)  # its format probe (qemu-img) runs while the key derives
     try:
+        vault = opening.open("raksha.vault.engine.backup")
+        from raksha.vault.engine.backup import backup_disk
+
         result = _with_progress(args, lambda cb: backup_disk(
             vault, source, backup_id, parent=parent, changed_extents=extents, threads=args.threads,
             progress=cb, hints=hints))
