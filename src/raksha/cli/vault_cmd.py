@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from raksha.cli.output import TerminalProgress, emit, human_bytes, table
 from raksha.cli.secrets import resolve_secret
 from raksha.domain.errors import EXIT_DAMAGED, InvalidInput, RakshaError, VaultKeyError
+from raksha.vault.format.constants import KEYS_PREFIX
 from raksha.vault.format.kdf import KdfParams, prefetch
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ def open_vault(args: argparse.Namespace, *modules: str) -> Vault:
 def _key_files(backend: Backend) -> list[bytes]:
     """The vault's key files, or none if they cannot be read now (opening the vault says why)."""
     try:
-        return [backend.get(info.key) for info in backend.list("keys/")]  # format.md §4
+        return [backend.get(info.key) for info in backend.list(KEYS_PREFIX)]
     except RakshaError:
         return []
 

@@ -191,18 +191,20 @@ class DomainPoint:
         return plan.chain if plan is not None and plan.chain is not None else backing_chain(disk.path)
 
     def reads_done(self) -> None:
-        """Every disk of this domain has been read: end its pull job now, in the background, while the
-        vault commits. The guest's writes stop paying copy-before-write sooner, and the group's exit
-        only waits for what is already under way."""
+        """Every disk of this domain has been read: its pull job ends now, while the vault commits. The
+        guest's writes stop paying copy-before-write sooner, and the group's exit only waits for it."""
+        self.end_job_soon()
+
+    def end_job_soon(self) -> None:
+        """Start ending the pull job in the background, once."""
         if self.started and self._ending is None:
             self._ending = threading.Thread(target=self._end_job, name=f"raksha-end-{self.domain.name()}",
                                             daemon=True)
             self._ending.start()
 
     def end_job(self) -> list[str]:
-        """End the pull job (if ``reads_done`` has not already) and wait until it has ended; what went wrong."""
-        if self.started and self._ending is None:
-            self.reads_done()
+        """End the pull job (unless under way already) and wait until it has ended; what went wrong."""
+        self.end_job_soon()
         if self._ending is not None:
             self._ending.join()
         return self._end_errors
@@ -670,8 +672,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         raise translate(exc, "pull backup failed") from exc
     finally:
         for p in points:  # every job not ended yet is aborted at once, then each waited for
-            if p.started:
-                p.reads_done()
+            p.end_job_soon()
         for p in points:
             group.cleanup_errors.extend(p.end_job())
             try:

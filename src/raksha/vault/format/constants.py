@@ -29,3 +29,4 @@ TAG_SIZE = 16
 FLAG_ENCRYPTED = 0x01
 
 KEYFILE_CONTEXT = "raksha 2026 vault key-file v1"
+KEYS_PREFIX = "keys/"  # where a vault keeps its key files (format.md §4)

@@ -14,13 +14,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from raksha.domain.errors import VaultCorrupt
-from raksha.vault.format.constants import KEYFILE_CONTEXT, NONCE_SIZE
+from raksha.vault.format.constants import KEYFILE_CONTEXT, KEYS_PREFIX, NONCE_SIZE
 from raksha.vault.format.crypto import MasterKey
 from raksha.vault.format.kdf import KdfParams, Secret, derive
 
 __all__ = ["KEYS_PREFIX", "KdfParams", "Secret", "key_file_id", "unwrap_master_key", "wrap_master_key"]
-
-KEYS_PREFIX = "keys/"  # where a vault keeps its key files (format.md §4)
 
 
 def _aad(vault_id: str) -> bytes:
