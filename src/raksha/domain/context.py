@@ -16,10 +16,6 @@ class RequestContext:
     request_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def is_admin(self) -> bool:
-        return "admin" in self.roles
-
     def policy_creds(self) -> dict[str, Any]:
         return {"project_id": self.project_id, "user_id": self.user_id, "roles": list(self.roles)}
 

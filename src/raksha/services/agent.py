@@ -150,7 +150,3 @@ class LibvirtAgent:
 
         conn = None if request.type == "files" else self._conn()
         return restore(conn, vault, request, progress=hook)
-
-
-def result_dict(report: RestoreReport) -> dict[str, Any]:
-    return report.to_dict()

@@ -106,12 +106,6 @@ class MemoryBackend:
     def close(self) -> None:
         pass  # named instances outlive any one user; objects stay until the process ends
 
-    def set_mtime(self, key: str, mtime: float) -> None:
-        """Test-only: pretend ``key`` was written at ``mtime`` (ages objects for GC grace tests)."""
-        data, _ = self._entry(key)
-        with self._lock:
-            self._objects[key] = (data, mtime)
-
     def _entry(self, key: str) -> tuple[bytes, float]:
         check_object_key(key)
         with self._lock:

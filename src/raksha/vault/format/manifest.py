@@ -70,9 +70,6 @@ class Manifest:
         return sum(self.chunk_length(i) for i, cid in enumerate(self.chunk_ids)
                    if cid != ZERO_ID or i in self.deltas)
 
-    def encode_deltas(self) -> bytes:
-        return self.deltas.encode()
-
     def content_digest(self) -> str:
         h = blake3.blake3(struct.pack("<QQ", self.virtual_size, self.chunk_size))
         for piece in self.chunk_ids.pieces():  # the ids one after another, as format.md §8 says
