@@ -175,7 +175,7 @@ class VaultOpening:
         self.args = args
         self.backend = open_backend(args.dir)
         self.secret = resolve_secret(args.password_file, args.key_file, required=False)
-        if self.secret is not None:
+        if self.secret is not None and self.secret.passphrase is not None:  # a key file derives nothing
             prefetch(_key_files(self.backend), self.secret)
 
     def open(self, *modules: str) -> Vault:
