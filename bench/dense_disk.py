@@ -13,7 +13,10 @@ compared with the export.
 Each phase runs in a process of its own; its peak RSS (os.wait4) is the figure, against 150 MB.
 Plaintext: the key derivation's 64 MiB would hide what the phases themselves hold.
 
+Then a verify (every stored chunk re-read) and a gc (nothing to free: the whole mark) of that vault.
+
     .venv/bin/python bench/dense_disk.py [--size 64G] [--chunk-kib 64] [--workdir DIR] [--no-restore]
+        [--phases backup,incremental,restore,verify,gc] [--keep]
 """
 
 from __future__ import annotations
@@ -64,6 +67,24 @@ vault = Vault.open(LocalBackend(sys.argv[1]), None)
 print(restore_backup(vault, BackupId.parse(sys.argv[3]), sys.argv[2]).chunks_verified)
 """
 
+VERIFY = """
+import sys
+from raksha.vault.backends.local import LocalBackend
+from raksha.vault.operations.verify import verify_vault
+from raksha.vault.repository import Vault
+report = verify_vault(Vault.open(LocalBackend(sys.argv[1]), None))
+print(int(report.ok), report.chunks_checked, report.bytes_read)
+"""
+
+GC = """
+import sys
+from raksha.vault.backends.local import LocalBackend
+from raksha.vault.operations.gc import collect_garbage
+from raksha.vault.repository import Vault
+report = collect_garbage(Vault.open(LocalBackend(sys.argv[1]), None), grace=0.0)
+print(report.live_chunks, report.packs_total, report.bytes_freed)
+"""
+
 COMPARE = """
 import sys
 from raksha.vault.sources.nbd import NbdSource
@@ -92,39 +113,54 @@ def main() -> int:
     parser.add_argument("--chunk-kib", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work-dense")
     parser.add_argument("--no-restore", action="store_true")
+    parser.add_argument("--phases", default="backup,incremental,restore,verify,gc",
+                        help="phases to run, in this order; without backup the vault in --workdir is reused")
+    parser.add_argument("--keep", action="store_true", help="keep --workdir (the vault) afterwards")
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench" / "results" / "dense-disk.json")
     args = parser.parse_args()
     size = imagegen.parse_size(args.size)
     if shutil.which("nbdkit") is None:
         raise SystemExit("nbdkit is not installed (scripts/setup.sh --bench installs it)")
+    wanted = set(args.phases.split(","))
     work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    vault = work / "vault"
+    if "backup" in wanted:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    elif not vault.is_dir():
+        raise SystemExit(f"no vault in {work} to reuse: run the backup phase first (--keep)")
     sock = work / "pattern.sock"
+    sock.unlink(missing_ok=True)  # a kept workdir's
     server = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(sock), "pattern", f"size={size}"])
     try:
         for _ in range(200):
             if sock.exists():
                 break
             time.sleep(0.05)
-        vault = work / "vault"
-        subprocess.run([str(ROOT / ".venv" / "bin" / "raksha"), "vault", "init", str(vault),
-                        "--chunk-size", str(args.chunk_kib << 10)], check=True, stdout=subprocess.DEVNULL)
+        if "backup" in wanted:
+            subprocess.run([str(ROOT / ".venv" / "bin" / "raksha"), "vault", "init", str(vault),
+                            "--chunk-size", str(args.chunk_kib << 10)], check=True, stdout=subprocess.DEVNULL)
         chunks = -(-size // (args.chunk_kib << 10))
         print(f"dense disk of {size / 2**30:.0f} GiB (nbdkit pattern), {args.chunk_kib} KiB chunks: {chunks:,} "
               "chunks, all distinct")
         phases: dict[str, dict[str, float]] = {}
-        seconds, peak, out = run(BACKUP, str(vault), str(sock), BID)
-        new, stored, _ = (int(x) for x in out.split())
-        phases["backup"] = {"seconds": seconds, "peak_rss_mb": peak / 1e6, "chunks_new": new, "bytes_stored": stored}
+        if "backup" in wanted:
+            seconds, peak, out = run(BACKUP, str(vault), str(sock), BID)
+            new, stored, _ = (int(x) for x in out.split())
+            phases["backup"] = {"seconds": seconds, "peak_rss_mb": peak / 1e6, "chunks_new": new,
+                                "bytes_stored": stored}
         # An incremental of 200 extents of 100 KiB (the export does not change: the engine reads them and
         # finds them stored): what it holds is the parent's ids and the vault's stored ids, a million each.
         rng = random.Random(7)
         extents = sorted((rng.randrange(0, size - (100 << 10)) // 4096 * 4096, 100 << 10) for _ in range(200))
-        seconds, peak, out = run(BACKUP, str(vault), str(sock), INCREMENTAL, BID, json.dumps(extents))
-        phases["incremental"] = {"seconds": seconds, "peak_rss_mb": peak / 1e6, "bytes_read": int(out.split()[2])}
+        if "incremental" in wanted:
+            seconds, peak, out = run(BACKUP, str(vault), str(sock), INCREMENTAL, BID, json.dumps(extents))
+            phases["incremental"] = {"seconds": seconds, "peak_rss_mb": peak / 1e6,
+                                     "bytes_read": int(out.split()[2])}
         room = shutil.disk_usage(work).free
-        if args.no_restore or room < size + (2 << 30):
+        if "restore" not in wanted:
+            pass
+        elif args.no_restore or room < size + (2 << 30):
             print(f"restore skipped: {'--no-restore' if args.no_restore else f'{room / 2**30:.0f} GiB free'}")
         else:
             restored = work / "restored.img"
@@ -133,6 +169,19 @@ def main() -> int:
             run(COMPARE, str(sock), str(restored))
             restored.unlink()
             print("restored image identical to the export")
+        if "verify" in wanted:
+            # Every stored chunk re-read and re-hashed: what verify holds follows the vault, not one disk.
+            seconds, peak, out = run(VERIFY, str(vault))
+            ok_flag, checked, read = (int(x) for x in out.split())
+            if not ok_flag:
+                raise SystemExit("verify found damage in the bench vault")
+            phases["verify"] = {"seconds": seconds, "peak_rss_mb": peak / 1e6, "chunks_checked": checked,
+                                "bytes_read": read}
+        if "gc" in wanted:
+            # Nothing to free (both backups are kept): the whole mark, classification and index rewrite.
+            seconds, peak, out = run(GC, str(vault))
+            live, packs, _freed = (int(x) for x in out.split())
+            phases["gc"] = {"seconds": seconds, "peak_rss_mb": peak / 1e6, "live_chunks": live, "packs": packs}
     finally:
         server.terminate()
         server.wait()
@@ -144,7 +193,8 @@ def main() -> int:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({"size": size, "chunk_size": args.chunk_kib << 10, "chunks": chunks,
                                          "target_mb": TARGET_MB, "phases": phases}, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 
 

@@ -32,7 +32,7 @@ def test_ids_are_found_exactly_across_partitions_and_spilled_pieces(monkeypatch:
     stored.update(members[3000:])  # 1000 twice, as two index objects may list a chunk
     stored.finish()
 
-    assert len(stored._runs) == 16 and stored._spill is None  # 6000 / 500 -> 16 partitions; pieces merged
+    assert len(stored._runs) == 16 and stored._parts is None  # 6000 / 500 -> 16 partitions; pieces merged
     assert len(stored) == 6000
     assert all(cid in stored for cid in members)
     assert not any(cid in stored for cid in others)
@@ -47,7 +47,7 @@ def test_an_empty_set_and_one_of_a_single_partition() -> None:
     small = DiskIdSet(expected=10, what="test ids")
     small.update(few)
     small.finish()
-    assert len(small._runs) == 1 and small._spill is None and all(cid in small for cid in few)
+    assert len(small._runs) == 1 and small._parts is None and all(cid in small for cid in few)
     for s in (empty, small):
         s.close()
 
@@ -117,3 +117,11 @@ def test_a_full_tmpdir_is_storage_full(tmpfs: Callable[[str], Path], monkeypatch
     with pytest.raises(StorageFull, match="the vault's chunk ids"):
         stored.finish()
     stored.close()
+
+
+def test_an_id_whose_bytes_span_two_stored_ids_is_not_found() -> None:
+    a, b = b"\x01" * 16 + b"\x02" * 16, b"\x03" * 16 + b"\x04" * 16
+    across = a[16:] + b[:16]  # in the block's bytes, but not at an id's boundary
+    assert sorted_ids._in_sorted(a + b, b) and sorted_ids._in_sorted(a + b, a)
+    assert not sorted_ids._in_sorted(a + b, across)
+    assert sorted_ids._in_sorted(a + across + b, across)  # found at its own boundary after the miss

@@ -79,6 +79,16 @@ LOCKS_PREFIX = "locks/"
 CONDEMNED_SUFFIX = ".condemned"
 
 
+def new_id_set(expected: int, what: str) -> IdSet | DiskIdSet:
+    """An empty set for about ``expected`` chunk ids: in memory, or past IDS_IN_MEMORY in a temporary
+    file (a ``DiskIdSet``: ``finish`` it once every id is in, ``close`` it when done)."""
+    if expected > IDS_IN_MEMORY:
+        return DiskIdSet(expected, what)
+    ids = IdSet()
+    ids.reserve(expected)
+    return ids
+
+
 @dataclass
 class IndexScan:
     """What ``Vault.scan_index`` learnt in its first pass; ``live()`` is the second."""
@@ -348,11 +358,8 @@ class Vault:
         scan = self.scan_index(index.damaged if tolerant else None, check_names=check_names)
         if locate is None:
             index.locations.reserve(scan.live_entries if only is None else min(len(only), scan.live_entries))
-        if ids and scan.live_entries > IDS_IN_MEMORY:
-            index.ids = DiskIdSet(scan.live_entries, "the vault's chunk ids")
-        elif ids:
-            index.ids = IdSet()
-            index.ids.reserve(scan.live_entries)
+        if ids:
+            index.ids = new_id_set(scan.live_entries, "the vault's chunk ids")
         # A few wanted ids (a backup's parent chunks) are tested in a plain set: C-speed, against a
         # million rows; many (a restore's) stay compact.
         keep: Container[bytes] | None = set(only) if only is not None and len(only) <= SMALL_FILTER else only

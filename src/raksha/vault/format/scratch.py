@@ -54,3 +54,46 @@ def _error(exc: OSError, what: str) -> RakshaError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(f"no space left in {where} for {what}; point TMPDIR at a larger filesystem")
     return BackendError(f"{what}: temporary file in {where}: {exc.strerror or exc}")
+
+
+class Partitions:
+    """Records appended to numbered partitions, each then taken back whole, one partition at a time.
+
+    What a caller sorts or groups in memory a partition at a time (a large vault's ids, its index rows by
+    pack): the buffers hold ``buffer_bytes`` in all, and a partition's buffer that fills is spilled to an
+    unnamed temporary file. Appending is the caller's hot loop: it adds to ``buffers[part]`` itself and
+    calls ``spill`` once that is at least ``flush_at`` bytes.
+    """
+
+    def __init__(self, parts: int, buffer_bytes: int, what: str, *, min_flush: int = 1024) -> None:
+        self.what = what
+        self.buffers: list[bytearray] = [bytearray() for _ in range(parts)]
+        self.flush_at = max(min_flush, buffer_bytes // parts)
+        self._segments: list[list[tuple[int, int]]] = [[] for _ in range(parts)]  # (offset, size) each
+        self._file: IO[bytes] | None = None
+        self._end = 0
+
+    def spill(self, part: int) -> None:
+        """Move partition ``part``'s buffer to the file."""
+        buf = self.buffers[part]
+        if self._file is None:
+            self._file = scratch_file(self.what)
+        with memoryview(buf) as view:
+            write_at(self._file, view, self._end, self.what)
+        self._segments[part].append((self._end, len(buf)))
+        self._end += len(buf)
+        del buf[:]
+
+    def take(self, part: int) -> bytes:
+        """Everything appended to ``part``, in order; its buffer is freed (take each part once)."""
+        pieces = [read_at(self._file, size, at, self.what)
+                  for at, size in self._segments[part]] if self._file is not None else []
+        pieces.append(bytes(self.buffers[part]))
+        self.buffers[part] = bytearray()
+        self._segments[part] = []
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,8 +1,13 @@
-"""Verify: re-read and re-hash everything the backups reference, and name each damaged backup.
+"""Verify: re-read and re-hash everything the vault stores, and name each damaged backup.
 
 Damage is pinned to the smallest unit that shows it: a pack whose bytes no
 longer match its name is still opened entry by entry, so one flipped bit
 condemns one chunk (and the backups using it), not the whole pack.
+
+Memory follows a pack, not the vault: the index's rows are grouped by pack out
+of memory (``RowsByPack``), each pack is read once and every blob the index
+lists in it checked, the chunks found sound go into an id set (on disk past
+IDS_IN_MEMORY), and then each backup's manifest is streamed against that set.
 """
 
 from __future__ import annotations
@@ -10,24 +15,25 @@ from __future__ import annotations
 import os
 import threading
 import time
-from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
 import zstandard
 
-from raksha.domain.errors import NotFound, RakshaError
+from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
-from raksha.vault.format.chunk_table import ChunkLocator, ChunkTable
+from raksha.vault.format.chunk_table import ChunkLocator, IdSet
 from raksha.vault.format.index import Location
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import check_preamble, pack_key
+from raksha.vault.format.rows_by_pack import PackRows, RowsByPack
+from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import LockKind
-from raksha.vault.repository import Vault
+from raksha.vault.repository import Vault, new_id_set
 
 
 @dataclass
@@ -67,7 +73,7 @@ class VerifyReport:
 def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = None,
                  progress: ProgressCallback | None = None) -> VerifyReport:
     with vault.locks.acquire(LockKind.SHARED, "verify"):
-        # One whole pack (32 MiB) in memory per thread: one thread per core keeps RSS bounded.
+        # A piece of a pack (READ_PIECE) in memory per thread: one thread per core keeps RSS bounded.
         return _Verify(vault, read_data, threads or os.cpu_count() or 2, progress).run()
 
 
@@ -81,8 +87,10 @@ class _Verify:
         self.threads = threads
         self.callback = progress
         self.report = VerifyReport(read_data=read_data)
-        self.bad_chunks: dict[bytes, str] = {}
-        self.missing_packs: dict[str, list[bytes]] = {}  # pack key -> the wanted chunks it held
+        self.sound: IdSet | DiskIdSet = IdSet()  # chunks with a copy that checked out
+        self.bad_chunks: dict[bytes, str] = {}  # chunks with a copy that did not (usually none)
+        self.missing_packs: dict[str, list[bytes]] = {}  # pack key -> the chunks the index put there
+        self.pack_sizes: dict[str, int] | None = None  # without reading data: the listing's sizes
         self.lock = threading.Lock()
 
     def damaged(self, key: str, err: str) -> None:
@@ -91,128 +99,143 @@ class _Verify:
 
     def run(self) -> VerifyReport:
         start = time.monotonic()
-        # Manifests before the index: a backup indexes its chunks before it writes its manifest, so
-        # one that commits while we run cannot look as if its chunks were missing.
-        # One table holds every referenced chunk and then its location (~58 bytes a chunk); which
-        # backups use a chunk is worked out again only for damaged chunks (usually none).
-        wanted = ChunkLocator()
-        readable: list[BackupId] = []
-        for bid in self.vault.backup_ids():
-            self.report.backups_checked += 1
-            try:
-                manifest = self.vault.read_manifest(bid)
-            except RakshaError as err:
-                self._damaged_backup(str(bid), f"{err.code}: {err.message}")
-                continue
-            wanted.add_ids(manifest.iter_blob_ids())
-            del manifest  # before the next is read: one manifest at a time (a terabyte disk's: ~65 MB)
-            readable.append(bid)
-            try:
-                self.vault.read_metadata(bid)
-            except RakshaError as err:  # its data is still checked: a restore does not need the metadata
-                self._damaged_backup(str(bid), f"metadata: {err.code}: {err.message}")
-        self._locate(wanted, report=True)
-        for cid in wanted.unlocated():
-            self.bad_chunks[cid] = f"chunk {cid.hex()} is missing (no index entry)"
-        self._check(wanted)
-        if self.missing_packs:
-            self._recheck_moved()
-        for key in sorted(self.missing_packs):
-            self.damaged(key, "missing")
-            for cid in self.missing_packs[key]:
-                self.bad_chunks.setdefault(cid, f"chunk {cid.hex()} is missing: its pack {key} is gone")
-        if self.bad_chunks:
-            self._name_damaged_backups(readable)
+        # Backups are listed before the index is read: a backup indexes its chunks before it writes its
+        # manifest, so every backup listed here finds its chunks in the index read next. One that
+        # commits later is not checked; one deleted meanwhile is skipped.
+        backups = self.vault.backup_ids()
+        rows = self._index_rows()
+        try:
+            self.sound = new_id_set(rows.rows, "the chunks verify found sound")
+            self._check(rows.packs(), rows.stored_bytes)
+        finally:
+            rows.close()
+        try:
+            if self.missing_packs:
+                self._recheck_moved()
+            if isinstance(self.sound, DiskIdSet):
+                self.sound.finish()
+            self._check_backups(backups)
+        finally:
+            if isinstance(self.sound, DiskIdSet):
+                self.sound.close()
         self.report.seconds = time.monotonic() - start
         return self.report
 
-    def _name_damaged_backups(self, backups: list[BackupId]) -> None:
-        """Each backup using a damaged chunk, with a reason per chunk (its manifest read again)."""
-        for bid in backups:
+    def _index_rows(self) -> RowsByPack:
+        """Every row of the index, grouped by pack out of memory. An index object that does not decode is
+        reported and left out; one whose bytes do not match its name is reported and still used."""
+        for _attempt in range(5):
+            damaged: dict[str, str] = {}
             try:
-                manifest = self.vault.read_manifest(bid)
-            except NotFound:
-                continue  # deleted since: nothing left to name
-            except RakshaError as err:
-                self._damaged_backup(str(bid), f"{err.code}: {err.message}")
-                continue
-            for cid in manifest.blob_ids():  # distinct: one reason per damaged chunk
-                why = self.bad_chunks.get(cid)
-                if why is not None:
-                    self._damaged_backup(str(bid), why)
-            del manifest
-
-    def _damaged_backup(self, bid: str, why: str) -> None:
-        self.report.damaged_backups.setdefault(bid, []).append(why)
-
-    def _locate(self, wanted: ChunkLocator, *, report: bool) -> None:
-        """Fill in the locations of ``wanted``, reading each index object on its own so that one damaged
-        object is reported (``report``) and the others still count. An object whose bytes do not match
-        its name is reported but still used if it decodes."""
-        index = self.vault.load_index(locate=wanted, check_names=True)
-        if report:  # once, from the listing that held
-            for key, why in index.damaged.items():
-                self.damaged(key, why)
-
-    def _check(self, table: ChunkTable) -> None:
-        # Row numbers grouped by pack, 4 bytes a chunk; a pack's list of Locations is made only while
-        # it is read.
-        by_pack, total = table.by_pack()
-        if self.read_data:
-            self._read_packs(table, by_pack, total)
-        else:
-            self._stat_packs(table, by_pack)
-
-    def _stat_packs(self, table: ChunkTable, by_pack: dict[bytes, array[int]]) -> None:
-        """Without reading data: every pack must exist and be long enough for the blobs it is said to hold."""
-        sizes = {pid: size for pid, size, _mtime in self.vault.iter_packs()}
-        for pack_id, rows in sorted(by_pack.items()):
-            entries = table.entries(rows)
-            key = pack_key(pack_id.hex())
-            size = sizes.get(pack_id.hex())
-            if size is None:
+                scan = self.vault.scan_index(damaged, check_names=True)
+                rows = RowsByPack(scan.live_entries, "the index's rows by pack")
                 try:
-                    size = self.vault.backend.stat(key).size  # not listed yet: written since the listing
-                except NotFound:
-                    self.missing_packs[key] = [cid for cid, _ in entries]
-                    continue
-            for cid, loc in entries:
-                if loc.offset + loc.stored_length > size - 4:
-                    self._bad(cid, f"chunk {cid.hex()} in {key}: the pack is too short (truncated)")
+                    for _index_id, f in scan.live():
+                        rows.add_rows(f.rows())
+                except BaseException:
+                    rows.close()
+                    raise
+            except NotFound:
+                continue  # an object went under a concurrent gc, which wrote its replacement first
+            for key, why in damaged.items():
+                self.damaged(key, why)
+            return rows
+        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
-    def _read_packs(self, table: ChunkTable, by_pack: dict[bytes, array[int]], total: int) -> None:
+    def _check(self, packs: Iterator[PackRows], total: int) -> None:
+        """Each pack once: every blob the index lists in it is read and decoded (or, without reading
+        data, must lie within the pack). Sound chunks go to ``sound``, the others to ``bad_chunks``;
+        packs that are gone to ``missing_packs``."""
+        if not self.read_data:
+            for item in packs:
+                self._stat_pack(item)
+            return
         meter = Progress("verify", total, self.callback)
         local = threading.local()
 
-        def check(item: tuple[bytes, array[int]]) -> None:
-            pack_id, rows = item
-            entries = table.entries(rows)
+        def check(item: PackRows) -> None:
+            pack_id, entries = item
             key = pack_key(pack_id.hex())
             dec = getattr(local, "d", None)
             if dec is None:
                 dec = local.d = zstandard.ZstdDecompressor()
+            sound: list[bytes] = []
 
             def blob_checked(cid: bytes, loc: Location, blob: bytes | bytearray | memoryview) -> None:
                 try:
                     decode_blob(bytes(blob), cid, loc.raw_length, self.vault.crypto, dec, what=f"{key}@{loc.offset}")
                 except RakshaError as err:
                     self._bad(cid, f"chunk {cid.hex()} in {key}: {err.message}")
-                with self.lock:
-                    self.report.chunks_checked += 1
+                else:
+                    sound.append(cid)
                 meter.add(loc.stored_length)
 
             try:
-                size = self._read_pack(key, sorted(entries, key=lambda e: e[1].offset), blob_checked)
+                size = self._read_pack(key, entries, blob_checked)
             except NotFound:
                 with self.lock:
                     self.missing_packs[key] = [cid for cid, _ in entries]
                 return
             with self.lock:
+                self.sound.update(sound)
+                self.report.chunks_checked += len(entries)
                 self.report.packs_checked += 1
                 self.report.bytes_read += size
 
-        run_parallel(sorted(by_pack.items()), check, self.threads)
+        run_parallel(packs, check, self.threads)
         meter.finish()
+
+    def _stat_pack(self, item: PackRows) -> None:
+        """Without reading data: the pack must exist and be long enough for the blobs it is said to hold."""
+        pack_id, entries = item
+        if self.pack_sizes is None:
+            self.pack_sizes = {pid: size for pid, size, _mtime in self.vault.iter_packs()}
+        key = pack_key(pack_id.hex())
+        size = self.pack_sizes.get(pack_id.hex())
+        if size is None:
+            try:
+                size = self.vault.backend.stat(key).size  # not listed yet: written since the listing
+            except NotFound:
+                self.missing_packs[key] = [cid for cid, _ in entries]
+                return
+        sound = []
+        for cid, loc in entries:
+            if loc.offset + loc.stored_length > size - 4:
+                self._bad(cid, f"chunk {cid.hex()} in {key}: the pack is too short (truncated)")
+            else:
+                sound.append(cid)
+        self.sound.update(sound)
+
+    def _check_backups(self, backups: list[BackupId]) -> None:
+        """Each backup's manifest streamed against what the packs held: a chunk it uses that had a damaged
+        copy, or no sound one, names it damaged (one reason a chunk)."""
+        sound, bad = self.sound, self.bad_chunks
+        for bid in backups:
+            try:
+                manifest = self.vault.read_manifest(bid)
+            except NotFound:
+                continue  # deleted since it was listed: nothing left to check
+            except RakshaError as err:
+                self.report.backups_checked += 1
+                self._damaged_backup(str(bid), f"{err.code}: {err.message}")
+                continue
+            self.report.backups_checked += 1
+            try:
+                self.vault.read_metadata(bid)
+            except RakshaError as err:  # its data is still checked: a restore does not need the metadata
+                self._damaged_backup(str(bid), f"metadata: {err.code}: {err.message}")
+            reported: set[bytes] = set()
+            for cid in manifest.iter_blob_ids():  # repeats and all: no set of a large disk's ids
+                why = bad.get(cid)
+                if why is None and cid not in sound:
+                    why = f"chunk {cid.hex()} is missing (no index entry)"
+                if why is not None and cid not in reported:
+                    reported.add(cid)
+                    self._damaged_backup(str(bid), why)
+            del manifest  # before the next is read: one manifest at a time
+
+    def _damaged_backup(self, bid: str, why: str) -> None:
+        self.report.damaged_backups.setdefault(bid, []).append(why)
 
     def _read_pack(self, key: str, entries: list[tuple[bytes, Location]],
                    check: Callable[[bytes, Location, bytes | bytearray | memoryview], None]) -> int:
@@ -262,28 +285,38 @@ class _Verify:
         return size
 
     def _recheck_moved(self) -> None:
-        """Packs that vanished while we ran: a gc that repacked them has indexed their chunks elsewhere.
+        """Packs that vanished while we ran: a gc that repacked them has indexed their chunks elsewhere,
+        and one that deleted them (all garbage) indexes them nowhere.
 
-        Those chunks are checked where the index now puts them; only the rest are reported missing.
+        Moved chunks are checked where the index now puts them; a pack is reported missing only if the
+        index still names it. A chunk no longer indexed is missing for any backup that uses it.
         """
+        gone, self.missing_packs = self.missing_packs, {}
         fresh = ChunkLocator()
-        fresh.add_ids(c for cids in self.missing_packs.values() for c in cids)
-        self._locate(fresh, report=False)
-        moved = ChunkTable()
-        for key, cids in list(self.missing_packs.items()):
-            still = []
-            for cid in cids:
-                loc = fresh.get(cid)
-                if loc is not None and pack_key(loc.pack_id.hex()) != key:
-                    moved.add(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)
-                else:
-                    still.append(cid)
-            if still:
-                self.missing_packs[key] = still
-            else:
-                del self.missing_packs[key]
-        if moved:
-            self._check(moved)
+        fresh.add_ids(c for cids in gone.values() for c in cids)
+        self.vault.load_index(locate=fresh, check_names=True)
+        moved = RowsByPack(len(fresh), "chunks a gc moved")
+        try:
+            for key, cids in gone.items():
+                still = []
+                for cid in cids:
+                    loc = fresh.get(cid)
+                    if loc is None:
+                        self._bad(cid, f"chunk {cid.hex()} is missing: its pack {key} is gone")
+                    elif pack_key(loc.pack_id.hex()) == key:
+                        still.append(cid)
+                    else:
+                        moved.add_rows([(cid, loc.pack_id, loc.offset, loc.stored_length, loc.raw_length)])
+                if still:
+                    self.missing_packs[key] = still
+            del fresh
+            self._check(moved.packs(), moved.stored_bytes)  # a pack gone again now is reported, not chased
+        finally:
+            moved.close()
+        for key in sorted(self.missing_packs):
+            self.damaged(key, "missing")
+            for cid in self.missing_packs[key]:
+                self._bad(cid, f"chunk {cid.hex()} is missing: its pack {key} is gone")
 
     def _bad(self, cid: bytes, why: str) -> None:
         with self.lock:
