@@ -85,6 +85,27 @@ def index_objects(vault: Any) -> dict[str, Any]:
             for info in vault.backend.list("index/")}
 
 
+def sets_on_disk(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Make every vault look too large for memory: id sets past 4 ids become ``DiskIdSet``s and index
+    rows by pack spill in partitions of a few rows. Returns the list of DiskIdSets finished since."""
+    import raksha.vault.repository as repository
+    from raksha.vault.format import rows_by_pack
+    from raksha.vault.format.sorted_ids import DiskIdSet
+
+    monkeypatch.setattr(repository, "IDS_IN_MEMORY", 4)
+    monkeypatch.setattr(rows_by_pack, "PARTITION", 4)
+    monkeypatch.setattr(rows_by_pack, "BUFFER_BYTES", 2 * 80)
+    finished: list[Any] = []
+    real_finish = DiskIdSet.finish
+
+    def finish(self: DiskIdSet) -> DiskIdSet:
+        finished.append(self)
+        return real_finish(self)
+
+    monkeypatch.setattr(DiskIdSet, "finish", finish)
+    return finished
+
+
 def blake3_file(path: str | os.PathLike[str]) -> str:
     h = blake3.blake3()
     with open(path, "rb") as f:

@@ -141,31 +141,6 @@ def test_a_locator_fills_in_the_locations_of_the_ids_it_wants_and_adds_none(vaul
     assert list(wanted.unlocated()) == [absent]
     assert wanted.get(absent) is None and absent in wanted  # wanted, not located
     assert all(wanted.get(cid) == entries[cid] for cid in list(entries)[::5])
-    by_pack, total = wanted.by_pack()
-    grouped = {cid: loc for pack, rows in by_pack.items() for cid, loc in wanted.entries(rows)
-               if loc.pack_id == pack}
-    assert grouped == {cid: entries[cid] for cid in list(entries)[::5]}
-    assert total == sum(loc.stored_length for loc in grouped.values())
-
-
-def test_verify_holds_a_referenced_chunk_once_at_under_70_bytes() -> None:
-    """Verify wants every referenced chunk, then its location, then the chunks grouped by pack: one
-    table and 4 bytes a chunk (an IdSet, a ChunkTable and 44-byte rows by pack took ~150)."""
-    n = 50_000
-    records = decode_index(encode_index(_locations(n, packs=n // 2000), Crypto()), Crypto(), what="index")
-    ids = [cid for cid, *_ in records.rows()]
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        wanted = ChunkLocator()
-        wanted.add_ids(ids)
-        wanted.locate_rows(records.rows())
-        by_pack, _total = wanted.by_pack()
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
-    assert sum(len(rows) for rows in by_pack.values()) == n and not list(wanted.unlocated())
-    assert peak / n < 70
 
 
 def test_a_locator_that_loads_again_forgets_what_the_first_attempt_found(vault: Vault) -> None:

@@ -122,6 +122,18 @@ def test_a_full_tmpdir_is_storage_full(tmpfs: Callable[[str], Path], monkeypatch
 def test_an_id_whose_bytes_span_two_stored_ids_is_not_found() -> None:
     a, b = b"\x01" * 16 + b"\x02" * 16, b"\x03" * 16 + b"\x04" * 16
     across = a[16:] + b[:16]  # in the block's bytes, but not at an id's boundary
-    assert sorted_ids._in_sorted(a + b, b) and sorted_ids._in_sorted(a + b, a)
-    assert not sorted_ids._in_sorted(a + b, across)
-    assert sorted_ids._in_sorted(a + across + b, across)  # found at its own boundary after the miss
+    assert sorted_ids._find_id(a + b, b) == 1 and sorted_ids._find_id(a + b, a) == 0
+    assert sorted_ids._find_id(a + b, across) == -1
+    half_a, half_b = b"\x0a" * 16, b"\x0b" * 16  # its bytes at 16 (across two ids), then as the third id
+    assert sorted_ids._find_id(b"\x00" * 16 + half_a + half_b + b"\x01" * 16 + half_a + half_b, half_a + half_b) == 2
+
+
+def test_rows_number_the_ids_from_zero_without_gaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sorted_ids, "PARTITION", 100)
+    members = ids(1000, 5)
+    stored = DiskIdSet(expected=1000, what="test ids")
+    stored.update(members)
+    stored.finish()
+    assert sorted(stored.row_of(cid) for cid in members) == list(range(1000))
+    assert stored.row_of(ids(1, 6)[0]) == -1
+    stored.close()

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import K64, chunk_image, index_objects, random_chunk
+from conftest import K64, chunk_image, index_objects, random_chunk, sets_on_disk
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import backup_disk
+from raksha.vault.format.chunk_table import ChunkTable
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.index import Location
@@ -25,7 +26,7 @@ from raksha.vault.format.pack import pack_key
 from raksha.vault.format.rows_by_pack import RowsByPack
 from raksha.vault.operations import verify as verify_module
 from raksha.vault.operations.gc import collect_garbage
-from raksha.vault.operations.verify import verify_vault
+from raksha.vault.operations.verify import VerifyReport, verify_vault
 from raksha.vault.repository import Vault
 from raksha.vault.sources.raw import RawSource
 
@@ -234,6 +235,17 @@ def test_report_is_json_serialisable(vault: Vault) -> None:
     assert doc["damaged_objects"][0]["error"] == "missing"
 
 
+def verify_with_index(vault: Vault, stale: ChunkTable, monkeypatch: pytest.MonkeyPatch) -> VerifyReport:
+    """Verify, reading ``stale`` where it reads the index first (as if a gc ran right after)."""
+    def first_read_is_stale(self: verify_module._Verify) -> RowsByPack:
+        rows = RowsByPack(len(stale), "stale rows")
+        rows.add_rows(stale.rows())
+        return rows
+
+    monkeypatch.setattr(verify_module._Verify, "_index_rows", first_read_is_stale)
+    return verify_vault(vault)
+
+
 def test_chunks_a_concurrent_gc_moved_are_not_reported_missing(vault: Vault,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Verify reads the index, then a gc repacks: the packs verify was going to read are gone,
@@ -246,14 +258,7 @@ def test_chunks_a_concurrent_gc_moved_are_not_reported_missing(vault: Vault,
     assert collect_garbage(vault, grace=0).packs_repacked == 1
     assert {loc.pack_id for loc in vault.load_index().locations.values()} != {loc.pack_id for loc in stale.values()}
 
-    def first_read_is_stale(self: verify_module._Verify) -> RowsByPack:
-        rows = RowsByPack(len(stale), "stale rows")
-        rows.add_rows(stale.rows())
-        return rows
-
-    monkeypatch.setattr(verify_module._Verify, "_index_rows", first_read_is_stale)
-
-    report = verify_vault(vault)
+    report = verify_with_index(vault, stale, monkeypatch)
 
     assert report.ok, report.summary()
     used = {cid for bid in (B, C) for cid in vault.read_manifest(BackupId.parse(bid)).chunk_ids} - {ZERO_ID}
@@ -270,14 +275,7 @@ def test_a_pack_a_concurrent_gc_deleted_as_garbage_is_not_reported(vault: Vault,
         os.utime(Path(vault.backend.url) / info.key, (0.0, 0.0))
     assert collect_garbage(vault, grace=0).packs_deleted == 1
 
-    def first_read_is_stale(self: verify_module._Verify) -> RowsByPack:
-        rows = RowsByPack(len(stale), "stale rows")
-        rows.add_rows(stale.rows())
-        return rows
-
-    monkeypatch.setattr(verify_module._Verify, "_index_rows", first_read_is_stale)
-
-    report = verify_vault(vault)
+    report = verify_with_index(vault, stale, monkeypatch)
 
     assert report.ok, report.summary()
     assert report.backups_checked == 2 and report.packs_checked == 1
@@ -286,26 +284,12 @@ def test_a_pack_a_concurrent_gc_deleted_as_garbage_is_not_reported(vault: Vault,
 def test_a_vault_too_large_for_memory_gives_the_same_verdicts(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past IDS_IN_MEMORY the sound chunks go to a temporary file, and the index's rows are grouped by
     pack in spilled partitions: the verdicts do not change."""
-    import raksha.vault.repository as repository
-    from raksha.vault.format import rows_by_pack
-    from raksha.vault.format.sorted_ids import DiskIdSet
-
     loc = location(vault, random_chunk(7))
     flip_byte(vault, pack_key(loc.pack_id.hex()), loc.offset + 100)
     vault.backend.delete(pack_key(location(vault, random_chunk(10)).pack_id.hex()))
     in_memory = verify_vault(vault)
 
-    monkeypatch.setattr(repository, "IDS_IN_MEMORY", 4)
-    monkeypatch.setattr(rows_by_pack, "PARTITION", 4)
-    monkeypatch.setattr(rows_by_pack, "BUFFER_BYTES", 2 * 80)
-    finished = []
-    real_finish = DiskIdSet.finish
-
-    def finish(self: DiskIdSet) -> DiskIdSet:
-        finished.append(self)
-        return real_finish(self)
-
-    monkeypatch.setattr(DiskIdSet, "finish", finish)
+    finished = sets_on_disk(monkeypatch)
     on_disk = verify_vault(vault)
 
     assert len(finished) == 1 and len(finished[0]) == 9  # the sound chunks: 0-6, 8, 9

@@ -212,30 +212,6 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
         for cid, pack_id, offset, stored, raw in self.rows():
             yield cid, Location(pack_id, offset, stored, raw)
 
-    def by_pack(self) -> tuple[dict[bytes, array[int]], int]:
-        """Row numbers grouped by pack (4 bytes a chunk beside the table, not a copy of its rows), and the
-        stored bytes of them all. A ChunkLocator's unlocated rows are left out."""
-        groups: dict[int, array[int]] = {}
-        total = 0
-        view = memoryview(self._rows)[: self._count * _ROW.size]
-        for row, (_cid, pack, _offset, stored, _raw) in enumerate(_ROW.iter_unpack(view)):
-            if pack == UNLOCATED:
-                continue
-            rows = groups.get(pack)
-            if rows is None:
-                rows = groups[pack] = array("I")
-            rows.append(row)
-            total += stored
-        return {self._packs[pack]: rows for pack, rows in groups.items()}, total
-
-    def entries(self, rows: Iterable[int]) -> list[tuple[bytes, Location]]:
-        """(chunk id, location) of each row number (as ``by_pack`` gives them)."""
-        out = []
-        for row in rows:
-            cid, pack, offset, stored, raw = _ROW.unpack_from(self._rows, row * _ROW.size)
-            out.append((cid, Location(self._packs[pack], offset, stored, raw)))
-        return out
-
     def add(self, cid: bytes, pack_id: bytes, offset: int, stored_length: int, raw_length: int) -> None:
         pack = self._pack_numbers.get(pack_id)
         if pack is None:
@@ -292,10 +268,9 @@ class ChunkTable(_IdRows, Mapping[bytes, Location]):
 class ChunkLocator(ChunkTable):
     """The ids something needs, then their locations: one table for both (~58 bytes an id).
 
-    Verify adds every id the backups reference (``add_ids``), then reads the index through
+    Verify adds the ids of packs that vanished while it ran (``add_ids``), then reads the index through
     ``locate_rows``, which fills in the rows already here and adds none; ``get`` answers None for an id
-    wanted and not located yet. An ``IdSet`` of the wanted ids
-    beside a ``ChunkTable`` of their locations held each id twice (~103 bytes).
+    wanted and not located yet.
     """
 
     __slots__ = ()

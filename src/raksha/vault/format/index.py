@@ -7,6 +7,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from raksha.domain.errors import VaultCorrupt
 from raksha.vault.format.constants import ID_SIZE, INDEX_MAGIC
@@ -19,8 +20,10 @@ _COUNT = struct.Struct("<I")
 INDEX_NONCE_SIZE = 16
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
+class Location(NamedTuple):
+    """Where a chunk's blob lies. A named tuple: made for every row that gc, verify and a restore's
+    plan go over (a frozen dataclass took ~1.3 µs to make, four times as long)."""
+
     pack_id: bytes
     offset: int
     stored_length: int

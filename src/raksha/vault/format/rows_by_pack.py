@@ -9,6 +9,7 @@ follows a partition (PARTITION rows), not the vault.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections.abc import Iterable, Iterator
 
@@ -18,13 +19,16 @@ from raksha.vault.format.scratch import Partitions
 PARTITION = 1 << 15  # rows a partition holds on average, grouped in memory at once (~8 MB as tuples)
 MAX_PARTITIONS = 1 << 12
 BUFFER_BYTES = 4 << 20  # the partitions' write buffers, all together
-_ROW = struct.Struct("<32s32sQII")  # pack id, chunk id, offset, stored length, raw length
+# Pack id, offset (big-endian), chunk id, stored and raw length: records sort as bytes by pack, then offset.
+_ROW = struct.Struct(">32sQ32sII")
+_AFTER_PACK = b"\xff" * (_ROW.size - 32)  # after every record of a pack, appended to its id
 
 PackRows = tuple[bytes, list[tuple[bytes, Location]]]  # a pack id and its (chunk id, location)s by offset
 
 
 class RowsByPack:
-    """Index rows, about ``expected`` of them, added with ``add_rows``; then ``packs`` once."""
+    """Index rows, about ``expected`` of them, added with ``add_rows``; ``packs`` gives them by pack, as
+    often as asked (gc goes over them several times, and adds an orphan pack's rows on the way)."""
 
     def __init__(self, expected: int, what: str) -> None:
         parts = min(MAX_PARTITIONS, 1 << (max(1, -(-expected // PARTITION)) - 1).bit_length())  # a power of two
@@ -41,7 +45,7 @@ class RowsByPack:
         for cid, pack_id, offset, stored, raw in rows:
             part = hash(pack_id) & mask  # seeded per process: no crafted ids pile into one partition
             buf = buffers[part]
-            buf += pack_row(pack_id, cid, offset, stored, raw)
+            buf += pack_row(pack_id, offset, cid, stored, raw)
             count += 1
             stored_bytes += stored
             if len(buf) >= flush_at:
@@ -51,16 +55,18 @@ class RowsByPack:
 
     def packs(self) -> Iterator[PackRows]:
         """Every pack with its rows, each (chunk id, offset) once and by offset; a partition at a time."""
+        size = _ROW.size
         for part in range(self._mask + 1):
-            by_pack: dict[bytes, set[tuple[int, bytes, int, int]]] = {}
-            for pack_id, cid, offset, stored, raw in _ROW.iter_unpack(self._parts.take(part)):
-                rows = by_pack.get(pack_id)
-                if rows is None:
-                    rows = by_pack[pack_id] = set()
-                rows.add((offset, cid, stored, raw))
-            for pack_id in sorted(by_pack):
+            data = self._parts.read(part)
+            records = sorted({data[i : i + size] for i in range(0, len(data), size)})  # C: sort as bytes
+            del data
+            start = 0
+            while start < len(records):
+                pack_id = records[start][:32]
+                end = bisect.bisect_left(records, pack_id + _AFTER_PACK, start)
                 yield pack_id, [(cid, Location(pack_id, offset, stored, raw))
-                                for offset, cid, stored, raw in sorted(by_pack.pop(pack_id))]
+                                for _pack, offset, cid, stored, raw in _ROW.iter_unpack(b"".join(records[start:end]))]
+                start = end
 
     def close(self) -> None:
         """Free the temporary file (dropping this does too, later)."""

@@ -57,7 +57,7 @@ def _error(exc: OSError, what: str) -> RakshaError:
 
 
 class Partitions:
-    """Records appended to numbered partitions, each then taken back whole, one partition at a time.
+    """Records appended to numbered partitions, each then read back whole, one partition at a time.
 
     What a caller sorts or groups in memory a partition at a time (a large vault's ids, its index rows by
     pack): the buffers hold ``buffer_bytes`` in all, and a partition's buffer that fills is spilled to an
@@ -84,14 +84,20 @@ class Partitions:
         self._end += len(buf)
         del buf[:]
 
-    def take(self, part: int) -> bytes:
-        """Everything appended to ``part``, in order; its buffer is freed (take each part once)."""
+    def read(self, part: int) -> bytes:
+        """Everything appended to ``part`` so far, in order (the partition stays: read it again, or
+        append more)."""
         pieces = [read_at(self._file, size, at, self.what)
                   for at, size in self._segments[part]] if self._file is not None else []
         pieces.append(bytes(self.buffers[part]))
+        return b"".join(pieces)
+
+    def take(self, part: int) -> bytes:
+        """``read``, freeing the partition's buffer: take each partition once, and append no more."""
+        data = self.read(part)
         self.buffers[part] = bytearray()
         self._segments[part] = []
-        return b"".join(pieces)
+        return data
 
     def close(self) -> None:
         if self._file is not None:

@@ -49,11 +49,15 @@ class SortedRun:
         return self.count * ID_SIZE
 
     def contains(self, f: IO[bytes], cid: bytes, what: str) -> bool:
+        return self.find(f, cid, what) >= 0
+
+    def find(self, f: IO[bytes], cid: bytes, what: str) -> int:
+        """The id's position in the run (0 to count - 1), or -1."""
         key = int.from_bytes(cid[:8], "big")
         fences = self.fences
         block = bisect.bisect_right(fences, key) - 1
         if block < 0:
-            return False
+            return -1
         # Ids sharing their first 8 bytes may straddle a fence: start at the first block they may be in
         # (never more than one, in practice: 2^-64 a pair).
         first = block
@@ -61,18 +65,19 @@ class SortedRun:
             first -= 1
         start = first * self.fence
         count = min(self.count, (block + 1) * self.fence) - start
-        return _in_sorted(read_at(f, count * ID_SIZE, self.offset + start * ID_SIZE, what), cid)
+        at = _find_id(read_at(f, count * ID_SIZE, self.offset + start * ID_SIZE, what), cid)
+        return -1 if at < 0 else start + at
 
 
-def _in_sorted(data: bytes, cid: bytes) -> bool:
-    """Whether ``cid`` is one of the ids packed in ``data``: a search in C for its bytes at an id's
+def _find_id(data: bytes, cid: bytes) -> int:
+    """Which of the ids packed in ``data`` ``cid`` is, or -1: a search in C for its bytes at an id's
     boundary (a Python binary search of a 4 KiB block cost more than the block's read)."""
     pos = data.find(cid)
     while pos >= 0:
         if pos % ID_SIZE == 0:
-            return True
+            return pos // ID_SIZE
         pos = data.find(cid, pos + 1)  # its bytes across two ids: search on
-    return False
+    return -1
 
 
 class Bloom:
@@ -153,6 +158,15 @@ class DiskIdSet:
         if self._file is None:
             raise ValueError("a DiskIdSet answers once finished")
         return self._runs[hash(cid) & self._mask].contains(self._file, cid, self._what)
+
+    def row_of(self, cid: bytes) -> int:
+        """The id's row (0 to len - 1, by run and order within it), or -1: a key into arrays beside the
+        set, as ``IdSet.row_of``."""
+        if self._file is None:
+            raise ValueError("a DiskIdSet answers once finished")
+        run = self._runs[hash(cid) & self._mask]
+        at = run.find(self._file, cid, self._what)
+        return -1 if at < 0 else run.offset // ID_SIZE + at
 
     def close(self) -> None:
         if self._parts is not None:

@@ -10,22 +10,24 @@ finishes cleaning.
 
 from __future__ import annotations
 
-import struct
+import itertools
 import time
-from collections.abc import Callable, Container, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt, VaultFormatUnsupported, VaultLocked
 from raksha.vault.engine.packer import MERGE_ENTRIES, Packer
 from raksha.vault.format.chunk_table import IdSet
-from raksha.vault.format.index import Location, decode_index, index_key, index_rows
+from raksha.vault.format.index import INDEX_ROW_SIZE, Location, decode_index, index_key, index_rows
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
+from raksha.vault.format.rows_by_pack import RowsByPack
+from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import Lock, LockKind
 from raksha.vault.processes import owner_alive
-from raksha.vault.repository import CONDEMNED_SUFFIX, INDEX_PREFIX, LOCKS_PREFIX, IndexScan, Vault
+from raksha.vault.repository import CONDEMNED_SUFFIX, INDEX_PREFIX, LOCKS_PREFIX, Vault, new_id_set
 
 KEEP, DELETE, REPACK, ORPHAN = "keep", "delete", "repack", "orphan"
 
@@ -62,85 +64,32 @@ class GcReport:
         return text
 
 
-_ENTRY = struct.Struct("<32sIII")  # chunk id, offset, stored length, raw length
-
-
-class _Entries(Mapping[bytes, Location]):
-    """A pack's chunks as its index lists them, 44 bytes each in one buffer: a dict of Locations cost
-    ~385 bytes a chunk, and gc holds every pack's (a vault of a million chunks: 500 MB)."""
-
-    __slots__ = ("_pack_id", "_rows")
-
-    def __init__(self, pack_id: bytes) -> None:
-        self._pack_id = pack_id
-        self._rows = bytearray()
-
-    def add(self, cid: bytes, offset: int, stored_length: int, raw_length: int) -> None:
-        """An entry; one listed twice is dropped by ``drop_repeats``, once all are in."""
-        self._rows += _ENTRY.pack(cid, offset, stored_length, raw_length)
-
-    def drop_repeats(self) -> None:
-        """Keep each chunk once (two index objects can name the same entry). Once per pack, a set of its
-        ids at a time: searching the rows at each add was quadratic (8,192 small blobs a pack: 16 s for
-        66 packs)."""
-        ids = [cid for cid, _offset, _stored, _raw in _ENTRY.iter_unpack(self._rows)]
-        if len(set(ids)) == len(ids):
-            return
-        seen: set[bytes] = set()
-        rows = bytearray()
-        for k, cid in enumerate(ids):
-            if cid not in seen:
-                seen.add(cid)
-                rows += self._rows[k * _ENTRY.size : (k + 1) * _ENTRY.size]
-        self._rows = rows
-
-    def __len__(self) -> int:
-        return len(self._rows) // _ENTRY.size
-
-    def __iter__(self) -> Iterator[bytes]:
-        for cid, _offset, _stored, _raw in _ENTRY.iter_unpack(self._rows):
-            yield cid
-
-    def __getitem__(self, cid: bytes) -> Location:
-        for c, loc in self.items():
-            if c == cid:
-                return loc
-        raise KeyError(cid)
-
-    def items(self) -> Iterator[tuple[bytes, Location]]:  # type: ignore[override]
-        for cid, offset, stored, raw in _ENTRY.iter_unpack(self._rows):
-            yield cid, Location(self._pack_id, offset, stored, raw)
-
-    def stored_lengths(self) -> Iterator[tuple[bytes, int]]:
-        for cid, _offset, stored, _raw in _ENTRY.iter_unpack(self._rows):
-            yield cid, stored
-
-
 @dataclass
 class _Pack:
+    """What gc decides about a pack, and the few sums it decides by; its rows stay in ``RowsByPack``."""
+
     id: str
     size: int
     mtime: float
-    entries: _Entries = field(init=False)
-    live_bytes: int = 0
+    chunks: int = 0  # distinct chunks the index (or, for an orphan, its header) puts here
+    blob_bytes: int = 0  # their stored bytes
+    full_live: int = 0  # stored bytes of its live chunks, each counted in every pack holding it
+    live_bytes: int = 0  # the same, each live chunk counted in one pack only
     fate: str = KEEP  # keep | delete | repack | orphan
     reindexed: bool = False
 
-    def __post_init__(self) -> None:
-        self.entries = _Entries(bytes.fromhex(self.id))
-
     @property
-    def blob_bytes(self) -> int:
-        return sum(stored for _cid, stored in self.entries.stored_lengths())
+    def going(self) -> bool:
+        return self.fate in (DELETE, REPACK)
 
 
-def _only_in_going(packs: dict[str, _Pack], skip: Container[bytes]) -> IdSet:
-    """The chunks of packs going away that are not in ``skip`` and that no pack staying holds. What
-    is looked up in the staying packs is sized by the candidates, not by every chunk those hold."""
-    candidates = IdSet(cid for p in packs.values() if p.fate in (DELETE, REPACK)
-                       for cid in p.entries if cid not in skip)
-    kept = {cid for p in packs.values() if p.fate == KEEP for cid in p.entries if cid in candidates}
-    return IdSet(cid for cid in candidates if cid not in kept) if kept else candidates
+def _distinct(entries: list[tuple[bytes, Location]]) -> Iterator[tuple[bytes, Location]]:
+    """A pack's entries, each chunk once (two index objects, or two offsets, may list it twice)."""
+    seen: set[bytes] = set()
+    for cid, loc in entries:
+        if cid not in seen:
+            seen.add(cid)
+            yield cid, loc
 
 
 def _writer_alive(path: Path) -> bool:
@@ -167,12 +116,6 @@ def _referenced(vault: Vault, backups: list[BackupId]) -> Iterator[bytes]:
         del manifest
 
 
-def live_chunks(vault: Vault) -> tuple[IdSet, int]:
-    """Every chunk id some backup references, and how many backups there are."""
-    backups = vault.backup_ids()
-    return IdSet(_referenced(vault, backups)), len(backups)
-
-
 def collect_garbage(vault: Vault, *, grace: float = 3600.0, max_wait: float = 600.0,
                     repack_threshold: float = 0.25, dry_run: bool = False, poll: float = 1.0,
                     clock: Callable[[], float] = time.time) -> GcReport:
@@ -181,6 +124,10 @@ def collect_garbage(vault: Vault, *, grace: float = 3600.0, max_wait: float = 60
 
 
 class _Gc:
+    """One gc. What it holds follows the packs and what it deletes, not the chunks the vault stores: the
+    index's rows are grouped by pack out of memory (``RowsByPack``), the live chunks are an id set (on
+    disk past IDS_IN_MEMORY) with a byte each beside it, and each pass goes over the rows again."""
+
     def __init__(self, vault: Vault, grace: float, max_wait: float, threshold: float, dry_run: bool,
                  poll: float, clock: Callable[[], float], lock: Lock) -> None:
         self.vault = vault
@@ -191,6 +138,10 @@ class _Gc:
         self.clock = clock
         self.lock = lock
         self.report = GcReport(dry_run)
+        self.live: IdSet | DiskIdSet = IdSet()
+        self.holders = bytearray()  # by live chunk's row: how many packs hold it (2: two or more)
+        self.shared = 0  # live chunks two packs or more hold (usually none: then a pass is skipped)
+        self.packs: dict[str, _Pack] = {}
 
     def run(self) -> GcReport:
         start = time.monotonic()
@@ -198,82 +149,90 @@ class _Gc:
         if not self.report.dry_run:
             self._drop_stale_condemned_lists()
             self._drop_stale_staging_files(t0 - self.grace)
-        # 2. Mark. Manifests before indexes: a backup writes its index before its manifest, so every
-        # chunk of a manifest read here is in an index read below (or in a pack younger than t0).
-        live, self.report.backups = live_chunks(self.vault)
-        self.report.live_chunks = len(live)
-        read_ids, packs = self._mark_packs(live, t0)
-        # 3. Condemn.
-        condemned = self._condemn(packs, live)
-        del live  # the re-mark below asks the manifests about the condemned chunks alone
-        if self.report.dry_run:
-            self._account(packs, bytes_written=None)
-            self.report.seconds = time.monotonic() - start
-            return self.report
-        condemned_key = f"{LOCKS_PREFIX}{self.lock.info.id}{CONDEMNED_SUFFIX}"
-        self.vault.backend.put(condemned_key, bytes(condemned.buffer()), overwrite=True)
+        # 2. Mark.
+        read_ids, rows = self._mark()
         try:
-            # 4. Wait, then re-mark: backups that finished meanwhile may use condemned chunks.
-            self._wait_for_backups()
-            revived = {cid for cid in _referenced(self.vault, self.vault.backup_ids())
-                       if cid in condemned}  # few: what backups used meanwhile
-            if revived:
-                condemned = IdSet(cid for cid in condemned if cid not in revived)
-            self._adopt_new_indexes(packs, read_ids)
-            # 5. Sweep.
-            self._sweep(packs, read_ids, condemned)
+            self._classify(rows, t0)
+            # 3. Condemn.
+            condemned = self._condemn(rows)
+            if self.report.dry_run:
+                self._account(bytes_written=None)
+                self.report.seconds = time.monotonic() - start
+                return self.report
+            condemned_key = f"{LOCKS_PREFIX}{self.lock.info.id}{CONDEMNED_SUFFIX}"
+            self.vault.backend.put(condemned_key, bytes(condemned.buffer()), overwrite=True)
+            try:
+                # 4. Wait, then re-mark: backups that finished meanwhile may use condemned chunks.
+                self._wait_for_backups()
+                revived = {cid for cid in _referenced(self.vault, self.vault.backup_ids())
+                           if cid in condemned}  # few: what backups used meanwhile
+                del condemned
+                self._adopt_new_indexes(read_ids)
+                # 5. Sweep.
+                self._sweep(rows, read_ids, revived)
+            finally:
+                self.vault.backend.delete(condemned_key)
         finally:
-            self.vault.backend.delete(condemned_key)
+            rows.close()
+            if isinstance(self.live, DiskIdSet):
+                self.live.close()
         self.report.seconds = time.monotonic() - start
         return self.report
 
     # -- mark and condemn ----------------------------------------------------------------------
 
-    def _mark_packs(self, live: IdSet, t0: float) -> tuple[set[str], dict[str, _Pack]]:
-        """The index objects read, and every pack with the chunks the index puts there, classified."""
+    def _mark(self) -> tuple[set[str], RowsByPack]:
+        """The live chunks (``self.live``), the index objects read, and their rows by pack.
+
+        Backups are listed before the index is read: a backup writes its index before its manifest, so
+        every chunk of a backup listed here is in the index read next (or in a pack younger than t0).
+        """
         for _attempt in range(5):
+            backups = self.vault.backup_ids()
             try:
                 scan = self.vault.scan_index()  # raises on a damaged index: its packs would look orphaned
-                packs = self._classify(scan, live, t0)
+                live = new_id_set(scan.live_entries, "the chunks backups use")
+                rows = RowsByPack(scan.live_entries, "the index's rows by pack")
+                try:
+                    live.update(_referenced(self.vault, backups))
+                    if isinstance(live, DiskIdSet):
+                        live.finish()
+                    for _index_id, f in scan.live():
+                        rows.add_rows(f.rows())
+                except BaseException:
+                    rows.close()
+                    if isinstance(live, DiskIdSet):
+                        live.close()
+                    raise
             except NotFound:
                 continue  # an object went under a backup merging its index, which wrote its replacement first
-            return set(scan.counts), packs
+            self.live, self.holders = live, bytearray(len(live))
+            self.report.backups, self.report.live_chunks = len(backups), len(live)
+            return set(scan.counts), rows
         raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
 
-    def _classify(self, scan: IndexScan, live: IdSet, t0: float) -> dict[str, _Pack]:
-        packs = {pid: _Pack(pid, size, mtime) for pid, size, mtime in self.vault.iter_packs()}
+    def _classify(self, rows: RowsByPack, t0: float) -> None:
+        packs = self.packs = {pid: _Pack(pid, size, mtime) for pid, size, mtime in self.vault.iter_packs()}
         self.report.packs_total = len(packs)
         missing: set[str] = set()
-        for _index_id, f in scan.live():
-            for cid, pack_id, offset, stored, raw in f.rows():
-                pid = pack_id.hex()
-                p = packs.get(pid)
-                if p is None and pid not in missing:
-                    p = self._stat_pack(pid)  # not listed: an eventually consistent listing, or lost
-                    if p is None:
-                        missing.add(pid)
-                    else:
-                        packs[pid] = p
-                if p is not None:
-                    p.entries.add(cid, offset, stored, raw)
+        for pack_id, entries in rows.packs():
+            pid = pack_id.hex()
+            p = packs.get(pid)
+            if p is None and pid not in missing:
+                p = self._stat_pack(pid)  # not listed: an eventually consistent listing, or lost
+                if p is None:
+                    missing.add(pid)
+                else:
+                    packs[pid] = p
+            if p is not None:
+                self._tally(p, entries)
         self.report.packs_missing = len(missing)
-        for p in packs.values():
-            p.entries.drop_repeats()
         cutoff = t0 - self.grace
         young = {p.id for p in packs.values() if p.mtime >= cutoff}
-        for p in packs.values():
-            if not p.entries and p.id not in young:
-                self._reindex_orphan(p, live)
-        # Each live chunk is counted in one pack only; prefer packs we keep anyway (young, fullest).
-        counted = bytearray(len(live))  # by the live chunk's row: a byte where a set of them took ~45
-        order = sorted(packs.values(), key=lambda p: (p.id not in young, -sum(
-            stored for cid, stored in p.entries.stored_lengths() if cid in live), p.id))
-        for p in order:
-            for cid, stored in p.entries.stored_lengths():
-                row = live.row_of(cid)
-                if row >= 0 and not counted[row]:
-                    counted[row] = 1
-                    p.live_bytes += stored
+        for p in list(packs.values()):
+            if not p.chunks and p.id not in young:
+                self._reindex_orphan(p, rows)
+        self._count_live_once(rows, young)
         for p in packs.values():
             if p.id in young:
                 self.report.young_packs_kept += 1
@@ -285,7 +244,46 @@ class _Gc:
                 # Garbage is measured over blob bytes: a pack's own header and preamble are not garbage,
                 # or a small pack without any would be rewritten, identically, on every run.
                 p.fate = REPACK
-        return packs
+
+    def _tally(self, p: _Pack, entries: list[tuple[bytes, Location]]) -> None:
+        live, holders = self.live, self.holders
+        for cid, loc in _distinct(entries):
+            p.chunks += 1
+            p.blob_bytes += loc.stored_length
+            row = live.row_of(cid)
+            if row >= 0:
+                p.full_live += loc.stored_length
+                if holders[row] < 2:
+                    holders[row] += 1
+                    self.shared += holders[row] == 2
+
+    def _count_live_once(self, rows: RowsByPack, young: set[str]) -> None:
+        """Each live chunk's bytes counted in one pack only. A chunk only one pack holds is counted
+        there; one that several hold, in the best of them: young (kept anyway), then the fullest."""
+        packs, live, holders = self.packs, self.live, self.holders
+        if not self.shared:
+            for each in packs.values():
+                each.live_bytes = each.full_live
+            return
+        rank = {p.id: n for n, p in enumerate(sorted(packs.values(),
+                                                     key=lambda p: (p.id not in young, -p.full_live, p.id)))}
+        shared: dict[bytes, tuple[int, str, int]] = {}  # chunk -> its best holder's rank, id, stored bytes
+        for pack_id, entries in rows.packs():
+            p = packs.get(pack_id.hex())
+            if p is None:
+                continue  # missing
+            for cid, loc in _distinct(entries):
+                row = live.row_of(cid)
+                if row < 0:
+                    continue
+                if holders[row] == 1:
+                    p.live_bytes += loc.stored_length
+                else:
+                    best = shared.get(cid)
+                    if best is None or rank[p.id] < best[0]:
+                        shared[cid] = (rank[p.id], p.id, loc.stored_length)
+        for _rank, pid, stored in shared.values():
+            packs[pid].live_bytes += stored
 
     def _stat_pack(self, pid: str) -> _Pack | None:
         try:
@@ -294,7 +292,7 @@ class _Gc:
             return None
         return _Pack(pid, info.size, info.mtime)
 
-    def _reindex_orphan(self, p: _Pack, live: IdSet) -> None:
+    def _reindex_orphan(self, p: _Pack, rows: RowsByPack) -> None:
         """A pack no index names: a killed backup's, or one whose index was lost. Keep it if it holds live data.
 
         Its entries go into the consolidated index (if it is kept), never into an index of its own: that
@@ -307,17 +305,32 @@ class _Gc:
             # a pack we merely failed to read may hold the only copy of live data.)
             p.fate = ORPHAN
             return
-        if any(e.chunk_id in live for e in entries):
-            for e in entries:
-                p.entries.add(e.chunk_id, e.offset, e.stored_length, e.raw_length)
+        if any(e.chunk_id in self.live for e in entries):
+            pack_id = bytes.fromhex(p.id)
+            found = [(e.chunk_id, pack_id, e.offset, e.stored_length, e.raw_length) for e in entries]
+            rows.add_rows(found)
+            self._tally(p, [(cid, Location(pid, offset, stored, raw)) for cid, pid, offset, stored, raw in found])
             p.reindexed = True
             self.report.packs_reindexed += 1
         else:
             p.fate = ORPHAN
 
-    def _condemn(self, packs: dict[str, _Pack], live: IdSet) -> IdSet:
-        """Chunks this gc will delete: in packs going away, in no pack staying, referenced by no backup."""
-        return _only_in_going(packs, live)
+    def _condemn(self, rows: RowsByPack) -> IdSet:
+        """Chunks this gc will delete: in packs going away, in no pack staying, referenced by no backup.
+        What it holds follows what it deletes."""
+        packs, live = self.packs, self.live
+        candidates = IdSet()
+        if not any(p.going for p in packs.values()):
+            return candidates
+        for pack_id, entries in rows.packs():
+            p = packs.get(pack_id.hex())
+            if p is not None and p.going:
+                candidates.update(cid for cid, _loc in entries if cid not in live)
+        if not candidates:
+            return candidates
+        kept = {cid for pack_id, entries in rows.packs() if (p := packs.get(pack_id.hex())) is not None
+                and p.fate == KEEP for cid, _loc in entries if cid in candidates}  # few: chunks stored twice
+        return IdSet(cid for cid in candidates if cid not in kept) if kept else candidates
 
     # -- wait ------------------------------------------------------------------------------------
 
@@ -335,7 +348,7 @@ class _Gc:
             waiting &= {lk.id for lk in self.vault.locks.active()}
         self.report.waited_seconds = time.monotonic() - start
 
-    def _adopt_new_indexes(self, packs: dict[str, _Pack], read_ids: set[str]) -> None:
+    def _adopt_new_indexes(self, read_ids: set[str]) -> None:
         """A pack named by an index written since the mark (a backup that was storing it then) stays."""
         for info in self.vault.backend.list(INDEX_PREFIX):
             index_id = info.key[len(INDEX_PREFIX):]
@@ -346,29 +359,42 @@ class _Gc:
             except NotFound:
                 continue
             for _cid, pack_id, _offset, _stored, _raw in f.rows():
-                p = packs.get(pack_id.hex())
+                p = self.packs.get(pack_id.hex())
                 if p is not None and p.fate != KEEP:
                     p.fate = KEEP
 
     # -- sweep -----------------------------------------------------------------------------------
 
-    def _sweep(self, packs: dict[str, _Pack], read_ids: set[str], condemned: IdSet) -> None:
-        backend = self.vault.backend
+    def _sweep(self, rows: RowsByPack, read_ids: set[str], revived: set[bytes]) -> None:
+        backend, packs, live, holders = self.vault.backend, self.packs, self.live, self.holders
         # 1. Copy every chunk of a pack going away that is not condemned and not in a pack that stays:
-        # blobs are sealed per chunk, so they are copied verbatim. Not only the chunks live now: a backup
-        # that started after the condemned list was published may use any chunk that is not on it.
-        to_copy = _only_in_going(packs, condemned)
+        # the live chunks and the revived ones (a backup that started after the condemned list was
+        # published may use any chunk not on it: those are all it can use). Blobs are sealed per chunk,
+        # so they are copied verbatim. A chunk several packs hold (or a revived one) is looked at across
+        # them first: copied if none stays, and once.
+        several: dict[bytes, bool] = {}  # chunk -> a pack that stays holds it (few: chunks stored twice)
+        for pack_id, entries in rows.packs() if self.shared or revived else ():
+            p = packs.get(pack_id.hex())
+            if p is None:
+                continue
+            for cid, _loc in _distinct(entries):
+                row = live.row_of(cid)
+                if (row >= 0 and holders[row] > 1) or (row < 0 and cid in revived):
+                    several[cid] = several.get(cid, False) or p.fate == KEEP
         packer = Packer(self.vault)
-        copied = IdSet()
         try:
-            for p in sorted(packs.values(), key=lambda p: (p.fate != REPACK, p.id)):
-                if p.fate not in (REPACK, DELETE):
-                    continue
-                for cid, loc in p.entries.items():
-                    if cid in to_copy and cid not in copied:
-                        packer.add(cid, self.vault.read_blob(loc), loc.raw_length)
-                        copied.add(cid)
-                        p.fate = REPACK  # a DELETE pack holding a chunk that became live meanwhile
+            # Packs being repacked first: a chunk a DELETE pack also holds is then copied from them.
+            for entries, p in itertools.chain(self._packs_of_fate(rows, REPACK), self._packs_of_fate(rows, DELETE)):
+                for cid, loc in _distinct(entries):
+                    row = live.row_of(cid)
+                    if row >= 0 and holders[row] == 1:
+                        pass  # live, and only here
+                    elif cid in several and not several[cid]:
+                        several[cid] = True  # copied once
+                    else:
+                        continue
+                    packer.add(cid, self.vault.read_blob(loc), loc.raw_length)
+                    p.fate = REPACK  # a DELETE pack holding a chunk that became live meanwhile
             packer.flush()
         except BaseException:
             packer.abort()
@@ -378,7 +404,7 @@ class _Gc:
         changed = (len(old) != 1 or self.report.packs_missing > 0
                    or any(p.fate != KEEP or p.reindexed for p in packs.values()))
         if changed:
-            self._write_index(packs, packer.indexes_written, old)
+            self._write_index(rows, packer.indexes_written, old)
             # 3. The new index is durable: the old ones can go. (Index objects carry a nonce, so no
             # later index can reuse one of these ids and be hidden by the supersedes list.)
             for index_id in old:
@@ -388,42 +414,53 @@ class _Gc:
         for p in packs.values():
             if p.fate in (DELETE, REPACK, ORPHAN):
                 backend.delete(pack_key(p.id))
-        self._account(packs, bytes_written=packer.bytes_written)
+        self._account(bytes_written=packer.bytes_written)
 
-    def _write_index(self, packs: dict[str, _Pack], repacked: list[str], old: list[str]) -> None:
+    def _packs_of_fate(self, rows: RowsByPack, fate: str) -> Iterator[tuple[list[tuple[bytes, Location]], _Pack]]:
+        """The entries of each pack of ``fate``, a pack at a time (a pass over the rows only if there are any)."""
+        if not any(p.fate == fate for p in self.packs.values()):
+            return
+        for pack_id, entries in rows.packs():
+            p = self.packs.get(pack_id.hex())
+            if p is not None and p.fate == fate:
+                yield entries, p
+
+    def _write_index(self, rows: RowsByPack, repacked: list[str], old: list[str]) -> None:
         """The kept packs' entries and the repack's, each chunk once, in objects of at most MERGE_ENTRIES
         (a reader holds a whole object while decoding it). The last supersedes ``old``: until it is
         durable they all count, and all hold."""
         def entries() -> Iterator[tuple[bytes, Location]]:
-            for p in packs.values():
-                if p.fate == KEEP:
-                    yield from p.entries.items()
+            for pack_id, pack_entries in rows.packs():
+                p = self.packs.get(pack_id.hex())
+                if p is not None and p.fate == KEEP:
+                    yield from _distinct(pack_entries)
             for index_id in repacked:  # one per MERGE_ENTRIES chunks copied
                 f = decode_index(self.vault.backend.get(index_key(index_id)), self.vault.crypto, what=index_id)
                 for cid, pack_id, offset, stored, raw in f.rows():
                     yield cid, Location(pack_id, offset, stored, raw)
 
         # A chunk is listed once per pack holding it (format.md §7 allows it, and each pack's entries are
-        # already without repeats); repacked chunks are in no kept pack. No set of every id written.
-        rows, count = bytearray(), 0
-        for cid, loc in entries():
-            if count == MERGE_ENTRIES:
-                self.vault.write_index(rows)
-                rows, count = bytearray(), 0
-            rows += index_rows([(cid, loc)])
-            count += 1
-        if rows or old:
-            self.vault.write_index(rows, [bytes.fromhex(i) for i in old])
+        # without repeats); repacked chunks are in no kept pack. No set of every id written.
+        rest = entries()
+        out = index_rows(itertools.islice(rest, MERGE_ENTRIES))
+        while len(out) == MERGE_ENTRIES * INDEX_ROW_SIZE:
+            more = index_rows(itertools.islice(rest, MERGE_ENTRIES))
+            if not more:
+                break
+            self.vault.write_index(out)
+            out = more
+        if out or old:
+            self.vault.write_index(out, [bytes.fromhex(i) for i in old])
 
-    def _account(self, packs: dict[str, _Pack], bytes_written: int | None) -> None:
+    def _account(self, bytes_written: int | None) -> None:
         """Fill the report from the packs' fates; a dry run estimates what a repack would write."""
-        r = self.report
-        r.packs_deleted = sum(p.fate == DELETE for p in packs.values())
-        r.packs_repacked = sum(p.fate == REPACK for p in packs.values())
-        r.orphan_packs_deleted = sum(p.fate == ORPHAN for p in packs.values())
-        removed = sum(p.size for p in packs.values() if p.fate in (DELETE, REPACK, ORPHAN))
+        r, packs = self.report, self.packs.values()
+        r.packs_deleted = sum(p.fate == DELETE for p in packs)
+        r.packs_repacked = sum(p.fate == REPACK for p in packs)
+        r.orphan_packs_deleted = sum(p.fate == ORPHAN for p in packs)
+        removed = sum(p.size for p in packs if p.fate in (DELETE, REPACK, ORPHAN))
         if bytes_written is None:
-            bytes_written = sum(p.live_bytes for p in packs.values() if p.fate == REPACK)
+            bytes_written = sum(p.live_bytes for p in packs if p.fate == REPACK)
         r.bytes_freed = max(0, removed - bytes_written)
 
     def _drop_stale_staging_files(self, cutoff: float) -> None:
