@@ -159,6 +159,21 @@ class DiskIdSet:
             raise ValueError("a DiskIdSet answers once finished")
         return self._runs[hash(cid) & self._mask].contains(self._file, cid, self._what)
 
+    @property
+    def partitions(self) -> int:
+        """How many runs the ids are spread over: an id is in run ``hash(id) % partitions`` (a power of
+        two), so a caller can spread other records the same way and join them run by run."""
+        return self._mask + 1
+
+    def partition_rows(self, part: int) -> dict[bytes, int]:
+        """The ids of run ``part`` and their rows (as ``row_of``): one read for many lookups."""
+        if self._file is None:
+            raise ValueError("a DiskIdSet answers once finished")
+        run = self._runs[part]
+        data = read_at(self._file, run.size, run.offset, self._what)
+        base = run.offset // ID_SIZE
+        return {data[i * ID_SIZE : (i + 1) * ID_SIZE]: base + i for i in range(run.count)}
+
     def row_of(self, cid: bytes) -> int:
         """The id's row (0 to len - 1, by run and order within it), or -1: a key into arrays beside the
         set, as ``IdSet.row_of``."""

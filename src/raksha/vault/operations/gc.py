@@ -11,8 +11,9 @@ finishes cleaning.
 from __future__ import annotations
 
 import itertools
+import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from raksha.vault.format.index import INDEX_ROW_SIZE, Location, decode_index, in
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.format.rows_by_pack import RowsByPack
+from raksha.vault.format.scratch import Partitions
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import Lock, LockKind
 from raksha.vault.processes import owner_alive
@@ -123,6 +125,45 @@ def collect_garbage(vault: Vault, *, grace: float = 3600.0, max_wait: float = 60
         return _Gc(vault, grace, max_wait, repack_threshold, dry_run, poll, clock, lock).run()
 
 
+class _RowsByChunk:
+    """The index's rows as (chunk id, pack number, stored length), spread over ``partitions`` by the
+    chunk's hash as a ``DiskIdSet``'s ids are, to be joined with it partition by partition."""
+
+    _ROW = struct.Struct("<32sII")
+
+    def __init__(self, partitions: int) -> None:
+        self._parts = Partitions(partitions, 4 << 20, "the index's rows by chunk", min_flush=64 * self._ROW.size)
+        self._mask = partitions - 1
+        self._numbers: dict[bytes, int] = {}
+        self.pack_ids: list[bytes] = []
+
+    def add_rows(self, rows: Iterable[tuple[bytes, bytes, int, int, int]]) -> None:
+        parts, mask, numbers, pack_row = self._parts, self._mask, self._numbers, self._ROW.pack
+        buffers, flush_at = parts.buffers, parts.flush_at
+        last_pack_id, number = b"", 0
+        for cid, pack_id, _offset, stored, _raw in rows:
+            if pack_id != last_pack_id:  # an index object lists a pack's chunks together
+                found = numbers.get(pack_id)
+                if found is None:
+                    found = numbers[pack_id] = len(self.pack_ids)
+                    self.pack_ids.append(pack_id)
+                last_pack_id, number = pack_id, found
+            part = hash(cid) & mask
+            buf = buffers[part]
+            buf += pack_row(cid, number, stored)
+            if len(buf) >= flush_at:
+                parts.spill(part)
+
+    def rows(self, part: int) -> Iterator[tuple[bytes, int, int]]:
+        """Partition ``part``'s rows, each (chunk, pack) once: a pack's chunk listed twice counts once."""
+        data, size = self._parts.take(part), self._ROW.size
+        for record in {data[i : i + size] for i in range(0, len(data), size)}:
+            yield self._ROW.unpack(record)
+
+    def close(self) -> None:
+        self._parts.close()
+
+
 class _Gc:
     """One gc. What it holds follows the packs and what it deletes, not the chunks the vault stores: the
     index's rows are grouped by pack out of memory (``RowsByPack``), the live chunks are an id set (on
@@ -142,6 +183,7 @@ class _Gc:
         self.holders = bytearray()  # by live chunk's row: how many packs hold it (2: two or more)
         self.shared = 0  # live chunks two packs or more hold (usually none: then a pass is skipped)
         self.packs: dict[str, _Pack] = {}
+        self.by_chunk: _RowsByChunk | None = None  # the rows again, by chunk, with the live set on disk
 
     def run(self) -> GcReport:
         start = time.monotonic()
@@ -174,6 +216,8 @@ class _Gc:
                 self.vault.backend.delete(condemned_key)
         finally:
             rows.close()
+            if self.by_chunk is not None:
+                self.by_chunk.close()
             if isinstance(self.live, DiskIdSet):
                 self.live.close()
         self.report.seconds = time.monotonic() - start
@@ -182,7 +226,8 @@ class _Gc:
     # -- mark and condemn ----------------------------------------------------------------------
 
     def _mark(self) -> tuple[set[str], RowsByPack]:
-        """The live chunks (``self.live``), the index objects read, and their rows by pack.
+        """The live chunks (``self.live``), the index objects read, and their rows by pack. With the live
+        chunks on disk, the rows also go to ``self.by_chunk``, spread as the live set's runs are.
 
         Backups are listed before the index is read: a backup writes its index before its manifest, so
         every chunk of a backup listed here is in the index read next (or in a pack younger than t0).
@@ -193,20 +238,26 @@ class _Gc:
                 scan = self.vault.scan_index()  # raises on a damaged index: its packs would look orphaned
                 live = new_id_set(scan.live_entries, "the chunks backups use")
                 rows = RowsByPack(scan.live_entries, "the index's rows by pack")
+                by_chunk: _RowsByChunk | None = None
                 try:
                     live.update(_referenced(self.vault, backups))
                     if isinstance(live, DiskIdSet):
                         live.finish()
+                        by_chunk = _RowsByChunk(live.partitions)
                     for _index_id, f in scan.live():
                         rows.add_rows(f.rows())
+                        if by_chunk is not None:
+                            by_chunk.add_rows(f.rows())
                 except BaseException:
                     rows.close()
+                    if by_chunk is not None:
+                        by_chunk.close()
                     if isinstance(live, DiskIdSet):
                         live.close()
                     raise
             except NotFound:
                 continue  # an object went under a backup merging its index, which wrote its replacement first
-            self.live, self.holders = live, bytearray(len(live))
+            self.live, self.holders, self.by_chunk = live, bytearray(len(live)), by_chunk
             self.report.backups, self.report.live_chunks = len(backups), len(live)
             return set(scan.counts), rows
         raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
@@ -225,7 +276,9 @@ class _Gc:
                 else:
                     packs[pid] = p
             if p is not None:
-                self._tally(p, entries)
+                self._tally(p, entries, live=self.by_chunk is None)
+        if self.by_chunk is not None:
+            self._tally_live_by_join(self.by_chunk)
         self.report.packs_missing = len(missing)
         cutoff = t0 - self.grace
         young = {p.id for p in packs.values() if p.mtime >= cutoff}
@@ -245,14 +298,36 @@ class _Gc:
                 # or a small pack without any would be rewritten, identically, on every run.
                 p.fate = REPACK
 
-    def _tally(self, p: _Pack, entries: list[tuple[bytes, Location]]) -> None:
-        live, holders = self.live, self.holders
+    def _tally(self, p: _Pack, entries: list[tuple[bytes, Location]], *, live: bool = True) -> None:
+        """Count a pack's chunks and bytes, and with ``live`` its live ones (a lookup each)."""
+        holders = self.holders
         for cid, loc in _distinct(entries):
             p.chunks += 1
             p.blob_bytes += loc.stored_length
-            row = live.row_of(cid)
+            if not live:
+                continue
+            row = self.live.row_of(cid)
             if row >= 0:
                 p.full_live += loc.stored_length
+                if holders[row] < 2:
+                    holders[row] += 1
+                    self.shared += holders[row] == 2
+
+    def _tally_live_by_join(self, by_chunk: _RowsByChunk) -> None:
+        """``_tally``'s live half for every indexed pack, with the live set on disk: its runs are read
+        one at a time into a dict and the rows spread the same way are looked up there (a lookup on
+        disk each took ~7 µs)."""
+        live, holders = self.live, self.holders
+        assert isinstance(live, DiskIdSet)
+        owners = [self.packs.get(pack_id.hex()) for pack_id in by_chunk.pack_ids]  # None: missing
+        for part in range(live.partitions):
+            rows_of = live.partition_rows(part)
+            for cid, number, stored in by_chunk.rows(part):
+                row = rows_of.get(cid)
+                p = owners[number]
+                if row is None or p is None:
+                    continue
+                p.full_live += stored
                 if holders[row] < 2:
                     holders[row] += 1
                     self.shared += holders[row] == 2
