@@ -136,4 +136,11 @@ def test_rows_number_the_ids_from_zero_without_gaps(monkeypatch: pytest.MonkeyPa
     stored.finish()
     assert sorted(stored.row_of(cid) for cid in members) == list(range(1000))
     assert stored.row_of(ids(1, 6)[0]) == -1
+    # A run at a time, as a join reads them: the same rows, each id in the run its hash names.
+    joined = {}
+    for part in range(stored.partitions):
+        rows = stored.partition_rows(part)
+        assert all(hash(cid) % stored.partitions == part for cid in rows)
+        joined.update(rows)
+    assert stored.partitions == 16 and joined == {cid: stored.row_of(cid) for cid in members}
     stored.close()
