@@ -749,14 +749,18 @@ def test_gc_waits_for_a_running_backup_that_reuses_garbage_chunks(deleted_base: 
     assert_index_points_at_existing_packs(vault)
 
 
+@pytest.mark.parametrize("on_disk", [False, True], ids=["in-memory", "on-disk"])
 def test_a_backup_started_after_the_condemned_list_stores_condemned_chunks_again(
-        deleted_base: tuple[Vault, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        deleted_base: tuple[Vault, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, on_disk: bool) -> None:
     vault, base, other = deleted_base
+    finished = sets_on_disk(monkeypatch) if on_disk else []  # the backup reads the condemned list into a file
     real_wait = gc_module._Gc._wait_for_backups
     started: list[tuple[threading.Thread, list[Any]]] = []
 
     def backup_then_wait(self: gc_module._Gc) -> None:
-        assert vault.condemned_chunks(), "the condemned list is published"
+        condemned = vault.condemned_chunks()
+        assert condemned, "the condemned list is published"
+        assert on_disk == (type(condemned).__name__ == "DiskIdSet")
         source = SlowSource(base)
         started.append(run_in_thread(lambda: backup_disk(vault, source, BackupId.parse(B), threads=1)))
         assert source.reading.wait(30)  # it holds its lock and has read the condemned list
@@ -768,6 +772,7 @@ def test_a_backup_started_after_the_condemned_list_stores_condemned_chunks_again
     (thread, out), = started
     res: BackupResult = result(thread, out)
     assert report.waited_seconds > 0
+    assert not on_disk or any(len(s) == report.live_chunks for s in finished)  # gc's live set was on disk too
     distinct = set(vault.read_manifest(BackupId.parse(B)).chunk_ids) - {ZERO_ID}
     assert res.stats.chunks_deduplicated == 0, "condemned chunks are treated as absent"
     assert res.stats.chunks_new == len(distinct), "every one of them is stored again"

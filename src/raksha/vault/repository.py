@@ -441,20 +441,26 @@ class Vault:
     def read_blob(self, loc: Location) -> bytes:
         return self.backend.get_range(pack_key(loc.pack_id.hex()), loc.offset, loc.stored_length)
 
-    def condemned_chunks(self) -> IdSet:
-        """Chunks a running gc is about to delete; a backup must not reuse them (format.md §11)."""
-        out = IdSet()
+    def condemned_chunks(self) -> IdSet | DiskIdSet:
+        """Chunks a running gc is about to delete; a backup must not reuse them (format.md §11). Past
+        IDS_IN_MEMORY of them (a gc after a large prune) a ``DiskIdSet``: ``close`` it when done."""
         live_gc = {lock.id for lock in self.locks.active()}
-        for info in self.backend.list(LOCKS_PREFIX):
-            if not info.key.endswith(CONDEMNED_SUFFIX):
-                continue
-            if info.key[len(LOCKS_PREFIX) : -len(CONDEMNED_SUFFIX)] not in live_gc:
-                continue
-            try:
-                data = self.backend.get(info.key)
-            except NotFound:
-                continue
-            out.update(data[i : i + ID_SIZE] for i in range(0, len(data) - ID_SIZE + 1, ID_SIZE))
+        lists = [info for info in self.backend.list(LOCKS_PREFIX) if info.key.endswith(CONDEMNED_SUFFIX)
+                 and info.key[len(LOCKS_PREFIX) : -len(CONDEMNED_SUFFIX)] in live_gc]
+        out = new_id_set(sum(info.size for info in lists) // ID_SIZE, "the chunks a gc condemned")
+        try:
+            for info in lists:
+                try:
+                    data = self.backend.get(info.key)
+                except NotFound:
+                    continue
+                out.update(data[i : i + ID_SIZE] for i in range(0, len(data) - ID_SIZE + 1, ID_SIZE))
+            if isinstance(out, DiskIdSet):
+                out.finish()
+        except BaseException:
+            if isinstance(out, DiskIdSet):
+                out.close()
+            raise
         return out
 
     def read_pack_header(self, pack_id: str, size: int) -> list[PackEntry]:

@@ -31,6 +31,7 @@ from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
+from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import LockKind
 from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import DiskSource, Extent
@@ -151,6 +152,7 @@ class _Backup:
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: a BlobEncoder, a BlobDecoder
         self._zero_ids: dict[int, bytes] = {}
+        self.condemned: IdSet | DiskIdSet = IdSet()  # what a running gc will delete: stored again if used
         # Chunks changed in part: rebuilt whole on the parent's copy (patch), or stored as a new layer of
         # just the changed ranges (delta). Their ranges come from ``self.changed``.
         n = -(-self.size // self.chunk_size)
@@ -175,6 +177,8 @@ class _Backup:
             return self._run(start, index)
         finally:
             index.close()  # a large vault's ids are in a temporary file
+            if isinstance(self.condemned, DiskIdSet):
+                self.condemned.close()  # so are a large prune's condemned ids
 
     def _run(self, start: float, index: ChunkIndex) -> BackupResult:
         assert index.ids is not None

@@ -107,15 +107,14 @@ class _Verify:
         try:
             self.sound = new_id_set(rows.rows, "the chunks verify found sound")
             self._check(rows.packs(), rows.stored_bytes)
-        finally:
-            rows.close()
-        try:
+            rows.close()  # before the manifests: its file is 80 bytes a row
             if self.missing_packs:
                 self._recheck_moved()
             if isinstance(self.sound, DiskIdSet):
                 self.sound.finish()
             self._check_backups(backups)
         finally:
+            rows.close()
             if isinstance(self.sound, DiskIdSet):
                 self.sound.close()
         self.report.seconds = time.monotonic() - start
