@@ -191,8 +191,8 @@ def test_delete(cli_json: CliJson, vault: Path, make_image: MakeImage, outputs: 
     assert blake3_file(outputs / "inc.img") == blake3_file(image)
 
 
-def test_prune_and_gc(cli_json: CliJson, vault: Path, make_image: MakeImage, make_changed_copy: MakeChanged,
-                      outputs: Path) -> None:
+def test_prune_and_gc(cli_json: CliJson, run_cli: RunCli, vault: Path, make_image: MakeImage,
+                      make_changed_copy: MakeChanged, outputs: Path) -> None:
     v1 = make_image("v1.img", 8 * MIB, seed=23)
     v2, _ = make_changed_copy(v1, "v2.img", fraction=0.5, seed=24)
     other = make_image("other.img", 4 * MIB, seed=25)
@@ -214,8 +214,11 @@ def test_prune_and_gc(cli_json: CliJson, vault: Path, make_image: MakeImage, mak
     data_before = sum(f.stat().st_size for f in (vault / "data").rglob("*") if f.is_file())
     gc_dry = cli_json("vault", "gc", vault, "--grace", "0s", "--dry-run")
     assert gc_dry["dry_run"] is True and gc_dry["bytes_freed"] > 0
-    gc = cli_json("vault", "gc", vault, "--grace", "0s")
+    rc, out, err = run_cli("vault", "gc", vault, "--grace", "0s", "--json", "--progress", "lines")
+    assert rc == 0, err
+    gc = json.loads(out)
     assert gc["dry_run"] is False and gc["bytes_freed"] > 0 and gc["backups"] == 2
+    assert "gc: mark: 100.0%  2/2 backups" in err  # progress on stderr, the report alone on stdout
     data_after = sum(f.stat().st_size for f in (vault / "data").rglob("*") if f.is_file())
     assert data_after < data_before
 

@@ -964,3 +964,18 @@ def test_a_vault_too_large_for_memory_is_collected_the_same(three_backups: tuple
         assert_restores(v, B, imgs[B], tmp_path)
         assert_restores(v, C, imgs[C], tmp_path)
         assert_verifies(v)
+
+
+def test_gc_reports_the_progress_of_its_mark_and_its_repack(three_backups: tuple[Vault, dict[str, Path]]) -> None:
+    vault, _imgs = three_backups
+    vault.delete_backup(BackupId.parse(A))  # b shares most of a's packs: they are repacked
+    events: list[Any] = []
+
+    report = collect_garbage(vault, grace=0, progress=events.append)
+
+    mark = [e for e in events if e.phase == "gc: mark"]
+    assert (mark[-1].done, mark[-1].total, mark[-1].unit) == (2, 2, "backups") == (report.backups, 2, "backups")
+    repack = [e for e in events if e.phase == "gc: repack"]
+    assert report.packs_repacked > 0 and repack, "copying live chunks out of packs is reported"
+    assert repack[-1].unit == "B" and repack[-1].done == repack[-1].total > 0
+    assert all(e.done <= e.total for e in repack)

@@ -45,8 +45,11 @@ class TerminalProgress:
         return None if self.mode == "none" else self._on_event
 
     def _on_event(self, e: ProgressEvent) -> None:
-        text = (f"{e.phase}: {e.fraction * 100:5.1f}%  {_human(e.done)}/{_human(e.total)}  "
-                f"{e.rate / 1e6:7.1f} MB/s  ETA {_eta(e.eta)}")
+        if e.unit == "B":
+            text = (f"{e.phase}: {e.fraction * 100:5.1f}%  {_human(e.done)}/{_human(e.total)}  "
+                    f"{e.rate / 1e6:7.1f} MB/s  ETA {_eta(e.eta)}")
+        else:
+            text = f"{e.phase}: {e.fraction * 100:5.1f}%  {e.done}/{e.total} {e.unit}  ETA {_eta(e.eta)}"
         if self.mode == "bar":
             self.stream.write("\r" + text + "\033[K")
             self._drawn = True

@@ -60,10 +60,11 @@ def _common(p: argparse.ArgumentParser, *, secret: bool = True) -> None:
         p.add_argument("--key-file", metavar="FILE", help="use FILE's bytes as the vault key")
 
 
-def _progress_opt(p: argparse.ArgumentParser) -> None:
+def _progress_opt(p: argparse.ArgumentParser, *, threads: bool = True) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="progress on stderr: a bar on a terminal by default")
-    p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: two per core)")
+    if threads:
+        p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: two per core)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -137,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--repack-threshold", type=float, default=0.25, help="repack packs with this garbage share")
     p.add_argument("--dry-run", action="store_true")
     _common(p)
+    _progress_opt(p, threads=False)
     p.set_defaults(func=cmd_gc)
 
     p = vsub.add_parser("rebuild-index", help="rebuild the index from the packs alone (disaster recovery)")
@@ -392,8 +394,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     vault = open_vault(args, "raksha.vault.operations.gc")
     from raksha.vault.operations.gc import collect_garbage
 
-    report = collect_garbage(vault, grace=args.grace, max_wait=args.max_wait,
-                             repack_threshold=args.repack_threshold, dry_run=args.dry_run)
+    report = _with_progress(args, lambda cb: collect_garbage(
+        vault, grace=args.grace, max_wait=args.max_wait, repack_threshold=args.repack_threshold,
+        dry_run=args.dry_run, progress=cb))
     emit(report.to_dict(), args.json, report.summary())
     return 0
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ProgressEvent:
     phase: str
-    done: int  # bytes (or items) done
+    done: int  # bytes, or items of ``unit``
     total: int
     elapsed: float
+    unit: str = "B"  # "B" for bytes, else what is counted ("backups")
 
     @property
     def fraction(self) -> float:
@@ -35,8 +36,10 @@ ProgressCallback = Callable[[ProgressEvent], None]
 class Progress:
     """Thread-safe counter that calls back at most every ``interval`` seconds (and at the end)."""
 
-    def __init__(self, phase: str, total: int, callback: ProgressCallback | None, interval: float = 0.2) -> None:
+    def __init__(self, phase: str, total: int, callback: ProgressCallback | None, interval: float = 0.2,
+                 unit: str = "B") -> None:
         self.phase = phase
+        self.unit = unit
         self.total = total
         self.done = 0
         self._callback = callback
@@ -52,9 +55,10 @@ class Progress:
             if self._callback is None or now - self._last < self._interval:
                 return
             self._last = now
-            event = ProgressEvent(self.phase, self.done, self.total, now - self._start)
+            event = ProgressEvent(self.phase, self.done, self.total, now - self._start, self.unit)
         self._callback(event)
 
     def finish(self) -> None:
         if self._callback is not None:
-            self._callback(ProgressEvent(self.phase, self.done, self.total, time.monotonic() - self._start))
+            self._callback(ProgressEvent(self.phase, self.done, self.total, time.monotonic() - self._start,
+                                         self.unit))

@@ -20,6 +20,7 @@ from typing import Any
 
 from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt, VaultFormatUnsupported, VaultLocked
 from raksha.vault.engine.packer import MERGE_ENTRIES, Packer
+from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.index import INDEX_ROW_SIZE, Location, decode_index, index_key, index_rows
 from raksha.vault.format.naming import BackupId
@@ -103,10 +104,12 @@ def _writer_alive(path: Path) -> bool:
     return owner_alive(pid, path.stat().st_mtime)
 
 
-def _referenced(vault: Vault, backups: list[BackupId]) -> Iterator[bytes]:
+def _referenced(vault: Vault, backups: list[BackupId], meter: Progress | None = None) -> Iterator[bytes]:
     """Every chunk id the manifests of ``backups`` reference, repeats and all, one manifest in memory at a
     time. Any unreadable manifest stops gc: its chunks would look free."""
     for bid in backups:
+        if meter is not None:
+            meter.add(1)
         try:
             manifest = vault.read_manifest(bid)
         except NotFound:
@@ -120,9 +123,11 @@ def _referenced(vault: Vault, backups: list[BackupId]) -> Iterator[bytes]:
 
 def collect_garbage(vault: Vault, *, grace: float = 3600.0, max_wait: float = 600.0,
                     repack_threshold: float = 0.25, dry_run: bool = False, poll: float = 1.0,
-                    clock: Callable[[], float] = time.time) -> GcReport:
+                    clock: Callable[[], float] = time.time, progress: ProgressCallback | None = None) -> GcReport:
+    """``progress`` hears of the mark ("gc: mark", backups read) and the repack ("gc: repack", bytes
+    copied), the two phases that take long on a large vault."""
     with vault.locks.acquire(LockKind.MAINTENANCE, "gc") as lock:
-        return _Gc(vault, grace, max_wait, repack_threshold, dry_run, poll, clock, lock).run()
+        return _Gc(vault, grace, max_wait, repack_threshold, dry_run, poll, clock, lock, progress).run()
 
 
 class _RowsByChunk:
@@ -170,8 +175,9 @@ class _Gc:
     disk past IDS_IN_MEMORY) with a byte each beside it, and each pass goes over the rows again."""
 
     def __init__(self, vault: Vault, grace: float, max_wait: float, threshold: float, dry_run: bool,
-                 poll: float, clock: Callable[[], float], lock: Lock) -> None:
+                 poll: float, clock: Callable[[], float], lock: Lock, progress: ProgressCallback | None) -> None:
         self.vault = vault
+        self.progress = progress
         self.grace = grace
         self.max_wait = max_wait
         self.threshold = threshold
@@ -240,7 +246,9 @@ class _Gc:
                 rows = RowsByPack(scan.live_entries, "the index's rows by pack")
                 by_chunk: _RowsByChunk | None = None
                 try:
-                    live.update(_referenced(self.vault, backups))
+                    meter = Progress("gc: mark", len(backups), self.progress, unit="backups")
+                    live.update(_referenced(self.vault, backups, meter))
+                    meter.finish()
                     if isinstance(live, DiskIdSet):
                         live.finish()
                         by_chunk = _RowsByChunk(live.partitions)
@@ -457,6 +465,9 @@ class _Gc:
                 if (row >= 0 and holders[row] > 1) or (row < 0 and cid in revived):
                     several[cid] = several.get(cid, False) or p.fate == KEEP
         packer = Packer(self.vault)
+        # Each live chunk's bytes are counted in one pack: those of the packs repacked are what is copied
+        # (a revived chunk adds to it, a chunk a staying pack also holds takes from it).
+        meter = Progress("gc: repack", sum(p.live_bytes for p in packs.values() if p.fate == REPACK), self.progress)
         try:
             # Packs being repacked first: a chunk a DELETE pack also holds is then copied from them.
             for entries, p in itertools.chain(self._packs_of_fate(rows, REPACK), self._packs_of_fate(rows, DELETE)):
@@ -469,8 +480,12 @@ class _Gc:
                     else:
                         continue
                     packer.add(cid, self.vault.read_blob(loc), loc.raw_length)
+                    meter.add(loc.stored_length)
                     p.fate = REPACK  # a DELETE pack holding a chunk that became live meanwhile
             packer.flush()
+            if meter.done:
+                meter.total = meter.done  # the estimate was close: the bar ends at 100%
+                meter.finish()
         except BaseException:
             packer.abort()
             raise
