@@ -108,7 +108,9 @@ def test_a_flipped_byte_in_a_shared_chunk_names_every_backup_using_it(vault: Vau
 
     report = verify_vault(vault)
 
-    assert set(report.damaged_backups) == {A, B}  # not c: its chunks are in another pack
+    # Not c: its chunks are in another pack. And b, although verify reads it right after a and looks up
+    # only the ids where b differs from a: a was damaged, so b is checked whole.
+    assert set(report.damaged_backups) == {A, B}
 
 
 def test_packs_are_read_in_pieces_that_cut_through_blobs(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,3 +299,14 @@ def test_a_vault_too_large_for_memory_gives_the_same_verdicts(vault: Vault, monk
     assert set(on_disk.damaged_backups) == {A, C} and len(on_disk.damaged_backups[C]) == 10
     assert on_disk.damaged_objects == in_memory.damaged_objects
     assert (on_disk.chunks_checked, on_disk.packs_checked) == (in_memory.chunks_checked, in_memory.packs_checked)
+
+
+def test_a_disks_next_backup_is_looked_up_only_where_its_ids_differ(vault: Vault) -> None:
+    a, b = (vault.read_manifest(BackupId.parse(bid)) for bid in (A, B))  # b: a's chunks 0-4, then zeros
+    ids = [vault.crypto.chunk_id(random_chunk(i)) for i in range(10)]
+
+    assert list(verify_module._ids_not_in(a, None)) == ids
+    assert list(verify_module._ids_not_in(a, a)) == []  # the same ids at the same places: checked already
+    assert list(verify_module._ids_not_in(b, a)) == []  # the same, or zeros
+    assert list(verify_module._ids_not_in(a, b)) == ids[5:]  # what b had as zeros
+

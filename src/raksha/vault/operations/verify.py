@@ -13,6 +13,7 @@ IDS_IN_MEMORY), and then each backup's manifest is streamed against that set.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,9 @@ from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
 from raksha.vault.format.chunk_table import ChunkLocator, IdSet
+from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 from raksha.vault.format.index import Location
+from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import check_preamble, pack_key
 from raksha.vault.format.rows_by_pack import PackRows, RowsByPack
@@ -78,6 +81,27 @@ def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = 
 
 
 READ_PIECE = 4 << 20  # a pack is read in pieces of this size (one per thread in memory, not the pack)
+
+
+def _ids_not_in(manifest: Manifest, previous: Manifest | None) -> Iterator[bytes]:
+    """The blob ids ``manifest`` uses, but those at the same place in ``previous`` (repeats and all;
+    never the zero id). Layers are few: they are all given."""
+    if previous is None:
+        yield from manifest.iter_blob_ids()
+        return
+    before = previous.chunk_ids.pieces()
+    for piece in manifest.chunk_ids.pieces():
+        old = next(before, b"")
+        if piece == old:  # in C: most pieces of an incremental's manifest are its parent's
+            continue
+        old_ids = _ID.iter_unpack(old)
+        for (cid,) in _ID.iter_unpack(piece):
+            if next(old_ids, (b"",))[0] != cid and cid != ZERO_ID:
+                yield cid
+    yield from manifest.deltas.blob_ids()
+
+
+_ID = struct.Struct(f"{ID_SIZE}s")
 
 
 class _Verify:
@@ -207,9 +231,14 @@ class _Verify:
 
     def _check_backups(self, backups: list[BackupId]) -> None:
         """Each backup's manifest streamed against what the packs held: a chunk it uses that had a damaged
-        copy, or no sound one, names it damaged (one reason a chunk)."""
+        copy, or no sound one, names it damaged (one reason a chunk).
+
+        A disk's backups are taken one after another: an incremental's ids are mostly its parent's, at
+        the same places, and are looked up only where they differ from the last manifest read, if that
+        one was whole (a lookup in an on-disk set costs ~7 µs; the comparison, pieces at a time, far less)."""
         sound, bad = self.sound, self.bad_chunks
-        for bid in backups:
+        previous: Manifest | None = None  # the last manifest read, if every chunk it uses is sound
+        for bid in sorted(backups, key=lambda b: (b.job, b.vm, b.resource, b.run)):
             try:
                 manifest = self.vault.read_manifest(bid)
             except NotFound:
@@ -224,14 +253,14 @@ class _Verify:
             except RakshaError as err:  # its data is still checked: a restore does not need the metadata
                 self._damaged_backup(str(bid), f"metadata: {err.code}: {err.message}")
             reported: set[bytes] = set()
-            for cid in manifest.iter_blob_ids():  # repeats and all: no set of a large disk's ids
+            for cid in _ids_not_in(manifest, previous):
                 why = bad.get(cid)
                 if why is None and cid not in sound:
                     why = f"chunk {cid.hex()} is missing (no index entry)"
                 if why is not None and cid not in reported:
                     reported.add(cid)
                     self._damaged_backup(str(bid), why)
-            del manifest  # before the next is read: one manifest at a time
+            previous = None if reported else manifest  # one manifest held besides the one being read
 
     def _damaged_backup(self, bid: str, why: str) -> None:
         self.report.damaged_backups.setdefault(bid, []).append(why)
