@@ -27,6 +27,7 @@ from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
+from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.chunk_table import ChunkLocator, IdSet
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 from raksha.vault.format.index import Location
@@ -83,13 +84,13 @@ def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = 
 READ_PIECE = 4 << 20  # a pack is read in pieces of this size (one per thread in memory, not the pack)
 
 
-def _ids_not_in(manifest: Manifest, previous: Manifest | None) -> Iterator[bytes]:
-    """The blob ids ``manifest`` uses, but those at the same place in ``previous`` (repeats and all;
-    never the zero id). Layers are few: they are all given."""
+def _ids_not_in(manifest: Manifest, previous: ChunkIds | None) -> Iterator[bytes]:
+    """The blob ids ``manifest`` uses, but those at the same place in ``previous`` (another manifest's
+    chunk ids; repeats and all, never the zero id). Its layers are all given."""
     if previous is None:
         yield from manifest.iter_blob_ids()
         return
-    before = previous.chunk_ids.pieces()
+    before = previous.pieces()
     for piece in manifest.chunk_ids.pieces():
         old = next(before, b"")
         if piece == old:  # in C: most pieces of an incremental's manifest are its parent's
@@ -237,7 +238,7 @@ class _Verify:
         the same places, and are looked up only where they differ from the last manifest read, if that
         one was whole (a lookup in an on-disk set costs ~7 µs; the comparison, pieces at a time, far less)."""
         sound, bad = self.sound, self.bad_chunks
-        previous: Manifest | None = None  # the last manifest read, if every chunk it uses is sound
+        previous: ChunkIds | None = None  # the last manifest's chunk ids, if every chunk it uses is sound
         for bid in sorted(backups, key=lambda b: (b.job, b.vm, b.resource, b.run)):
             try:
                 manifest = self.vault.read_manifest(bid)
@@ -260,7 +261,9 @@ class _Verify:
                 if why is not None and cid not in reported:
                     reported.add(cid)
                     self._damaged_backup(str(bid), why)
-            previous = None if reported else manifest  # one manifest held besides the one being read
+            # Its ids only, not its layers (a layered terabyte's are tens of MB): held besides the next.
+            previous = None if reported else manifest.chunk_ids
+            del manifest
 
     def _damaged_backup(self, bid: str, why: str) -> None:
         self.report.damaged_backups.setdefault(bid, []).append(why)
