@@ -79,6 +79,17 @@ LOCKS_PREFIX = "locks/"
 CONDEMNED_SUFFIX = ".condemned"
 
 
+def retry_index_read(attempt: Callable[[], T]) -> T:
+    """``attempt()``, again while it meets NotFound: an index object went under a concurrent gc, or a
+    backup merging its index, which wrote its replacement first. VAULT_CORRUPT after five tries."""
+    for _attempt in range(5):
+        try:
+            return attempt()
+        except NotFound:
+            continue
+    raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
+
+
 def new_id_set(expected: int, what: str) -> IdSet | DiskIdSet:
     """An empty set for about ``expected`` chunk ids: in memory, or past IDS_IN_MEMORY in a temporary
     file (a ``DiskIdSet``: ``finish`` it once every id is in, ``close`` it when done)."""
@@ -343,12 +354,7 @@ class Vault:
         Memory stays near the table's own: objects are read in batches, and those beyond
         INDEX_HOLD_BYTES are read a second time (what each object supersedes must be known before
         any of its entries count) instead of all being held at once."""
-        for _attempt in range(5):
-            try:
-                return self._load_index(tolerant or check_names, only, ids, check_names, locate)
-            except NotFound:
-                continue  # an object went under a concurrent gc, which wrote its replacement first
-        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
+        return retry_index_read(lambda: self._load_index(tolerant or check_names, only, ids, check_names, locate))
 
     def _load_index(self, tolerant: bool, only: IdSet | None, ids: bool, check_names: bool,
                     locate: ChunkLocator | None) -> ChunkIndex:

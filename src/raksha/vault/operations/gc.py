@@ -30,7 +30,15 @@ from raksha.vault.format.scratch import Partitions
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import Lock, LockKind
 from raksha.vault.processes import owner_alive
-from raksha.vault.repository import CONDEMNED_SUFFIX, INDEX_PREFIX, LOCKS_PREFIX, Vault, new_id_set
+from raksha.vault.repository import (
+    CONDEMNED_SUFFIX,
+    INDEX_PREFIX,
+    LOCKS_PREFIX,
+    IndexScan,
+    Vault,
+    new_id_set,
+    retry_index_read,
+)
 
 KEEP, DELETE, REPACK, ORPHAN = "keep", "delete", "repack", "orphan"
 
@@ -238,37 +246,37 @@ class _Gc:
         Backups are listed before the index is read: a backup writes its index before its manifest, so
         every chunk of a backup listed here is in the index read next (or in a pack younger than t0).
         """
-        for _attempt in range(5):
+        def attempt() -> tuple[list[BackupId], IndexScan, IdSet | DiskIdSet, RowsByPack, _RowsByChunk | None]:
             backups = self.vault.backup_ids()
+            scan = self.vault.scan_index()  # raises on a damaged index: its packs would look orphaned
+            live = new_id_set(scan.live_entries, "the chunks backups use")
+            rows = RowsByPack(scan.live_entries, "the index's rows by pack")
+            by_chunk: _RowsByChunk | None = None
             try:
-                scan = self.vault.scan_index()  # raises on a damaged index: its packs would look orphaned
-                live = new_id_set(scan.live_entries, "the chunks backups use")
-                rows = RowsByPack(scan.live_entries, "the index's rows by pack")
-                by_chunk: _RowsByChunk | None = None
-                try:
-                    meter = Progress("gc: mark", len(backups), self.progress, unit="backups")
-                    live.update(_referenced(self.vault, backups, meter))
-                    meter.finish()
-                    if isinstance(live, DiskIdSet):
-                        live.finish()
-                        by_chunk = _RowsByChunk(live.partitions)
-                    for _index_id, f in scan.live():
-                        rows.add_rows(f.rows())
-                        if by_chunk is not None:
-                            by_chunk.add_rows(f.rows())
-                except BaseException:
-                    rows.close()
+                meter = Progress("gc: mark", len(backups), self.progress, unit="backups")
+                live.update(_referenced(self.vault, backups, meter))
+                meter.finish()
+                if isinstance(live, DiskIdSet):
+                    live.finish()
+                    by_chunk = _RowsByChunk(live.partitions)
+                for _index_id, f in scan.live():
+                    rows.add_rows(f.rows())
                     if by_chunk is not None:
-                        by_chunk.close()
-                    if isinstance(live, DiskIdSet):
-                        live.close()
-                    raise
-            except NotFound:
-                continue  # an object went under a backup merging its index, which wrote its replacement first
-            self.live, self.holders, self.by_chunk = live, bytearray(len(live)), by_chunk
-            self.report.backups, self.report.live_chunks = len(backups), len(live)
-            return set(scan.counts), rows
-        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
+                        by_chunk.add_rows(f.rows())
+            except BaseException:
+                rows.close()
+                if by_chunk is not None:
+                    by_chunk.close()
+                if isinstance(live, DiskIdSet):
+                    live.close()
+                raise
+            return backups, scan, live, rows, by_chunk
+
+        backups, scan, live, rows, by_chunk = retry_index_read(attempt)
+        self.live, self.holders, self.by_chunk = live, bytearray(len(live)), by_chunk
+        self.report.backups, self.report.live_chunks = len(backups), len(live)
+        return set(scan.counts), rows
+
 
     def _classify(self, rows: RowsByPack, t0: float) -> None:
         packs = self.packs = {pid: _Pack(pid, size, mtime) for pid, size, mtime in self.vault.iter_packs()}

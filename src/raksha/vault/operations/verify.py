@@ -23,7 +23,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt
+from raksha.domain.errors import NotFound, RakshaError
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
@@ -37,7 +37,7 @@ from raksha.vault.format.pack import check_preamble, pack_key
 from raksha.vault.format.rows_by_pack import PackRows, RowsByPack
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import LockKind
-from raksha.vault.repository import Vault, new_id_set
+from raksha.vault.repository import Vault, new_id_set, retry_index_read
 
 
 @dataclass
@@ -148,23 +148,25 @@ class _Verify:
     def _index_rows(self) -> RowsByPack:
         """Every row of the index, grouped by pack out of memory. An index object that does not decode is
         reported and left out; one whose bytes do not match its name is reported and still used."""
-        for _attempt in range(5):
-            damaged: dict[str, str] = {}
+        damaged: dict[str, str] = {}
+
+        def attempt() -> RowsByPack:
+            damaged.clear()  # what a try that started over found
+            scan = self.vault.scan_index(damaged, check_names=True)
+            rows = RowsByPack(scan.live_entries, "the index's rows by pack")
             try:
-                scan = self.vault.scan_index(damaged, check_names=True)
-                rows = RowsByPack(scan.live_entries, "the index's rows by pack")
-                try:
-                    for _index_id, f in scan.live():
-                        rows.add_rows(f.rows())
-                except BaseException:
-                    rows.close()
-                    raise
-            except NotFound:
-                continue  # an object went under a concurrent gc, which wrote its replacement first
-            for key, why in damaged.items():
-                self.damaged(key, why)
+                for _index_id, f in scan.live():
+                    rows.add_rows(f.rows())
+            except BaseException:
+                rows.close()
+                raise
             return rows
-        raise VaultCorrupt("the index keeps changing while being read; is a gc looping?")
+
+        rows = retry_index_read(attempt)
+        for key, why in damaged.items():
+            self.damaged(key, why)
+        return rows
+
 
     def _check(self, packs: Iterator[PackRows], total: int) -> None:
         """Each pack once: every blob the index lists in it is read and decoded (or, without reading
