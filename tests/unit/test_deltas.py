@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from raksha.vault.format.keys import KdfParams, Secret
 from raksha.vault.format.manifest import Manifest, decode_manifest, encode_manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
+from raksha.vault.format.scratch import SpillingBuffer
 from raksha.vault.operations.gc import collect_garbage
 from raksha.vault.operations.verify import verify_vault
 from raksha.vault.repository import Vault
@@ -387,8 +389,62 @@ def test_new_entries_come_out_in_chunk_order_however_sparse() -> None:
         assert all(bytes(entry) == encode_layers(i, [Layer(ZERO_ID, ((0, i % 7 + 1),))]) for i, entry in new.in_order())
 
 
-def test_a_layered_chunk_costs_tens_of_bytes_not_hundreds() -> None:
+def test_a_large_disk_s_layers_live_in_a_file_and_cost_the_process_8_bytes_a_chunk() -> None:
     layers = {i: [Layer(os.urandom(32), ((4096, 4096),))] for i in range(0, 200_000, 2)}
     deltas = Deltas(layers)
-    size = len(deltas._data) + deltas._index.itemsize * len(deltas._index) + deltas._offset.itemsize * len(deltas)
-    assert size / len(deltas) <= 64  # 52 encoded + 12 of index; as Layer objects in a dict: ~425
+
+    assert deltas._store.in_file  # 5 MB of entries: past the 1 MiB kept in memory
+    held = deltas._index.itemsize * len(deltas._index) + deltas._offset.itemsize * len(deltas)
+    assert held / len(deltas) == 8  # as Layer objects in a dict: ~425; encoded in memory: 60
+    assert deltas[199_998] == layers[199_998] and 3 not in deltas and deltas.get(1000) == layers[1000]
+    assert dict(deltas.items()) == layers and list(deltas.blob_ids(10, 14)) == [layers[10][0].blob_id,
+                                                                               layers[12][0].blob_id]
+    assert len(deltas.encode()) == deltas.encoded_size == 4 + 52 * len(layers)
+
+
+def test_new_entries_of_a_large_disk_live_in_a_file_and_merge_in_order() -> None:
+    new = NewEntries()
+    order = list(range(0, 100_000, 2))
+    order[1000:1010] = reversed(order[1000:1010])  # workers finish a few out of order
+    for i in order:
+        new.add(i, [Layer(ZERO_ID, ((0, i % 7 + 1),))])
+    merged = MergedDeltas(Deltas({1: [Layer(ZERO_ID, ((0, 1),))]}), lambda i: True, new)
+
+    assert new._store.in_file and len(merged) == 50_001
+    assert list(merged.indexes(0, 6)) == [0, 1, 2, 4] and merged[2010] == [Layer(ZERO_ID, ((0, 2010 % 7 + 1),))]
+
+
+def test_deltas_read_a_piece_at_a_time_are_the_same_and_are_checked() -> None:
+    """A large manifest's deltas are read as they are decompressed, never held whole."""
+    layers = {i: [Layer(os.urandom(32), ((i % 9, 100), (200, 3)))] for i in range(1, 60_000, 3)}
+    encoded = Deltas(layers).encode()
+
+    def reader(data: bytes) -> Callable[[int], bytes]:
+        at = 0
+
+        def read(n: int) -> bytes:
+            nonlocal at
+            at += n
+            assert n <= 1 << 20  # pieces, not the whole
+            return data[at - n : at]
+        return read
+
+    def length(i: int) -> int:
+        return 1 << 20
+
+    read = Deltas.read(reader(encoded), len(encoded), 60_000, length, "b")
+    assert read == layers and read.encode() == encoded
+    for damaged in (encoded[:-1], encoded + b"\0"):
+        with pytest.raises(VaultCorrupt, match=r"truncated|trailing"):
+            Deltas.read(reader(damaged), len(damaged), 60_000, length, "b")
+
+
+def test_a_spilling_buffer_reads_back_across_memory_and_file() -> None:
+    buf = SpillingBuffer("test", limit=100)
+    data = bytes(range(256)) * 4
+    for k in range(0, len(data), 10):
+        assert buf.append(data[k : k + 10]) == k
+    assert buf.in_file and buf.size == len(data)
+    for pos, n in ((0, 5), (95, 20), (1000, 24), (3, 1000)):
+        assert bytes(buf.read(pos, n)) == data[pos : pos + n]
+    assert b"".join(bytes(p) for p in buf.pieces(7, piece=64)) == data[7:]

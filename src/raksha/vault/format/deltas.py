@@ -3,8 +3,8 @@
 As ``dict[int, list[Layer]]`` a layered chunk cost ~425 bytes (the list, a Layer, its id, its tuples of
 ranges); a large disk that took scattered writes carries layers on up to half its chunks (ADR 0011), so
 a 256 GiB disk's manifest took 100 MB and a terabyte's would take several hundred. Here a layered chunk
-costs its encoding (52 bytes for one layer of one range) and 12 bytes of index: the chunk number and
-where its entry starts. Layers are decoded when asked for.
+costs its encoding (52 bytes for one layer of one range), in a temporary file once there are many, and
+8 bytes of index: the chunk number and where its entry starts. Layers are decoded when asked for.
 
 The encoding is format.md §8.1's, entry after entry: chunk index and layer count (``<II``), then per
 layer the blob id, the range count (``<I``) and the ranges (``<II`` each). ``encode`` is the count of
@@ -21,10 +21,13 @@ from dataclasses import dataclass
 
 from raksha.domain.errors import VaultCorrupt
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
+from raksha.vault.format.scratch import SpillingBuffer
 
 _LEN = struct.Struct("<I")
 _PAIR = struct.Struct("<II")
 MAX_DELTA_ITEMS = 65536  # layers per chunk, ranges per layer (format.md §8.1)
+_READ_AHEAD = 1 << 20  # entries are read back in pieces of this size
+_WHAT = "a large disk's delta layers"
 
 
 @dataclass(frozen=True)
@@ -51,16 +54,18 @@ def encode_layers(index: int, layers: Sequence[Layer]) -> bytes:
 
 
 class Deltas(Mapping[int, list[Layer]]):
-    """Chunk index -> its layers, in order; entries are appended in increasing chunk order."""
+    """Chunk index -> its layers, in order; entries are appended in increasing chunk order.
 
-    __slots__ = ("_base", "_data", "_index", "_offset")
+    The encoded entries are a ``SpillingBuffer``: past 1 MiB (~20,000 layered chunks) they live in a
+    temporary file, and a layered chunk costs the process 8 bytes (its chunk number and where its entry
+    starts), whatever the disk's size. Entries are read back in order a piece at a time, or one by one."""
+
+    __slots__ = ("_index", "_offset", "_store")
 
     def __init__(self, items: Mapping[int, Sequence[Layer]] | None = None) -> None:
-        # Entries from _base on: a decoded manifest's payload as read (no copy of it), or built here.
-        self._data: bytes | bytearray = bytearray()
-        self._base = 0
+        self._store = SpillingBuffer(_WHAT)
         self._index = array("I")  # chunk numbers, increasing
-        self._offset = array("Q")  # where each one's entry starts in _data
+        self._offset = array("I")  # where each one's entry starts in _store; 8 bytes wide past 4 GiB
         for i in sorted(items or ()):
             assert items is not None
             self.append(i, items[i])
@@ -72,15 +77,25 @@ class Deltas(Mapping[int, list[Layer]]):
         """Add chunk ``index``'s encoded entry (from ``encode_layers``); after every other."""
         if self._index and index <= self._index[-1]:
             raise ValueError("delta entries are added in increasing chunk order")
-        if not isinstance(self._data, bytearray):
-            self._data = bytearray(self._data)
         self._index.append(index)
-        self._offset.append(len(self._data))
-        self._data += entry
+        self._offset = _append_offset(self._offset, self._store.append(entry))
 
-    def _entry_at(self, k: int) -> memoryview:
-        end = self._offset[k + 1] if k + 1 < len(self._offset) else len(self._data)
-        return memoryview(self._data)[self._offset[k] : end]
+    def _end(self, k: int) -> int:
+        return self._offset[k + 1] if k + 1 < len(self._offset) else self._store.size
+
+    def _entry_at(self, k: int) -> bytes | memoryview:
+        return self._store.read(self._offset[k], self._end(k) - self._offset[k])
+
+    def _entries(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, memoryview]]:
+        """(chunk index, entry) of entries ``lo`` to ``hi``, in order, read a piece at a time."""
+        hi = len(self._index) if hi is None else hi
+        buf: bytes | memoryview = b""
+        at = 0
+        for k in range(lo, hi):
+            start, end = self._offset[k], self._end(k)
+            if end > at + len(buf):
+                buf, at = self._store.read(start, max(end, min(start + _READ_AHEAD, self._end(hi - 1))) - start), start
+            yield self._index[k], memoryview(buf)[start - at : end - at]
 
     def _find(self, index: int) -> int:
         k = bisect.bisect_left(self._index, index)
@@ -90,7 +105,7 @@ class Deltas(Mapping[int, list[Layer]]):
         k = self._find(index)
         if k < 0:
             raise KeyError(index)
-        return _decode_layers(self._data, self._offset[k])
+        return _decode_layers(self._entry_at(k), 0)
 
     def __contains__(self, index: object) -> bool:
         return isinstance(index, int) and self._find(index) >= 0
@@ -103,97 +118,138 @@ class Deltas(Mapping[int, list[Layer]]):
 
     def items(self) -> Iterator[tuple[int, list[Layer]]]:  # type: ignore[override]
         """In chunk order, without a lookup per chunk."""
-        for index, offset in zip(self._index, self._offset, strict=True):
-            yield index, _decode_layers(self._data, offset)
+        for index, entry in self._entries():
+            yield index, _decode_layers(entry, 0)
 
     def indexes(self, start: int = 0, stop: int | None = None) -> array[int]:
         """The layered chunks in [start, stop), in order (a compact array)."""
-        lo = bisect.bisect_left(self._index, start)
-        hi = len(self._index) if stop is None else bisect.bisect_left(self._index, stop)
+        lo, hi = self._span(start, stop)
         return self._index[lo:hi]
+
+    def _span(self, start: int, stop: int | None) -> tuple[int, int]:
+        lo = bisect.bisect_left(self._index, start)
+        return lo, len(self._index) if stop is None else bisect.bisect_left(self._index, stop)
 
     def layer_counts(self) -> Iterator[tuple[int, int]]:
         """(chunk index, its number of layers), in order, reading only each entry's head."""
-        for offset in self._offset:
-            yield _PAIR.unpack_from(self._data, offset)
+        for _, entry in self._entries():
+            yield _PAIR.unpack_from(entry, 0)
 
     def blob_ids(self, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
         """The stored blobs of the layers of chunks in [start, stop) (never the zero id), with repeats."""
-        lo = bisect.bisect_left(self._index, start)
-        hi = len(self._index) if stop is None else bisect.bisect_left(self._index, stop)
-        data = self._data
-        for k in range(lo, hi):
-            pos = self._offset[k]
-            _, n_layers = _PAIR.unpack_from(data, pos)
-            pos += _PAIR.size
+        for _, entry in self._entries(*self._span(start, stop)):
+            _, n_layers = _PAIR.unpack_from(entry, 0)
+            pos = _PAIR.size
             for _ in range(n_layers):
-                blob_id = bytes(data[pos : pos + ID_SIZE])
-                (n_ranges,) = _LEN.unpack_from(data, pos + ID_SIZE)
+                blob_id = bytes(entry[pos : pos + ID_SIZE])
+                (n_ranges,) = _LEN.unpack_from(entry, pos + ID_SIZE)
                 pos += ID_SIZE + _LEN.size + n_ranges * _PAIR.size
                 if blob_id != ZERO_ID:
                     yield blob_id
 
     def encode(self) -> bytes:
-        return _LEN.pack(len(self._index)) + bytes(memoryview(self._data)[self._base :])
+        return b"".join(self.pieces())
 
     def pieces(self) -> Iterator[bytes | memoryview]:
         """``encode`` a piece at a time (a manifest is sealed as a stream)."""
         yield _LEN.pack(len(self._index))
-        yield memoryview(self._data)[self._base :]
+        yield from self._store.pieces()
 
     @property
     def encoded_size(self) -> int:
-        return _LEN.size + len(self._data) - self._base
+        return _LEN.size + self._store.size
 
     @classmethod
     def decode(cls, data: bytes | bytearray, chunk_count: int, chunk_length: Callable[[int], int], what: str) -> Deltas:
-        """Check every entry (chunk order and range, counts, ranges in order inside their chunk), keeping
-        ``data`` itself (not a copy); anything else is VAULT_CORRUPT."""
+        """``read`` from a buffer."""
+        view = memoryview(data)
+        pos = 0
+
+        def take(n: int) -> bytes | memoryview:
+            nonlocal pos
+            pos += n
+            return view[pos - n : pos]
+
+        return cls.read(take, len(data), chunk_count, chunk_length, what)
+
+    @classmethod
+    def read(cls, read: Callable[[int], bytes | memoryview], size: int, chunk_count: int,
+             chunk_length: Callable[[int], int], what: str) -> Deltas:
+        """The ``size`` bytes of encoded deltas that ``read(n)`` gives in order (a manifest's payload, read
+        a piece at a time). Checks every entry (chunk order and range, counts, ranges in order inside
+        their chunk); anything else is VAULT_CORRUPT."""
 
         def bad(why: str) -> VaultCorrupt:
             return VaultCorrupt(f"{what}: malformed deltas: {why}", object=what)
 
-        size = len(data)
-
-        def need(pos: int, n: int) -> None:
-            if pos + n > size:
-                raise bad("truncated")
-
-        need(0, _LEN.size)
-        (count,) = _LEN.unpack_from(data, 0)
+        src = _Pieces(read, size, bad)
+        (count,) = _LEN.unpack(src.take(_LEN.size))
         out = cls()
-        out._data, out._base = data, _LEN.size
-        body, pos, last = data, _LEN.size, -1
+        last = -1
         for _ in range(count):
-            need(pos, _PAIR.size)
-            index, n_layers = _PAIR.unpack_from(body, pos)
+            src.begin()
+            index, n_layers = _PAIR.unpack(src.take(_PAIR.size))
             if not last < index < chunk_count:
                 raise bad(f"chunk index {index} out of order or range")
             if not 0 < n_layers <= MAX_DELTA_ITEMS:
                 raise bad(f"{n_layers} layers on chunk {index}")
-            out._index.append(index)
-            out._offset.append(pos)
             last, length = index, chunk_length(index)
-            pos += _PAIR.size
             for _ in range(n_layers):
-                need(pos, ID_SIZE + _LEN.size)
-                (n_ranges,) = _LEN.unpack_from(body, pos + ID_SIZE)
+                (n_ranges,) = _LEN.unpack(src.take(ID_SIZE + _LEN.size)[ID_SIZE:])
                 if not 0 < n_ranges <= MAX_DELTA_ITEMS:
                     raise bad(f"{n_ranges} ranges in a layer of chunk {index}")
-                pos += ID_SIZE + _LEN.size
-                need(pos, n_ranges * _PAIR.size)
                 end = 0
-                for off, n in _PAIR.iter_unpack(body[pos : pos + n_ranges * _PAIR.size]):
+                for off, n in _PAIR.iter_unpack(src.take(n_ranges * _PAIR.size)):
                     if n == 0 or off < end or off + n > length:
                         raise bad(f"range ({off}, {n}) of chunk {index}")
                     end = off + n
-                pos += n_ranges * _PAIR.size
-        if pos != size:
+            out.append_entry(index, src.entry())
+        if not src.done:
             raise bad("trailing bytes")
         return out
 
 
-def _decode_layers(data: bytes | bytearray, pos: int) -> list[Layer]:
+class _Pieces:
+    """Encoded deltas read a piece at a time; an entry's bytes are kept from ``begin`` to ``entry``."""
+
+    def __init__(self, read: Callable[[int], bytes | memoryview], size: int,
+                 bad: Callable[[str], VaultCorrupt]) -> None:
+        self._read, self._left, self._bad = read, size, bad
+        self._buf = bytearray()
+        self._pos = self._start = 0
+
+    def begin(self) -> None:
+        if self._pos > _READ_AHEAD:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._start = self._pos
+
+    def take(self, n: int) -> memoryview:
+        while len(self._buf) - self._pos < n:
+            if not self._left:
+                raise self._bad("truncated")
+            more = min(self._left, _READ_AHEAD)
+            self._buf += self._read(more)
+            self._left -= more
+        self._pos += n
+        return memoryview(self._buf)[self._pos - n : self._pos]
+
+    def entry(self) -> bytes:
+        return bytes(self._buf[self._start : self._pos])
+
+    @property
+    def done(self) -> bool:
+        return not self._left and self._pos == len(self._buf)
+
+
+def _append_offset(offsets: array[int], at: int) -> array[int]:
+    if at >> 32 and offsets.typecode == "I":
+        offsets = array("Q", offsets)
+    offsets.append(at)
+    return offsets
+
+
+def _decode_layers(data: bytes | bytearray | memoryview, pos: int) -> list[Layer]:
     _, n_layers = _PAIR.unpack_from(data, pos)
     pos += _PAIR.size
     layers = []
@@ -208,26 +264,22 @@ def _decode_layers(data: bytes | bytearray, pos: int) -> list[Layer]:
 
 
 class NewEntries:
-    """Entries a backup encodes as its workers finish chunks, in any order, each chunk once: 12 bytes and
-    the entry itself a chunk. Not thread-safe."""
+    """Entries a backup encodes as its workers finish chunks, in any order, each chunk once: 8 bytes a
+    chunk, and the entry itself in a ``SpillingBuffer``. Not thread-safe."""
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self._store = SpillingBuffer(_WHAT)
         self._index = array("I")
         self._offset = array("I")  # 8 bytes wide only once the entries pass 4 GiB
 
     def add(self, index: int, layers: Sequence[Layer]) -> None:
-        at = len(self._data)
-        if at >> 32 and self._offset.typecode == "I":
-            self._offset = array("Q", self._offset)
         self._index.append(index)
-        self._offset.append(at)
-        self._data += encode_layers(index, layers)
+        self._offset = _append_offset(self._offset, self._store.append(encode_layers(index, layers)))
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def in_order(self) -> Iterator[tuple[int, memoryview]]:
+    def in_order(self) -> Iterator[tuple[int, bytes | memoryview]]:
         """(chunk index, its entry), in chunk order."""
         n = len(self._index)
         if not n:
@@ -241,21 +293,21 @@ class NewEntries:
         else:
             order = sorted(range(n), key=self._index.__getitem__)
         for k in order:
-            end = self._offset[k + 1] if k + 1 < n else len(self._data)
-            yield self._index[k], memoryview(self._data)[self._offset[k] : end]
+            end = self._offset[k + 1] if k + 1 < n else self._store.size
+            yield self._index[k], self._store.read(self._offset[k], end - self._offset[k])
 
 
-def _merge(kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> Iterator[tuple[int, memoryview]]:
+def _merge(kept: Deltas, keep: Callable[[int], bool], new: NewEntries) -> Iterator[tuple[int, bytes | memoryview]]:
     fresh = new.in_order()
     nxt = next(fresh, None)
-    for k, index in enumerate(kept._index):
+    for index, entry in kept._entries():
         while nxt is not None and nxt[0] < index:
             yield nxt
             nxt = next(fresh, None)
         if nxt is not None and nxt[0] == index:
             continue  # replaced by the new entry
         if keep(index):
-            yield index, kept._entry_at(k)
+            yield index, entry
     while nxt is not None:
         yield nxt
         nxt = next(fresh, None)

@@ -154,9 +154,8 @@ def _decode(payload: Payload, backup_id: BackupId) -> Manifest:
     m.chunk_ids = ChunkIds.zeros(m.chunk_count)
     m.chunk_ids.fill(payload.readinto)  # zero ids not written: a sparse disk's take no memory
     if version == 2:
-        encoded = bytearray(payload.remaining)  # read into, kept by Deltas: one copy of a large disk's layers
-        payload.readinto(encoded)
-        m.deltas = Deltas.decode(encoded, m.chunk_count, m.chunk_length, what)
+        # A piece at a time, into a file for a large disk's (Deltas): never the whole section in memory.
+        m.deltas = Deltas.read(payload.read, payload.remaining, m.chunk_count, m.chunk_length, what)
         if not m.deltas:
             raise VaultCorrupt(f"{what}: version 2 manifest without deltas", object=what)
     payload.finish()  # a streamed manifest is authentic only now

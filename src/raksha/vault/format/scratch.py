@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import IO
 
 from raksha.domain.errors import BackendError, RakshaError, StorageFull
@@ -103,3 +104,69 @@ class Partitions:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class SpillingBuffer:
+    """Bytes appended at the end and read back anywhere: a ``bytearray`` until it passes ``limit``, then an
+    unnamed temporary file (the page cache holds it, not the process; appends are batched).
+
+    Appending is not thread-safe; reading is, once appending is over."""
+
+    _BATCH = 256 << 10
+
+    def __init__(self, what: str, limit: int = 1 << 20) -> None:
+        self.what = what
+        self._limit = limit
+        self._mem = bytearray()  # everything, or (in a file) what is not written yet
+        self._file: IO[bytes] | None = None
+        self._written = 0  # bytes in the file
+        self.size = 0
+
+    @property
+    def in_file(self) -> bool:
+        return self._file is not None
+
+    def append(self, data: bytes | bytearray | memoryview) -> int:
+        """Add ``data``; where it starts."""
+        at = self.size
+        self._mem += data
+        self.size += len(data)
+        if self._file is None and len(self._mem) > self._limit:
+            self._file = scratch_file(self.what)
+            self._spill()
+        elif self._file is not None and len(self._mem) >= self._BATCH:
+            self._spill()
+        return at
+
+    def _spill(self) -> None:
+        assert self._file is not None
+        with memoryview(self._mem) as view:
+            write_at(self._file, view, self._written, self.what)
+        self._written += len(self._mem)
+        self._mem = bytearray()
+
+    def read(self, pos: int, n: int) -> bytes | memoryview:
+        """``n`` bytes from ``pos`` (a view while in memory: valid until the next append)."""
+        if self._file is None:
+            return memoryview(self._mem)[pos : pos + n]
+        if pos >= self._written:
+            return memoryview(self._mem)[pos - self._written : pos - self._written + n]
+        if pos + n <= self._written:
+            return read_at(self._file, n, pos, self.what)
+        head = read_at(self._file, self._written - pos, pos, self.what)
+        return head + self._mem[: n - len(head)]
+
+    def pieces(self, start: int = 0, piece: int = 1 << 20) -> Iterator[bytes | memoryview]:
+        """Everything from ``start`` in consecutive buffers of at most ``piece`` bytes."""
+        pos = start
+        while pos < self.size:
+            n = min(piece, self.size - pos)
+            yield self.read(pos, n)
+            pos += n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._mem = bytearray()
+        self._written = self.size = 0
