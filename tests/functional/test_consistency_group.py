@@ -8,6 +8,8 @@ both; each restored disk holds exactly what its guest had at that point.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
+from raksha.hypervisor import pull  # noqa: E402
 from raksha.hypervisor.disks import domain_disks  # noqa: E402
 from raksha.hypervisor.pull import CRASH, FILESYSTEM, consistency_group  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
@@ -49,6 +52,10 @@ def test_two_guests_one_point_in_time_full_then_incremental(conn: libvirt.virCon
                 assert levels == {"raksha-cg-a": FILESYSTEM, "raksha-cg-b": CRASH}
                 assert "no freeze" in next(p for p in point.domains if p.domain.name() == "raksha-cg-b").why
                 assert point.freeze_ms < 5000
+                for p in point.domains:  # made before the window and handed to libvirt, private to root
+                    assert p.scratch_made
+                    (scratch,) = re.findall(r"<scratch file=.([^'\"]+)", p.domain.backupGetXMLDesc(0))
+                    assert stat.S_IMODE(os.stat(scratch).st_mode) == 0o600
                 for p in point.domains:
                     (disk,) = p.disks
                     source = p.source(disk)
@@ -73,3 +80,29 @@ def test_two_guests_one_point_in_time_full_then_incremental(conn: libvirt.virCon
     assert debugfs_cat(tmp_path / "run1-a.raw", "/run2.bin") == b""
     meta = vault.read_metadata(BackupId.parse("job/run2/raksha-cg-b/vda"))
     assert meta["hints"]["consistency"] == CRASH and meta["kind"] == "incremental"
+
+
+def test_scratch_images_libvirt_refuses_are_made_by_libvirt_instead(conn: libvirt.virConnect, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raksha's own scratch images only save time inside the window: one libvirt will not take (here: of the
+    wrong size) costs a second try, never the run."""
+    real = pull._start_scratch
+
+    def wrong_size(p: pull.DomainPoint, scratch_dir: str) -> list:
+        for d in p.disks:
+            p.plan(d).size = 1 << 20
+        return real(p, scratch_dir)
+
+    monkeypatch.setattr(pull, "_start_scratch", wrong_size)
+    disk = make_data_disk(tmp_path / "a.qcow2", "64M")
+    with GuestDomain(conn, build_guest(), [(disk, "qcow2")], tmp_path, name="raksha-cg-scratch", agent=False) as a:
+        assert a.dom is not None
+        with consistency_group([(a.dom, None)], "c1") as point:
+            (p,) = point.domains
+            assert p.started and not p.scratch_made and p.error is None
+            (vda,) = p.disks
+            source = p.source(vda)
+            try:
+                assert source.virtual_size == 64 << 20
+            finally:
+                source.close()

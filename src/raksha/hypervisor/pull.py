@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -168,6 +169,7 @@ class DomainPoint:
     plans: dict[str, DiskPlan] = field(default_factory=dict)
     error: RakshaError | None = None  # set when this domain failed: its previous base is kept
     started: bool = False
+    scratch_made: bool = False  # its disks' scratch images are ready: libvirt reuses them
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
@@ -262,7 +264,7 @@ def _backup_xml(p: DomainPoint, scratch_dir: str) -> str:
         plan = p.plan(d)
         full = p.parent_checkpoint and not (plan.method == CHECKPOINT and plan.incremental)
         mode = " backupmode='full'" if full else ""
-        scratch = os.path.join(scratch_dir, d.target + ".scratch")
+        scratch = _scratch_path(p, d, scratch_dir)
         parts.append(f"<disk name='{d.target}' backup='yes' type='file'{mode}><scratch file='{scratch}'/></disk>")
     parts += [f"<disk name='{d.target}' backup='no'/>" for d in p.excluded]
     return (f"<domainbackup mode='pull'>{incremental}<server transport='unix' socket='{p.socket}'/>"
@@ -584,10 +586,78 @@ def _delete_checkpoint(dom: libvirt.virDomain, name: str, *, metadata_fallback: 
         return True
 
 
+def _scratch_path(p: DomainPoint, disk: DiskInfo, scratch_dir: str) -> str:
+    return os.path.join(scratch_dir, disk.target + ".scratch")
+
+
+def _start_scratch(p: DomainPoint, scratch_dir: str) -> list[subprocess.Popen[bytes]]:
+    """Start making each disk's scratch image (empty qcow2 of the disk's size) before the freeze window.
+
+    Left to libvirt, ``backupBegin`` formats them itself with blockdev-create jobs inside the window:
+    ~75 ms a domain against ~47 ms given them (REUSE_EXTERNAL; measured on a TCG guest). A disk of
+    unknown size, or qemu-img failing, leaves it to libvirt as before."""
+    sizes = [p.plan(d).size for d in p.disks]
+    if not p.disks or not all(sizes):
+        return []
+    procs = []
+    try:
+        for disk, size in zip(p.disks, sizes, strict=True):
+            procs.append(subprocess.Popen(
+                ["qemu-img", "create", "-q", "-f", "qcow2", _scratch_path(p, disk, scratch_dir), str(size)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    except OSError as exc:
+        log.info("%s: scratch images left to libvirt: %s", p.domain.name(), exc)
+        _finish_scratch(p, procs, scratch_dir)
+        return []
+    return procs
+
+
+def _finish_scratch(p: DomainPoint, procs: list[subprocess.Popen[bytes]], scratch_dir: str) -> None:
+    """Wait for ``_start_scratch``'s images; use them only if every one was made (else remove them)."""
+    made = bool(procs) and len(procs) == len(p.disks)
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            err = b"timed out"
+        if proc.returncode != 0:
+            log.info("%s: scratch image left to libvirt: qemu-img: %s", p.domain.name(),
+                     err.decode(errors="replace").strip())
+            made = False
+    p.scratch_made = made
+    for disk in p.disks:
+        path = _scratch_path(p, disk, scratch_dir)
+        try:
+            if made:
+                os.chmod(path, 0o600)  # the guest's data is copied there before it is overwritten
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            p.scratch_made = False
+
+
+def _begin_job(p: DomainPoint, scratch: str) -> None:
+    if p.scratch_made:
+        try:
+            p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p),
+                                 libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+            return
+        except libvirt.libvirtError as exc:
+            # Whatever it was, libvirt making the scratch images tells: it refuses existing ones.
+            log.info("%s: backup job with ready scratch images refused (%s); libvirt makes them",
+                     p.domain.name(), exc.get_error_message())
+            _finish_scratch(p, [], scratch)
+    p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p), 0)
+
+
 def _begin(p: DomainPoint, scratch: str) -> None:
     """Start the domain's pull job; if libvirt refuses the incremental, start a full one and say why."""
     try:
-        p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p), 0)
+        _begin_job(p, scratch)
     except libvirt.libvirtError as exc:
         if p.parent_checkpoint is None:
             raise
@@ -598,7 +668,7 @@ def _begin(p: DomainPoint, scratch: str) -> None:
             plan = p.plan(d)
             if plan.method == CHECKPOINT and plan.incremental:
                 plan.incremental, plan.note = False, refused
-        p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p), 0)
+        _begin_job(p, scratch)
     p.started = True
 
 
@@ -637,17 +707,22 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             except libvirt.libvirtError as exc:
                 p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
         live = [p for p in points if p.error is None]
+        scratch_dirs = {id(p): os.path.join(workdir, p.domain.UUIDString()) for p in live}
+        making = []
         for p in live:
-            os.makedirs(os.path.join(workdir, p.domain.UUIDString()), exist_ok=True)
+            os.makedirs(scratch_dirs[id(p)], exist_ok=True)
+            making.append(_start_scratch(p, scratch_dirs[id(p)]))  # while the guests are asked below
         if freeze:
             thaw_leftovers(live)  # left frozen by a run that died inside its window: never ours to keep
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
+        for p, procs in zip(live, making, strict=True):
+            _finish_scratch(p, procs, scratch_dirs[id(p)])
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.
         t0 = time.monotonic()
         try:
             frozen = freeze_guests(group.hooks.to_freeze(live)) if freeze else []
             try:
-                started = each(lambda p: _begin(p, os.path.join(workdir, p.domain.UUIDString())), live)
+                started = each(lambda p: _begin(p, scratch_dirs[id(p)]), live)
             finally:
                 thawed = thaw_guests(frozen)
                 # The window is the time a guest was frozen: none frozen (crash wanted, no agent), no window.
