@@ -14,6 +14,8 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import libvirt_qemu
 REPO = Path(__file__).resolve().parents[2]
 BUILD_GUEST = REPO / "scripts" / "build-test-guest.sh"
 START_LIBVIRTD = REPO / "scripts" / "start-libvirtd.sh"
+TEST_SETUP_MARK = "# raksha: test setup (scripts/start-libvirtd.sh)"  # in /etc/libvirt/qemu.conf
 # TCG here (no /dev/kvm for Linux guests); "kvm" where it works.
 DOMAIN_TYPE = os.environ.get("RAKSHA_DOMAIN_TYPE", "qemu")
 
@@ -31,6 +34,36 @@ def start_libvirtd() -> str:
     out = subprocess.run([str(START_LIBVIRTD)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                          timeout=120, check=True)
     return out.stdout.strip().splitlines()[-1]
+
+
+@contextmanager
+def qemu_running_as(user: str) -> Iterator[str]:
+    """libvirtd restarted with QEMU running as ``user`` (Debian's default is libvirt-qemu; the test setup
+    runs it as root), and restarted as before on exit. Yields the URI: connections made before do not
+    survive. Run no guest across it."""
+    conf = Path("/etc/libvirt/qemu.conf")
+    original = conf.read_text()
+    setup = original.find(TEST_SETUP_MARK)
+    if setup < 0:
+        raise RuntimeError(f"{conf} has no test setup: run scripts/start-libvirtd.sh first")
+    # The marker stays, so start-libvirtd.sh adds nothing; the later settings are the ones libvirt reads.
+    conf.write_text(original[:setup] + f'{TEST_SETUP_MARK}\nuser = "{user}"\ngroup = "{user}"\n'
+                    'security_driver = "none"\n')
+    try:
+        yield _restart_libvirtd()
+    finally:
+        conf.write_text(original)
+        _restart_libvirtd()
+
+
+def _restart_libvirtd() -> str:
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError("libvirtd did not stop within 30 s")
+        time.sleep(0.1)
+    return start_libvirtd()
 
 
 def build_guest() -> Path:

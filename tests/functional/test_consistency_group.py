@@ -106,3 +106,4 @@ def test_scratch_images_libvirt_refuses_are_made_by_libvirt_instead(conn: libvir
                 assert source.virtual_size == 64 << 20
             finally:
                 source.close()
+

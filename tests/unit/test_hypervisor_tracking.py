@@ -1,6 +1,10 @@
-"""Pure parts of the pull strategy's disk tracking: bitmap granularity, libvirt error translation."""
+"""Pure parts of the pull strategy: bitmap granularity, libvirt error translation, QEMU's user, work directories."""
 
 from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +12,16 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from raksha.domain.errors import HypervisorError, NotFound, VmGone  # noqa: E402
 from raksha.hypervisor.errors import translate  # noqa: E402
-from raksha.hypervisor.pull import MAX_BITMAP_BYTES, _aliases, bitmap_granularity  # noqa: E402
+from raksha.hypervisor.pull import (  # noqa: E402
+    _SOCKET_OWNER,
+    MAX_BITMAP_BYTES,
+    PULL_DIR_ENV,
+    WORKDIR_PREFIX,
+    _aliases,
+    _make_workdir,
+    bitmap_granularity,
+    qemu_owner,
+)
 
 GIB, TIB = 1 << 30, 1 << 40
 
@@ -58,3 +71,39 @@ def test_disk_aliases_from_the_live_xml() -> None:
       <disk type='file' device='cdrom'><target dev='sda' bus='sata'/></disk>
     </devices></domain>"""
     assert _aliases(xml) == {"vda": "virtio-disk0", "vdb": "virtio-disk1"}
+
+
+@pytest.mark.parametrize(("label", "owner"), [
+    ("+64055:+107", (64055, 107)),
+    ("root:root", (0, 0)),
+    ("nosuchuser:+1", None),
+])
+def test_qemu_s_user_from_libvirt_s_dac_label(label: str, owner: tuple[int, int] | None) -> None:
+    xml = (f"<domain><seclabel type='dynamic' model='apparmor'><label>libvirt-x</label></seclabel>"
+           f"<seclabel type='dynamic' model='dac' relabel='yes'><label>{label}</label></seclabel></domain>")
+    assert qemu_owner(xml) == owner
+    assert qemu_owner("<domain/>") is None
+
+
+def test_work_directories_of_dead_runs_are_swept_and_live_ones_kept(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PULL_DIR_ENV, str(tmp_path))
+    dead = tmp_path / f"{WORKDIR_PREFIX}{2 ** 22 + 7}-abc"  # past pid_max: no such process
+    (dead / "uuid").mkdir(parents=True)
+    (dead / "uuid" / "vda.scratch").write_bytes(b"guest data")
+    other = tmp_path / "someone-else"
+    other.mkdir()
+
+    workdir = _make_workdir()
+
+    assert not dead.exists() and other.exists()
+    assert os.path.dirname(workdir) == str(tmp_path) and stat.S_IMODE(os.stat(workdir).st_mode) == 0o711
+    assert _SOCKET_OWNER.search(workdir).group(1) == str(os.getpid())
+    assert _make_workdir() != workdir and os.path.isdir(workdir)  # our own, alive, is kept
+
+
+def test_an_unusable_pull_directory_is_a_permanent_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PULL_DIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(HypervisorError) as err:
+        _make_workdir()
+    assert err.value.code == "PULL_DIR_UNUSABLE" and not err.value.retryable and PULL_DIR_ENV in str(err.value)

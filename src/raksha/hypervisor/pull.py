@@ -25,15 +25,18 @@ checkpoint and bitmap are dropped, the old ones kept.
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +45,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from raksha.domain.errors import RakshaError
+from raksha.domain.errors import HypervisorError, RakshaError
 from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate, vm_gone
 from raksha.hypervisor.strategy import (
@@ -65,6 +68,11 @@ log = logging.getLogger(__name__)
 
 WORKDIR_PREFIX = "raksha-pull-"  # + "<pid>-": tells whose pull job an export socket belongs to
 _SOCKET_OWNER = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-")
+# Where a run's work directory goes: QEMU creates the export sockets there and copies the guests' data
+# into the scratch images before it is overwritten. On disk (a tmpfs /tmp would hold that in memory) and
+# visible to libvirtd and QEMU, as virtnbdbackup's default is.
+PULL_DIR_ENV = "RAKSHA_PULL_DIR"
+DEFAULT_PULL_DIR = "/var/tmp"
 
 # How a disk's changes are tracked (recorded per disk as the hint "tracking_method").
 CHECKPOINT = "libvirt-checkpoint"  # qcow2: libvirt checkpoint, persistent bitmap in the image
@@ -169,6 +177,7 @@ class DomainPoint:
     plans: dict[str, DiskPlan] = field(default_factory=dict)
     error: RakshaError | None = None  # set when this domain failed: its previous base is kept
     started: bool = False
+    qemu_owner: tuple[int, int] | None = None  # uid, gid QEMU runs as (None: unknown)
     scratch_made: bool = False  # its disks' scratch images are ready: libvirt reuses them
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -586,6 +595,73 @@ def _delete_checkpoint(dom: libvirt.virDomain, name: str, *, metadata_fallback: 
         return True
 
 
+def pull_dir() -> str:
+    return os.environ.get(PULL_DIR_ENV) or DEFAULT_PULL_DIR
+
+
+def qemu_owner(domain_xml: str) -> tuple[int, int] | None:
+    """The uid and gid QEMU runs as for a running domain: libvirt's DAC label in its live XML ("+64055:+64055",
+    or names). None when libvirt does not say."""
+    for label in ET.fromstring(domain_xml).findall("./seclabel[@model='dac']/label"):
+        user, _, group = (label.text or "").strip().partition(":")
+        try:
+            uid = int(user[1:]) if user.startswith("+") else pwd.getpwnam(user).pw_uid
+            gid = int(group[1:]) if group.startswith("+") else grp.getgrnam(group).gr_gid
+        except (KeyError, ValueError):
+            continue
+        return uid, gid
+    return None
+
+
+def _make_workdir() -> str:
+    """This run's work directory: QEMU may pass through it (0711) to its domain's own directory."""
+    base = pull_dir()
+    _sweep_workdirs(base)
+    try:
+        workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=base)
+        os.chmod(workdir, 0o711)
+    except OSError as exc:
+        err = HypervisorError(f"cannot make the pull backup's work directory in {base} ({PULL_DIR_ENV}): {exc}",
+                              code="PULL_DIR_UNUSABLE")
+        err.retryable = False  # a missing or read-only directory stays so until someone fixes it
+        raise err from exc
+    return workdir
+
+
+def _domain_dir(workdir: str, uuid: str, owner: tuple[int, int] | None) -> str:
+    """A domain's export socket and scratch images: a directory of QEMU's own (it creates the socket there),
+    private to it and root."""
+    path = os.path.join(workdir, uuid)
+    os.mkdir(path, 0o700)
+    if owner is not None and owner != (os.geteuid(), os.getegid()):
+        try:
+            os.chown(path, *owner)
+        except OSError as exc:  # not root: QEMU must then run as this user
+            log.warning("cannot give %s to QEMU's user %d:%d: %s", path, owner[0], owner[1], exc)
+    return path
+
+
+def _sweep_workdirs(base: str) -> None:
+    """Remove work directories of Raksha processes that died (SIGKILL, a crash): their scratch images may
+    hold gigabytes. Their jobs were ended by then or will be (``end_stale_job``); QEMU keeps a removed file
+    it still has open."""
+    try:
+        entries = os.scandir(base)
+    except OSError:
+        return
+    with entries:
+        for entry in entries:
+            owner = _SOCKET_OWNER.match(entry.name)
+            if owner is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                made = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if not owner_alive(int(owner.group(1)), made):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def _scratch_path(p: DomainPoint, disk: DiskInfo, scratch_dir: str) -> str:
     return os.path.join(scratch_dir, disk.target + ".scratch")
 
@@ -632,6 +708,8 @@ def _finish_scratch(p: DomainPoint, procs: list[subprocess.Popen[bytes]], scratc
         try:
             if made:
                 os.chmod(path, 0o600)  # the guest's data is copied there before it is overwritten
+                if p.qemu_owner is not None:
+                    os.chown(path, *p.qemu_owner)
             else:
                 os.unlink(path)
         except FileNotFoundError:
@@ -689,14 +767,17 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     """
     for dom, _parent in domains:
         end_stale_job(dom)
-    workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+    workdir = _make_workdir()
     points = []
-    for i, (dom, parent) in enumerate(domains):
+    for dom, parent in domains:
         skip = (exclude or {}).get(dom.name(), set())
-        disks = domain_disks(dom.XMLDesc(0))
-        points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(workdir, f"{i}.sock"),
+        xml = dom.XMLDesc(0)
+        disks = domain_disks(xml)
+        owner = qemu_owner(xml)
+        domain_dir = _domain_dir(workdir, dom.UUIDString(), owner)
+        points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(domain_dir, "nbd.sock"),
                                   checkpoint, None, excluded=[d for d in disks if d.target in skip], parent=parent,
-                                  retire=list(retire or ())))
+                                  retire=list(retire or ()), qemu_owner=owner))
     group = GroupPoint(points)
     ok = False
     try:
@@ -707,11 +788,8 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             except libvirt.libvirtError as exc:
                 p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
         live = [p for p in points if p.error is None]
-        scratch_dirs = {id(p): os.path.join(workdir, p.domain.UUIDString()) for p in live}
-        making = []
-        for p in live:
-            os.makedirs(scratch_dirs[id(p)], exist_ok=True)
-            making.append(_start_scratch(p, scratch_dirs[id(p)]))  # while the guests are asked below
+        scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
+        making = [_start_scratch(p, scratch_dirs[id(p)]) for p in live]  # while the guests are asked below
         if freeze:
             thaw_leftovers(live)  # left frozen by a run that died inside its window: never ours to keep
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze

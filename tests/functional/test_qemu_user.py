@@ -1,0 +1,100 @@
+"""Pull backups of a guest whose QEMU does not run as root, as on a stock Debian host (libvirt-qemu).
+
+The test setup runs QEMU as root (scripts/start-libvirtd.sh), which hid this: QEMU creates the pull
+job's export socket and opens its scratch images, so they must lie in a directory of its own that it
+can reach. This module restarts libvirtd with QEMU as libvirt-qemu, and as before afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
+
+from libvirt_guests import GuestDomain, build_guest, make_data_disk, qemu_running_as  # noqa: E402
+
+from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
+from raksha.hypervisor.pull import consistency_group  # noqa: E402
+from raksha.vault.backends.local import LocalBackend  # noqa: E402
+from raksha.vault.engine.restore import restore_backup  # noqa: E402
+from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.format.naming import BackupId  # noqa: E402
+from raksha.vault.repository import Vault  # noqa: E402
+
+QEMU_USER = "libvirt-qemu"
+
+
+@pytest.fixture(scope="module")
+def user_conn() -> Iterator[Any]:
+    if os.geteuid() != 0:
+        pytest.skip("restarting libvirtd needs root")
+    try:
+        pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        pytest.skip(f"no {QEMU_USER} user (the libvirt-daemon-system package makes it)")
+    build_guest()  # before the restart: building it may start a guest of its own
+    with qemu_running_as(QEMU_USER) as uri:
+        c = libvirt.open(uri)
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+@pytest.fixture
+def images() -> Iterator[Path]:
+    """The guest's images where QEMU can reach them (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="raksha-test-qemu-user-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_guest_whose_qemu_is_not_root_gets_full_and_incremental_backups(user_conn: Any, images: Path) -> None:
+    who = pwd.getpwnam(QEMU_USER)
+    qcow2 = make_data_disk(images / "a.qcow2", "64M", seed_dir=None)
+    raw = make_data_disk(images / "b.raw", "64M", seed_dir=None, fmt="raw")
+    vault = Vault.init(LocalBackend(images / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    with GuestDomain(user_conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], images,
+                     name="raksha-qemu-user") as vm:
+        assert vm.dom is not None
+        pid = int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text())
+        qemu = os.stat(f"/proc/{pid}")
+        assert qemu.st_uid == who.pw_uid
+        vm.wait_for_agent()
+
+        # The socket and the scratch images: in a directory QEMU owns, the images private to it.
+        with consistency_group([(vm.dom, None)], "probe") as point:
+            (p,) = point.domains
+            assert p.error is None and p.started and p.qemu_owner == (qemu.st_uid, qemu.st_gid)
+            home = os.stat(os.path.dirname(p.socket))
+            assert home.st_uid == who.pw_uid and stat.S_IMODE(home.st_mode) == 0o700
+            assert p.scratch_made
+
+        written = os.urandom(64 << 10)
+        for run, parent in (("r1", None), ("r2", "r1")):
+            if parent:
+                assert vm.exec("dd of=/dev/vdb bs=65536 seek=7 conv=notrunc,fsync 2>/dev/null",
+                               stdin=written)[0] == 0
+            result = backup_domains(user_conn, [vm.name], vault, "qu", run, parent_run=parent)
+            (got,) = result.vms
+            assert got.error is None, got.error
+            assert [d.kind for d in got.disks] == (["full", "full"] if parent is None
+                                                  else ["incremental", "incremental"])
+        uuid = vm.dom.UUIDString()
+    out = images / "vdb.raw"
+    restore_backup(vault, BackupId("qu", "r2", uuid, "vdb"), str(out))
+    with open(out, "rb") as f:
+        f.seek(7 * 65536)
+        assert f.read(len(written)) == written
