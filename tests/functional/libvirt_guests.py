@@ -9,6 +9,7 @@ libvirt, as the driver will.
 from __future__ import annotations
 
 import base64
+import grp
 import json
 import os
 import subprocess
@@ -49,10 +50,20 @@ def qemu_running_as(user: str) -> Iterator[str]:
     # The marker stays, so start-libvirtd.sh adds nothing; the later settings are the ones libvirt reads.
     conf.write_text(original[:setup] + f'{TEST_SETUP_MARK}\nuser = "{user}"\ngroup = "{user}"\n'
                     'security_driver = "none"\n')
+    # /dev/kvm as Debian's udev rule leaves it (0660 root:kvm; here without udev it is root's alone): where
+    # QEMU's user cannot open it, libvirt probes QEMU's capabilities again at every domain start (~80 s).
+    kvm = Path("/dev/kvm")
+    saved = kvm.stat() if kvm.exists() else None
     try:
+        if saved is not None:
+            os.chown(kvm, -1, grp.getgrnam("kvm").gr_gid)
+            kvm.chmod(0o660)
         yield _restart_libvirtd()
     finally:
         conf.write_text(original)
+        if saved is not None:
+            os.chown(kvm, -1, saved.st_gid)
+            kvm.chmod(saved.st_mode & 0o7777)
         _restart_libvirtd()
 
 

@@ -98,3 +98,31 @@ def test_a_guest_whose_qemu_is_not_root_gets_full_and_incremental_backups(user_c
     with open(out, "rb") as f:
         f.seek(7 * 65536)
         assert f.read(len(written)) == written
+
+
+def test_the_snapshot_strategy_with_qemu_not_root(user_conn: Any, images: Path) -> None:
+    """The seed's strategy makes its overlays beside the disks and reads them with its own qemu-nbd:
+    QEMU as libvirt-qemu must be able to open the overlays it is pivoted onto."""
+    qcow2 = make_data_disk(images / "c.qcow2", "64M", seed_dir=None)
+    raw = make_data_disk(images / "d.raw", "64M", seed_dir=None, fmt="raw")
+    vault = Vault.init(LocalBackend(images / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    written = os.urandom(64 << 10)
+    with GuestDomain(user_conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], images,
+                     name="raksha-qemu-user-snap") as vm:
+        assert vm.dom is not None
+        vm.wait_for_agent()
+        for run, parent in (("r1", None), ("r2", "r1")):
+            if parent:
+                assert vm.exec("dd of=/dev/vdb bs=65536 seek=3 conv=notrunc,fsync 2>/dev/null",
+                               stdin=written)[0] == 0
+            (got,) = backup_domains(user_conn, [vm.name], vault, "qs", run, parent_run=parent,
+                                    strategy="snapshot").vms
+            assert got.error is None and not got.warnings, (got.error, got.warnings)
+            assert [d.kind for d in got.disks] == (["full", "full"] if parent is None
+                                                  else ["incremental", "incremental"])
+        uuid = vm.dom.UUIDString()
+    out = images / "snap-vdb.raw"
+    restore_backup(vault, BackupId("qs", "r2", uuid, "vdb"), str(out))
+    with open(out, "rb") as f:
+        f.seek(3 * 65536)
+        assert f.read(len(written)) == written
