@@ -160,19 +160,6 @@ class Deltas(Mapping[int, list[Layer]]):
         return _LEN.size + self._store.size
 
     @classmethod
-    def decode(cls, data: bytes | bytearray, chunk_count: int, chunk_length: Callable[[int], int], what: str) -> Deltas:
-        """``read`` from a buffer."""
-        view = memoryview(data)
-        pos = 0
-
-        def take(n: int) -> bytes | memoryview:
-            nonlocal pos
-            pos += n
-            return view[pos - n : pos]
-
-        return cls.read(take, len(data), chunk_count, chunk_length, what)
-
-    @classmethod
     def read(cls, read: Callable[[int], bytes | memoryview], size: int, chunk_count: int,
              chunk_length: Callable[[int], int], what: str) -> Deltas:
         """The ``size`` bytes of encoded deltas that ``read(n)`` gives in order (a manifest's payload, read
