@@ -102,6 +102,7 @@ def test_nonzero_runs() -> None:
     buf[:] = os.urandom(MIB)
     assert nonzero_runs(buf, MIB) == [(0, MIB)]
     buf[ALIGN : 3 * ALIGN] = bytes(2 * ALIGN)  # two zero blocks
+    buf[10 * ALIGN] = 1  # random, it is zero one time in 256, and block 10 with it
     buf[10 * ALIGN + 1 : 12 * ALIGN] = bytes(2 * ALIGN - 1)  # one whole zero block, unaligned run
     buf[MIB - ALIGN :] = bytes(ALIGN)  # zero at the end
     assert nonzero_runs(buf, MIB) == [(0, ALIGN), (3 * ALIGN, 11 * ALIGN), (12 * ALIGN, MIB - ALIGN)]
