@@ -273,7 +273,7 @@ def _backup_xml(p: DomainPoint, scratch_dir: str) -> str:
         plan = p.plan(d)
         full = p.parent_checkpoint and not (plan.method == CHECKPOINT and plan.incremental)
         mode = " backupmode='full'" if full else ""
-        scratch = _scratch_path(p, d, scratch_dir)
+        scratch = _scratch_path(d, scratch_dir)
         parts.append(f"<disk name='{d.target}' backup='yes' type='file'{mode}><scratch file='{scratch}'/></disk>")
     parts += [f"<disk name='{d.target}' backup='no'/>" for d in p.excluded]
     return (f"<domainbackup mode='pull'>{incremental}<server transport='unix' socket='{p.socket}'/>"
@@ -662,7 +662,7 @@ def _sweep_workdirs(base: str) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _scratch_path(p: DomainPoint, disk: DiskInfo, scratch_dir: str) -> str:
+def _scratch_path(disk: DiskInfo, scratch_dir: str) -> str:
     return os.path.join(scratch_dir, disk.target + ".scratch")
 
 
@@ -679,7 +679,7 @@ def _start_scratch(p: DomainPoint, scratch_dir: str) -> list[subprocess.Popen[by
     try:
         for disk, size in zip(p.disks, sizes, strict=True):
             procs.append(subprocess.Popen(
-                ["qemu-img", "create", "-q", "-f", "qcow2", _scratch_path(p, disk, scratch_dir), str(size)],
+                ["qemu-img", "create", "-q", "-f", "qcow2", _scratch_path(disk, scratch_dir), str(size)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     except OSError as exc:
         log.info("%s: scratch images left to libvirt: %s", p.domain.name(), exc)
@@ -704,7 +704,7 @@ def _finish_scratch(p: DomainPoint, procs: list[subprocess.Popen[bytes]], scratc
             made = False
     p.scratch_made = made
     for disk in p.disks:
-        path = _scratch_path(p, disk, scratch_dir)
+        path = _scratch_path(disk, scratch_dir)
         try:
             if made:
                 os.chmod(path, 0o600)  # the guest's data is copied there before it is overwritten
@@ -769,17 +769,23 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         end_stale_job(dom)
     workdir = _make_workdir()
     points = []
-    for dom, parent in domains:
-        skip = (exclude or {}).get(dom.name(), set())
-        xml = dom.XMLDesc(0)
-        disks = domain_disks(xml)
-        owner = qemu_owner(xml)
-        domain_dir = _domain_dir(workdir, dom.UUIDString(), owner)
-        points.append(DomainPoint(dom, [d for d in disks if d.target not in skip], os.path.join(domain_dir, "nbd.sock"),
-                                  checkpoint, None, excluded=[d for d in disks if d.target in skip], parent=parent,
-                                  retire=list(retire or ()), qemu_owner=owner))
+    try:
+        for dom, parent in domains:
+            skip = (exclude or {}).get(dom.name(), set())
+            xml = dom.XMLDesc(0)
+            disks = domain_disks(xml)
+            owner = qemu_owner(xml)
+            domain_dir = _domain_dir(workdir, dom.UUIDString(), owner)
+            points.append(DomainPoint(dom, [d for d in disks if d.target not in skip],
+                                      os.path.join(domain_dir, "nbd.sock"), checkpoint, None,
+                                      excluded=[d for d in disks if d.target in skip], parent=parent,
+                                      retire=list(retire or ()), qemu_owner=owner))
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     group = GroupPoint(points)
     ok = False
+    making: list[list[subprocess.Popen[bytes]]] = []
     try:
         for p in points:
             try:
@@ -789,7 +795,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                 p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
         live = [p for p in points if p.error is None]
         scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
-        making = [_start_scratch(p, scratch_dirs[id(p)]) for p in live]  # while the guests are asked below
+        making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)  # while the guests are asked below
         if freeze:
             thaw_leftovers(live)  # left frozen by a run that died inside its window: never ours to keep
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
@@ -836,4 +842,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                                             f"{exc.get_error_message()}")
         for msg in group.cleanup_errors:
             log.warning("%s", msg)
+        for proc in (proc for procs in making for proc in procs if proc.poll() is None):
+            proc.kill()  # only when the run failed before the window
+            proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
