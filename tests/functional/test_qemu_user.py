@@ -82,22 +82,7 @@ def test_a_guest_whose_qemu_is_not_root_gets_full_and_incremental_backups(user_c
             assert home.st_uid == who.pw_uid and stat.S_IMODE(home.st_mode) == 0o700
             assert p.scratch_made
 
-        written = os.urandom(64 << 10)
-        for run, parent in (("r1", None), ("r2", "r1")):
-            if parent:
-                assert vm.exec("dd of=/dev/vdb bs=65536 seek=7 conv=notrunc,fsync 2>/dev/null",
-                               stdin=written)[0] == 0
-            result = backup_domains(user_conn, [vm.name], vault, "qu", run, parent_run=parent)
-            (got,) = result.vms
-            assert got.error is None, got.error
-            assert [d.kind for d in got.disks] == (["full", "full"] if parent is None
-                                                  else ["incremental", "incremental"])
-        uuid = vm.dom.UUIDString()
-    out = images / "vdb.raw"
-    restore_backup(vault, BackupId("qu", "r2", uuid, "vdb"), str(out))
-    with open(out, "rb") as f:
-        f.seek(7 * 65536)
-        assert f.read(len(written)) == written
+        full_then_incremental(user_conn, vm, vault, images, "qu", seek=7)
 
 
 def test_the_snapshot_strategy_with_qemu_not_root(user_conn: Any, images: Path) -> None:
@@ -106,23 +91,33 @@ def test_the_snapshot_strategy_with_qemu_not_root(user_conn: Any, images: Path) 
     qcow2 = make_data_disk(images / "c.qcow2", "64M", seed_dir=None)
     raw = make_data_disk(images / "d.raw", "64M", seed_dir=None, fmt="raw")
     vault = Vault.init(LocalBackend(images / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
-    written = os.urandom(64 << 10)
     with GuestDomain(user_conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], images,
                      name="raksha-qemu-user-snap") as vm:
         assert vm.dom is not None
         vm.wait_for_agent()
-        for run, parent in (("r1", None), ("r2", "r1")):
-            if parent:
-                assert vm.exec("dd of=/dev/vdb bs=65536 seek=3 conv=notrunc,fsync 2>/dev/null",
-                               stdin=written)[0] == 0
-            (got,) = backup_domains(user_conn, [vm.name], vault, "qs", run, parent_run=parent,
-                                    strategy="snapshot").vms
-            assert got.error is None and not got.warnings, (got.error, got.warnings)
-            assert [d.kind for d in got.disks] == (["full", "full"] if parent is None
-                                                  else ["incremental", "incremental"])
-        uuid = vm.dom.UUIDString()
-    out = images / "snap-vdb.raw"
-    restore_backup(vault, BackupId("qs", "r2", uuid, "vdb"), str(out))
+        runs = full_then_incremental(user_conn, vm, vault, images, "qs", seek=3, strategy="snapshot")
+        assert not any(got.warnings for got in runs), [got.warnings for got in runs]
+
+
+def full_then_incremental(conn: Any, vm: GuestDomain, vault: Vault, images: Path, job: str, *, seek: int,
+                          **options: Any) -> list[Any]:
+    """A full of both disks, 64 KiB written to vdb at block ``seek`` (of 64 KiB), an incremental of both;
+    the incremental's vdb restored holds what was written. Each run's result for the VM."""
+    assert vm.dom is not None
+    written = os.urandom(64 << 10)
+    runs = []
+    for run, parent in (("r1", None), ("r2", "r1")):
+        if parent:
+            assert vm.exec(f"dd of=/dev/vdb bs=65536 seek={seek} conv=notrunc,fsync 2>/dev/null",
+                           stdin=written)[0] == 0
+        (got,) = backup_domains(conn, [vm.name], vault, job, run, parent_run=parent, **options).vms
+        assert got.error is None, got.error
+        assert [d.kind for d in got.disks] == (["full", "full"] if parent is None
+                                              else ["incremental", "incremental"])
+        runs.append(got)
+    out = images / f"{job}-vdb.raw"
+    restore_backup(vault, BackupId(job, "r2", vm.dom.UUIDString(), "vdb"), str(out))
     with open(out, "rb") as f:
-        f.seek(3 * 65536)
+        f.seek(seek * 65536)
         assert f.read(len(written)) == written
+    return runs

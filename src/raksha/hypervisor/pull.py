@@ -702,20 +702,27 @@ def _finish_scratch(p: DomainPoint, procs: list[subprocess.Popen[bytes]], scratc
             log.info("%s: scratch image left to libvirt: qemu-img: %s", p.domain.name(),
                      err.decode(errors="replace").strip())
             made = False
+    try:
+        for disk in p.disks if made else ():
+            path = _scratch_path(disk, scratch_dir)
+            os.chmod(path, 0o600)  # the guest's data is copied there before it is overwritten
+            if p.qemu_owner is not None:
+                os.chown(path, *p.qemu_owner)
+    except OSError:
+        made = False
     p.scratch_made = made
+    if not made:
+        _remove_scratch(p, scratch_dir)
+
+
+def _remove_scratch(p: DomainPoint, scratch_dir: str) -> None:
+    """Leave the scratch images to libvirt, which refuses to make one that exists."""
+    p.scratch_made = False
     for disk in p.disks:
-        path = _scratch_path(disk, scratch_dir)
         try:
-            if made:
-                os.chmod(path, 0o600)  # the guest's data is copied there before it is overwritten
-                if p.qemu_owner is not None:
-                    os.chown(path, *p.qemu_owner)
-            else:
-                os.unlink(path)
+            os.unlink(_scratch_path(disk, scratch_dir))
         except FileNotFoundError:
             pass
-        except OSError:
-            p.scratch_made = False
 
 
 def _begin_job(p: DomainPoint, scratch: str) -> None:
@@ -725,10 +732,10 @@ def _begin_job(p: DomainPoint, scratch: str) -> None:
                                  libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
             return
         except libvirt.libvirtError as exc:
-            # Whatever it was, libvirt making the scratch images tells: it refuses existing ones.
+            # Whatever it was, libvirt making the scratch images tells.
             log.info("%s: backup job with ready scratch images refused (%s); libvirt makes them",
                      p.domain.name(), exc.get_error_message())
-            _finish_scratch(p, [], scratch)
+            _remove_scratch(p, scratch)
     p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p), 0)
 
 
