@@ -240,6 +240,34 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
                 subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+class _TraversableTmp:
+    """pytest's temporary directories, traversable by other users (o+x, still not listable).
+
+    libvirt runs QEMU as ``libvirt-qemu`` (Debian's default, and the tests keep it), which must reach the
+    guests' images in a test's ``tmp_path``; pytest makes every directory there 0700."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+
+    def mktemp(self, basename: str, numbered: bool = True) -> Path:
+        path = self._factory.mktemp(basename, numbered)
+        root = self._factory.getbasetemp().parent  # /tmp/pytest-of-<user>: pytest resets it to 0700
+        for d in (path, *path.parents):
+            d.chmod(d.stat().st_mode | 0o001)
+            if d == root:
+                break
+        return path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
+
+
+@pytest.fixture(scope="session")
+def tmp_path_factory(tmp_path_factory: pytest.TempPathFactory) -> pytest.TempPathFactory:
+    """The built-in, its directories traversable (``_TraversableTmp``); ``tmp_path`` comes from it too."""
+    return _TraversableTmp(tmp_path_factory)  # type: ignore[return-value]
+
+
 @pytest.fixture(scope="module")
 def conn() -> Iterator[Any]:
     """A connection to a libvirtd started for the tests (scripts/start-libvirtd.sh)."""

@@ -9,7 +9,6 @@ libvirt, as the driver will.
 from __future__ import annotations
 
 import base64
-import grp
 import json
 import os
 import subprocess
@@ -26,7 +25,6 @@ import libvirt_qemu
 REPO = Path(__file__).resolve().parents[2]
 BUILD_GUEST = REPO / "scripts" / "build-test-guest.sh"
 START_LIBVIRTD = REPO / "scripts" / "start-libvirtd.sh"
-TEST_SETUP_MARK = "# raksha: test setup (scripts/start-libvirtd.sh)"  # in /etc/libvirt/qemu.conf
 # TCG here (no /dev/kvm for Linux guests); "kvm" where it works.
 DOMAIN_TYPE = os.environ.get("RAKSHA_DOMAIN_TYPE", "qemu")
 
@@ -39,31 +37,17 @@ def start_libvirtd() -> str:
 
 @contextmanager
 def qemu_running_as(user: str) -> Iterator[str]:
-    """libvirtd restarted with QEMU running as ``user`` (Debian's default is libvirt-qemu; the test setup
-    runs it as root), and restarted as before on exit. Yields the URI: connections made before do not
-    survive. Run no guest across it."""
+    """libvirtd restarted with QEMU running as ``user`` (the tests keep Debian's default, libvirt-qemu), and
+    restarted as before on exit. Yields the URI: connections made before do not survive. Run no guest
+    across it."""
     conf = Path("/etc/libvirt/qemu.conf")
     original = conf.read_text()
-    setup = original.find(TEST_SETUP_MARK)
-    if setup < 0:
-        raise RuntimeError(f"{conf} has no test setup: run scripts/start-libvirtd.sh first")
-    # The marker stays, so start-libvirtd.sh adds nothing; the later settings are the ones libvirt reads.
-    conf.write_text(original[:setup] + f'{TEST_SETUP_MARK}\nuser = "{user}"\ngroup = "{user}"\n'
-                    'security_driver = "none"\n')
-    # /dev/kvm as Debian's udev rule leaves it (0660 root:kvm; here without udev it is root's alone): where
-    # QEMU's user cannot open it, libvirt probes QEMU's capabilities again at every domain start (~80 s).
-    kvm = Path("/dev/kvm")
-    saved = kvm.stat() if kvm.exists() else None
+    # Appended: the later settings are the ones libvirt reads.
+    conf.write_text(original + f'\n# raksha: tests, for now\nuser = "{user}"\ngroup = "{user}"\n')
     try:
-        if saved is not None:
-            os.chown(kvm, -1, grp.getgrnam("kvm").gr_gid)
-            kvm.chmod(0o660)
         yield _restart_libvirtd()
     finally:
         conf.write_text(original)
-        if saved is not None:
-            os.chown(kvm, -1, saved.st_gid)
-            kvm.chmod(saved.st_mode & 0o7777)
         _restart_libvirtd()
 
 

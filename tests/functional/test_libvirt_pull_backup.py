@@ -20,6 +20,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
+from raksha.hypervisor.pull import qemu_owner  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.backup import BackupResult, backup_disk  # noqa: E402
 from raksha.vault.engine.restore import restore_backup  # noqa: E402
@@ -36,11 +37,17 @@ def pull_backup(vm: GuestDomain, vault: Vault, tmp: Path, backup_id: str, checkp
                 parent: tuple[str, str] | None = None) -> BackupResult:
     """Freeze, start a pull backup (creating ``checkpoint``), thaw, then read the export into the vault."""
     assert vm.dom is not None
-    sock = tmp / f"{checkpoint}.sock"
+    # QEMU creates the socket and the scratch image: a directory of its own user's (libvirt-qemu here).
+    own = tmp / f"{checkpoint}.qemu"
+    own.mkdir(mode=0o700)
+    owner = qemu_owner(vm.dom.XMLDesc(0))
+    assert owner is not None
+    os.chown(own, *owner)
+    sock = own / "nbd.sock"
     incremental = f"<incremental>{parent[1]}</incremental>" if parent else ""
     backup_xml = (f"<domainbackup mode='pull'>{incremental}<server transport='unix' socket='{sock}'/>"
                   f"<disks><disk name='vda' backup='yes' type='file'>"
-                  f"<scratch file='{tmp / (checkpoint + '.scratch')}'/></disk></disks></domainbackup>")
+                  f"<scratch file='{own / 'scratch.qcow2'}'/></disk></disks></domainbackup>")
     checkpoint_xml = (f"<domaincheckpoint><name>{checkpoint}</name>"
                       f"<disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>")
     assert vm.agent("guest-fsfreeze-freeze") >= 1

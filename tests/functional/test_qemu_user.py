@@ -1,18 +1,18 @@
-"""Pull backups of a guest whose QEMU does not run as root, as on a stock Debian host (libvirt-qemu).
+"""Pull and snapshot backups whether QEMU runs as libvirt-qemu (Debian's default, which the tests keep) or
+as root (``user = "root"`` in qemu.conf, as some hosts do).
 
-The test setup runs QEMU as root (scripts/start-libvirtd.sh), which hid this: QEMU creates the pull
-job's export socket and opens its scratch images, so they must lie in a directory of its own that it
-can reach. This module restarts libvirtd with QEMU as libvirt-qemu, and as before afterwards.
+QEMU creates the pull job's export socket and opens its scratch images and the snapshot strategy's
+overlays, so they must lie where QEMU's user can reach them and no other can read them. The root
+variant restarts libvirtd with QEMU as root, and as before afterwards.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
-from libvirt_guests import GuestDomain, build_guest, make_data_disk, qemu_running_as  # noqa: E402
+from libvirt_guests import GuestDomain, build_guest, make_data_disk, qemu_running_as, start_libvirtd  # noqa: E402
 
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
 from raksha.hypervisor.pull import consistency_group  # noqa: E402
@@ -32,42 +32,37 @@ from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 
-QEMU_USER = "libvirt-qemu"
+DEFAULT_USER = "libvirt-qemu"
 
 
-@pytest.fixture(scope="module")
-def user_conn() -> Iterator[Any]:
+@pytest.fixture(scope="module", params=[DEFAULT_USER, "root"])
+def qemu_user(request: pytest.FixtureRequest) -> Iterator[tuple[Any, str]]:
+    """A connection to libvirtd with QEMU running as the param, and that user."""
+    user = request.param
     if os.geteuid() != 0:
-        pytest.skip("restarting libvirtd needs root")
+        pytest.skip("libvirtd needs root")
     try:
-        pwd.getpwnam(QEMU_USER)
+        pwd.getpwnam(user)
     except KeyError:
-        pytest.skip(f"no {QEMU_USER} user (the libvirt-daemon-system package makes it)")
-    build_guest()  # before the restart: building it may start a guest of its own
-    with qemu_running_as(QEMU_USER) as uri:
+        pytest.skip(f"no {user} user (the libvirt-daemon-system package makes it)")
+    build_guest()  # before a restart: building it may start a guest of its own
+    with qemu_running_as(user) if user != DEFAULT_USER else nullcontext(start_libvirtd()) as uri:
         c = libvirt.open(uri)
         try:
-            yield c
+            yield c, user
         finally:
             c.close()
 
 
-@pytest.fixture
-def images() -> Iterator[Path]:
-    """The guest's images where QEMU can reach them (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="raksha-test-qemu-user-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_a_guest_whose_qemu_is_not_root_gets_full_and_incremental_backups(user_conn: Any, images: Path) -> None:
-    who = pwd.getpwnam(QEMU_USER)
+def test_a_guest_gets_full_and_incremental_backups(qemu_user: tuple[Any, str], tmp_path: Path) -> None:
+    user_conn, user = qemu_user
+    images = tmp_path
+    who = pwd.getpwnam(user)
     qcow2 = make_data_disk(images / "a.qcow2", "64M", seed_dir=None)
     raw = make_data_disk(images / "b.raw", "64M", seed_dir=None, fmt="raw")
     vault = Vault.init(LocalBackend(images / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
     with GuestDomain(user_conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], images,
-                     name="raksha-qemu-user") as vm:
+                     name=f"raksha-qemu-{user}") as vm:
         assert vm.dom is not None
         pid = int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text())
         qemu = os.stat(f"/proc/{pid}")
@@ -85,14 +80,16 @@ def test_a_guest_whose_qemu_is_not_root_gets_full_and_incremental_backups(user_c
         full_then_incremental(user_conn, vm, vault, images, "qu", seek=7)
 
 
-def test_the_snapshot_strategy_with_qemu_not_root(user_conn: Any, images: Path) -> None:
+def test_the_snapshot_strategy(qemu_user: tuple[Any, str], tmp_path: Path) -> None:
     """The seed's strategy makes its overlays beside the disks and reads them with its own qemu-nbd:
-    QEMU as libvirt-qemu must be able to open the overlays it is pivoted onto."""
+    QEMU must be able to open the overlays it is pivoted onto."""
+    user_conn, user = qemu_user
+    images = tmp_path
     qcow2 = make_data_disk(images / "c.qcow2", "64M", seed_dir=None)
     raw = make_data_disk(images / "d.raw", "64M", seed_dir=None, fmt="raw")
     vault = Vault.init(LocalBackend(images / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
     with GuestDomain(user_conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], images,
-                     name="raksha-qemu-user-snap") as vm:
+                     name=f"raksha-qemu-{user}-snap") as vm:
         assert vm.dom is not None
         vm.wait_for_agent()
         runs = full_then_incremental(user_conn, vm, vault, images, "qs", seek=3, strategy="snapshot")

@@ -15,6 +15,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E402
 
+from raksha.domain.errors import InvalidInput  # noqa: E402
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
 from raksha.hypervisor.restore import restore_domain  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
@@ -34,6 +35,13 @@ def test_restore_to_a_new_domain_boots_with_the_data_of_that_point(conn: libvirt
         run = backup_domains(conn, [vm.name], vault, "job", "run1")
         assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=after)[0] == 0  # the source moves on
         source_uuid = run.vms[0].uuid
+
+        private = tmp_path / "private"  # QEMU (libvirt-qemu) may not pass: refused before a byte is written
+        private.mkdir(mode=0o700)
+        with pytest.raises(InvalidInput) as refused:
+            restore_domain(conn, vault, "job", "run1", source_uuid, name="raksha-rs-new", target_dir=private)
+        assert refused.value.code == "TARGET_DIR_UNREACHABLE" and refused.value.details["blocked"] == str(private)
+        assert list(private.iterdir()) == [] and "raksha-rs-new" not in [d.name() for d in conn.listAllDomains()]
 
         restored = restore_domain(conn, vault, "job", "run1", source_uuid, name="raksha-rs-new",
                                   target_dir=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -211,10 +212,17 @@ def libvirt_error(code: int, message: str) -> libvirt.libvirtError:
 class FakeConn:
     """Just enough of a libvirt connection for the checks made before anything is written."""
 
-    def __init__(self, names: set[str] = frozenset(), uuids: dict[str, Any] | None = None) -> None:  # type: ignore[assignment]
+    def __init__(self, names: set[str] = frozenset(), uuids: dict[str, Any] | None = None,  # type: ignore[assignment]
+                 qemu: str = "+0:+0") -> None:
         self.names = names
         self.uuids = uuids or {}
         self.defined: list[str] = []
+        self.qemu = qemu  # the DAC label QEMU runs with
+
+    def getCapabilities(self) -> str:
+        return ("<capabilities><host><secmodel><model>none</model></secmodel><secmodel><model>dac</model>"
+                f"<baselabel type='kvm'>{self.qemu}</baselabel><baselabel type='qemu'>{self.qemu}</baselabel>"
+                "</secmodel></host></capabilities>")
 
     def lookupByName(self, name: str) -> object:
         if name in self.names:
@@ -257,6 +265,25 @@ def test_new_vm_that_libvirt_refuses_leaves_no_images_and_says_why(point: tuple[
     assert err.value.details["failed_vm"] == UUID_B and err.value.details["restored"] == []
     assert "<name>copy</name>" in conn.defined[0] and "52:54:00:aa:bb:cc" not in conn.defined[0]
     assert not (tmp_path / "copy-vda.raw").exists()  # rolled back: a retry starts clean
+
+
+def test_new_vm_refuses_a_directory_qemu_may_not_pass_before_writing(point: tuple[Vault, dict[str, Path]],
+                                                                     tmp_path: Path) -> None:
+    vault, _ = point
+    tmp_path.chmod(0o711)
+    out = tmp_path / "private"
+    out.mkdir(mode=0o700)
+    nobody = pwd.getpwnam("nobody")
+    conn: Any = FakeConn(qemu=f"+{nobody.pw_uid}:+{nobody.pw_gid}")
+    with pytest.raises(InvalidInput) as err:
+        restore(conn, vault, RestoreRequest("job", "r1", NEW_VM, target_dir=out))
+    assert err.value.code == "TARGET_DIR_UNREACHABLE" and err.value.details["blocked"] == str(out)
+    assert f"uid {nobody.pw_uid}" in err.value.message and "chmod o+x" in err.value.message
+    assert os.listdir(out) == [] and conn.defined == []
+    out.chmod(0o701)  # passing is enough: libvirt gives the images themselves to QEMU's user
+    with pytest.raises(InvalidInput) as err:
+        restore(conn, vault, RestoreRequest("job", "r1", NEW_VM, target_dir=out))
+    assert err.value.code == "DOMAIN_XML_INVALID"  # got as far as defining the domain
 
 
 def test_in_place_needs_the_domain(point: tuple[Vault, dict[str, Path]]) -> None:

@@ -45,6 +45,7 @@ import libvirt
 from raksha.domain.errors import AlreadyExists, HypervisorError, InvalidInput, NotFound, RakshaError, VaultCorrupt
 from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate
+from raksha.hypervisor.qemu_access import blocking_dir, describe, qemu_user
 from raksha.hypervisor.snapshot import Layer, disk_chains, is_overlay
 from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import blobs_to_verify, restore_backup
@@ -410,6 +411,24 @@ def _check_outputs(paths: list[str]) -> None:
         raise AlreadyExists(f"{', '.join(taken)} exist(s); nothing was restored", code="OUTPUT_EXISTS", paths=taken)
 
 
+def _check_reachable(conn: libvirt.virConnect, target_dir: Path, domain_xml: str) -> None:
+    """The new domain's QEMU can open its disks in ``target_dir``: said now, not after writing them."""
+    try:
+        virt_type = ET.fromstring(domain_xml).get("type") or "kvm"
+    except ET.ParseError:
+        return  # defining it says what is wrong
+    with _libvirt("reading the host's capabilities"):
+        owner = qemu_user(conn, virt_type)
+    blocked = blocking_dir(str(target_dir), *owner) if owner is not None else None
+    if owner is not None and blocked is not None:
+        st = os.stat(blocked)
+        raise InvalidInput(
+            f"QEMU runs as {describe(*owner)} and could not open disks in {target_dir}: it may not pass "
+            f"through {blocked} (mode {stat.filemode(st.st_mode)}, owner {st.st_uid}:{st.st_gid}); "
+            "let it pass (chmod o+x) or restore elsewhere",
+            code="TARGET_DIR_UNREACHABLE", path=str(target_dir), blocked=blocked)
+
+
 def _plan_new_vm(conn: libvirt.virConnect, req: RestoreRequest, vms: list[_VmPlan], fmt: str) -> None:
     target_dir = _check_target_dir(req.target_dir)
     new_names: set[str] = set()
@@ -417,6 +436,7 @@ def _plan_new_vm(conn: libvirt.virConnect, req: RestoreRequest, vms: list[_VmPla
         if "domain_xml" not in vm.hints:
             raise InvalidInput(f"run {req.job}/{req.run} saved no domain definition for {vm.name} ({vm.uuid})",
                                code="DOMAIN_XML_MISSING", vm=vm.uuid)
+        _check_reachable(conn, target_dir, vm.hints["domain_xml"])
         vm.new_name = req.names.get(vm.uuid) or req.names.get(vm.name) or f"{vm.name}-{req.run}"
         if vm.new_name in new_names:
             raise InvalidInput(f"two restored VMs would both be named {vm.new_name!r}", code="DOMAIN_NAME_COLLISION")

@@ -24,10 +24,60 @@ from raksha.services.service import Service
 LOG = logging.getLogger(__name__)
 
 
+def prepare_data_dir(conf: cfg.ConfigOpts) -> None:
+    """The server's folder: traversable by all, its contents private, new VMs' disks reachable.
+
+    QEMU runs as its own user (libvirt-qemu on Debian) and opens the disks a restore writes under
+    ``restored/``, so the folders on the way only let others pass (0711); the database, the vault and
+    its key, where they are the defaults in here, are the server's user's alone (an earlier version's
+    folder was 0700 and left them readable inside)."""
+    data = os.path.abspath(conf.data_dir)
+    os.makedirs(data, mode=0o711, exist_ok=True)
+    _let_pass(data)
+    database = config.database_url(conf)
+    if not conf.database.connection:
+        path = database.removeprefix("sqlite:///")
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal and -shm take its mode
+        for own in (path, f"{path}-wal", f"{path}-shm"):
+            _private(own, 0o600)
+    if not conf.vault.path:
+        os.makedirs(config.vault_path(conf), mode=0o700, exist_ok=True)
+        _private(config.vault_path(conf), 0o700)
+    if not conf.vault.key_file:
+        _private(config.vault_key_file(conf), 0o600)
+    restored = os.path.abspath(config.restore_dir(conf))
+    os.makedirs(restored, mode=0o711, exist_ok=True)
+    if os.path.commonpath([data, restored]) == data:
+        for folder in (restored, *_parents_up_to(restored, data)):
+            _let_pass(folder)
+
+
+def _parents_up_to(path: str, top: str) -> list[str]:
+    found = []
+    while path != top and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        found.append(path)
+    return found
+
+
+def _let_pass(folder: str) -> None:
+    mode = os.stat(folder).st_mode
+    if not mode & 0o001:
+        os.chmod(folder, (mode | 0o001) & 0o7777)
+
+
+def _private(path: str, mode: int) -> None:
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        pass
+
+
 class Embedded:
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
-        os.makedirs(conf.data_dir, mode=0o700, exist_ok=True)
+        prepare_data_dir(conf)
         url = config.database_url(conf)
         upgrade(url)
         self.db = Database(url)
