@@ -178,8 +178,6 @@ class DomainPoint:
     started: bool = False
     qemu_owner: tuple[int, int] | None = None  # uid, gid QEMU runs as (None: unknown)
     scratch_made: bool = False  # its disks' scratch images are ready: libvirt reuses them
-    # Drops the parent bitmaps' copies once read, while the engine reads (_read_parent_bitmaps).
-    _dropping: threading.Thread | None = field(default=None, init=False, repr=False)
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
@@ -221,16 +219,7 @@ class DomainPoint:
             self._ending.join()
         return self._end_errors
 
-    def drop_soon(self, copies: list[tuple[str, str | None, str]]) -> None:
-        """Remove the bitmap copies ``(node, export or None, copy)`` in the background."""
-        if copies:
-            self._dropping = threading.Thread(target=_drop_copies, args=(self.domain, copies),
-                                              name=f"raksha-drop-{self.domain.name()}", daemon=True)
-            self._dropping.start()
-
     def _end_job(self) -> None:
-        if self._dropping is not None:
-            self._dropping.join()  # its export is on the job's NBD server
         try:
             self.domain.abortJob()
         except libvirt.libvirtError as exc:
@@ -488,10 +477,8 @@ def _add_bitmaps(p: DomainPoint) -> None:
 def _read_parent_bitmaps(p: DomainPoint) -> None:
     """After ``backupBegin``: copy each raw disk's parent bitmap, export the copy on the job's NBD server, read it.
 
-    The parent bitmap itself keeps recording, so a run that fails later leaves a correct base. The
-    copies go in the background (``drop_soon``), while the engine reads: ~13 ms of QMP calls a disk.
+    The parent bitmap itself keeps recording, so a run that fails later leaves a correct base.
     """
-    copies: list[tuple[str, str | None, str]] = []
     for disk in p.disks:
         plan = p.plans[disk.target]
         wanted = plan.method == QEMU_BITMAP or (plan.method == CHECKPOINT and plan.fine_parent)
@@ -526,19 +513,13 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
                 plan.incremental = False
                 plan.note = f"full read: reading QEMU dirty bitmap {parent} failed: {exc}"
         finally:
+            if exported:
+                _try(p.domain, "block-export-del", id=export, mode="hard")
             if added:
-                copies.append((plan.node, export if exported else None, copy))
-    p.drop_soon(copies)
-
-
-def _drop_copies(domain: libvirt.virDomain, copies: list[tuple[str, str | None, str]]) -> None:
-    for node, export, copy in copies:
-        if export is not None:
-            _try(domain, "block-export-del", id=export, mode="hard")
-        for _ in range(50):  # the export lets go of the bitmap once its last client is gone
-            if _try(domain, "block-dirty-bitmap-remove", node=node, name=copy):
-                break
-            time.sleep(0.02)
+                for _ in range(50):  # the export lets go of the bitmap once its last client is gone
+                    if _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=copy):
+                        break
+                    time.sleep(0.02)
 
 
 def _settle(p: DomainPoint, ok: bool) -> list[str]:
@@ -771,36 +752,6 @@ def _begin(p: DomainPoint, scratch: str) -> None:
     p.started = True
 
 
-class _GuestsAsked:
-    """``thaw_leftovers`` then ``pre_freeze`` for every domain, in a thread of their own."""
-
-    def __init__(self, points: list[DomainPoint], hooks: Hooks | None) -> None:
-        self._run: HookRun | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._ask, args=(points, hooks), name="raksha-agents", daemon=True)
-        self._thread.start()
-
-    def _ask(self, points: list[DomainPoint], hooks: Hooks | None) -> None:
-        try:
-            thaw_leftovers(points)  # left frozen by a run that died inside its window: never ours to keep
-            self._run = pre_freeze(points, hooks)  # before the window: their time is not the guests' freeze
-        except BaseException as exc:
-            self._error = exc
-
-    def answers(self) -> HookRun:
-        """Once they are in: which hooks ran and how (``pre_freeze``); what it raised, raised."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._run is not None
-        return self._run
-
-    def ran(self) -> HookRun:
-        """Once they are in: the hooks that ran, whatever else happened (for undoing them)."""
-        self._thread.join()
-        return self._run or HookRun()
-
-
 @contextmanager
 def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], checkpoint: str,
                       *, freeze: bool = True, exclude: dict[str, set[str]] | None = None,
@@ -836,24 +787,22 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         raise
     group = GroupPoint(points)
     ok = False
-    scratch_dirs = {id(p): os.path.dirname(p.socket) for p in points}
-    making: dict[int, list[subprocess.Popen[bytes]]] = {}
-    # While QEMU is asked for the plan, the guests' agents are asked (a leftover freeze, the pre-freeze
-    # hooks) and the scratch images are made.
-    guests = _GuestsAsked(points, hooks) if freeze else None
+    making: list[list[subprocess.Popen[bytes]]] = []
     try:
         for p in points:
             try:
                 _plan_disks(p)
-                making[id(p)] = _start_scratch(p, scratch_dirs[id(p)])
                 _add_bitmaps(p)
             except libvirt.libvirtError as exc:
                 p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
         live = [p for p in points if p.error is None]
-        if guests is not None:
-            group.hooks = guests.answers()
-        for p in live:
-            _finish_scratch(p, making[id(p)], scratch_dirs[id(p)])
+        scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
+        making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)  # while the guests are asked below
+        if freeze:
+            thaw_leftovers(live)  # left frozen by a run that died inside its window: never ours to keep
+            group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
+        for p, procs in zip(live, making, strict=True):
+            _finish_scratch(p, procs, scratch_dirs[id(p)])
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.
         t0 = time.monotonic()
         try:
@@ -865,7 +814,6 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                 # The window is the time a guest was frozen: none frozen (crash wanted, no agent), no window.
                 group.freeze_ms = (time.monotonic() - t0) * 1000 if frozen else 0.0
         finally:
-            guests = None
             post_thaw(group.hooks, hooks)  # after the thaw, whatever happened: what the pre-freeze hook did is undone
         thawed_ids = {id(t) for t in thawed}  # a guest whose thaw failed is not claimed filesystem-consistent
         for p in live:
@@ -884,8 +832,6 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     except libvirt.libvirtError as exc:
         raise translate(exc, "pull backup failed") from exc
     finally:
-        if guests is not None:  # failed before the window: the pre-freeze hooks that ran are undone
-            post_thaw(guests.ran(), hooks)
         for p in points:  # every job not ended yet is aborted at once, then each waited for
             p.end_job_soon()
         for p in points:
@@ -898,7 +844,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                                             f"{exc.get_error_message()}")
         for msg in group.cleanup_errors:
             log.warning("%s", msg)
-        for proc in (proc for procs in making.values() for proc in procs if proc.poll() is None):
+        for proc in (proc for procs in making for proc in procs if proc.poll() is None):
             proc.kill()  # only when the run failed before the window
             proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
