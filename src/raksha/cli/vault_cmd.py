@@ -177,8 +177,10 @@ class VaultOpening:
         self.args = args
         self.backend = open_backend(args.dir)
         self.secret = resolve_secret(args.password_file, args.key_file, required=False)
+        self.key_files: list[bytes] | None = None  # read once, for the derivation and the opening
         if self.secret is not None and self.secret.passphrase is not None:  # a key file derives nothing
-            prefetch(_key_files(self.backend), self.secret)
+            self.key_files = _key_files(self.backend)
+            prefetch(self.key_files or [], self.secret)
 
     def open(self, *modules: str) -> Vault:
         """The vault, unlocked, once ``modules`` are imported."""
@@ -187,7 +189,7 @@ class VaultOpening:
         for module in modules:
             importlib.import_module(module)
         try:
-            return Vault.open(self.backend, self.secret)
+            return Vault.open(self.backend, self.secret, key_files=self.key_files)
         except VaultKeyError as err:
             if err.code != "VAULT_KEY_REQUIRED":
                 raise
@@ -199,12 +201,12 @@ def open_vault(args: argparse.Namespace, *modules: str) -> Vault:
     return VaultOpening(args).open(*modules)
 
 
-def _key_files(backend: Backend) -> list[bytes]:
-    """The vault's key files, or none if they cannot be read now (opening the vault says why)."""
+def _key_files(backend: Backend) -> list[bytes] | None:
+    """The vault's key files, or None if they cannot be read now (opening the vault reads them and says why)."""
     try:
         return [backend.get(info.key) for info in backend.list(KEYS_PREFIX)]
     except RakshaError:
-        return []
+        return None
 
 
 def _with_progress(args: argparse.Namespace, fn: Callable[[Any], Any]) -> Any:

@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import struct
-from collections.abc import Callable, Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -152,6 +152,14 @@ class ChunkIndex:
             self.ids.close()
 
 
+def _read_key_files(backend: Backend) -> Iterator[bytes]:
+    for info in backend.list(KEYS_PREFIX):
+        try:
+            yield backend.get(info.key)
+        except NotFound:
+            continue  # removed meanwhile
+
+
 class Vault:
     def __init__(self, backend: Backend, config: VaultConfig, crypto: Crypto, master: MasterKey | None) -> None:
         fix_mmap_threshold()  # once per process: large transient buffers go back to the system when freed
@@ -188,7 +196,10 @@ class Vault:
         return cls(backend, config, crypto, master)
 
     @classmethod
-    def open(cls, backend: Backend, secret: Secret | None = None) -> Vault:
+    def open(cls, backend: Backend, secret: Secret | None = None, *,
+             key_files: Sequence[bytes] | None = None) -> Vault:
+        """``key_files``: the vault's key files as the caller just read them (VaultOpening read them to
+        start deriving): not read again, a round trip each on an object store."""
         try:
             config = VaultConfig.from_json(backend.get(CONFIG_KEY))
         except NotFound:
@@ -200,11 +211,8 @@ class Vault:
                 f"the vault at {backend.url} is encrypted: give a passphrase or key file",
                 code="VAULT_KEY_REQUIRED",
             )
-        for info in backend.list(KEYS_PREFIX):
-            try:
-                master = unwrap_master_key(backend.get(info.key), secret, config.vault_id)
-            except NotFound:
-                continue
+        for data in key_files if key_files is not None else _read_key_files(backend):
+            master = unwrap_master_key(data, secret, config.vault_id)
             if master is not None:
                 return cls(backend, config, EncryptedCrypto(master), master)
         raise VaultKeyError("wrong passphrase or key file: no key of this vault opens with it")
