@@ -6,9 +6,11 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
 from oslo_config import cfg
 
 from raksha import conf as config
+from raksha.domain.errors import InvalidInput
 from raksha.wsgi.embedded import prepare_data_dir
 
 
@@ -59,3 +61,10 @@ def test_what_the_operator_placed_elsewhere_is_left_as_it_is(tmp_path: Path) -> 
     assert mode(vault) == 0o755
     assert not (data / "vault").exists()
     assert mode(restored) == 0o711
+
+
+def test_a_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(InvalidInput) as err:
+        prepare_data_dir(settings(tmp_path / "file" / "data"))
+    assert err.value.code == "DATA_DIR_UNUSABLE" and str(tmp_path / "file") in err.value.message

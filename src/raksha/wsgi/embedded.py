@@ -13,6 +13,7 @@ from raksha.api.app import Application
 from raksha.api.policies import Policy
 from raksha.db import Database
 from raksha.db.migrate import upgrade
+from raksha.domain.errors import InvalidInput
 from raksha.hypervisor.strategy import Hooks
 from raksha.rpc.inproc import InProcessTransport
 from raksha.services import vaults
@@ -31,6 +32,14 @@ def prepare_data_dir(conf: cfg.ConfigOpts) -> None:
     ``restored/``, so the folders on the way only let others pass (0711); the database, the vault and
     its key, where they are the defaults in here, are the server's user's alone (an earlier version's
     folder was 0700 and left them readable inside)."""
+    try:
+        _prepare_data_dir(conf)
+    except OSError as exc:
+        raise InvalidInput(f"cannot use {exc.filename or conf.data_dir} as the server's data: {exc.strerror}",
+                           code="DATA_DIR_UNUSABLE", path=exc.filename or conf.data_dir) from None
+
+
+def _prepare_data_dir(conf: cfg.ConfigOpts) -> None:
     data = os.path.abspath(conf.data_dir)
     os.makedirs(data, mode=0o711, exist_ok=True)
     _let_pass(data)
@@ -63,7 +72,10 @@ def _parents_up_to(path: str, top: str) -> list[str]:
 def _let_pass(folder: str) -> None:
     mode = os.stat(folder).st_mode
     if not mode & 0o001:
-        os.chmod(folder, (mode | 0o001) & 0o7777)
+        try:
+            os.chmod(folder, (mode | 0o001) & 0o7777)
+        except OSError as exc:  # not ours: a restore to new VMs there says what QEMU cannot reach
+            LOG.warning("cannot let others pass through %s: %s", folder, exc)
 
 
 def _private(path: str, mode: int) -> None:
@@ -72,6 +84,8 @@ def _private(path: str, mode: int) -> None:
             os.chmod(path, mode)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        LOG.warning("cannot make %s private to its owner: %s", path, exc)
 
 
 class Embedded:
