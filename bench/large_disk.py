@@ -7,8 +7,9 @@ image of --size (default 1 TiB) with 16 regions of 8 MiB of random data, and an 
 already indexing --vault-chunks (default 1,000,000) chunks of other disks (index objects as backups
 write them, merged by 65,536 entries; real chunks, but 4 KiB each), then through
 the CLI (default key derivation) times and measures: a full backup, an incremental of 16 small
-changed extents (delta layers), a restore of the incremental (compared with the image), a verify and
-a list. Prints a table against the target and writes bench/results/large-disk.json.
+changed extents (delta layers), a restore of the incremental (compared with the image), a verify, a
+list, and a gc, which deletes the other disks' chunks (no backup holds them: a gc after a large prune).
+Prints a table against the target and writes bench/results/large-disk.json.
 
     .venv/bin/python bench/large_disk.py [--size 1T] [--vault-chunks 1000000] [--workdir DIR]
 """
@@ -120,6 +121,8 @@ def main() -> int:
         "restore": [str(RAKSHA), "vault", "restore", str(vault), "big/r2/vm/vda", str(out)],
         "verify": [str(RAKSHA), "vault", "verify", str(vault)],
         "list": [str(RAKSHA), "vault", "list", str(vault)],
+        # The other disks' chunks belong to no backup: a gc deletes them all, as after a large prune.
+        "gc": [str(RAKSHA), "vault", "gc", str(vault), "--grace", "0s"],
     }
     results: dict[str, dict[str, float]] = {}
     for name, argv in phases.items():

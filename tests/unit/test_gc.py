@@ -951,6 +951,7 @@ def test_a_vault_too_large_for_memory_is_collected_the_same(three_backups: tuple
     on_disk = collect_garbage(twin, grace=0)
 
     assert finished, "the live chunks went to a temporary file"
+    assert any(s._what == "the chunks this gc condemns" for s in finished), "and so did the condemned ones"
     assert in_memory.packs_deleted > 0 and in_memory.packs_repacked > 0
     mine, theirs = in_memory.to_dict(), on_disk.to_dict()
     # The repack copies the same chunks, perhaps in another order, so its packs' headers differ a little.

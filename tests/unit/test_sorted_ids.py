@@ -37,6 +37,8 @@ def test_ids_are_found_exactly_across_partitions_and_spilled_pieces(monkeypatch:
     assert all(cid in stored for cid in members)
     assert not any(cid in stored for cid in others)
     assert b"short" not in stored and "text" not in stored
+    listed = list(stored)  # each once, a run at a time
+    assert len(listed) == 6000 and set(listed) == set(members)
     stored.close()
 
 

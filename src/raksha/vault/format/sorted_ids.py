@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import IO
 
 from raksha.vault.format.constants import ID_SIZE
@@ -151,6 +151,15 @@ class DiskIdSet:
 
     def __len__(self) -> int:
         return self._count
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every id, a run at a time (by run, sorted within it)."""
+        if self._file is None:
+            raise ValueError("a DiskIdSet answers once finished")
+        for run in self._runs:
+            data = read_at(self._file, run.size, run.offset, self._what)
+            for i in range(0, run.count * ID_SIZE, ID_SIZE):
+                yield data[i : i + ID_SIZE]
 
     def __contains__(self, cid: object) -> bool:
         if not isinstance(cid, bytes) or len(cid) != ID_SIZE:

@@ -10,7 +10,9 @@ finishes cleaning.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raksha.domain.errors import NotFound, RakshaError, VaultCorrupt, VaultFormatUnsupported, VaultLocked
+from raksha.domain.errors import (
+    BackendError,
+    NotFound,
+    RakshaError,
+    StorageFull,
+    VaultCorrupt,
+    VaultFormatUnsupported,
+    VaultLocked,
+)
 from raksha.vault.engine.packer import MERGE_ENTRIES, Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.format.chunk_table import IdSet
@@ -27,7 +37,7 @@ from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.format.rows_by_pack import RowsByPack
 from raksha.vault.format.scratch import Partitions
-from raksha.vault.format.sorted_ids import DiskIdSet
+from raksha.vault.format.sorted_ids import Bloom, DiskIdSet
 from raksha.vault.locks import Lock, LockKind
 from raksha.vault.processes import owner_alive
 from raksha.vault.repository import (
@@ -41,6 +51,48 @@ from raksha.vault.repository import (
 )
 
 KEEP, DELETE, REPACK, ORPHAN = "keep", "delete", "repack", "orphan"
+
+
+class _Condemned:
+    """The chunks a gc deletes: ``ids`` less ``kept`` (the few a staying pack holds too). ``ids`` is in
+    memory, or in a temporary file with a Bloom filter in front, as every chunk the backups reference
+    is asked about it once (the re-mark)."""
+
+    def __init__(self, ids: IdSet | DiskIdSet, bloom: Bloom | None) -> None:
+        self.ids, self.bloom = ids, bloom
+        self.kept: set[bytes] = set()
+
+    def __contains__(self, cid: bytes) -> bool:
+        if self.bloom is not None and cid not in self.bloom:
+            return False
+        return cid in self.ids and cid not in self.kept
+
+    def publish(self, vault: Vault, key: str) -> None:
+        """Write them to ``key`` (32 bytes an id), a staged file at a time, never whole in memory."""
+        path = vault.backend.staging_dir() / f"condemned-{os.getpid()}-{os.urandom(8).hex()}.partial"
+        try:
+            with open(path, "wb") as f:
+                batch = bytearray()
+                for cid in self.ids:
+                    if cid not in self.kept:
+                        batch += cid
+                        if len(batch) >= 1 << 20:
+                            f.write(batch)
+                            batch.clear()
+                f.write(batch)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(f"no space left in {path.parent} for gc's condemned list") from exc
+            raise BackendError(f"cannot stage gc's condemned list in {path.parent}: {exc}") from exc
+        try:
+            vault.backend.put_file(key, path, overwrite=True)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if isinstance(self.ids, DiskIdSet):
+            self.ids.close()
 
 
 @dataclass
@@ -207,6 +259,7 @@ class _Gc:
             self._drop_stale_staging_files(t0 - self.grace)
         # 2. Mark.
         read_ids, rows = self._mark()
+        condemned: _Condemned | None = None
         try:
             self._classify(rows, t0)
             # 3. Condemn.
@@ -216,19 +269,21 @@ class _Gc:
                 self.report.seconds = time.monotonic() - start
                 return self.report
             condemned_key = f"{LOCKS_PREFIX}{self.lock.info.id}{CONDEMNED_SUFFIX}"
-            self.vault.backend.put(condemned_key, bytes(condemned.buffer()), overwrite=True)
             try:
+                condemned.publish(self.vault, condemned_key)
                 # 4. Wait, then re-mark: backups that finished meanwhile may use condemned chunks.
                 self._wait_for_backups()
                 revived = {cid for cid in _referenced(self.vault, self.vault.backup_ids())
                            if cid in condemned}  # few: what backups used meanwhile
-                del condemned
+                condemned.close()
                 self._adopt_new_indexes(read_ids)
                 # 5. Sweep.
                 self._sweep(rows, read_ids, revived)
             finally:
                 self.vault.backend.delete(condemned_key)
         finally:
+            if condemned is not None:
+                condemned.close()
             rows.close()
             if self.by_chunk is not None:
                 self.by_chunk.close()
@@ -406,22 +461,31 @@ class _Gc:
         else:
             p.fate = ORPHAN
 
-    def _condemn(self, rows: RowsByPack) -> IdSet:
+    def _condemn(self, rows: RowsByPack) -> _Condemned:
         """Chunks this gc will delete: in packs going away, in no pack staying, referenced by no backup.
-        What it holds follows what it deletes."""
+        What it holds follows what it deletes: past ``IDS_IN_MEMORY`` of them (a gc after a large prune)
+        they are in a temporary file."""
         packs, live = self.packs, self.live
-        candidates = IdSet()
-        if not any(p.going for p in packs.values()):
-            return candidates
+        going = sum(p.chunks for p in packs.values() if p.going)
+        candidates = new_id_set(going, "the chunks this gc condemns")
+        bloom = Bloom(going) if isinstance(candidates, DiskIdSet) else None
         for pack_id, entries in rows.packs():
             p = packs.get(pack_id.hex())
-            if p is not None and p.going:
-                candidates.update(cid for cid, _loc in entries if cid not in live)
-        if not candidates:
-            return candidates
-        kept = {cid for pack_id, entries in rows.packs() if (p := packs.get(pack_id.hex())) is not None
-                and p.fate == KEEP for cid, _loc in entries if cid in candidates}  # few: chunks stored twice
-        return IdSet(cid for cid in candidates if cid not in kept) if kept else candidates
+            if p is None or not p.going:
+                continue
+            dead = [cid for cid, _loc in entries if cid not in live]
+            candidates.update(dead)
+            if bloom is not None:
+                for cid in dead:
+                    bloom.add(cid)
+        if isinstance(candidates, DiskIdSet):
+            candidates.finish()
+        condemned = _Condemned(candidates, bloom)
+        if len(candidates):
+            # Few: chunks stored twice, in a pack going away and in one staying.
+            condemned.kept = {cid for pack_id, entries in rows.packs() if (p := packs.get(pack_id.hex()))
+                              is not None and p.fate == KEEP for cid, _loc in entries if cid in condemned}
+        return condemned
 
     # -- wait ------------------------------------------------------------------------------------
 
