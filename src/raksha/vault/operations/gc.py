@@ -465,6 +465,8 @@ class _Gc:
         they are in a temporary file."""
         packs, live = self.packs, self.live
         going = sum(p.chunks for p in packs.values() if p.going)
+        if not any(p.going for p in packs.values()):
+            return _Condemned(IdSet())  # the rows are not read again
         candidates = new_id_set(going, "the chunks this gc condemns")
         for pack_id, entries in rows.packs():
             p = packs.get(pack_id.hex())
