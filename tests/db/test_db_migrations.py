@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 from typing import Any
 
@@ -116,3 +117,7 @@ def test_without_a_url_the_database_is_sqlite_in_the_data_directory(tmp_path: An
     assert rc == 0, err
     assert json.loads(out)["url"] == f"sqlite:///{tmp_path / 'data' / 'raksha.sqlite'}"
     assert (tmp_path / "data" / "raksha.sqlite").is_file()
+    # Made as `serve` makes them: a folder others may only pass through, a database its owner's alone
+    # (it holds the vault services' settings).
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o711
+    assert stat.S_IMODE((tmp_path / "data" / "raksha.sqlite").stat().st_mode) == 0o600

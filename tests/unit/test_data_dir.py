@@ -10,6 +10,7 @@ import pytest
 from oslo_config import cfg
 
 from raksha import conf as config
+from raksha.db.migrate import upgrade
 from raksha.domain.errors import InvalidInput
 from raksha.wsgi.embedded import prepare_data_dir
 
@@ -29,10 +30,12 @@ def mode(path: Path) -> int:
 
 def test_a_new_folder_lets_qemu_reach_restored_disks_and_keeps_the_rest_private(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    prepare_data_dir(settings(data))
+    conf = settings(data)
+    prepare_data_dir(conf)
     assert mode(data) == 0o711
     assert mode(data / "restored") == 0o711
     assert mode(data / "vault") == 0o700
+    upgrade(config.database_url(conf))  # the database, made by the server's first start
     assert mode(data / "raksha.sqlite") == 0o600
 
 

@@ -30,7 +30,7 @@ def _url(args: argparse.Namespace) -> str:
     url: str = args.url or default_url()
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database or "").parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(Path(parsed.database or "").parent, mode=0o711, exist_ok=True)  # as `serve` makes it
     return url
 
 

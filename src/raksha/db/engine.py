@@ -9,6 +9,7 @@ before use and recycles them before a server's idle timeout (MySQL's 8 hours).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,12 +30,24 @@ def _is_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or "mode=memory" in str(url)
 
 
+def _create_private(path: str) -> None:
+    """A new database file is its owner's alone (it holds the vault services' settings, credentials
+    among them); SQLite gives its ``-wal`` and ``-shm`` the same mode. An existing one is left as it is,
+    and a missing folder is SQLite's to report."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        pass
+
+
 def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
     """An engine for ``url`` with pool and connection settings fitting its backend."""
     url = make_url(url)
     backend = url.get_backend_name()
     if backend == "sqlite":
         memory = _is_memory(url)
+        if not memory and url.database:
+            _create_private(url.database)
         kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
         if memory:
             kwargs["poolclass"] = StaticPool  # one connection, or each would see its own empty database

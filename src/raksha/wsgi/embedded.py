@@ -44,9 +44,8 @@ def _prepare_data_dir(conf: cfg.ConfigOpts) -> None:
     os.makedirs(data, mode=0o711, exist_ok=True)
     _let_pass(data)
     database = config.database_url(conf)
-    if not conf.database.connection:
+    if not conf.database.connection:  # a new one is made private (db.engine); an earlier one is closed here
         path = database.removeprefix("sqlite:///")
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal and -shm take its mode
         for own in (path, f"{path}-wal", f"{path}-shm"):
             _private(own, 0o600)
     if not conf.vault.path:
