@@ -411,14 +411,18 @@ def _check_outputs(paths: list[str]) -> None:
         raise AlreadyExists(f"{', '.join(taken)} exist(s); nothing was restored", code="OUTPUT_EXISTS", paths=taken)
 
 
-def _check_reachable(conn: libvirt.virConnect, target_dir: Path, domain_xml: str) -> None:
-    """The new domain's QEMU can open its disks in ``target_dir``: said now, not after writing them."""
+def _check_reachable(conn: libvirt.virConnect, target_dir: Path, domain_xml: str,
+                     owners: dict[str, tuple[int, int] | None]) -> None:
+    """The new domain's QEMU can open its disks in ``target_dir``: said now, not after writing them.
+    ``owners``: QEMU's user by domain type, as found so far in this restore (the capabilities are read once)."""
     try:
         virt_type = ET.fromstring(domain_xml).get("type") or "kvm"
     except ET.ParseError:
         return  # defining it says what is wrong
-    with _libvirt("reading the host's capabilities"):
-        owner = qemu_user(conn, virt_type)
+    if virt_type not in owners:
+        with _libvirt("reading the host's capabilities"):
+            owners[virt_type] = qemu_user(conn, virt_type)
+    owner = owners[virt_type]
     blocked = blocking_dir(str(target_dir), *owner) if owner is not None else None
     if owner is not None and blocked is not None:
         st = os.stat(blocked)
@@ -432,11 +436,12 @@ def _check_reachable(conn: libvirt.virConnect, target_dir: Path, domain_xml: str
 def _plan_new_vm(conn: libvirt.virConnect, req: RestoreRequest, vms: list[_VmPlan], fmt: str) -> None:
     target_dir = _check_target_dir(req.target_dir)
     new_names: set[str] = set()
+    owners: dict[str, tuple[int, int] | None] = {}
     for vm in vms:
         if "domain_xml" not in vm.hints:
             raise InvalidInput(f"run {req.job}/{req.run} saved no domain definition for {vm.name} ({vm.uuid})",
                                code="DOMAIN_XML_MISSING", vm=vm.uuid)
-        _check_reachable(conn, target_dir, vm.hints["domain_xml"])
+        _check_reachable(conn, target_dir, vm.hints["domain_xml"], owners)
         vm.new_name = req.names.get(vm.uuid) or req.names.get(vm.name) or f"{vm.name}-{req.run}"
         if vm.new_name in new_names:
             raise InvalidInput(f"two restored VMs would both be named {vm.new_name!r}", code="DOMAIN_NAME_COLLISION")

@@ -43,9 +43,8 @@ def _prepare_data_dir(conf: cfg.ConfigOpts) -> None:
     data = os.path.abspath(conf.data_dir)
     os.makedirs(data, mode=0o711, exist_ok=True)
     _let_pass(data)
-    database = config.database_url(conf)
     if not conf.database.connection:  # a new one is made private (db.engine); an earlier one is closed here
-        path = database.removeprefix("sqlite:///")
+        path = config.database_url(conf).removeprefix("sqlite:///")
         for own in (path, f"{path}-wal", f"{path}-shm"):
             _private(own, 0o600)
     if not conf.vault.path:
@@ -55,17 +54,10 @@ def _prepare_data_dir(conf: cfg.ConfigOpts) -> None:
         _private(config.vault_key_file(conf), 0o600)
     restored = os.path.abspath(config.restore_dir(conf))
     os.makedirs(restored, mode=0o711, exist_ok=True)
-    if os.path.commonpath([data, restored]) == data:
-        for folder in (restored, *_parents_up_to(restored, data)):
-            _let_pass(folder)
-
-
-def _parents_up_to(path: str, top: str) -> list[str]:
-    found = []
-    while path != top and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-        found.append(path)
-    return found
+    folder = restored
+    while folder != data and os.path.commonpath([data, folder]) == data:  # up to the data folder, if inside
+        _let_pass(folder)
+        folder = os.path.dirname(folder)
 
 
 def _let_pass(folder: str) -> None:

@@ -464,10 +464,10 @@ class _Gc:
         What it holds follows what it deletes: past ``IDS_IN_MEMORY`` of them (a gc after a large prune)
         they are in a temporary file."""
         packs, live = self.packs, self.live
-        going = sum(p.chunks for p in packs.values() if p.going)
-        if not any(p.going for p in packs.values()):
+        going = [p for p in packs.values() if p.going]
+        if not going:
             return _Condemned(IdSet())  # the rows are not read again
-        candidates = new_id_set(going, "the chunks this gc condemns")
+        candidates = new_id_set(sum(p.chunks for p in going), "the chunks this gc condemns")
         for pack_id, entries in rows.packs():
             p = packs.get(pack_id.hex())
             if p is not None and p.going:
