@@ -25,7 +25,7 @@ from raksha.vault.engine.restore import restore_backup, touched_blocks
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
-from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, encode_layers
+from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, covered_ranges, encode_layers
 from raksha.vault.format.keys import KdfParams, Secret
 from raksha.vault.format.manifest import Manifest, decode_manifest, encode_manifest
 from raksha.vault.format.naming import BackupId
@@ -85,7 +85,7 @@ def manifest(vault: Vault, run: int) -> Manifest:
     return vault.read_manifest(BackupId.parse(f"job/run{run}/vm/vda"))
 
 
-def test_layers_accumulate_up_to_the_limit_then_the_chunk_is_stored_whole(vault: Vault, tmp_path: Path) -> None:
+def test_layers_accumulate_up_to_the_limit_then_merge_into_one(vault: Vault, tmp_path: Path) -> None:
     disk = Disk(tmp_path / "disk.img")
     full = disk.backup(vault, full=True)
     assert manifest(vault, 1).version == 1 and full.stats.chunks_delta == 0  # a full never writes deltas
@@ -94,19 +94,81 @@ def test_layers_accumulate_up_to_the_limit_then_the_chunk_is_stored_whole(vault:
         disk.write(MIB + n * 64 * KIB, os.urandom(8 * KIB))  # chunk 1, a new place each time
         inc = disk.backup(vault)
         layers = manifest(vault, n + 1).deltas.get(1, [])
+        assert manifest(vault, n + 1).chunk_ids[1] == manifest(vault, 1).chunk_ids[1]  # the base stays
+        assert (inc.stats.chunks_patched, inc.stats.bytes_read) == (0, 8 * KIB)  # only the change is read
         if n <= MAX_LAYERS:
-            assert (inc.stats.chunks_delta, inc.stats.chunks_patched, len(layers)) == (1, 0, n)
-            assert inc.stats.bytes_read == 8 * KIB and inc.stats.bytes_stored < 9 * KIB
-            assert manifest(vault, n + 1).chunk_ids[1] == manifest(vault, 1).chunk_ids[1]  # the base stays
-        else:  # one layer too many: rebuilt from base + layers + the change, stored whole
-            assert (inc.stats.chunks_delta, inc.stats.chunks_patched, layers) == (0, 1, [])
-            assert inc.stats.bytes_read == 8 * KIB
+            assert (inc.stats.chunks_delta, inc.stats.chunks_merged, len(layers)) == (1, 0, n)
+            assert inc.stats.bytes_stored < 9 * KIB
+        else:  # one layer too many: the parent's layers and the change become one layer of all their ranges
+            assert (inc.stats.chunks_delta, inc.stats.chunks_merged, len(layers)) == (1, 1, 1)
+            assert layers[0].ranges == tuple((k * 64 * KIB, 8 * KIB) for k in range(1, n + 1))
+            assert n * 8 * KIB < inc.stats.bytes_stored < n * 9 * KIB
     disk.write(MIB + 7 * KIB, os.urandom(KIB))
-    assert disk.backup(vault).stats.chunks_delta == 1  # and layering starts again on the new whole chunk
+    inc = disk.backup(vault)  # and layering starts again on the merged layer
+    assert (inc.stats.chunks_delta, inc.stats.chunks_merged, len(manifest(vault, disk.runs).deltas[1])) == (1, 0, 2)
 
     for run in range(1, disk.runs + 1):
         assert disk.restores_exactly(vault, run, tmp_path / "out.img"), f"run {run}"
     assert verify_vault(vault).ok
+
+
+def test_blocks_rewritten_every_run_never_rebuild_their_chunk(vault: Vault, tmp_path: Path) -> None:
+    """A journal or a database's hot pages: the same ranges written before every backup. Their layers are
+    merged whenever they reach the limit, so no incremental ever rereads or restores the whole chunk."""
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    for k in range(3 * MAX_LAYERS + 1):
+        disk.write(2 * MIB + 100 * KIB, os.urandom(40 * KIB))  # overlapping ranges across the runs
+        disk.write(2 * MIB + 120 * KIB, os.urandom(50 * KIB))
+        inc = disk.backup(vault)
+        assert (inc.stats.chunks_delta, inc.stats.chunks_patched, inc.stats.bytes_read) == (1, 0, 70 * KIB)
+        assert inc.stats.bytes_stored < 71 * KIB  # never the chunk
+        assert len(manifest(vault, disk.runs).deltas[2]) == k % MAX_LAYERS + 1
+        assert inc.stats.chunks_merged == (k > 0 and k % MAX_LAYERS == 0)
+    assert manifest(vault, disk.runs).chunk_ids[2] == manifest(vault, 1).chunk_ids[2]
+    for run in range(1, disk.runs + 1):
+        assert disk.restores_exactly(vault, run, tmp_path / "out.img"), f"run {run}"
+    assert verify_vault(vault).ok
+
+
+def test_layers_that_would_merge_into_more_than_half_a_chunk_rebuild_it(vault: Vault, tmp_path: Path) -> None:
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    for n in range(MAX_LAYERS):
+        disk.write(MIB + n * 128 * KIB, os.urandom(100 * KIB))
+        assert disk.backup(vault).stats.chunks_delta == 1
+    disk.write(MIB + 600 * KIB, os.urandom(200 * KIB))  # 600 KiB covered in all: more than half
+    inc = disk.backup(vault)
+    assert (inc.stats.chunks_delta, inc.stats.chunks_merged, inc.stats.chunks_patched) == (0, 0, 1)
+    assert 1 not in manifest(vault, disk.runs).deltas
+    assert disk.restores_exactly(vault, disk.runs, tmp_path / "out.img")
+
+
+def test_a_merge_whose_layers_are_unreadable_reads_the_whole_chunk(tmp_path: Path) -> None:
+    vault = Vault.init(LocalBackend(tmp_path / "v", create=True), VaultConfig.new())
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    for n in range(MAX_LAYERS):
+        disk.write(MIB + n * 64 * KIB, os.urandom(8 * KIB))
+        disk.backup(vault)
+    layer = manifest(vault, disk.runs).deltas[1][-1]
+    loc = vault.load_index().locations[layer.blob_id]
+    pack = tmp_path / "v" / pack_key(loc.pack_id.hex())
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + 40] ^= 1  # the layer's blob no longer matches its id: the index still lists it
+    pack.write_bytes(bytes(data))
+    disk.write(MIB + 5 * 64 * KIB, os.urandom(8 * KIB))
+    inc = disk.backup(vault)
+    assert (inc.stats.chunks_delta, inc.stats.chunks_merged, inc.stats.bytes_read) == (0, 0, MIB)
+    assert 1 not in manifest(vault, disk.runs).deltas  # read from the disk and stored whole
+    assert disk.restores_exactly(vault, disk.runs, tmp_path / "out.img")
+
+
+def test_covered_ranges_are_every_byte_the_layers_write_in_order() -> None:
+    layers = [Layer(ZERO_ID, ((0, 10), (100, 50))), Layer(ZERO_ID, ((140, 20), (300, 5)))]
+    assert covered_ranges(layers) == ((0, 10), (100, 60), (300, 5))
+    assert covered_ranges(layers, [(10, 5), (120, 10), (305, 1)]) == ((0, 15), (100, 60), (300, 6))
+    assert covered_ranges([], [(8, 2), (0, 4)]) == ((0, 4), (8, 2))
 
 
 def test_layers_cover_at_most_half_a_chunk(vault: Vault, tmp_path: Path) -> None:

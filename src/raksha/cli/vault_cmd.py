@@ -321,7 +321,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
          f" in {d['seconds']:.2f} s ({d['read_mb_s']} MB/s), stored {human_bytes(d['bytes_stored'])} new; "
          f"chunks: {d['chunks_new']} new, {d['chunks_deduplicated']} deduplicated, "
          f"{d['chunks_from_parent']} unchanged, {d['chunks_zero']} zero"
-         + (f", {d['chunks_delta']} changed in part (only the change stored)" if d["chunks_delta"] else ""))
+         + (f", {d['chunks_delta']} changed in part (only the change stored"
+            + (f"; {d['chunks_merged']} with their earlier layers merged" if d["chunks_merged"] else "") + ")"
+            if d["chunks_delta"] else ""))
     return 0
 
 

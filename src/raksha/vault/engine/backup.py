@@ -28,7 +28,7 @@ from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ZERO_ID
-from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries
+from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, covered_ranges
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sorted_ids import DiskIdSet
@@ -50,6 +50,7 @@ class BackupStats:
     chunks_zero: int = 0
     chunks_patched: int = 0  # changed in part: only the changed bytes read, the rest from the parent's chunk
     chunks_delta: int = 0  # changed in part: only the changed bytes read and stored, as a layer on the parent's
+    chunks_merged: int = 0  # of those, chunks whose parent's layers were merged with the change into one layer
     packs_written: int = 0
     seconds: float = 0.0
 
@@ -71,9 +72,11 @@ class BackupResult:
 
 # A changed chunk becomes a delta layer on its parent's copy while it would have at most this many
 # layers covering at most half of it (format.md §8.1): a restore then reads at most 5 blobs and 1.5
-# chunks of bytes for it. Past that, the whole chunk is rebuilt and stored. Each layer lists at most
-# MAX_RANGES ranges, and at most half of a disk's chunks (or MIN_LAYERED_ROOM) carry layers, so a
-# manifest and the memory it takes stay bounded by the disk's size whatever the history of writes.
+# chunks of bytes for it. Past that, its layers and the change are merged into one layer if that
+# covers at most half of it (blocks rewritten again and again: a journal, a database's hot pages),
+# else the whole chunk is rebuilt and stored. Each layer lists at most MAX_RANGES ranges, and at most
+# half of a disk's chunks (or MIN_LAYERED_ROOM) carry layers, so a manifest and the memory it takes
+# stay bounded by the disk's size whatever the history of writes.
 MAX_LAYERS = 4
 MAX_LAYERED_FRACTION = 2  # layers cover at most 1/2 of the chunk
 MAX_RANGES = 64
@@ -96,9 +99,11 @@ PREFETCH_BYTES = 16 << 20
 
 @dataclass(frozen=True)
 class _Filled:
-    length: int  # bytes of data in the buffer: the chunk, or a new layer's changed ranges
+    length: int  # bytes of data in the buffer: the chunk, or a new layer's ranges
     read: int  # of the source
-    patched: bool  # the chunk was rebuilt on the parent's copy
+    patched: bool = False  # the chunk was rebuilt on the parent's copy
+    layer: bool = False  # the buffer holds a new layer, not the chunk
+    merged: bool = False  # that layer replaces the parent's layers (their ranges and the change's)
 
 
 def backup_disk(
@@ -154,9 +159,10 @@ class _Backup:
         self._zero_ids: dict[int, bytes] = {}
         self.condemned: IdSet | DiskIdSet = IdSet()  # what a running gc will delete: stored again if used
         # Chunks changed in part: rebuilt whole on the parent's copy (patch), or stored as a new layer of
-        # just the changed ranges (delta). Their ranges come from ``self.changed``.
+        # just the changed ranges (delta), or of those and the parent's layers' (delta and merge). Their
+        # ranges come from ``self.changed`` (and the parent's manifest).
         n = -(-self.size // self.chunk_size)
-        self.patch, self.delta = ChunkFlags(n), ChunkFlags(n)
+        self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
         # The new manifest's layers: the parent's on chunks this backup keeps, and this backup's own
         # (encoded: a large disk may carry layers on hundreds of thousands of chunks).
         self.kept_deltas = Deltas()
@@ -184,7 +190,9 @@ class _Backup:
         assert index.ids is not None
         condemned = self.vault.condemned_chunks()
         self.stored_ids, self.condemned = index.ids, condemned
-        self._chunks = ChunkReader(self.vault, index.locations, self.chunk_size)
+        # A reader thread rebuilds or merges chunk after chunk, each from its parent's base and layers
+        # in as many packs: it keeps a piece of each read ahead (a restore's many threads do not).
+        self._chunks = ChunkReader(self.vault, index.locations, self.chunk_size, spans=MAX_LAYERS + 1)
         n = -(-self.size // self.chunk_size)
         to_read = self._plan(n)  # sets self.ids: zero, or the parent's (no copy: 32 MB for 1 TiB)
         self.stats.chunks_total = n
@@ -217,9 +225,16 @@ class _Backup:
     def _work(self, i: int) -> int:
         """Bytes chunk ``i`` costs to back up: what progress counts."""
         if i in self.delta:
-            assert self.changed is not None
-            return sum(n for _, n in self.changed.ranges(i))
+            return sum(n for _, n in self._layer_ranges(i))
         return self._length(i)
+
+    def _layer_ranges(self, i: int) -> Sequence[tuple[int, int]]:
+        """The ranges of the layer chunk ``i`` gets: the change's, or merged with the parent's layers'."""
+        assert self.changed is not None
+        if i in self.merge:
+            assert self.parent is not None
+            return covered_ranges(self.parent.deltas.get(i, []), self.changed.ranges(i))
+        return self.changed.ranges(i)
 
     def _read_parent(self) -> Manifest | None:
         if self.parent_id is None:
@@ -242,20 +257,24 @@ class _Backup:
         must = changed.chunks()
         self._classify(must, n, min(n, parent.chunk_count), set())
         for i in must:
-            if i in self.patch:
-                out.add(parent.chunk_ids[i])
+            if i in self.patch or i in self.merge:  # a merge reads the parent's layers, not its base
+                if i in self.patch:
+                    out.add(parent.chunk_ids[i])
                 out.update(layer.blob_id for layer in parent.deltas.get(i, []))
-        self.patch, self.delta = ChunkFlags(n), ChunkFlags(n)
+        self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
         return out
 
     def _classify(self, must: ChunkSpans, n: int, common: int, bad: set[int]) -> None:
-        """Sort the chunks changed in part into layers (``self.delta``) and rebuilds (``self.patch``).
+        """Sort the chunks changed in part into layers (``self.delta``, of which ``self.merge`` replace
+        the parent's) and rebuilds (``self.patch``).
 
         Only the changed bytes of a chunk changed in part are read from the source: the load on the VM's
         storage follows what changed, not the chunk size. They are stored as a layer on the parent's
-        chunk while the layers stay few and small, so the work follows what changed too; else the
-        chunk is rebuilt from the parent's copy and stored whole. Chunks that keep the parent's layers,
-        plus those layered now, stay within the share."""
+        chunk while the layers stay few and small, so the work follows what changed too. A chunk at the
+        bound on layers merges them and the change into one layer while that stays small (the same
+        blocks written again: it reads the parent's small layers, not its chunk); else the chunk is
+        rebuilt from the parent's copy and stored whole. Chunks that keep the parent's layers, plus those
+        layered now, stay within the share."""
         parent, changed = self.parent, self.changed
         assert parent is not None and changed is not None
         room = max(MIN_LAYERED_ROOM, n // MAX_LAYERED_SHARE) - sum(
@@ -268,12 +287,20 @@ class _Backup:
             if size >= self._length(i):
                 continue
             layers = parent.deltas.get(i, [])
-            if (room > 0 and len(layers) < MAX_LAYERS and len(ranges) <= MAX_RANGES
-                    and (sum(layer.length for layer in layers) + size) * MAX_LAYERED_FRACTION <= self._length(i)):
-                self.delta.add(i)
-                room -= 1
-            else:
-                self.patch.add(i)
+            if room > 0 and len(ranges) <= MAX_RANGES:
+                small = (sum(layer.length for layer in layers) + size) * MAX_LAYERED_FRACTION <= self._length(i)
+                if len(layers) < MAX_LAYERS and small:
+                    self.delta.add(i)
+                    room -= 1
+                    continue
+                merged = covered_ranges(layers, ranges) if layers else ()
+                if (merged and len(merged) <= MAX_RANGES
+                        and sum(m for _, m in merged) * MAX_LAYERED_FRACTION <= self._length(i)):
+                    self.delta.add(i)
+                    self.merge.add(i)
+                    room -= 1
+                    continue
+            self.patch.add(i)
 
     def _plan(self, n: int) -> Collection[int]:
         """Chunks to read; ids of the others are set here (zero, or the parent's)."""
@@ -361,10 +388,35 @@ class _Backup:
             read += n
         return read
 
+    def _merged(self, i: int, out: memoryview) -> _Filled | None:
+        """Chunk ``i``'s merged layer into ``out``: the parent's layers applied, the changed ranges read
+        over them, then every range they cover moved to the front in order. None if a layer fails."""
+        assert self.parent is not None and self.changed is not None
+        try:
+            # Only the covered ranges are written and kept: the base is never needed.
+            self._chunks.layers_into(self.parent.deltas.get(i, []), out,
+                                     what=f"parent {self.parent_id} chunk {i}")
+        except RakshaError:
+            return None  # damaged or gone: read the whole chunk from the source instead
+        read = 0
+        for off, n in self.changed.ranges(i):
+            self._read(i * self.chunk_size + off, out[off : off + n])
+            read += n
+        pos = 0
+        for off, n in self._layer_ranges(i):
+            out[pos : pos + n] = out[off : off + n]  # pos <= off: a forward move (memoryview moves overlaps safely)
+            pos += n
+        return _Filled(pos, read, layer=True, merged=True)
+
     def _fill(self, i: int, buf: mmap.mmap) -> _Filled:
         """The I/O of chunk ``i`` (in a reader thread): its changed ranges one after another for a new
-        layer, else the whole chunk (rebuilt on the parent's copy where it changed in part)."""
-        if i in self.delta:
+        layer (merged with the parent's layers' for some), else the whole chunk (rebuilt on the parent's
+        copy where it changed in part)."""
+        if i in self.merge:
+            merged = self._merged(i, memoryview(buf)[: self._length(i)])
+            if merged is not None:
+                return merged
+        elif i in self.delta:
             assert self.changed is not None
             ranges = self.changed.ranges(i)
             length = sum(n for _, n in ranges)
@@ -373,28 +425,28 @@ class _Backup:
             for off, n in ranges:
                 self._read(i * self.chunk_size + off, data[pos : pos + n])
                 pos += n
-            return _Filled(length, length, patched=False)
+            return _Filled(length, length, layer=True)
         length = self._length(i)
         data = memoryview(buf)[:length]
         read = self._patched(i, data) if i in self.patch else None
         if read is not None:
             return _Filled(length, read, patched=True)
         self._read(i * self.chunk_size, data)
-        return _Filled(length, length, patched=False)
+        return _Filled(length, length)
 
     def _digest(self, i: int, buf: mmap.mmap, filled: _Filled) -> None:
         """The computing of chunk ``i`` (in a worker thread): hash, then store unless zero or stored."""
         data = memoryview(buf)[: filled.length]
-        delta = i in self.delta
         with self._lock:
             self.stats.bytes_read += filled.read
             self.stats.chunks_read += 1
             self.stats.chunks_patched += filled.patched
-            self.stats.chunks_delta += delta
+            self.stats.chunks_delta += filled.layer
+            self.stats.chunks_merged += filled.merged
         cid = self.vault.crypto.chunk_id(data)
         zero = cid == self._zero_id(filled.length)
-        if delta:
-            self._layer(i, ZERO_ID if zero else cid, data)
+        if filled.layer:
+            self._layer(i, ZERO_ID if zero else cid, data, filled.merged)
         elif zero:
             self.ids[i] = ZERO_ID  # a changed chunk had its parent's id until now
             with self._lock:
@@ -404,14 +456,15 @@ class _Backup:
             self._store(cid, data)
         self.progress.add(filled.length)
 
-    def _layer(self, i: int, cid: bytes, data: memoryview) -> None:
-        """Chunk ``i`` becomes the parent's copy with one more layer: ``data``, the changed ranges."""
+    def _layer(self, i: int, cid: bytes, data: memoryview, merged: bool) -> None:
+        """Chunk ``i`` becomes the parent's copy with one more layer, ``data`` (the changed ranges), or with
+        ``data`` in place of its layers (the ranges they and the change cover)."""
         if cid != ZERO_ID:  # a layer of zeros is stored as nothing
             self._store(cid, data)
-        assert self.parent is not None and self.changed is not None
+        assert self.parent is not None
         # On the parent's copy: its id (kept in ``self.ids``) and its layers, then this one.
-        below = self.parent.deltas.get(i, [])
-        layers = [*below, Layer(cid, tuple(self.changed.ranges(i)))]
+        below = [] if merged else self.parent.deltas.get(i, [])
+        layers = [*below, Layer(cid, tuple(self._layer_ranges(i)))]
         with self._lock:
             self.new_deltas.add(i, layers)
 

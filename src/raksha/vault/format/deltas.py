@@ -44,6 +44,20 @@ class Layer:
         return sum(n for _, n in self.ranges)
 
 
+def covered_ranges(layers: Sequence[Layer], ranges: Iterable[tuple[int, int]] = ()) -> tuple[tuple[int, int], ...]:
+    """Every byte ``layers`` and ``ranges`` write, as ascending ranges that neither overlap nor touch:
+    the ranges of the one layer that does what they do, applied in order (format.md §8.1)."""
+    spans = sorted([*(r for layer in layers for r in layer.ranges), *ranges])
+    out: list[tuple[int, int]] = []
+    for off, n in spans:
+        if out and off <= out[-1][0] + out[-1][1]:
+            start = out[-1][0]
+            out[-1] = (start, max(out[-1][1], off + n - start))
+        else:
+            out.append((off, n))
+    return tuple(out)
+
+
 def encode_layers(index: int, layers: Sequence[Layer]) -> bytes:
     """Chunk ``index``'s entry."""
     parts = [_PAIR.pack(index, len(layers))]
