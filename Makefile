@@ -53,8 +53,9 @@ bench:
 	$(PY) bench/large_disk.py
 	$(PY) bench/dense_disk.py
 	$(PY) bench/layered_disk.py
+	$(PY) bench/hot_blocks.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis bench/work bench/work-driver bench/work-dense bench/work-large bench/work-layered
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis bench/work bench/work-driver bench/work-dense bench/work-large bench/work-layered bench/work-hot
 	rm -rf src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -357,7 +357,8 @@ def _place_extents(rng: random.Random, sizes: list[int], virtual: int) -> list[l
     return [[s, e - s] for s, e in zip(starts, ends, strict=True)]
 
 
-def _write_changes(path: str | os.PathLike[str], extents: list[list[int]], seed: int, purpose: str) -> None:
+def write_changes(path: str | os.PathLike[str], extents: list[list[int]], seed: int, purpose: str) -> None:
+    """Overwrite each extent with data of a kind (text or random) drawn for it; ``purpose`` seeds the bytes."""
     rng = _rng(seed, f"{purpose}:kinds")
     fd = os.open(path, os.O_WRONLY)
     try:
@@ -376,7 +377,7 @@ def _copy_with_changes(
     rng = _rng(seed, f"{purpose}:extents")
     total = max(BLOCK, int(virtual * fraction))
     extents = _place_extents(rng, _extent_sizes(rng, total), virtual)
-    _write_changes(dst, extents, seed, purpose)
+    write_changes(dst, extents, seed, purpose)
     return extents
 
 

@@ -25,7 +25,15 @@ from raksha.vault.engine.restore import restore_backup, touched_blocks
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
 from raksha.vault.format.crypto import Crypto, EncryptedCrypto, MasterKey
-from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, covered_ranges, encode_layers
+from raksha.vault.format.deltas import (
+    Deltas,
+    Layer,
+    MergedDeltas,
+    NewEntries,
+    covered_ranges,
+    encode_layers,
+    live_layers,
+)
 from raksha.vault.format.keys import KdfParams, Secret
 from raksha.vault.format.manifest import Manifest, decode_manifest, encode_manifest
 from raksha.vault.format.naming import BackupId
@@ -112,19 +120,42 @@ def test_layers_accumulate_up_to_the_limit_then_merge_into_one(vault: Vault, tmp
     assert verify_vault(vault).ok
 
 
-def test_blocks_rewritten_every_run_never_rebuild_their_chunk(vault: Vault, tmp_path: Path) -> None:
-    """A journal or a database's hot pages: the same ranges written before every backup. Their layers are
-    merged whenever they reach the limit, so no incremental ever rereads or restores the whole chunk."""
+def test_blocks_rewritten_every_run_keep_one_layer_and_read_nothing_of_the_vault(vault: Vault, tmp_path: Path) -> None:
+    """A journal or a database's hot pages: the same blocks written before every backup. The new layer
+    overwrites the parent's entirely, so it replaces it: one layer, whatever the number of runs."""
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    for _ in range(MAX_LAYERS + 2):
+        disk.write(2 * MIB + 100 * KIB, os.urandom(40 * KIB))
+        disk.write(2 * MIB + 120 * KIB, os.urandom(50 * KIB))  # overlapping the first
+        inc = disk.backup(vault)
+        assert (inc.stats.chunks_delta, inc.stats.chunks_merged, inc.stats.chunks_patched) == (1, 0, 0)
+        assert inc.stats.bytes_read == 70 * KIB and inc.stats.bytes_stored < 71 * KIB
+        assert [layer.ranges for layer in manifest(vault, disk.runs).deltas[2]] == [((100 * KIB, 70 * KIB),)]
+    disk.write(2 * MIB + 110 * KIB, os.urandom(KIB))  # inside the layer: on top of it
+    disk.backup(vault)
+    assert len(manifest(vault, disk.runs).deltas[2]) == 2
+    assert manifest(vault, disk.runs).chunk_ids[2] == manifest(vault, 1).chunk_ids[2]
+    for run in range(1, disk.runs + 1):
+        assert disk.restores_exactly(vault, run, tmp_path / "out.img"), f"run {run}"
+    assert verify_vault(vault).ok
+
+
+def test_blocks_rewritten_in_part_merge_their_layers_and_never_rebuild_the_chunk(vault: Vault,
+                                                                                 tmp_path: Path) -> None:
+    """Writes that move a little every run overlap the last layer without covering it: layers stack up to
+    the limit, then merge with the change into one, again and again."""
     disk = Disk(tmp_path / "disk.img")
     disk.backup(vault, full=True)
     for k in range(3 * MAX_LAYERS + 1):
-        disk.write(2 * MIB + 100 * KIB, os.urandom(40 * KIB))  # overlapping ranges across the runs
-        disk.write(2 * MIB + 120 * KIB, os.urandom(50 * KIB))
+        disk.write(2 * MIB + 100 * KIB + k * KIB, os.urandom(40 * KIB))
         inc = disk.backup(vault)
-        assert (inc.stats.chunks_delta, inc.stats.chunks_patched, inc.stats.bytes_read) == (1, 0, 70 * KIB)
-        assert inc.stats.bytes_stored < 71 * KIB  # never the chunk
-        assert len(manifest(vault, disk.runs).deltas[2]) == k % MAX_LAYERS + 1
+        assert (inc.stats.chunks_delta, inc.stats.chunks_patched, inc.stats.bytes_read) == (1, 0, 40 * KIB)
+        layers = manifest(vault, disk.runs).deltas[2]
+        assert len(layers) == k % MAX_LAYERS + 1
         assert inc.stats.chunks_merged == (k > 0 and k % MAX_LAYERS == 0)
+        if inc.stats.chunks_merged:  # everything written since the full, in one range
+            assert layers[0].ranges == ((100 * KIB, (40 + k) * KIB),)
     assert manifest(vault, disk.runs).chunk_ids[2] == manifest(vault, 1).chunk_ids[2]
     for run in range(1, disk.runs + 1):
         assert disk.restores_exactly(vault, run, tmp_path / "out.img"), f"run {run}"
@@ -162,6 +193,16 @@ def test_a_merge_whose_layers_are_unreadable_reads_the_whole_chunk(tmp_path: Pat
     assert (inc.stats.chunks_delta, inc.stats.chunks_merged, inc.stats.bytes_read) == (0, 0, MIB)
     assert 1 not in manifest(vault, disk.runs).deltas  # read from the disk and stored whole
     assert disk.restores_exactly(vault, disk.runs, tmp_path / "out.img")
+
+
+def test_live_layers_leave_out_those_overwritten_entirely() -> None:
+    a, b, c = (Layer(bytes([n]) * 32, r) for n, r in ((1, ((0, 10), (20, 10))), (2, ((5, 10),)), (3, ((25, 5),))))
+    assert live_layers([a, b, c], [(0, 4)]) == [a, b, c]
+    assert live_layers([a, b, c], [(0, 5), (15, 5)]) == [a, b, c]  # 20-25 of a shows
+    assert live_layers([a, b, c], [(0, 5), (15, 10)]) == [b, c]  # a: 0-5 and 15-25 by the change, 5-15 by b, 25-30 by c
+    assert live_layers([a, b, c], [(0, 30)]) == []
+    assert live_layers([a, b, c], [(5, 10)]) == [a, c]  # b exactly rewritten
+    assert live_layers([a], [(0, 10), (20, 10)]) == [] and live_layers([a], [(0, 10), (21, 9)]) == [a]
 
 
 def test_covered_ranges_are_every_byte_the_layers_write_in_order() -> None:

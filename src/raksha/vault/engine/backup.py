@@ -28,7 +28,7 @@ from raksha.vault.format.blob import BlobEncoder
 from raksha.vault.format.chunk_ids import ChunkIds
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ZERO_ID
-from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, covered_ranges
+from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, covered_ranges, live_layers
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sorted_ids import DiskIdSet
@@ -190,9 +190,9 @@ class _Backup:
         assert index.ids is not None
         condemned = self.vault.condemned_chunks()
         self.stored_ids, self.condemned = index.ids, condemned
-        # A reader thread rebuilds or merges chunk after chunk, each from its parent's base and layers
-        # in as many packs: it keeps a piece of each read ahead (a restore's many threads do not).
-        self._chunks = ChunkReader(self.vault, index.locations, self.chunk_size, spans=MAX_LAYERS + 1)
+        # Each blob read as it is: a chunk's base and layers lie in as many packs, so a piece of one read
+        # ahead was gone before the next chunk (merges of ~170 chunks: 0.41-0.46 s against 0.50-0.51 s).
+        self._chunks = ChunkReader(self.vault, index.locations, self.chunk_size, read_ahead=0)
         n = -(-self.size // self.chunk_size)
         to_read = self._plan(n)  # sets self.ids: zero, or the parent's (no copy: 32 MB for 1 TiB)
         self.stats.chunks_total = n
@@ -232,9 +232,14 @@ class _Backup:
         """The ranges of the layer chunk ``i`` gets: the change's, or merged with the parent's layers'."""
         assert self.changed is not None
         if i in self.merge:
-            assert self.parent is not None
-            return covered_ranges(self.parent.deltas.get(i, []), self.changed.ranges(i))
+            return covered_ranges(self._live(i), self.changed.ranges(i))
         return self.changed.ranges(i)
+
+    def _live(self, i: int) -> list[Layer]:
+        """The parent's layers on chunk ``i`` that this change does not overwrite entirely (with the
+        layers above them): the same blocks written again leave one layer, read from nowhere."""
+        assert self.parent is not None and self.changed is not None
+        return live_layers(self.parent.deltas.get(i, []), self.changed.ranges(i))
 
     def _read_parent(self) -> Manifest | None:
         if self.parent_id is None:
@@ -257,10 +262,11 @@ class _Backup:
         must = changed.chunks()
         self._classify(must, n, min(n, parent.chunk_count), set())
         for i in must:
-            if i in self.patch or i in self.merge:  # a merge reads the parent's layers, not its base
-                if i in self.patch:
-                    out.add(parent.chunk_ids[i])
+            if i in self.patch:
+                out.add(parent.chunk_ids[i])
                 out.update(layer.blob_id for layer in parent.deltas.get(i, []))
+            elif i in self.merge:  # a merge reads the parent's live layers, not its base
+                out.update(layer.blob_id for layer in self._live(i))
         self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
         return out
 
@@ -270,11 +276,12 @@ class _Backup:
 
         Only the changed bytes of a chunk changed in part are read from the source: the load on the VM's
         storage follows what changed, not the chunk size. They are stored as a layer on the parent's
-        chunk while the layers stay few and small, so the work follows what changed too. A chunk at the
-        bound on layers merges them and the change into one layer while that stays small (the same
-        blocks written again: it reads the parent's small layers, not its chunk); else the chunk is
-        rebuilt from the parent's copy and stored whole. Chunks that keep the parent's layers, plus those
-        layered now, stay within the share."""
+        chunk while the layers stay few and small, so the work follows what changed too; parent layers
+        the change overwrites entirely are left out (the same blocks written again keep one layer). A
+        chunk at the bound on layers merges them and the change into one layer while that stays small
+        (it reads the parent's small layers, not its chunk); else the chunk is rebuilt from the parent's
+        copy and stored whole. Chunks that keep the parent's layers, plus those layered now, stay within
+        the share."""
         parent, changed = self.parent, self.changed
         assert parent is not None and changed is not None
         room = max(MIN_LAYERED_ROOM, n // MAX_LAYERED_SHARE) - sum(
@@ -286,7 +293,7 @@ class _Backup:
             size = sum(r[1] for r in ranges)
             if size >= self._length(i):
                 continue
-            layers = parent.deltas.get(i, [])
+            layers = live_layers(parent.deltas.get(i, []), ranges)
             if room > 0 and len(ranges) <= MAX_RANGES:
                 small = (sum(layer.length for layer in layers) + size) * MAX_LAYERED_FRACTION <= self._length(i)
                 if len(layers) < MAX_LAYERS and small:
@@ -394,8 +401,7 @@ class _Backup:
         assert self.parent is not None and self.changed is not None
         try:
             # Only the covered ranges are written and kept: the base is never needed.
-            self._chunks.layers_into(self.parent.deltas.get(i, []), out,
-                                     what=f"parent {self.parent_id} chunk {i}")
+            self._chunks.layers_into(self._live(i), out, what=f"parent {self.parent_id} chunk {i}")
         except RakshaError:
             return None  # damaged or gone: read the whole chunk from the source instead
         read = 0
@@ -461,9 +467,8 @@ class _Backup:
         ``data`` in place of its layers (the ranges they and the change cover)."""
         if cid != ZERO_ID:  # a layer of zeros is stored as nothing
             self._store(cid, data)
-        assert self.parent is not None
-        # On the parent's copy: its id (kept in ``self.ids``) and its layers, then this one.
-        below = [] if merged else self.parent.deltas.get(i, [])
+        # On the parent's copy: its id (kept in ``self.ids``) and its layers this one leaves visible, then it.
+        below = [] if merged else self._live(i)
         layers = [*below, Layer(cid, tuple(self._layer_ranges(i)))]
         with self._lock:
             self.new_deltas.add(i, layers)

@@ -26,16 +26,14 @@ class BlobReader:
     blob; others fall back to ``Vault.read_blob``.
     """
 
-    def __init__(self, vault: Vault, *, read_ahead: int = 0, spans: int = 1) -> None:
+    def __init__(self, vault: Vault, *, read_ahead: int = 0) -> None:
         self._vault = vault
         self._into: Callable[..., memoryview] | None = getattr(vault.backend, "get_range_into", None)
         self._local = threading.local()
         # Reads shorter than this read this much of the pack and keep it for the thread's next reads
         # (packs never change): a layered restore's small layer blobs lie side by side in their packs,
-        # one O_DIRECT read each was one random device read each. A thread keeps its last ``spans``
-        # such pieces: a chunk's base and layers come from as many packs, read chunk after chunk.
+        # one O_DIRECT read each was one random device read each.
         self._read_ahead = read_ahead
-        self._spans = spans
 
     def read(self, loc: Location) -> memoryview | bytes:
         return self.read_range(pack_key(loc.pack_id.hex()), loc.offset, loc.stored_length)
@@ -43,45 +41,20 @@ class BlobReader:
     def read_range(self, key: str, offset: int, length: int) -> memoryview | bytes:
         if self._into is None:
             return self._vault.backend.get_range(key, offset, length)
-        if length >= self._read_ahead:
-            buf = self._buffer("buf", aligned_span(offset, length))
-            return self._into(key, offset, length, buf)
-        held: list[_Held] | None = getattr(self._local, "held", None)
-        if held is None:
-            held = self._local.held = []
-        for k, piece in enumerate(held):
-            if piece.key == key and piece.offset <= offset and offset + length <= piece.offset + len(piece.view):
-                if k:
-                    held.insert(0, held.pop(k))  # most recently used first
-                return piece.view[offset - piece.offset : offset - piece.offset + length]
-        need = aligned_span(offset, self._read_ahead)
-        if len(held) < self._spans:
-            piece = _Held(mmap.mmap(-1, max(need, 1 << 20)))  # anonymous maps are page-aligned
-        else:
-            piece = held.pop()  # the least recently used: its buffer is overwritten
-            if len(piece.buf) < need:
-                piece.buf = mmap.mmap(-1, need)
-        piece.key, piece.offset = key, offset
-        piece.view = self._into(key, offset, self._read_ahead, piece.buf)  # shorter at the pack's end
-        held.insert(0, piece)
-        return piece.view[:length]
-
-    def _buffer(self, name: str, need: int) -> mmap.mmap:
-        buf: mmap.mmap | None = getattr(self._local, name, None)
+        held: tuple[str, int, memoryview] | None = getattr(self._local, "held", None)
+        if held is not None and held[0] == key and held[1] <= offset and offset + length <= held[1] + len(held[2]):
+            return held[2][offset - held[1] : offset - held[1] + length]
+        span = self._read_ahead if length < self._read_ahead else length
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        need = aligned_span(offset, span)
         if buf is None or len(buf) < need:
-            buf = mmap.mmap(-1, max(need, 1 << 20))
-            setattr(self._local, name, buf)
-        return buf
-
-
-class _Held:
-    """A piece of a pack a thread read ahead, in a buffer of its own."""
-
-    def __init__(self, buf: mmap.mmap) -> None:
-        self.buf = buf
-        self.key = ""
-        self.offset = 0
-        self.view = memoryview(b"")
+            buf = self._local.buf = mmap.mmap(-1, max(need, 1 << 20))  # anonymous maps are page-aligned
+        self._local.held = None  # the buffer is being overwritten
+        view = self._into(key, offset, span, buf)  # shorter at the pack's end
+        if span == length:
+            return view
+        self._local.held = (key, offset, view)
+        return view[:length]
 
 
 class ChunkReader:
@@ -89,8 +62,8 @@ class ChunkReader:
     (format.md §8.1), every blob checked against its id. Thread-safe: buffers and decoders per thread."""
 
     def __init__(self, vault: Vault, locations: Mapping[bytes, Location], chunk_size: int, *,
-                 spans: int = 1) -> None:
-        self._blobs = BlobReader(vault, read_ahead=READ_AHEAD, spans=spans)
+                 read_ahead: int = READ_AHEAD) -> None:
+        self._blobs = BlobReader(vault, read_ahead=read_ahead)
         self._crypto = vault.crypto
         self._locations = locations
         self._chunk_size = chunk_size

@@ -58,6 +58,25 @@ def covered_ranges(layers: Sequence[Layer], ranges: Iterable[tuple[int, int]] = 
     return tuple(out)
 
 
+def live_layers(layers: Sequence[Layer], ranges: Sequence[tuple[int, int]]) -> list[Layer]:
+    """``layers`` without those that later layers and then ``ranges`` overwrite entirely: with them or
+    without, the layers and then ``ranges`` applied in order give the same bytes."""
+    live: list[Layer] = []
+    covered = covered_ranges((), ranges)
+    for layer in reversed(layers):
+        if not all(_inside(r, covered) for r in layer.ranges):
+            live.append(layer)
+            covered = covered_ranges([layer], covered)
+    live.reverse()
+    return live
+
+
+def _inside(r: tuple[int, int], covered: Sequence[tuple[int, int]]) -> bool:
+    """Whether range ``r`` lies within one of ``covered`` (ascending, not touching)."""
+    k = bisect.bisect_right(covered, (r[0], 1 << 62)) - 1
+    return k >= 0 and covered[k][0] + covered[k][1] >= r[0] + r[1]
+
+
 def encode_layers(index: int, layers: Sequence[Layer]) -> bytes:
     """Chunk ``index``'s entry."""
     parts = [_PAIR.pack(index, len(layers))]
