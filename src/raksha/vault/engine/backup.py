@@ -380,13 +380,17 @@ class _Backup:
         # device nothing, and one 1 MiB read is cheaper than several small ones (measured: slower).
         return chunks_touching(self.source.data_extents(), self.chunk_size, self.size)
 
-    def _patched(self, i: int, out: memoryview) -> int | None:
-        """Fill ``out`` with the parent's chunk and the changed ranges read from the source; the bytes
-        read, or None if the parent's copy fails."""
+    def _on_parent(self, i: int, out: memoryview, *, whole: bool) -> int | None:
+        """Fill ``out`` with the parent's chunk (``whole``), or only with its live layers' ranges (a merge:
+        the base is never needed), then the changed ranges read from the source over it: the bytes read,
+        or None if the parent's copy fails."""
         assert self.parent is not None and self.changed is not None
+        what = f"parent {self.parent_id} chunk {i}"
         try:
-            self._chunks.layered_into(self.ids[i], self.parent.deltas.get(i, []), out,
-                                      what=f"parent {self.parent_id} chunk {i}")
+            if whole:
+                self._chunks.layered_into(self.ids[i], self.parent.deltas.get(i, []), out, what=what)
+            else:
+                self._chunks.layers_into(self._live(i), out, what=what)
         except RakshaError:
             return None  # damaged or gone: read the whole chunk from the source instead
         read = 0
@@ -395,33 +399,19 @@ class _Backup:
             read += n
         return read
 
-    def _merged(self, i: int, out: memoryview) -> _Filled | None:
-        """Chunk ``i``'s merged layer into ``out``: the parent's layers applied, the changed ranges read
-        over them, then every range they cover moved to the front in order. None if a layer fails."""
-        assert self.parent is not None and self.changed is not None
-        try:
-            # Only the covered ranges are written and kept: the base is never needed.
-            self._chunks.layers_into(self._live(i), out, what=f"parent {self.parent_id} chunk {i}")
-        except RakshaError:
-            return None  # damaged or gone: read the whole chunk from the source instead
-        read = 0
-        for off, n in self.changed.ranges(i):
-            self._read(i * self.chunk_size + off, out[off : off + n])
-            read += n
-        pos = 0
-        for off, n in self._layer_ranges(i):
-            out[pos : pos + n] = out[off : off + n]  # pos <= off: a forward move (memoryview moves overlaps safely)
-            pos += n
-        return _Filled(pos, read, layer=True, merged=True)
-
     def _fill(self, i: int, buf: mmap.mmap) -> _Filled:
         """The I/O of chunk ``i`` (in a reader thread): its changed ranges one after another for a new
         layer (merged with the parent's layers' for some), else the whole chunk (rebuilt on the parent's
         copy where it changed in part)."""
         if i in self.merge:
-            merged = self._merged(i, memoryview(buf)[: self._length(i)])
-            if merged is not None:
-                return merged
+            out = memoryview(buf)[: self._length(i)]
+            read = self._on_parent(i, out, whole=False)
+            if read is not None:  # every range the layer covers, moved to the front in order
+                pos = 0
+                for off, n in self._layer_ranges(i):
+                    out[pos : pos + n] = out[off : off + n]  # pos <= off: memoryview moves overlaps safely
+                    pos += n
+                return _Filled(pos, read, layer=True, merged=True)
         elif i in self.delta:
             assert self.changed is not None
             ranges = self.changed.ranges(i)
@@ -434,7 +424,7 @@ class _Backup:
             return _Filled(length, length, layer=True)
         length = self._length(i)
         data = memoryview(buf)[:length]
-        read = self._patched(i, data) if i in self.patch else None
+        read = self._on_parent(i, data, whole=True) if i in self.patch else None
         if read is not None:
             return _Filled(length, read, patched=True)
         self._read(i * self.chunk_size, data)
