@@ -66,7 +66,8 @@ from typing import Any
 import blake3
 
 from raksha.vault.backends.local import LocalBackend
-from raksha.vault.engine.backup import MAX_LAYERS, BackupResult, backup_disk
+from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.layering import MAX_LAYERS
 from raksha.vault.engine.restore import restore_backup
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID

@@ -19,8 +19,9 @@ from conftest import MIB, blake3_file
 from raksha.domain.errors import VaultCorrupt
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
-from raksha.vault.engine import backup as backup_module
-from raksha.vault.engine.backup import MAX_LAYERS, MAX_RANGES, BackupResult, backup_disk
+from raksha.vault.engine import layering
+from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.layering import MAX_LAYERS, MAX_RANGES, Choice, choose
 from raksha.vault.engine.restore import restore_backup, touched_blocks
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
@@ -195,6 +196,23 @@ def test_a_merge_whose_layers_are_unreadable_reads_the_whole_chunk(tmp_path: Pat
     assert disk.restores_exactly(vault, disk.runs, tmp_path / "out.img")
 
 
+def test_the_policy_layers_while_small_then_merges_then_rebuilds() -> None:
+    def layer(*ranges: tuple[int, int]) -> Layer:
+        return Layer(b"\x01" * 32, ranges)
+
+    chunk = 1 << 20
+    assert choose([], [(0, 4096)], chunk, room_left=1) is Choice.LAYER
+    assert choose([], [(0, 4096)], chunk, room_left=0) is Choice.REBUILD  # the disk's share of layered chunks is used
+    assert choose([], [(k * 8192, 10) for k in range(MAX_RANGES + 1)], chunk, 1) is Choice.REBUILD
+    assert choose([], [(0, chunk // 2 + 1)], chunk, 1) is Choice.REBUILD  # more than half at once
+    four = [layer((k * 65536, 4096)) for k in range(MAX_LAYERS)]
+    assert choose(four[:-1], [(500_000, 4096)], chunk, 1) is Choice.LAYER
+    assert choose(four, [(500_000, 4096)], chunk, 1) is Choice.MERGE  # a fifth: merged, 20 KiB in all
+    assert choose(four, [(0, 4096)], chunk, 1) is Choice.LAYER  # the first is overwritten: three left, plus this
+    big = [layer((k * 200_000, 100_000)) for k in range(MAX_LAYERS)]
+    assert choose(big, [(900_000, 130_000)], chunk, 1) is Choice.REBUILD  # merged: more than half
+
+
 def test_live_layers_leave_out_those_overwritten_entirely() -> None:
     a, b, c = (Layer(bytes([n]) * 32, r) for n, r in ((1, ((0, 10), (20, 10))), (2, ((5, 10),)), (3, ((25, 5),))))
     assert live_layers([a, b, c], [(0, 4)]) == [a, b, c]
@@ -240,7 +258,7 @@ def test_a_layer_of_too_many_ranges_is_not_made(vault: Vault, tmp_path: Path) ->
 def test_at_most_a_share_of_the_chunks_carry_layers(vault: Vault, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """So a manifest stays bounded by the disk's size: past the share, changed chunks are stored whole."""
-    monkeypatch.setattr(backup_module, "MIN_LAYERED_ROOM", 2)  # 4 chunks: at most 2 layered
+    monkeypatch.setattr(layering, "MIN_LAYERED_ROOM", 2)  # 4 chunks: at most 2 layered
     disk = Disk(tmp_path / "disk.img")
     disk.backup(vault, full=True)
     for i in range(3):

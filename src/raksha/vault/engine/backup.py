@@ -20,6 +20,7 @@ from typing import Any
 from raksha.domain.errors import AlreadyExists, InvalidInput, RakshaError
 from raksha.vault.engine.blobio import ChunkReader
 from raksha.vault.engine.changes import ChangedExtents, ChunkFlags, ChunkSpans, chunks_touching
+from raksha.vault.engine.layering import Choice, choose, room
 from raksha.vault.engine.packer import Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.seen_ids import SeenIds
@@ -68,20 +69,6 @@ class BackupResult:
         mb_s = s.bytes_read / s.seconds / 1e6 if s.seconds else 0.0
         return {"id": str(self.id), "kind": self.kind, "parent": str(self.parent) if self.parent else None,
                 "content_digest": self.content_digest, **asdict(s), "read_mb_s": round(mb_s, 1)}
-
-
-# A changed chunk becomes a delta layer on its parent's copy while it would have at most this many
-# layers covering at most half of it (format.md §8.1): a restore then reads at most 5 blobs and 1.5
-# chunks of bytes for it. Past that, its layers and the change are merged into one layer if that
-# covers at most half of it (blocks rewritten again and again: a journal, a database's hot pages),
-# else the whole chunk is rebuilt and stored. Each layer lists at most MAX_RANGES ranges, and at most
-# half of a disk's chunks (or MIN_LAYERED_ROOM) carry layers, so a manifest and the memory it takes
-# stay bounded by the disk's size whatever the history of writes.
-MAX_LAYERS = 4
-MAX_LAYERED_FRACTION = 2  # layers cover at most 1/2 of the chunk
-MAX_RANGES = 64
-MAX_LAYERED_SHARE = 2  # at most 1/2 of the chunks carry layers
-MIN_LAYERED_ROOM = 64
 
 
 def _keep_none(_index: int) -> bool:
@@ -272,42 +259,25 @@ class _Backup:
 
     def _classify(self, must: ChunkSpans, n: int, common: int, bad: set[int]) -> None:
         """Sort the chunks changed in part into layers (``self.delta``, of which ``self.merge`` replace
-        the parent's) and rebuilds (``self.patch``).
-
-        Only the changed bytes of a chunk changed in part are read from the source: the load on the VM's
-        storage follows what changed, not the chunk size. They are stored as a layer on the parent's
-        chunk while the layers stay few and small, so the work follows what changed too; parent layers
-        the change overwrites entirely are left out (the same blocks written again keep one layer). A
-        chunk at the bound on layers merges them and the change into one layer while that stays small
-        (it reads the parent's small layers, not its chunk); else the chunk is rebuilt from the parent's
-        copy and stored whole. Chunks that keep the parent's layers, plus those layered now, stay within
-        the share."""
+        the parent's) and rebuilds (``self.patch``), by the writer's policy (engine/layering.py). Chunks
+        that keep the parent's layers, plus those layered now, stay within its share."""
         parent, changed = self.parent, self.changed
         assert parent is not None and changed is not None
-        room = max(MIN_LAYERED_ROOM, n // MAX_LAYERED_SHARE) - sum(
-            1 for i in parent.deltas.indexes(0, n) if i not in must)
+        room_left = room(n, sum(1 for i in parent.deltas.indexes(0, n) if i not in must))
         for i in must:
             if i >= common or i in bad:
                 continue
             ranges = changed.ranges(i)
-            size = sum(r[1] for r in ranges)
-            if size >= self._length(i):
+            if sum(r[1] for r in ranges) >= self._length(i):
+                continue  # changed whole: read whole
+            choice = choose(parent.deltas.get(i, []), ranges, self._length(i), room_left)
+            if choice is Choice.REBUILD:
+                self.patch.add(i)
                 continue
-            layers = live_layers(parent.deltas.get(i, []), ranges)
-            if room > 0 and len(ranges) <= MAX_RANGES:
-                small = (sum(layer.length for layer in layers) + size) * MAX_LAYERED_FRACTION <= self._length(i)
-                if len(layers) < MAX_LAYERS and small:
-                    self.delta.add(i)
-                    room -= 1
-                    continue
-                merged = covered_ranges(layers, ranges) if layers else ()
-                if (merged and len(merged) <= MAX_RANGES
-                        and sum(m for _, m in merged) * MAX_LAYERED_FRACTION <= self._length(i)):
-                    self.delta.add(i)
-                    self.merge.add(i)
-                    room -= 1
-                    continue
-            self.patch.add(i)
+            self.delta.add(i)
+            if choice is Choice.MERGE:
+                self.merge.add(i)
+            room_left -= 1
 
     def _plan(self, n: int) -> Collection[int]:
         """Chunks to read; ids of the others are set here (zero, or the parent's)."""
