@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import socket
 import threading
 import time
@@ -130,7 +129,7 @@ class LockManager:
 
     def acquire(self, kind: LockKind, operation: str, extra: Mapping[str, Any] | None = None) -> Lock:
         """Take a ``kind`` lock or raise ``VaultLocked`` naming a live conflicting holder."""
-        lock_id, now = secrets.token_hex(16), self.clock()
+        lock_id, now = os.urandom(16).hex(), self.clock()
         info = LockInfo(PREFIX + lock_id, lock_id, kind, operation, self.host, self.pid, now, now,
                         dict(extra or {}))
         self.backend.put(info.key, info.to_json())  # put-if-absent: a random id never collides in practice

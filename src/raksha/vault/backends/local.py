@@ -13,7 +13,6 @@ import errno
 import mmap
 import os
 import re
-import secrets
 import stat as stat_mod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,7 +76,7 @@ class LocalBackend:
 
     def put(self, key: str, data: bytes, *, overwrite: bool = False) -> None:
         check_object_key(key)
-        tmp = self.staging_dir() / f"{secrets.token_hex(12)}.partial"
+        tmp = self.staging_dir() / f"{os.urandom(12).hex()}.partial"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:

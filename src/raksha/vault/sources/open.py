@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import stat
 import subprocess
 
@@ -93,7 +92,7 @@ def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False) ->
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise NotFound(f"{parent}: no such directory", code="OUTPUT_DIR_NOT_FOUND")
-    staged = os.path.join(parent, f"{os.path.basename(path)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+    staged = os.path.join(parent, f"{os.path.basename(path)}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
     target = RawTarget(staged, size, fresh=True) if fmt == "raw" else NbdTarget(staged, fmt, size)
     return _Staged(target, path, overwrite=overwrite)
 
