@@ -22,6 +22,7 @@ from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import layering
 from raksha.vault.engine.backup import BackupResult, backup_disk
 from raksha.vault.engine.layering import MAX_LAYERS, MAX_RANGES, Choice, choose
+from raksha.vault.engine.progress import ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import restore_backup, touched_blocks
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
@@ -71,14 +72,14 @@ class Disk:
             f.write(data)
         self.changed.append((offset, len(data)))
 
-    def backup(self, vault: Vault, *, full: bool = False) -> BackupResult:
+    def backup(self, vault: Vault, *, full: bool = False, progress: ProgressCallback | None = None) -> BackupResult:
         self.runs += 1
         source = open_source(str(self.path))
         try:
             result = backup_disk(
                 vault, source, BackupId.parse(f"job/run{self.runs}/vm/vda"),
                 parent=None if full else BackupId.parse(f"job/run{self.runs - 1}/vm/vda"),
-                changed_extents=None if full else self.changed)
+                changed_extents=None if full else self.changed, progress=progress)
         finally:
             source.close()
         shutil.copyfile(self.path, self.path.with_suffix(f".run{self.runs}"))  # what this point holds
@@ -190,8 +191,10 @@ def test_a_merge_whose_layers_are_unreadable_reads_the_whole_chunk(tmp_path: Pat
     data[loc.offset + 40] ^= 1  # the layer's blob no longer matches its id: the index still lists it
     pack.write_bytes(bytes(data))
     disk.write(MIB + 5 * 64 * KIB, os.urandom(8 * KIB))
-    inc = disk.backup(vault)
+    events: list[ProgressEvent] = []
+    inc = disk.backup(vault, progress=events.append)
     assert (inc.stats.chunks_delta, inc.stats.chunks_merged, inc.stats.bytes_read) == (0, 0, MIB)
+    assert events[-1].done == events[-1].total == 5 * 8 * KIB  # the merge as planned, though the chunk was read
     assert 1 not in manifest(vault, disk.runs).deltas  # read from the disk and stored whole
     assert disk.restores_exactly(vault, disk.runs, tmp_path / "out.img")
 

@@ -420,7 +420,7 @@ class _Backup:
         else:
             self.ids[i] = cid
             self._store(cid, data)
-        self.progress.add(filled.length)
+        self.progress.add(self._work(i))  # as planned, also when a merge fell back to reading the chunk
 
     def _layer(self, i: int, cid: bytes, data: memoryview, merged: bool) -> None:
         """Chunk ``i`` becomes the parent's copy with one more layer, ``data`` (the changed ranges), or with
