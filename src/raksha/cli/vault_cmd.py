@@ -14,7 +14,7 @@ from raksha.cli.output import TerminalProgress, emit, human_bytes, table
 from raksha.cli.secrets import resolve_secret
 from raksha.domain.errors import EXIT_DAMAGED, InvalidInput, RakshaError, VaultKeyError
 from raksha.vault.format.constants import KEYS_PREFIX
-from raksha.vault.format.kdf import KdfParams, prefetch
+from raksha.vault.format.kdf import KdfParams, prefetch, release_reserved, reserve
 
 if TYPE_CHECKING:
     from raksha.vault.backends import Backend
@@ -172,13 +172,17 @@ class VaultOpening:
     arguments and imports what it runs next meanwhile, then calls ``open``."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from raksha.vault.backends import open_backend
-
         self.args = args
-        self.backend = open_backend(args.dir)
         self.secret = resolve_secret(args.password_file, args.key_file, required=False)
         self.key_files: list[bytes] | None = None  # read once, for the derivation and the opening
-        if self.secret is not None and self.secret.passphrase is not None:  # a key file derives nothing
+        derives = self.secret is not None and self.secret.passphrase is not None  # a key file derives nothing
+        if derives:
+            reserve()  # the derivation's memory, populated while the backend opens and the key files are read
+        from raksha.vault.backends import open_backend
+
+        self.backend = open_backend(args.dir)
+        if derives:
+            assert self.secret is not None
             self.key_files = _key_files(self.backend)
             prefetch(self.key_files or [], self.secret)
 
@@ -193,6 +197,8 @@ class VaultOpening:
         except VaultKeyError as err:
             if err.code != "VAULT_KEY_REQUIRED":
                 raise
+        finally:
+            release_reserved()  # a vault that is not encrypted, or whose key files derive nothing
         return Vault.open(self.backend, resolve_secret(self.args.password_file, self.args.key_file, required=True))
 
 
