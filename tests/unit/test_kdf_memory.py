@@ -70,3 +70,13 @@ def test_derivations_in_several_threads_take_one_reservation_each() -> None:
         thread.join()
     assert sorted(keys) == sorted(openssl(p, 2048) for p in (b"a", b"b", b"c"))
     assert not kdf._reserved
+
+
+def test_memory_that_cannot_be_reserved_is_allocated_by_the_derivation(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*args: object, **kwargs: object) -> object:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(kdf.mmap, "mmap", no_memory)
+    kdf.reserve(2048)
+    assert kdf.derive_argon2(b"pw", params(2048)) == openssl(b"pw", 2048)
+    assert not kdf._reserved and not kdf._reserving
