@@ -125,11 +125,11 @@ def test_damage_to_a_large_manifest_is_found_when_read_in_pieces(vault: Vault, m
         vault.read_manifest(BID)
 
 
-def test_a_dense_1_tib_disk_s_manifest_is_written_and_read_in_little_memory() -> None:
+def test_a_dense_1_tib_disk_s_manifest_is_written_and_read_in_little_memory(tmp_path: Path) -> None:
     """A million distinct ids (32 MB): built, sealed through a staged file, read back in pieces and
     walked, in a few MB of RSS (all of it held two or three times before)."""
     script = """
-import os, tempfile
+import sys
 from pathlib import Path
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.format.config import VaultConfig
@@ -138,7 +138,7 @@ from raksha.vault.repository import Vault
 from test_chunk_ids import BID, dense_manifest
 def rss():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) >> 10
-root = Path(tempfile.mkdtemp())
+root = Path(sys.argv[1])
 vault = Vault.init(LocalBackend(root / "v", create=True), VaultConfig.new(encrypted=True), Secret(passphrase=b"x"),
                    KdfParams(memory_kib=8192))
 before = rss()
@@ -149,8 +149,8 @@ assert back.chunk_ids.count(b"\\0" * 32) == 0 and back.content_digest() == m.con
 print(rss() - before)
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path])}
-    grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
-                               env=env).stdout)
+    grown = int(subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, capture_output=True,
+                               text=True, env=env).stdout)
     assert grown < 12  # MB
 
 
