@@ -41,22 +41,17 @@ from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.operations.verify import verify_vault  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 from raksha.vault.sources.open import open_source  # noqa: E402
+from run import DROP_CACHES, settle  # noqa: E402
 
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+CACHE = "cold" if os.access(DROP_CACHES, os.W_OK) else "warm"
 TARGET_PCT = 5.0
 DRIFT = 4096
-
-
-def settle() -> None:
-    os.sync()
-    if os.access(DROP_CACHES, os.W_OK):
-        DROP_CACHES.write_text("3\n")
 
 
 def timed_backup(vault: Vault, image: Path, run: int, extents: list[list[int]] | None) -> tuple[float, BackupResult]:
     source = open_source(str(image))
     try:
-        settle()
+        settle(CACHE)
         start = time.perf_counter()
         result = backup_disk(vault, source, BackupId.parse(f"hot/run{run}/vm1/vda"),
                              parent=BackupId.parse(f"hot/run{run - 1}/vm1/vda") if run else None,
@@ -96,7 +91,7 @@ def run_pattern(work: Path, disk: Path, extents: list[list[int]], pattern: str, 
               flush=True)
 
     out = work / "restored.img"
-    settle()
+    settle(CACHE)
     start = time.perf_counter()
     restore_backup(vault, BackupId.parse(f"hot/run{runs}/vm1/vda"), str(out))
     os.sync()
