@@ -20,9 +20,10 @@ from raksha.domain.errors import AlreadyExists, ChunkMissing, InvalidInput, NotF
 from raksha.vault import repository
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
+from raksha.vault.engine import backup as backup_module
 from raksha.vault.engine import restore as restore_module
 from raksha.vault.engine import seen_ids
-from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.backup import MAX_READERS, BackupResult, backup_disk, reader_count
 from raksha.vault.engine.changes import chunks_touching
 from raksha.vault.engine.restore import RestoreResult, restore_backup
 from raksha.vault.format import sorted_ids
@@ -244,6 +245,31 @@ def test_incremental_reads_only_the_changed_chunks(new_vault: MakeVault, make_im
     meta = vault.read_metadata(BackupId.parse("job1/run2/vm1/vda"))
     assert meta["kind"] == "incremental" and meta["parent"] == "job1/run1/vm1/vda"
     assert meta["changed_extents"] == {"count": len(extents), "bytes": changed_bytes}
+
+
+def test_small_reads_get_more_readers_so_that_more_of_them_are_in_flight() -> None:
+    # Whole chunks: half the threads read. Changes of ~100 kB: enough readers for ~2 MiB in flight.
+    assert reader_count(4, reads=1000, read_bytes=1000 * MIB) == 2
+    assert reader_count(4, reads=200, read_bytes=200 * 100_000) == MAX_READERS
+    assert reader_count(4, reads=200, read_bytes=200 * 512 * 1024) == 4
+    assert reader_count(32, reads=200, read_bytes=200 * 4096) == 16  # never fewer than half the threads
+    assert reader_count(1, reads=0, read_bytes=0) == 1
+
+
+def test_an_incremental_of_small_changes_reads_them_with_more_readers(
+        monkeypatch: pytest.MonkeyPatch, make_image: Callable[..., Path],
+        make_changed_copy: Callable[..., tuple[Path, list[list[int]]]], tmp_path: Path) -> None:
+    readers: list[int] = []
+    pipeline = backup_module.run_pipeline
+    monkeypatch.setattr(backup_module, "run_pipeline",
+                        lambda *a, **k: readers.append(k["readers"]) or pipeline(*a, **k))
+    base = make_image("base.img", 32 * MIB, seed=5)
+    changed, extents = make_changed_copy(base, "changed.img", fraction=0.01, seed=6)
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new())
+    backup_disk(vault, open_source(str(base)), BackupId.parse("j/r1/vm/vda"), threads=4)
+    backup_disk(vault, open_source(str(changed)), BackupId.parse("j/r2/vm/vda"), threads=4,
+                parent=BackupId.parse("j/r1/vm/vda"), changed_extents=[(o, n) for o, n in extents])
+    assert readers == [2, MAX_READERS]
 
 
 def test_incremental_without_extents_rereads_everything_and_matches(

@@ -80,3 +80,13 @@ def test_memory_that_cannot_be_reserved_is_allocated_by_the_derivation(monkeypat
     kdf.reserve(2048)
     assert kdf.derive_argon2(b"pw", params(2048)) == openssl(b"pw", 2048)
     assert not kdf._reserved and not kdf._reserving
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 16])
+def test_lanes_run_in_no_more_threads_than_cores_and_give_the_same_key(
+        monkeypatch: pytest.MonkeyPatch, cores: int) -> None:
+    monkeypatch.setattr(kdf.os, "cpu_count", lambda: cores)
+    assert kdf._threads(4) == min(4, cores)
+    assert kdf.derive_argon2(b"pw", params(2048, lanes=4)) == openssl(b"pw", 2048, lanes=4)
+    kdf.reserve(2048)
+    assert kdf.derive_argon2(b"pw", params(2048, lanes=4)) == openssl(b"pw", 2048, lanes=4)
