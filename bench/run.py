@@ -21,7 +21,13 @@ Per phase: wall seconds, peak RSS of the tool process (os.wait4), repository
 growth (disk usage = st_blocks * 512, and apparent size). Prints a table per
 phase, Raksha-vs-peer ratios against the targets, and writes a JSON report.
 
-    .venv/bin/python bench/run.py [--size 2G] [--tools raksha,restic,borg,qemu-img]
+Rounds (--rounds, default 3): the whole run (every tool, every phase, then the device floor) is
+repeated on fresh repositories, the tools' order rotating so that none always goes first. A shared
+disk's speed moves by 2x within minutes, so each ratio is taken within a round (the tools measured
+minutes apart on the same disk) and the median of the rounds is reported, with their range; peak
+memory is the largest of any round. Phase tables show each tool's median round.
+
+    .venv/bin/python bench/run.py [--size 2G] [--tools raksha,restic,borg,qemu-img] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +116,7 @@ class PhaseResult:
     verified: bool | None = None  # restore: restored file equals base.img
     bytes_read: int | None = None  # Raksha's own report, when it gives one
     report: dict[str, Any] | None = None  # the tool's JSON output, when it prints one
+    seconds_rounds: list[float | None] = field(default_factory=list)  # every round's, when there were several
 
 
 @dataclass
@@ -679,6 +687,8 @@ class Figure:
     target: float | None = None
     op: str = ""  # ">=" or "<="
     note: str = ""
+    worst_of_rounds: bool = False  # peak memory: the largest of any round, not the median
+    rounds: list[float | None] = field(default_factory=list)  # every round's value, when there were several
 
     @property
     def status(self) -> str:
@@ -838,6 +848,7 @@ def _rss_figures(raksha: ToolResult, peers: list[ToolResult]) -> list[Figure]:
             unit="MB",
             target=PEAK_RSS_MAX_MB,
             op="<=",
+            worst_of_rounds=True,
         )
     ]
     for peer in peers:
@@ -848,6 +859,7 @@ def _rss_figures(raksha: ToolResult, peers: list[ToolResult]) -> list[Figure]:
                 value=_peak_rss_mb(peer),
                 unit="MB",
                 note="for comparison",
+                worst_of_rounds=True,
             )
         )
     return figures
@@ -885,6 +897,67 @@ def compute_figures(results: dict[str, ToolResult], inputs: Inputs,
         + _clone_figures(raksha, peers)
         + _rss_figures(raksha, peers)
     )
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def merge_results(rounds: list[dict[str, ToolResult]]) -> dict[str, ToolResult]:
+    """Each tool's phases over the rounds: the round of the median time, with every round's time in
+    ``seconds_rounds``; a phase that failed in any round is reported failed (with that round's error)."""
+    merged: dict[str, ToolResult] = {}
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds if name in r]
+        out = ToolResult(name, version=runs[0].version, error=next((t.error for t in runs if t.error), None))
+        for phase in dict.fromkeys(p for t in runs for p in t.phases):
+            results = [t.phases.get(phase) for t in runs]
+            good = [p for p in results if p is not None and p.ok and p.seconds is not None]
+            if good:
+                middle = statistics.median_high([p.seconds for p in good if p.seconds is not None])
+                chosen = next(p for p in good if p.seconds == middle)
+            else:
+                chosen = next(p for p in results if p is not None)
+            failed = [(k, p) for k, p in enumerate(results, 1) if p is None or not p.ok]
+            if failed and good:
+                k, bad = failed[0]
+                chosen = replace(chosen, ok=False,
+                                 error=f"round {k} of {len(runs)}: {bad.error if bad is not None else 'not run'}")
+            out.phases[phase] = replace(
+                chosen, seconds_rounds=[p.seconds if p is not None and p.ok else None for p in results])
+        merged[name] = out
+    return merged
+
+
+def merge_figures(rounds: list[list[Figure]]) -> list[Figure]:
+    """One figure per key over the rounds, each round's taken within that round (the tools on the same
+    disk minutes apart): the median round's, for an even count the middle one worse for its target,
+    and the largest for peak memory; every round's value in ``rounds``."""
+    by_key: dict[str, list[Figure]] = {}
+    for figures in rounds:
+        for f in figures:
+            by_key.setdefault(f.key, []).append(f)
+    merged = []
+    for same in by_key.values():
+        valued = [f for f in same if f.value is not None]
+        chosen = same[0]
+        if valued and same[0].worst_of_rounds:
+            chosen = max(valued, key=lambda f: f.value or 0.0)
+        elif valued:
+            values = [f.value for f in valued if f.value is not None]
+            middle = statistics.median_high(values) if same[0].op == "<=" else statistics.median_low(values)
+            chosen = next(f for f in valued if f.value == middle)
+        merged.append(replace(chosen, rounds=[f.value for f in same]))
+    return merged
+
+
+def merge_floors(floors: list[dict[str, float] | None]) -> dict[str, Any] | None:
+    """The device floor's median over the rounds, and every round's."""
+    measured = [f for f in floors if f is not None]
+    if not measured:
+        return None
+    out: dict[str, Any] = {key: statistics.median_high([f[key] for f in measured]) for key in measured[0]}
+    out["rounds"] = measured
+    return out
 
 
 # ---------------------------------------------------------------- output
@@ -935,6 +1008,9 @@ def phase_table(phase: str, results: dict[str, ToolResult], size: int) -> Iterat
             status = "ok, identical" if p.verified else "FAILED: restored image differs"
         if p.bytes_read is not None:
             status += f" (bytes_read {_mb(p.bytes_read)} MB)"
+        timed = [t for t in p.seconds_rounds if t is not None]
+        if len(p.seconds_rounds) > 1 and timed:
+            status += f"; rounds {min(timed):.2f}-{max(timed):.2f} s"
         yield (
             f"{name:<10} {_fmt(p.seconds, '9.2f')} {_fmt(speed, '8.1f')} {_mb(p.bytes):>9} "
             f"{_mb(p.apparent_bytes):>10} {_mb(p.peak_rss_bytes):>7}  {status}"
@@ -942,16 +1018,20 @@ def phase_table(phase: str, results: dict[str, ToolResult], size: int) -> Iterat
 
 
 def figures_table(figures: list[Figure]) -> Iterator[str]:
-    yield "== Raksha vs peers"
-    yield f"{'figure':<44} {'value':>10}  {'target':>10}  status  note"
+    several = any(len(f.rounds) > 1 for f in figures)
+    yield "== Raksha vs peers" + (" (each figure within a round; the median round's, peak memory the largest)"
+                                  if several else "")
+    yield f"{'figure':<44} {'value':>10}  {'target':>10}  status  " + (f"{'rounds':<18} " if several else "") + "note"
     for f in figures:
         value = _fmt(f.value, ".2f") + f.unit if f.value is not None else "-"
         target = f"{f.op} {f.target:.4g}{f.unit}" if f.target is not None else ""
-        yield f"{f.name:<44} {value:>10}  {target:>10}  {f.status:<6}  {f.note}"
+        spread = " / ".join(_fmt(v, ".3g") for v in f.rounds) if several else ""
+        rounds = f"{spread:<18} " if several else ""
+        yield f"{f.name:<44} {value:>10}  {target:>10}  {f.status:<6}  {rounds}{f.note}"
 
 
 def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str,
-                 floor: dict[str, float] | None = None) -> None:
+                 floor: dict[str, Any] | None = None) -> None:
     print()
     print(
         f"image: {inputs.size / MB:.0f} MB virtual ({inputs.size} bytes), seed {inputs.seed}; "
@@ -973,12 +1053,17 @@ def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[F
         print("\n".join(phase_table(phase, raksha_only, inputs.size)))
     if floor is not None:
         print()
+        rounds = floor.get("rounds") or [floor]
         print("== device floor: the disk alone doing a full backup's and a restore's I/O (bench/device_floor.py: "
-              "O_DIRECT, 2 readers + 2 writers at once, cold cache, no computing; fastest of 2)")
+              "O_DIRECT, 2 readers + 2 writers at once, cold cache, no computing; "
+              + (f"once a round, the median of {len(rounds)})" if len(rounds) > 1 else "fastest of 2)"))
+        each = {key: " / ".join(f"{r[key]:.2f}" for r in rounds) for key in ("backup_seconds", "restore_seconds")}
         print(f"backup   read {floor['read_bytes'] / MB:.1f} MB of data chunks, "
-              f"write {floor['stored_bytes'] / MB:.1f} MB: {floor['backup_seconds']:.2f} s")
+              f"write {floor['stored_bytes'] / MB:.1f} MB: {floor['backup_seconds']:.2f} s"
+              + (f" (rounds {each['backup_seconds']} s)" if len(rounds) > 1 else ""))
         print(f"restore  read {floor['stored_bytes'] / MB:.1f} MB, write {floor['data_bytes'] / MB:.1f} MB at the "
-              f"image's offsets: {floor['restore_seconds']:.2f} s")
+              f"image's offsets: {floor['restore_seconds']:.2f} s"
+              + (f" (rounds {each['restore_seconds']} s)" if len(rounds) > 1 else ""))
     print()
     print("\n".join(figures_table(figures)))
     errors = {name: r.error for name, r in results.items() if r.error}
@@ -1013,7 +1098,7 @@ def machine_info(results: dict[str, ToolResult]) -> dict[str, Any]:
 
 
 def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Figure], cache: str,
-                floor: dict[str, float] | None = None) -> dict[str, Any]:
+                floor: dict[str, Any] | None = None, rounds: int = 1) -> dict[str, Any]:
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(results),
@@ -1027,6 +1112,7 @@ def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Fi
             "generate_seconds": round(inputs.generate_seconds, 3),
         },
         "cache": cache,
+        "rounds": rounds,
         "device_floor": floor,
         "notes": [CACHE_NOTES[cache], *NOTES],
         "tools": {name: {p: asdict(r) for p, r in t.phases.items()} for name, t in results.items()},
@@ -1040,6 +1126,7 @@ def json_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[Fi
                 "target": f.target,
                 "status": f.status,
                 "note": f.note,
+                "rounds": f.rounds,
             }
             for f in figures
             if f.target is not None
@@ -1068,9 +1155,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json-out", type=Path, default=BENCH_DIR / "results" / "latest.json")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool command")
     parser.add_argument("--raksha", type=Path, default=RAKSHA_BIN, help="the raksha executable to measure")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat every tool's run this many times; ratios are the median round's (default 3)")
     parser.add_argument("--cache", choices=["cold", "warm"], default=None,
                         help="drop the page cache before every phase (cold; default where permitted) or not (warm)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1085,20 +1177,39 @@ def main(argv: list[str] | None = None) -> int:
     waited = wait_for_quiet_disk()
     print(f"  disk quiet after {waited:.1f}s (untimed: the first tool's first phase would pay for the images' "
           "writeback)", flush=True)
-    results: dict[str, ToolResult] = {}
     Raksha.executable = str(args.raksha)
-    for name in args.tools:
-        print(f"running {name} ...", flush=True)
-        results[name] = run_tool(TOOL_CLASSES[name](workdir, args.timeout), inputs, args.cache)
-    floor = None
-    stored = results["raksha"].bytes("full") if "raksha" in results else None
-    if stored and args.cache == "cold":  # warm runs would time the page cache, not the disk
-        print("measuring the device floor ...", flush=True)
-        floor = device_floor.measure(inputs.base.path, stored, workdir)
-    figures = compute_figures(results, inputs, floor)
-    print_report(results, inputs, figures, args.cache, floor)
+    rounds: list[dict[str, ToolResult]] = []
+    round_figures: list[list[Figure]] = []
+    floors: list[dict[str, float] | None] = []
+    for r in range(args.rounds):
+        # Fresh repositories each round; the tools' order rotates so that none always runs first.
+        order = args.tools[r % len(args.tools):] + args.tools[: r % len(args.tools)]
+        where = workdir / f"round{r + 1}"
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}: {', '.join(order)}", flush=True)
+        ran = {}
+        for name in order:
+            print(f"running {name} ...", flush=True)
+            ran[name] = run_tool(TOOL_CLASSES[name](where, args.timeout), inputs, args.cache)
+        results = {name: ran[name] for name in args.tools}
+        floor = None
+        stored = results["raksha"].bytes("full") if "raksha" in results else None
+        if stored and args.cache == "cold":  # warm runs would time the page cache, not the disk
+            print("measuring the device floor ...", flush=True)
+            where.mkdir(parents=True, exist_ok=True)
+            floor = device_floor.measure(inputs.base.path, stored, where, runs=1 if args.rounds > 1 else 2)
+        rounds.append(results)
+        floors.append(floor)
+        round_figures.append(compute_figures(results, inputs, floor))
+        if not (args.keep and r == args.rounds - 1):
+            shutil.rmtree(where, ignore_errors=True)  # a round's repositories take a few GB
+    results = merge_results(rounds)
+    merged_floor = merge_floors(floors)
+    figures = merge_figures(round_figures)
+    print_report(results, inputs, figures, args.cache, merged_floor)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(json_report(results, inputs, figures, args.cache, floor), indent=2) + "\n")
+    report = json_report(results, inputs, figures, args.cache, merged_floor, args.rounds)
+    args.json_out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json_out}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -61,12 +61,15 @@ def chunk_image(path: Path, chunks: list[bytes | None]) -> Path:
 RunCli = Callable[..., tuple[int, str, str]]
 
 
-def _load_imagegen() -> ModuleType:
-    path = REPO / "bench" / "imagegen.py"
-    name = "bench_imagegen"
+def load_bench(stem: str) -> ModuleType:
+    """``bench/<stem>.py`` as module ``bench_<stem>``, with bench/ on the path as when it runs there (its
+    modules import each other by name)."""
+    name = f"bench_{stem}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{stem}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up here
@@ -74,7 +77,7 @@ def _load_imagegen() -> ModuleType:
     return module
 
 
-imagegen = _load_imagegen()
+imagegen = load_bench("imagegen")
 
 
 def index_objects(vault: Any) -> dict[str, Any]:

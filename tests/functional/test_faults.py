@@ -168,6 +168,55 @@ def test_what_is_not_a_disk_image(run_cli: RunCli, vault: Path, tmp_path: Path, 
     assert tree(vault) == before
 
 
+def _qemu_img(*args: str | Path) -> None:
+    subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True, check=True)
+
+
+@pytest.mark.parametrize("names", ["backing file", "external data file"])
+def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_never_has_another_file_read(
+        run_cli: RunCli, cli_json: CliJson, vault: Path, tmp_path: Path, outputs: Path, names: str) -> None:
+    # What a guest can do to its raw disk: write at its start a qcow2 header that names a host file.
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"host private key " * (MIB // 16))
+    header = tmp_path / "header.qcow2"
+    if names == "backing file":
+        _qemu_img("create", "-f", "qcow2", "-b", secret, "-F", "raw", header, "1M")
+    else:
+        _qemu_img("create", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on", header, "1M")
+    disk = tmp_path / "guest-disk.raw"
+    disk.write_bytes(header.read_bytes().ljust(4 * MIB, b"\0"))
+    before = tree(vault)
+
+    rc, out, err = run_cli("vault", "backup", vault, disk, "--id", FULL, "--json")
+
+    assert rc == EXIT_USAGE, err
+    doc = error_of(out)
+    assert doc["code"] == "FORMAT_UNCONFIRMED" and f"with a{'n' if names[0] == 'e' else ''} {names}" in doc["message"]
+    assert "--format raw" in doc["message"] and "Traceback" not in err
+    assert tree(vault) == before  # nothing was read, nothing stored
+
+    # Told it is raw, Raksha reads it as raw: the header's bytes are the disk's, the named file is not read.
+    cli_json("vault", "backup", vault, disk, "--id", FULL, "--format", "raw")
+    cli_json("vault", "restore", vault, FULL, outputs / "restored.raw")
+    assert blake3_file(outputs / "restored.raw") == blake3_file(disk)
+
+
+def test_a_qcow2_overlay_is_read_through_its_backing_file_when_its_format_is_given(
+        run_cli: RunCli, cli_json: CliJson, vault: Path, make_image: MakeImage, tmp_path: Path,
+        outputs: Path) -> None:
+    base = make_image("base.img", 4 * MIB)
+    overlay = tmp_path / "overlay.qcow2"
+    _qemu_img("create", "-f", "qcow2", "-b", base, "-F", "raw", overlay)
+    _qemu_img("convert", "-O", "raw", overlay, tmp_path / "expected.raw")
+
+    rc, out, _ = run_cli("vault", "backup", vault, overlay, "--id", FULL, "--json")
+    assert rc == EXIT_USAGE and error_of(out)["code"] == "FORMAT_UNCONFIRMED"
+
+    cli_json("vault", "backup", vault, overlay, "--id", FULL, "--format", "qcow2")
+    cli_json("vault", "restore", vault, FULL, outputs / "restored.raw")
+    assert blake3_file(outputs / "restored.raw") == blake3_file(tmp_path / "expected.raw")
+
+
 def test_vault_of_an_unknown_format_version_is_refused_and_untouched(
         run_cli: RunCli, cli_json: CliJson, vault: Path, make_image: MakeImage, outputs: Path) -> None:
     image = make_image("a.img", 4 * MIB)

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from conftest import load_bench
+
 MIB = 1 << 20
 
-
-def _load() -> ModuleType:
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    if str(bench) not in sys.path:
-        sys.path.insert(0, str(bench))  # as when bench/run.py imports it: beside imagegen
-    path = bench / "device_floor.py"
-    spec = importlib.util.spec_from_file_location("bench_device_floor", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-floor = _load()
+floor = load_bench("device_floor")
 
 
 def _sparse_image(path: Path) -> Path:

@@ -23,7 +23,7 @@ from raksha.vault.backends.memory import MemoryBackend
 from raksha.vault.engine import backup as backup_module
 from raksha.vault.engine import restore as restore_module
 from raksha.vault.engine import seen_ids
-from raksha.vault.engine.backup import MAX_READERS, BackupResult, backup_disk, reader_count
+from raksha.vault.engine.backup import MAX_READERS, BackupResult, backup_disk, default_threads, reader_count
 from raksha.vault.engine.changes import chunks_touching
 from raksha.vault.engine.restore import RestoreResult, restore_backup
 from raksha.vault.format import sorted_ids
@@ -254,6 +254,8 @@ def test_small_reads_get_more_readers_so_that_more_of_them_are_in_flight() -> No
     assert reader_count(4, reads=200, read_bytes=200 * 512 * 1024) == 4
     assert reader_count(32, reads=200, read_bytes=200 * 4096) == 16  # never fewer than half the threads
     assert reader_count(1, reads=0, read_bytes=0) == 1
+    assert reader_count(1, reads=200, read_bytes=200 * 4096, limit=1) == 1  # the caller's limit
+    assert reader_count(4, reads=200, read_bytes=200 * 4096, limit=4) == 4
 
 
 def test_an_incremental_of_small_changes_reads_them_with_more_readers(
@@ -266,10 +268,12 @@ def test_an_incremental_of_small_changes_reads_them_with_more_readers(
     base = make_image("base.img", 32 * MIB, seed=5)
     changed, extents = make_changed_copy(base, "changed.img", fraction=0.01, seed=6)
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new())
-    backup_disk(vault, open_source(str(base)), BackupId.parse("j/r1/vm/vda"), threads=4)
-    backup_disk(vault, open_source(str(changed)), BackupId.parse("j/r2/vm/vda"), threads=4,
+    backup_disk(vault, open_source(str(base)), BackupId.parse("j/r1/vm/vda"))
+    backup_disk(vault, open_source(str(changed)), BackupId.parse("j/r2/vm/vda"),
                 parent=BackupId.parse("j/r1/vm/vda"), changed_extents=[(o, n) for o, n in extents])
-    assert readers == [2, MAX_READERS]
+    backup_disk(vault, open_source(str(changed)), BackupId.parse("j/r3/vm/vda"), threads=2,
+                parent=BackupId.parse("j/r2/vm/vda"), changed_extents=[(o, n) for o, n in extents])
+    assert readers == [max(1, default_threads() // 2), MAX_READERS, 2]  # a thread count set is a limit
 
 
 def test_incremental_without_extents_rereads_everything_and_matches(

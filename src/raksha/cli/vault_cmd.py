@@ -64,7 +64,9 @@ def _progress_opt(p: argparse.ArgumentParser, *, threads: bool = True) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="progress on stderr: a bar on a terminal by default")
     if threads:
-        p.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: two per core)")
+        p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                       help="threads (default: two per core); a backup reads with half of them, or with up to "
+                            "N when its reads are small (up to 8 by default)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -86,7 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--id", required=True, help="JOB/RUN/VM/DISK")
     p.add_argument("--parent", help="backup id this one is incremental to")
     p.add_argument("--changed-extents", metavar="FILE", help="JSON list of [offset, length] changed since --parent")
-    p.add_argument("--format", default="auto", help="source format (auto, raw, qcow2, ...)")
+    p.add_argument("--format", default="auto",
+                   help="source format (raw, qcow2, ...: trusted as said; auto guesses, and refuses an image "
+                        "it guesses to name other files)")
     p.add_argument("--hint", action="append", default=[], metavar="KEY=VALUE", help="free-form metadata")
     _progress_opt(p)
     _common(p)

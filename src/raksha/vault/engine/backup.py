@@ -89,13 +89,14 @@ READ_DEPTH_BYTES = 2 << 20
 MAX_READERS = 8
 
 
-def reader_count(threads: int, reads: int, read_bytes: int) -> int:
+def reader_count(threads: int, reads: int, read_bytes: int, *, limit: int = MAX_READERS) -> int:
     """Reader threads for ``reads`` source reads of ``read_bytes`` in all: half the threads, or more when
-    the reads are small, so that about READ_DEPTH_BYTES are in flight (at most MAX_READERS)."""
+    the reads are small, so that about READ_DEPTH_BYTES are in flight (at most ``limit``: a caller that
+    sets the threads sets how hard the VM's storage is read, and gets at most that many readers)."""
     base = max(1, threads // 2)
     if reads == 0 or read_bytes == 0:
         return base
-    return max(base, min(MAX_READERS, -(-READ_DEPTH_BYTES * reads // read_bytes)))
+    return max(base, min(limit, -(-READ_DEPTH_BYTES * reads // read_bytes)))
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class _Backup:
         self.id = backup_id
         self.parent_id = parent
         self.threads = threads or default_threads()
+        self.max_readers = MAX_READERS if threads is None else self.threads
         self.callback = progress
         self.hints = hints or {}
         self.chunk_size = vault.config.chunk_size
@@ -203,7 +205,7 @@ class _Backup:
         work = sum(self._work(i) for i in to_read)
         self.progress = Progress("backup", work, self.callback)
         workers = max(1, self.threads - max(1, self.threads // 2))
-        readers = reader_count(self.threads, len(to_read), work)
+        readers = reader_count(self.threads, len(to_read), work, limit=self.max_readers)
         buffers = [mmap.mmap(-1, self.chunk_size)  # page-aligned: sources read into them with O_DIRECT
                    for _ in range(max(readers + workers, PREFETCH_BYTES // self.chunk_size))]
         try:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+import struct
 import subprocess
 
 from raksha.domain.errors import AlreadyExists, ImageInvalid, InvalidInput, NotFound
@@ -14,55 +15,113 @@ from raksha.vault.sources.nbd import NbdSource, NbdTarget, QemuNbdExport
 from raksha.vault.sources.raw import RawSource, RawTarget
 
 QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_HEADER = 104  # a version-3 header's fixed part
+QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature: the guest data lives in another file
 PARTIAL_SUFFIX = ".raksha-partial"  # a restore in progress (or killed): never a finished disk
 _STAGED = re.compile(r"\.[0-9a-f]{8}" + re.escape(PARTIAL_SUFFIX) + "$")
 SECTOR = 512
 
 
-def detect_format(path: str) -> str:
-    """``raw``, ``qcow2`` or whatever qemu-img recognises; raises for what is not a disk image."""
+def _stat_image(path: str) -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise NotFound(f"{path}: no such file", code="IMAGE_NOT_FOUND") from None
     except OSError as exc:
         raise ImageInvalid(f"{path}: cannot access: {exc.strerror}") from None
-    if stat.S_ISBLK(st.st_mode):
-        return "raw"
-    if not stat.S_ISREG(st.st_mode):
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         raise ImageInvalid(f"{path}: not a disk image (not a regular file or block device)")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ImageInvalid(f"{path}: cannot read: {exc.strerror}") from None
-    if magic == QCOW2_MAGIC:
-        return "qcow2"
-    fmt = _qemu_img_format(path)
-    if fmt not in (None, "raw"):
-        return fmt
-    if st.st_size == 0 or st.st_size % SECTOR:
+    return st
+
+
+def _check_raw_size(path: str, st: os.stat_result) -> None:
+    if stat.S_ISREG(st.st_mode) and (st.st_size == 0 or st.st_size % SECTOR):
         raise ImageInvalid(
             f"{path}: not a disk image (size {st.st_size} is not a positive multiple of {SECTOR} bytes)"
         )
+
+
+def _head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(QCOW2_HEADER)
+    except OSError as exc:
+        raise ImageInvalid(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _qcow2_external(head: bytes) -> str | None:
+    """What other file a qcow2 header makes a reader open: its backing file, or its external data file
+    (version 3's incompatible feature bit 2); None if neither."""
+    version, backing_offset = struct.unpack_from(">IQ", head, 4) if len(head) >= 16 else (0, 0)
+    if backing_offset:
+        return "a backing file"
+    if version >= 3 and len(head) >= 80 and struct.unpack_from(">Q", head, 72)[0] & QCOW2_EXTERNAL_DATA:
+        return "an external data file"
+    return None
+
+
+def detect_format(path: str) -> str:
+    """``raw``, ``qcow2`` or whatever qemu-img recognises; raises for what is not a disk image.
+
+    A guessed format must not make Raksha read other files: a raw disk's guest can write a qcow2 header
+    naming a backing file such as a host's private key, which the backup would then hold. An image
+    guessed to have a backing file or an external data file is refused (``FORMAT_UNCONFIRMED``) until
+    the caller says its format (``open_source(path, fmt)``), as libvirt never probes formats."""
+    st = _stat_image(path)
+    if stat.S_ISBLK(st.st_mode):
+        return "raw"
+    head = _head(path)
+    fmt: str | None
+    if head[:4] == QCOW2_MAGIC:
+        fmt, external = "qcow2", _qcow2_external(head)
+    else:
+        fmt, external = _qemu_img_probe(path)
+    if fmt not in (None, "raw"):
+        if external is not None:
+            raise ImageInvalid(
+                f"{path}: looks like {fmt} with {external}; a format that is only guessed may not make Raksha "
+                f"read other files (a raw disk's guest can write such a header): pass --format {fmt} if it "
+                "is one, --format raw if it is a raw disk", code="FORMAT_UNCONFIRMED")
+        return fmt
+    _check_raw_size(path, st)
     return "raw"
 
 
-def _qemu_img_format(path: str) -> str | None:
+def _qemu_img_probe(path: str) -> tuple[str | None, str | None]:
+    """qemu-img's guess at the format, and what other file it would read (None if none)."""
     try:
         res = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True, text=True,
                              timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return None, None
     if res.returncode != 0:
-        return None
-    return str(json.loads(res.stdout).get("format"))
+        return None, None
+    info = json.loads(res.stdout)
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if info.get("backing-filename"):
+        return str(info.get("format")), "a backing file"
+    if data.get("data-file"):
+        return str(info.get("format")), "an external data file"
+    if any(os.path.realpath(e.get("filename", path)) != os.path.realpath(path) for e in data.get("extents", [])):
+        return str(info.get("format")), "extents in other files"
+    return str(info.get("format")), None
 
 
 def open_source(path: str, fmt: str = "auto") -> DiskSource:
-    detected = detect_format(path)
-    if fmt not in ("auto", detected):
-        raise ImageInvalid(f"{path}: is {detected}, not {fmt}")
+    """The disk image at ``path``: of the format the caller says (trusted, no guessing: a raw disk is
+    read as raw whatever its guest wrote at its start), or of the one ``detect_format`` guesses."""
+    if fmt == "raw":
+        st = _stat_image(path)
+        _check_raw_size(path, st)
+        return RawSource(path)
+    if fmt == "qcow2":
+        if stat.S_ISREG(_stat_image(path).st_mode) and _head(path)[:4] != QCOW2_MAGIC:
+            raise ImageInvalid(f"{path}: is not qcow2 (no qcow2 header)")
+        detected = fmt
+    else:
+        detected = detect_format(path) if fmt == "auto" else _qemu_img_probe(path)[0] or "raw"
+        if fmt not in ("auto", detected):
+            raise ImageInvalid(f"{path}: is {detected}, not {fmt}")
     if detected == "raw":
         return RawSource(path)
     export = QemuNbdExport(path, detected)
