@@ -24,6 +24,7 @@ import pytest
 
 from conftest import K64, chunk_image, index_objects, random_chunk, sets_on_disk
 from raksha.domain.errors import VaultCorrupt, VaultLocked
+from raksha.vault.backends.base import ObjectInfo
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import BackupResult, backup_disk
 from raksha.vault.engine.packer import Packer
@@ -863,6 +864,59 @@ def test_a_chunk_not_condemned_survives_even_if_its_last_backup_is_deleted_durin
     assert report.packs_repacked == 1
     assert_restores(vault, "j/e/vm1/vda", img_d, tmp_path)
     assert_verifies(vault)
+
+
+def age_manifests(vault: Vault, seconds: float = 2 * HOUR) -> None:
+    then = time.time() - seconds
+    for bid in vault.backup_ids():
+        os.utime(root(vault) / bid.backup_key, (then, then))
+
+
+def test_the_re_mark_reads_only_the_manifests_written_since_the_mark(
+        deleted_base: tuple[Vault, Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    vault, _base, other = deleted_base
+    age_manifests(vault)
+    read: list[str] = []
+    real_read, real_wait = vault.read_manifest, gc_module._Gc._wait_for_backups
+    monkeypatch.setattr(vault, "read_manifest", lambda bid: read.append(str(bid)) or real_read(bid))
+
+    def backup_during_the_wait(self: gc_module._Gc) -> None:
+        real_wait(self)
+        read.clear()  # what the mark read
+        backup(vault, other, "j/new/vm2/vda", threads=1)  # commits after the mark, before the re-mark
+
+    monkeypatch.setattr(gc_module._Gc, "_wait_for_backups", backup_during_the_wait)
+    report = collect_garbage(vault, grace=0)
+
+    assert report.backups == 1 and report.backups_remarked == 1
+    assert [r for r in read if r != "j/new/vm2/vda"] == []  # c, unchanged since the mark, is not read again
+    assert_restores(vault, "j/new/vm2/vda", other, tmp_path)
+    assert_restores(vault, C, other, tmp_path)
+    assert_verifies(vault)
+
+
+def test_the_re_mark_reads_what_changed_since_the_mark_and_what_was_written_just_before_it(
+        three_backups: tuple[Vault, dict[str, Path]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backup deleted and made again under its id while gc waits can list with the size and time the
+    # mark saw (an object store's times are coarse): a manifest written just before the mark is read again.
+    vault, _imgs = three_backups
+    gc = gc_module._Gc(vault, 0, 600, 0.25, False, 0.02, time.time, None, None)  # type: ignore[arg-type]
+    now = time.time()
+    old, recent, changed, gone = (BackupId.parse(b) for b in ("j/old/vm/vda", "j/recent/vm/vda",
+                                                              "j/changed/vm/vda", "j/gone/vm/vda"))
+    gc.marked_at = now
+    gc.marked = {old: ObjectInfo(old.backup_key, 100, now - 2 * HOUR),
+                 recent: ObjectInfo(recent.backup_key, 100, now - 10),
+                 changed: ObjectInfo(changed.backup_key, 100, now - 2 * HOUR),
+                 gone: ObjectInfo(gone.backup_key, 100, now - 2 * HOUR)}
+    new = BackupId.parse("j/new/vm/vda")
+    listing = {**gc.marked, changed: ObjectInfo(changed.backup_key, 120, now - 2 * HOUR),
+               new: ObjectInfo(new.backup_key, 100, now + 5)}
+    del listing[gone]
+    monkeypatch.setattr(vault, "backup_objects", lambda: listing)
+
+    assert gc._written_since_mark() == sorted([recent, changed, new])
+    assert gc.report.backups_remarked == 3
 
 
 def test_gc_gives_up_when_a_backup_outlasts_max_wait(three_backups: tuple[Vault, dict[str, Path]],

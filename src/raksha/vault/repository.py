@@ -260,6 +260,15 @@ class Vault:
         ids = (BackupId.from_backup_key(info.key) for info in self.backend.list(PREFIX + prefix))
         return sorted(i for i in ids if i is not None)
 
+    def backup_objects(self) -> dict[BackupId, ObjectInfo]:
+        """Every backup's manifest object (its size and time say whether it is the one seen before)."""
+        out = {}
+        for info in self.backend.list(PREFIX):
+            bid = BackupId.from_backup_key(info.key)
+            if bid is not None:
+                out[bid] = info
+        return out
+
     def has_backup(self, backup_id: BackupId) -> bool:
         try:
             self.backend.stat(backup_id.backup_key)

@@ -29,6 +29,7 @@ from raksha.domain.errors import (
     VaultFormatUnsupported,
     VaultLocked,
 )
+from raksha.vault.backends.base import ObjectInfo
 from raksha.vault.engine.packer import MERGE_ENTRIES, Packer
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.format.chunk_table import IdSet
@@ -107,6 +108,7 @@ class GcReport:
     indexes_consolidated: int = 0
     bytes_freed: int = 0
     waited_seconds: float = 0.0
+    backups_remarked: int = 0  # written while gc ran, looked at again before the sweep
     seconds: float = 0.0
     young_packs_kept: int = 0
     staging_files_removed: int = 0
@@ -160,6 +162,9 @@ def _writer_alive(path: Path) -> bool:
     except (IndexError, ValueError):
         return False  # not a name we wrote
     return owner_alive(pid, path.stat().st_mtime)
+
+
+REMARK_RECENT = 60.0  # seconds before the mark whose manifests the re-mark reads again: coarse mtimes, skew
 
 
 def _referenced(vault: Vault, backups: list[BackupId], meter: Progress | None = None) -> Iterator[bytes]:
@@ -248,6 +253,8 @@ class _Gc:
         self.shared = 0  # live chunks two packs or more hold (usually none: then a pass is skipped)
         self.packs: dict[str, _Pack] = {}
         self.by_chunk: _RowsByChunk | None = None  # the rows again, by chunk, with the live set on disk
+        self.marked: dict[BackupId, ObjectInfo] = {}  # the manifests the mark read, as they were listed
+        self.marked_at = 0.0
 
     def run(self) -> GcReport:
         start = time.monotonic()
@@ -271,7 +278,7 @@ class _Gc:
                 condemned.publish(self.vault, condemned_key)
                 # 4. Wait, then re-mark: backups that finished meanwhile may use condemned chunks.
                 self._wait_for_backups()
-                revived = {cid for cid in _referenced(self.vault, self.vault.backup_ids())
+                revived = {cid for cid in _referenced(self.vault, self._written_since_mark())
                            if cid in condemned}  # few: what backups used meanwhile
                 condemned.close()
                 self._adopt_new_indexes(read_ids)
@@ -300,7 +307,8 @@ class _Gc:
         every chunk of a backup listed here is in the index read next (or in a pack younger than t0).
         """
         def attempt() -> tuple[list[BackupId], IndexScan, IdSet | DiskIdSet, RowsByPack, _RowsByChunk | None]:
-            backups = self.vault.backup_ids()
+            self.marked_at, self.marked = self.clock(), self.vault.backup_objects()
+            backups = sorted(self.marked)
             scan = self.vault.scan_index()  # raises on a damaged index: its packs would look orphaned
             live = new_id_set(scan.live_entries, "the chunks backups use")
             rows = RowsByPack(scan.live_entries, "the index's rows by pack")
@@ -330,6 +338,22 @@ class _Gc:
         self.report.backups, self.report.live_chunks = len(backups), len(live)
         return set(scan.counts), rows
 
+
+    def _written_since_mark(self) -> list[BackupId]:
+        """The manifests the re-mark must read: those the mark did not list as they are now, and any written
+        shortly before it. A manifest is written once, so one the mark read references only chunks it
+        marked live, none condemned; reading only the others makes the re-mark cost what was backed up
+        meanwhile, not the vault. The recent ones are read too: a backup deleted and made again under its
+        id within an object store's mtime resolution would otherwise look unchanged."""
+        recent = self.marked_at - REMARK_RECENT
+
+        def unseen(bid: BackupId, info: ObjectInfo) -> bool:
+            seen = self.marked.get(bid)
+            return seen is None or (seen.size, seen.mtime) != (info.size, info.mtime) or info.mtime >= recent
+
+        since = sorted(bid for bid, info in self.vault.backup_objects().items() if unseen(bid, info))
+        self.report.backups_remarked = len(since)
+        return since
 
     def _classify(self, rows: RowsByPack, t0: float) -> None:
         packs = self.packs = {pid: _Pack(pid, size, mtime) for pid, size, mtime in self.vault.iter_packs()}
