@@ -20,8 +20,10 @@ from conftest import MIB, blake3_file
 from raksha.domain.errors import VaultCorrupt
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.backends.memory import MemoryBackend
+from raksha.vault.engine import backup as backup_module
 from raksha.vault.engine import layering
 from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.blobio import BlobReader
 from raksha.vault.engine.layering import MAX_LAYERS, MAX_RANGES, Choice, choose
 from raksha.vault.engine.progress import ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import restore_backup, touched_blocks
@@ -96,7 +98,17 @@ def manifest(vault: Vault, run: int) -> Manifest:
     return vault.read_manifest(BackupId.parse(f"job/run{run}/vm/vda"))
 
 
-def test_layers_accumulate_up_to_the_limit_then_merge_into_one(vault: Vault, tmp_path: Path) -> None:
+@pytest.fixture(params=["source", "vault"])
+def merge_reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where a merge reads the ranges of the parent's layers: from the source within its budget (a tenth
+    of the change and a chunk), or, past it, from the vault (here: no budget at all)."""
+    if request.param == "vault":
+        monkeypatch.setattr(backup_module, "merge_source_budget", lambda changed, chunk: 0)
+    return str(request.param)
+
+
+def test_layers_accumulate_up_to_the_limit_then_merge_into_one(vault: Vault, tmp_path: Path,
+                                                              merge_reads: str) -> None:
     disk = Disk(tmp_path / "disk.img")
     full = disk.backup(vault, full=True)
     assert manifest(vault, 1).version == 1 and full.stats.chunks_delta == 0  # a full never writes deltas
@@ -106,7 +118,8 @@ def test_layers_accumulate_up_to_the_limit_then_merge_into_one(vault: Vault, tmp
         inc = disk.backup(vault)
         layers = manifest(vault, n + 1).deltas.get(1, [])
         assert manifest(vault, n + 1).chunk_ids[1] == manifest(vault, 1).chunk_ids[1]  # the base stays
-        assert (inc.stats.chunks_patched, inc.stats.bytes_read) == (0, 8 * KIB)  # only the change is read
+        merging = n > MAX_LAYERS and merge_reads == "source"  # then every range the merge covers is read
+        assert (inc.stats.chunks_patched, inc.stats.bytes_read) == (0, (n if merging else 1) * 8 * KIB)
         if n <= MAX_LAYERS:
             assert (inc.stats.chunks_delta, inc.stats.chunks_merged, len(layers)) == (1, 0, n)
             assert inc.stats.bytes_stored < 9 * KIB
@@ -144,8 +157,8 @@ def test_blocks_rewritten_every_run_keep_one_layer_and_read_nothing_of_the_vault
     assert verify_vault(vault).ok
 
 
-def test_blocks_rewritten_in_part_merge_their_layers_and_never_rebuild_the_chunk(vault: Vault,
-                                                                                 tmp_path: Path) -> None:
+def test_blocks_rewritten_in_part_merge_their_layers_and_never_rebuild_the_chunk(vault: Vault, tmp_path: Path,
+                                                                                 merge_reads: str) -> None:
     """Writes that move a little every run overlap the last layer without covering it: layers stack up to
     the limit, then merge with the change into one, again and again."""
     disk = Disk(tmp_path / "disk.img")
@@ -153,7 +166,9 @@ def test_blocks_rewritten_in_part_merge_their_layers_and_never_rebuild_the_chunk
     for k in range(3 * MAX_LAYERS + 1):
         disk.write(2 * MIB + 100 * KIB + k * KIB, os.urandom(40 * KIB))
         inc = disk.backup(vault)
-        assert (inc.stats.chunks_delta, inc.stats.chunks_patched, inc.stats.bytes_read) == (1, 0, 40 * KIB)
+        merging = k > 0 and k % MAX_LAYERS == 0
+        read = (40 + k) * KIB if merging and merge_reads == "source" else 40 * KIB
+        assert (inc.stats.chunks_delta, inc.stats.chunks_patched, inc.stats.bytes_read) == (1, 0, read)
         layers = manifest(vault, disk.runs).deltas[2]
         assert len(layers) == k % MAX_LAYERS + 1
         assert inc.stats.chunks_merged == (k > 0 and k % MAX_LAYERS == 0)
@@ -163,6 +178,35 @@ def test_blocks_rewritten_in_part_merge_their_layers_and_never_rebuild_the_chunk
     for run in range(1, disk.runs + 1):
         assert disk.restores_exactly(vault, run, tmp_path / "out.img"), f"run {run}"
     assert verify_vault(vault).ok
+
+
+def test_merges_read_from_the_source_within_their_budget_and_from_the_vault_past_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup_module, "merge_source_budget", lambda changed, chunk: 40 * KIB)
+    vault = Vault.init(LocalBackend(tmp_path / "v", create=True), VaultConfig.new())
+    disk = Disk(tmp_path / "disk.img")
+    disk.backup(vault, full=True)
+    for n in range(MAX_LAYERS):  # chunks 1 and 2 at the bound on layers
+        for chunk in (1, 2):
+            disk.write(chunk * MIB + n * 64 * KIB, os.urandom(8 * KIB))
+        disk.backup(vault)
+    vault_reads: list[str] = []
+    read_range = BlobReader.read_range
+    monkeypatch.setattr(BlobReader, "read_range",
+                        lambda self, key, off, n: vault_reads.append(key) or read_range(self, key, off, n))
+    for chunk in (1, 2):
+        disk.write(chunk * MIB + MAX_LAYERS * 64 * KIB, os.urandom(8 * KIB))
+
+    inc = disk.backup(vault)
+
+    # Both merge. Chunk 1's four other ranges (32 KiB) fit the budget: read from the disk, around the
+    # change. Chunk 2's do not fit what is left: its four layers are read from the vault.
+    assert (inc.stats.chunks_merged, inc.stats.chunks_patched) == (2, 0)
+    assert inc.stats.bytes_read == 2 * 8 * KIB + 4 * 8 * KIB
+    assert len(vault_reads) == MAX_LAYERS
+    assert [len(manifest(vault, disk.runs).deltas[c]) for c in (1, 2)] == [1, 1]
+    for run in range(1, disk.runs + 1):
+        assert disk.restores_exactly(vault, run, tmp_path / "out.img"), f"run {run}"
 
 
 def test_layers_that_would_merge_into_more_than_half_a_chunk_rebuild_it(vault: Vault, tmp_path: Path) -> None:
@@ -178,7 +222,9 @@ def test_layers_that_would_merge_into_more_than_half_a_chunk_rebuild_it(vault: V
     assert disk.restores_exactly(vault, disk.runs, tmp_path / "out.img")
 
 
-def test_a_merge_whose_layers_are_unreadable_reads_the_whole_chunk(tmp_path: Path) -> None:
+def test_a_merge_whose_layers_are_unreadable_reads_the_whole_chunk(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup_module, "merge_source_budget", lambda changed, chunk: 0)  # merges read the vault
     vault = Vault.init(LocalBackend(tmp_path / "v", create=True), VaultConfig.new())
     disk = Disk(tmp_path / "disk.img")
     disk.backup(vault, full=True)
@@ -201,7 +247,8 @@ def test_a_merge_whose_layers_are_unreadable_reads_the_whole_chunk(tmp_path: Pat
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_writes_over_many_runs_restore_exactly_within_the_bounds(tmp_path: Path, seed: int) -> None:
+def test_random_writes_over_many_runs_restore_exactly_within_the_bounds(tmp_path: Path, seed: int,
+                                                                        merge_reads: str) -> None:
     """Layers added, left out, merged and rebuilt in any order: every point restores to what the disk held,
     and no chunk passes the policy's bounds (a restore's reads stay bounded)."""
     rng = random.Random(seed)
@@ -215,7 +262,9 @@ def test_random_writes_over_many_runs_restore_exactly_within_the_bounds(tmp_path
             off += rng.choice((0, 0, rng.randrange(-8 * KIB, 8 * KIB)))  # the same blocks, or a little off
             off = min(max(0, off), 4 * MIB - n)
             disk.write(off, os.urandom(n) if rng.random() < 0.8 else bytes(n))
+        given = sum(n for _, n in disk.changed)
         stats = disk.backup(vault).stats
+        assert stats.bytes_read <= given + given // 10 + MIB  # merges read from the source within their budget
         merged, rebuilt = merged + stats.chunks_merged, rebuilt + stats.chunks_patched
         for i, layers in manifest(vault, disk.runs).deltas.items():
             assert len(layers) <= MAX_LAYERS, (disk.runs, i)

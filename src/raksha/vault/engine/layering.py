@@ -5,8 +5,10 @@ what changed, not the chunk size. They become a **layer** on the parent's chunk 
 few and small, so the work and the bytes stored follow what changed too; parent layers the change
 overwrites entirely are left out, so the same blocks written before every backup (a journal, a
 database's hot pages) keep one layer. At the bound, the parent's layers and the change **merge** into
-one layer of every range they cover, while that stays small: it reads the parent's small layers, never
-its chunk. Past that, the chunk is **rebuilt** from the parent's copy and stored whole.
+one layer of every range they cover, while that stays small: those ranges are read from the source,
+around the change, within a budget (engine/backup.merge_source_budget), else the parent's small layers
+from the vault; never its chunk. Past that, the chunk is **rebuilt** from the parent's copy and stored
+whole.
 
 The bounds keep a restore to at most 5 blob reads and 1.5 chunks of bytes a chunk, and a manifest (and
 the memory it takes) bounded by the disk's size whatever the history of writes: each layer lists at
