@@ -59,7 +59,7 @@ from raksha.hypervisor.strategy import (
     thaw_guests,
     thaw_leftovers,
 )
-from raksha.vault.processes import owner_alive
+from raksha.vault.processes import owner_alive, remove_dirs_of_dead_owners
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
@@ -640,21 +640,7 @@ def _sweep_workdirs(base: str) -> None:
     """Remove work directories of Raksha processes that died (SIGKILL, a crash): their scratch images may
     hold gigabytes. Their jobs were ended by then or will be (``end_stale_job``); QEMU keeps a removed file
     it still has open."""
-    try:
-        entries = os.scandir(base)
-    except OSError:
-        return
-    with entries:
-        for entry in entries:
-            owner = _SOCKET_OWNER.match(entry.name)
-            if owner is None or not entry.is_dir(follow_symlinks=False):
-                continue
-            try:
-                made = entry.stat(follow_symlinks=False).st_mtime
-            except OSError:
-                continue
-            if not owner_alive(int(owner.group(1)), made):
-                shutil.rmtree(entry.path, ignore_errors=True)
+    remove_dirs_of_dead_owners(base, _SOCKET_OWNER)
 
 
 def _scratch_path(disk: DiskInfo, scratch_dir: str) -> str:

@@ -16,14 +16,12 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import libvirt
 
@@ -42,9 +40,8 @@ from raksha.hypervisor.strategy import (
     thaw_guests,
     thaw_leftovers,
 )
-from raksha.vault.processes import alive, owner_alive, started_at
 from raksha.vault.sources.base import Extent, merge_extents
-from raksha.vault.sources.nbd import EXPORT_DIR_PREFIX, NbdSource, QemuNbdExport
+from raksha.vault.sources.nbd import NbdSource, QemuNbdExport, end_stale_exports
 
 log = logging.getLogger(__name__)
 
@@ -229,40 +226,6 @@ def _plan_disk(disk: DiskInfo, chain: list[Layer], job: str, run: str, parent_ru
     if os.path.exists(expected) and expected not in (layer.path for layer in chain):
         state.note += f"; {expected} is left on disk, unused"
     return state
-
-
-_EXPORT_OWNER = re.compile(r"--socket=.*/" + re.escape(EXPORT_DIR_PREFIX) + r"(\d+)-")
-
-
-def end_stale_exports(paths: set[str]) -> list[int]:
-    """Stop qemu-nbd exports of ``paths`` left by a Raksha process that died (SIGKILL, a crash).
-
-    Their image locks would keep the block commits from writing the layers they read. Only an export
-    whose socket lies in a dead process's directory is touched; returns the pids stopped.
-    """
-    stopped = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = [a.decode(errors="replace") for a in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if a]
-        except OSError:
-            continue
-        if not argv or os.path.basename(argv[0]) != "qemu-nbd" or argv[-1] not in paths:
-            continue
-        owner = next((m for m in map(_EXPORT_OWNER.match, argv) if m), None)
-        # The owner started the export, so it started before it: a younger process with its pid is another.
-        if owner is None or owner_alive(int(owner.group(1)), started_at(int(entry)) or time.time()):
-            continue
-        try:
-            os.kill(int(entry), signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        stopped.append(int(entry))
-    deadline = time.monotonic() + 5
-    while any(alive(pid) for pid in stopped) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return stopped
 
 
 def end_stale_commits(dom: libvirt.virDomain, timeout: float) -> list[str]:

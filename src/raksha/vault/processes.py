@@ -10,6 +10,8 @@ thing it left was made.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 _SLACK = 2.0  # seconds: the boot time is whole seconds, a start time is in clock ticks
@@ -56,3 +58,22 @@ def owner_alive(pid: int, made: float) -> bool:
         return False
     start = started_at(pid)
     return start is None or start <= made + _SLACK
+
+
+def remove_dirs_of_dead_owners(base: str, name: re.Pattern[str]) -> None:
+    """Remove the directories in ``base`` whose names ``name`` matches with the pid of their owner (group 1),
+    where that owner no longer runs (SIGKILL, a crash): what they held is nobody's any more."""
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        owner = name.match(entry.name)
+        if owner is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            made = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if not owner_alive(int(owner.group(1)), made):
+            shutil.rmtree(entry.path, ignore_errors=True)

@@ -7,16 +7,20 @@ connection to the export; qemu-nbd is started with ``--shared=0`` for that.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from raksha.domain.errors import ImageInvalid, SourceError, StorageFull
+from raksha.vault.processes import alive, owner_alive, remove_dirs_of_dead_owners, started_at
 from raksha.vault.sources.base import ExtentArray
 
 _MAX_STATUS = 1 << 30
@@ -44,12 +48,52 @@ def _listening(path: str) -> bool:
     return True
 
 
+_EXPORT_OWNER = re.compile(r"--socket=.*/" + re.escape(EXPORT_DIR_PREFIX) + r"(\d+)-")
+_EXPORT_DIR = re.compile(re.escape(EXPORT_DIR_PREFIX) + r"(\d+)-")
+
+
+def end_stale_exports(paths: set[str] | None = None) -> list[int]:
+    """Stop the qemu-nbd exports a Raksha process that died (SIGKILL, a crash) left running (of ``paths``
+    only, if given), and remove the directories such processes left. Returns the pids stopped.
+
+    ``--persistent`` keeps an export running without its owner: it held the image open (a restore's
+    partial file, gone from the directory but not from the disk) and its lock (the snapshot strategy's
+    block commits could not write the layers it read). Only an export whose socket lies in a dead
+    process's directory is touched."""
+    stopped = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if not argv or os.path.basename(argv[0]) != "qemu-nbd" or (paths is not None and argv[-1] not in paths):
+            continue
+        owner = next((m for m in map(_EXPORT_OWNER.match, argv) if m), None)
+        # The owner started the export, so it started before it: a younger process with its pid is another.
+        if owner is None or owner_alive(int(owner.group(1)), started_at(int(entry)) or time.time()):
+            continue
+        try:
+            os.kill(int(entry), signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        stopped.append(int(entry))
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if paths is None:
+        remove_dirs_of_dead_owners(tempfile.gettempdir(), _EXPORT_DIR)
+    return stopped
+
+
 class QemuNbdExport:
     """A qemu-nbd process exporting one image on a private unix socket."""
 
     def __init__(self, path: str, fmt: str, *, writable: bool = False) -> None:
         if shutil.which("qemu-nbd") is None:
             raise ImageInvalid("reading this image format needs qemu-nbd (Debian package qemu-utils)")
+        end_stale_exports()  # those of Raksha processes that died: nobody else ends them
         self._dir = tempfile.mkdtemp(prefix=f"{EXPORT_DIR_PREFIX}{os.getpid()}-")
         self.socket = os.path.join(self._dir, "nbd.sock")
         cmd = ["qemu-nbd", "--persistent", "--shared=0", f"--socket={self.socket}", f"--format={fmt}",
