@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from raksha.domain.errors import BackendError, StorageFull
+from raksha.vault.malloc import anonymous_map
 
 ALIGN = 4096
 WRITE_BUFFERS = 4  # per SequentialFile: one filling, the others queued or being written
@@ -93,7 +94,7 @@ class SequentialFile:
         self.fd, self.direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
         self._owned = buffers is None
         if buffers is None:
-            buffers = [mmap.mmap(-1, buffer_size) for _ in range(WRITE_BUFFERS)]
+            buffers = [anonymous_map(buffer_size) for _ in range(WRITE_BUFFERS)]
         self._buffers = buffers
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for buf in buffers[1:]:
@@ -196,7 +197,7 @@ class AlignedBuffers:
     def get(self) -> mmap.mmap:
         buf: mmap.mmap | None = getattr(self._local, "buf", None)
         if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, self.size)
+            buf = self._local.buf = anonymous_map(self.size)
         return buf
 
 
@@ -208,7 +209,7 @@ def _read_buffer(size: int) -> mmap.mmap:
     if buf is None or len(buf) < size:
         if buf is not None:
             buf.close()
-        buf = mmap.mmap(-1, max(size, 1 << 20))
+        buf = anonymous_map(max(size, 1 << 20))
         _local.buf = buf
     return buf
 

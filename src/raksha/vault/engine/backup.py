@@ -34,6 +34,7 @@ from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import LockKind
+from raksha.vault.malloc import anonymous_map
 from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import DiskSource, Extent
 
@@ -215,7 +216,7 @@ class _Backup:
         self.progress = Progress("backup", work, self.callback)
         workers = max(1, self.threads - max(1, self.threads // 2))
         readers = reader_count(self.threads, len(to_read), work, limit=self.max_readers)
-        buffers = [mmap.mmap(-1, self.chunk_size)  # page-aligned: sources read into them with O_DIRECT
+        buffers = [anonymous_map(self.chunk_size)  # page-aligned: sources read into them with O_DIRECT
                    for _ in range(max(readers + workers, PREFETCH_BYTES // self.chunk_size))]
         try:
             run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers)

@@ -14,6 +14,7 @@ from raksha.vault.format.deltas import Layer
 from raksha.vault.format.index import Location
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.pack import pack_key
+from raksha.vault.malloc import anonymous_map
 from raksha.vault.repository import Vault
 
 READ_AHEAD = 1 << 20  # of a pack, for a chunk's small blobs (layers): see BlobReader
@@ -48,7 +49,7 @@ class BlobReader:
         buf: mmap.mmap | None = getattr(self._local, "buf", None)
         need = aligned_span(offset, span)
         if buf is None or len(buf) < need:
-            buf = self._local.buf = mmap.mmap(-1, max(need, 1 << 20))  # anonymous maps are page-aligned
+            buf = self._local.buf = anonymous_map(max(need, 1 << 20))  # anonymous maps are page-aligned
         self._local.held = None  # the buffer is being overwritten
         view = self._into(key, offset, span, buf)  # shorter at the pack's end
         if span == length:

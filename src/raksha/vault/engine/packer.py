@@ -16,6 +16,7 @@ from raksha.domain.errors import AlreadyExists, BackendError, RakshaError, Stora
 from raksha.vault.directio import WRITE_BUFFERS, SequentialFile
 from raksha.vault.format.index import INDEX_ROW_SIZE, Location, index_key, index_rows
 from raksha.vault.format.pack import PackEntry, encode_pack_trailer, new_pack_preamble, pack_key
+from raksha.vault.malloc import anonymous_map
 from raksha.vault.repository import Vault
 
 
@@ -151,7 +152,7 @@ class Packer:
             hasher = blake3.blake3()
             with self._books:
                 spare = self._spare.pop() if self._spare else None
-            buffers = spare or [mmap.mmap(-1, WRITE_BUFFER) for _ in range(WRITE_BUFFERS)]
+            buffers = spare or [anonymous_map(WRITE_BUFFER) for _ in range(WRITE_BUFFERS)]
             pack = _OpenPack(SequentialFile(path, hasher=hasher, buffers=buffers), hasher, buffers)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -8,13 +8,12 @@ fresh chunk-sized buffers per chunk. Both produce and accept exactly the same bl
 
 from __future__ import annotations
 
-import mmap
-
 import zstandard
 
 from raksha.domain.errors import VaultCorrupt
 from raksha.vault.format.constants import BLOB_RAW, BLOB_ZSTD, NONCE_SIZE, TAG_SIZE
 from raksha.vault.format.crypto import Crypto
+from raksha.vault.malloc import anonymous_map
 
 Buffer = bytes | bytearray | memoryview
 
@@ -61,8 +60,8 @@ class BlobEncoder:
         self._probe = probe
         # Anonymous maps, not bytearrays: their pages are touched only as far as blobs fill them, and
         # not zeroed first (an incremental of 100 kB layers touched 2 MiB per thread, in page faults).
-        self._inner = mmap.mmap(-1, 1 + max_length)
-        self._sealed = mmap.mmap(-1, NONCE_SIZE + 1 + max_length + TAG_SIZE) if crypto.encrypted else None
+        self._inner = anonymous_map(1 + max_length)
+        self._sealed = anonymous_map(NONCE_SIZE + 1 + max_length + TAG_SIZE) if crypto.encrypted else None
         self.stored_raw = 0  # chunks stored uncompressed (probe or no gain)
         self.probe_skipped = 0  # of those, chunks the probe kept from being compressed at all
 
@@ -121,7 +120,7 @@ class BlobDecoder:
         self._crypto = crypto
         self._decompressor = zstandard.ZstdDecompressor()
         self._max_blob = crypto.sealed_size(1 + max_length)
-        self._inner = mmap.mmap(-1, 1 + max_length) if crypto.encrypted else None  # see BlobEncoder
+        self._inner = anonymous_map(1 + max_length) if crypto.encrypted else None  # see BlobEncoder
 
     def decode_into(self, blob: Buffer, chunk_id: bytes, raw_length: int, out: memoryview, *, what: str) -> memoryview:
         """Decode ``blob`` into ``out[:raw_length]`` and return that view; any mismatch is VAULT_CORRUPT."""

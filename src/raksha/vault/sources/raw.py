@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from raksha.domain.errors import SourceError
 from raksha.vault.directio import ALIGN, open_direct, pwrite_all
+from raksha.vault.malloc import anonymous_map
 from raksha.vault.sources.base import Extent
 
 
@@ -134,7 +135,7 @@ class RawTarget:
     def _aligned(self, size: int) -> mmap.mmap:
         buf: mmap.mmap | None = getattr(self._local, "buf", None)
         if buf is None or len(buf) < size:
-            buf = mmap.mmap(-1, max(size, 1 << 20))
+            buf = anonymous_map(max(size, 1 << 20))
             self._local.buf = buf
             with self._lock:
                 self._buffers.append(buf)
