@@ -14,8 +14,8 @@ Raksha only, afterwards (bench/engine_driver.py): full_api and incremental_api, 
 incremental through the engine API in a process that has already opened the vault, as the
 long-running agent runs them (no interpreter start, no key derivation per backup). The API
 incremental runs on a hard-link copy of the vault taken right after the full, so it does the same
-work as the CLI incremental; it runs 5 times a round from that same state (median). The incremental target (<= 5% of the full) is judged for CLI/CLI and
-API/API separately.
+work as the CLI incremental; it runs 5 times a round from that same state (median). The incremental
+target (<= 5% of the full) is judged for CLI/CLI and API/API separately.
 
 Per phase: wall seconds, peak RSS of the tool process (os.wait4), repository
 growth (disk usage = st_blocks * 512, and apparent size). Prints a table per

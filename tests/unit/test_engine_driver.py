@@ -41,7 +41,9 @@ def images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path,
     return base, changed, extents
 
 
-def test_trials_time_the_same_incremental_and_report_their_median(tmp_path: Path, images: tuple[Path, Path, Path]) -> None:
+def test_trials_time_the_same_incremental_and_report_their_median(
+    tmp_path: Path, images: tuple[Path, Path, Path]
+) -> None:
     base, changed, extents = images
     vault = tmp_path / "vault"
     full = _run(str(vault), str(base), "--id", "j/full/vm/vda", "--init")
