@@ -446,6 +446,39 @@ def test_incremental_rereads_a_parent_chunk_missing_from_the_index(
     assert blake3_file(outputs / "disk.img") == blake3_file(image)
 
 
+def test_a_chunk_changed_in_part_whose_parent_copy_is_gone_is_read_whole(
+        new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path) -> None:
+    """Neither rebuilt on nor layered over a parent chunk the vault no longer holds: read from the source."""
+    image = make_image("disk.img", 16 * MIB, seed=21)
+    vault = new_vault(chunk_size=K64, pack_size=MIB)
+    backup(vault, image, "job1/run1/vm1/vda")
+    ids = vault.read_manifest(BackupId.parse("job1/run1/vm1/vda")).chunk_ids
+    index = vault.load_index()
+    victim = next(iter(index.locations.values())).pack_id
+    lost = {cid for cid, loc in index.locations.items() if loc.pack_id == victim}
+    gone = next(i for i in range(len(ids)) if ids[i] in lost)
+    vault.write_index({cid: loc for cid, loc in index.locations.items() if loc.pack_id != victim},
+                      [bytes.fromhex(i) for i in index.index_ids])
+    for index_id in index.index_ids:
+        vault.backend.delete(index_key(index_id))
+    vault.backend.delete(pack_key(victim.hex()))
+    # 4 KiB of that chunk change, and 4 KiB of one whose parent copy is still there.
+    kept = next(i for i in range(len(ids)) if ids[i] != ZERO_ID and ids[i] not in lost)
+    changes = [(gone * K64 + 8192, 4096), (kept * K64 + 8192, 4096)]
+    with open(image, "r+b") as f:
+        for off, n in changes:
+            f.seek(off)
+            f.write(os.urandom(n))
+
+    inc = backup(vault, image, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=changes)
+
+    # The lost pack's chunks are read whole (the changed one among them); the other change is a layer.
+    assert inc.stats.bytes_read == len(lost) * K64 + 4096
+    assert inc.stats.chunks_delta == 1 and inc.stats.chunks_patched == 0
+    restore(vault, "job1/run2/vm1/vda", outputs / "disk.img")
+    assert blake3_file(outputs / "disk.img") == blake3_file(image)
+
+
 # -- deduplication --------------------------------------------------------------------------------
 
 

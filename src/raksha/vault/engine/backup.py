@@ -281,8 +281,6 @@ class _Backup:
                 out.update(layer.blob_id for layer in parent.deltas.get(i, []))
             elif i in self.merge and i not in self.merge_source:  # the parent's live layers, not its base
                 out.update(layer.blob_id for layer in self._live(i))
-        self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
-        self.merge_source = ChunkFlags(n)
         return out
 
     def _classify(self, must: ChunkSpans, n: int, common: int, bad: set[int]) -> None:
@@ -323,7 +321,10 @@ class _Backup:
         # Chunks the parent cannot supply (format.md §8: same span, and everything it is made of stored
         # or zero); every chunk past its end neither.
         bad = self._not_reusable(n, common)
-        self._classify(must, n, common, bad)
+        if any(i in must for i in bad):  # else ``_parent_blobs_to_read`` sorted them as this would
+            self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
+            self.merge_source = ChunkFlags(n)
+            self._classify(must, n, common, bad)
         # Every other chunk is the parent's, unless it cannot be. The parent's ids become ours (no copy: a
         # 1 TiB disk's ids are 32 MB); a changed chunk keeps its parent's id until it is read, as what a
         # rebuild or a new layer starts from.
