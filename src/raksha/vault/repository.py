@@ -257,13 +257,13 @@ class Vault:
     # -- catalogue -------------------------------------------------------------------------------
 
     def backup_ids(self, prefix: str = "") -> list[BackupId]:
-        ids = (BackupId.from_backup_key(info.key) for info in self.backend.list(PREFIX + prefix))
-        return sorted(i for i in ids if i is not None)
+        return sorted(self.backup_objects(prefix))
 
-    def backup_objects(self) -> dict[BackupId, ObjectInfo]:
-        """Every backup's manifest object (its size and time say whether it is the one seen before)."""
+    def backup_objects(self, prefix: str = "") -> dict[BackupId, ObjectInfo]:
+        """Every backup's manifest object under ``prefix`` (its size and time say whether it is the one seen
+        before)."""
         out = {}
-        for info in self.backend.list(PREFIX):
+        for info in self.backend.list(PREFIX + prefix):
             bid = BackupId.from_backup_key(info.key)
             if bid is not None:
                 out[bid] = info
