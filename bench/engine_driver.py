@@ -12,13 +12,8 @@ and prints one JSON object: seconds, the process CPU seconds of the timed part, 
 engine's own report. The vault is the bench's own (a copy made just after the full, so this
 incremental does exactly the work the CLI incremental did) or a fresh one for the full.
 
-With --trials N the backup runs N times, each from the same vault state: the first N-1 on hard-link
-copies of VAULT (untimed, removed afterwards), the last on VAULT itself; seconds is their median and
-seconds_trials lists them all. A 60 ms incremental moves by +-10 ms from run to run on a shared host,
-so one sample decides a 5% target by chance.
-
     python bench/engine_driver.py VAULT IMAGE --id ID [--parent ID --changed-extents FILE]
-                                  [--init] [--cache cold|warm] [--trials N]
+                                  [--init] [--cache cold|warm]
 """
 
 from __future__ import annotations
@@ -27,15 +22,12 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from raksha.vault.backends.local import LocalBackend
-from raksha.vault.engine.backup import BackupResult, backup_disk
+from raksha.vault.engine.backup import backup_disk
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.keys import Secret
 from raksha.vault.format.naming import BackupId
@@ -59,61 +51,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--changed-extents", type=Path)
     p.add_argument("--init", action="store_true", help="create the (encrypted) vault first, untimed")
     p.add_argument("--cache", choices=["cold", "warm"], default="warm")
-    p.add_argument("--trials", type=int, default=1, help="run the backup this many times; report the median")
     args = p.parse_args(argv)
-    if args.trials < 1 or (args.init and args.trials != 1):
-        p.error("--trials must be >= 1 (and 1 with --init)")
 
-    secret = Secret(passphrase=os.environ["RAKSHA_PASSWORD"].encode())
+    password = os.environ["RAKSHA_PASSWORD"].encode()
+    secret = Secret(passphrase=password)
+    if args.init:
+        vault = Vault.init(LocalBackend(args.vault, create=True), VaultConfig.new(encrypted=True), secret)
+    else:
+        vault = Vault.open(LocalBackend(args.vault), secret)
+    source = open_source(args.image)
     extents = None
     if args.changed_extents is not None:
         extents = [(int(o), int(n)) for o, n in json.loads(args.changed_extents.read_text())]
-    trials: list[tuple[float, float]] = []
-    for trial in range(args.trials):
-        last = trial == args.trials - 1
-        path = args.vault if last else args.vault.with_name(f"{args.vault.name}.trial{trial}")
-        if not last:
-            shutil.rmtree(path, ignore_errors=True)
-            subprocess.run(["cp", "-al", str(args.vault), str(path)], check=True)  # objects are immutable
-        try:
-            result, seconds, cpu = _backup_once(path, args, secret, extents)
-        finally:
-            if not last:
-                shutil.rmtree(path, ignore_errors=True)
-        trials.append((seconds, cpu))
+    os.sync()
+    if args.cache == "cold":
+        DROP_CACHES.write_text("3\n")
 
+    start, cpu = time.perf_counter(), cpu_seconds()
+    result = backup_disk(vault, source, BackupId.parse(args.id),
+                         parent=BackupId.parse(args.parent) if args.parent else None, changed_extents=extents)
+    os.sync()  # timed: done when the data is on disk, as for every CLI command
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+
+    source.close()
     report = result.to_dict()
-    seconds, cpu = trials[-1] if args.trials == 1 else (statistics.median(t[0] for t in trials),
-                                                       statistics.median(t[1] for t in trials))
     print(json.dumps({
         "seconds": seconds,
         "cpu_seconds": cpu,
-        "seconds_trials": [t[0] for t in trials],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "report": report,
     }))
     return 0
-
-
-def _backup_once(path: Path, args: argparse.Namespace, secret: Secret,
-                 extents: list[tuple[int, int]] | None) -> tuple[BackupResult, float, float]:
-    """Open the vault at ``path`` (untimed), then time one backup and its sync."""
-    if args.init:
-        vault = Vault.init(LocalBackend(path, create=True), VaultConfig.new(encrypted=True), secret)
-    else:
-        vault = Vault.open(LocalBackend(path), secret)
-    source = open_source(args.image)
-    try:
-        os.sync()
-        if args.cache == "cold":
-            DROP_CACHES.write_text("3\n")
-        start, cpu = time.perf_counter(), cpu_seconds()
-        result = backup_disk(vault, source, BackupId.parse(args.id),
-                             parent=BackupId.parse(args.parent) if args.parent else None, changed_extents=extents)
-        os.sync()  # timed: done when the data is on disk, as for every CLI command
-        return result, time.perf_counter() - start, cpu_seconds() - cpu
-    finally:
-        source.close()
 
 
 if __name__ == "__main__":

@@ -1,14 +1,10 @@
-"""The benchmark's engine driver (bench/engine_driver.py): trials of one incremental from the same vault state."""
+"""The benchmark's API incremental (bench/run.py through bench/engine_driver.py): trials from one vault state."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
-
-import pytest
 
 from conftest import load_bench
 from raksha.vault.backends.local import LocalBackend
@@ -18,52 +14,30 @@ from raksha.vault.repository import Vault
 
 MIB = 1 << 20
 
-driver = load_bench("engine_driver")
+run = load_bench("run")
 
 
-def _run(*argv: str) -> dict[str, object]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert driver.main(list(argv)) == 0
-    result: dict[str, object] = json.loads(out.getvalue())
-    return result
-
-
-@pytest.fixture
-def images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
-    monkeypatch.setenv("RAKSHA_PASSWORD", "bench")
-    base, changed = tmp_path / "base.img", tmp_path / "changed.img"
+def test_the_api_incremental_runs_its_trials_from_the_same_vault_state(tmp_path: Path) -> None:
     data = os.urandom(4 * MIB)
+    base, changed, extents = tmp_path / "base.img", tmp_path / "changed.img", tmp_path / "changed.json"
     base.write_bytes(data)
     changed.write_bytes(data[: MIB + 4096] + os.urandom(8192) + data[MIB + 12288 :])
-    extents = tmp_path / "changed.json"
     extents.write_text(json.dumps([[MIB + 4096, 8192]]))
-    return base, changed, extents
+    full = run.Input("base", base, "bench/full/vm/vda")
+    incr = run.Input("changed", changed, "bench/incr/vm/vda", parent_id=full.raksha_id, extents_json=extents)
+    tool = run.Raksha(tmp_path / "work", timeout=120)
+    tool.init()
+    assert run.backup_phase(tool, full).ok
+    tool.snapshot_after_full()
 
+    result = run.api_phase(tool, "incremental_api", incr, "warm")
 
-def test_trials_time_the_same_incremental_and_report_their_median(
-    tmp_path: Path, images: tuple[Path, Path, Path]
-) -> None:
-    base, changed, extents = images
-    vault = tmp_path / "vault"
-    full = _run(str(vault), str(base), "--id", "j/full/vm/vda", "--init")
-    assert full["seconds_trials"] == [full["seconds"]]
-
-    incr = _run(str(vault), str(changed), "--id", "j/incr/vm/vda", "--parent", "j/full/vm/vda",
-                "--changed-extents", str(extents), "--trials", "3")
-    trials = incr["seconds_trials"]
-    assert isinstance(trials, list) and len(trials) == 3
-    assert incr["seconds"] == sorted(trials)[1]
-    report = incr["report"]
-    assert isinstance(report, dict) and report["bytes_read"] == 8192  # every trial read only the change
-
-    # The last trial ran on the vault itself; the others' copies are gone.
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("vault")) == ["vault"]
-    opened = Vault.open(LocalBackend(vault), Secret(passphrase=b"bench"))
-    assert opened.has_backup(BackupId.parse("j/incr/vm/vda"))
-
-
-def test_trials_need_an_existing_vault(tmp_path: Path, images: tuple[Path, Path, Path]) -> None:
-    base, _, _ = images
-    with pytest.raises(SystemExit):
-        driver.main([str(tmp_path / "vault"), str(base), "--id", "j/full/vm/vda", "--init", "--trials", "2"])
+    assert result.report is not None
+    trials = result.report["seconds_trials"]
+    assert len(trials) == run.API_INCREMENTAL_TRIALS and result.seconds == sorted(trials)[len(trials) // 2]
+    assert result.bytes_read == 8192  # every trial read only the change: none saw another's backup
+    assert result.bytes is not None and result.bytes > 0  # the last trial stored into the vault itself
+    # and the others' copies are gone
+    assert sorted(p.name for p in tool.root.iterdir() if p.name.startswith("vault-after")) == ["vault-after-full"]
+    vault = Vault.open(LocalBackend(tool.api_repo), Secret(passphrase=run.PASSWORD.encode()))
+    assert vault.has_backup(BackupId.parse(incr.raksha_id))
