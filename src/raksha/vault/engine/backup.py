@@ -364,6 +364,15 @@ class _Backup:
                    if i < common and any(gone(layer.blob_id) for layer in layers))
         return bad
 
+    def _is_zero(self, cid: bytes, data: memoryview) -> bool:
+        """Whether ``data`` (of id ``cid``) is all zero. Data whose first or last byte is not says so at
+        once; else its id is compared with the zero id of its length. A layer's length is its change's,
+        so an incremental's layers would otherwise hash as many zero buffers as they have lengths."""
+        n = len(data)
+        if n and (data[0] or data[n - 1]):
+            return False
+        return cid == self._zero_id(n)
+
     def _zero_id(self, length: int) -> bytes:
         """The chunk id all-zero data of ``length`` bytes would have: a chunk whose id equals it is all
         zero (as surely as ids identify chunks at all), found without comparing a single byte."""
@@ -450,7 +459,7 @@ class _Backup:
             self.stats.chunks_delta += filled.layer
             self.stats.chunks_merged += filled.merged
         cid = self.vault.crypto.chunk_id(data)
-        zero = cid == self._zero_id(filled.length)
+        zero = self._is_zero(cid, data)
         if filled.layer:
             self._layer(i, ZERO_ID if zero else cid, data, filled.merged)
         elif zero:
