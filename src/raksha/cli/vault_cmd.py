@@ -60,13 +60,19 @@ def _common(p: argparse.ArgumentParser, *, secret: bool = True) -> None:
         p.add_argument("--key-file", metavar="FILE", help="use FILE's bytes as the vault key")
 
 
-def _progress_opt(p: argparse.ArgumentParser, *, threads: bool = True) -> None:
+THREADS_HELP = {
+    "backup": "threads (default: two per core); the source is read with half of them, or with up to N when "
+              "its reads are small (up to 8 by default)",
+    "restore": "threads (default: four per core: each reads the vault, decodes and writes in turn)",
+    "verify": "threads (default: one per core)",
+}
+
+
+def _progress_opt(p: argparse.ArgumentParser, *, threads: str | None = None) -> None:
     p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="progress on stderr: a bar on a terminal by default")
-    if threads:
-        p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                       help="threads (default: two per core); a backup reads with half of them, or with up to "
-                            "N when its reads are small (up to 8 by default)")
+    if threads is not None:
+        p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=THREADS_HELP[threads])
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -92,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="source format (raw, qcow2, ...: trusted as said; auto guesses, and refuses an image "
                         "it guesses to name other files)")
     p.add_argument("--hint", action="append", default=[], metavar="KEY=VALUE", help="free-form metadata")
-    _progress_opt(p)
+    _progress_opt(p, threads="backup")
     _common(p)
     p.set_defaults(func=cmd_backup)
 
@@ -102,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("output")
     p.add_argument("--format", choices=["raw", "qcow2"], default="raw")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    _progress_opt(p)
+    _progress_opt(p, threads="restore")
     _common(p)
     p.set_defaults(func=cmd_restore)
 
@@ -115,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = vsub.add_parser("verify", help="re-read and re-hash everything; name damaged backups")
     p.add_argument("dir")
     p.add_argument("--no-read-data", action="store_true", help="check structure and presence only")
-    _progress_opt(p)
+    _progress_opt(p, threads="verify")
     _common(p)
     p.set_defaults(func=cmd_verify)
 
@@ -142,7 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--repack-threshold", type=float, default=0.25, help="repack packs with this garbage share")
     p.add_argument("--dry-run", action="store_true")
     _common(p)
-    _progress_opt(p, threads=False)
+    _progress_opt(p)
     p.set_defaults(func=cmd_gc)
 
     p = vsub.add_parser("rebuild-index", help="rebuild the index from the packs alone (disaster recovery)")
