@@ -557,7 +557,8 @@ def api_phase(tool: Raksha, phase: str, image: Input, cache: str) -> PhaseResult
             shutil.rmtree(copy, ignore_errors=True)
             subprocess.run(["cp", "-al", str(vault), str(copy)], check=True)  # objects are immutable
             settle(cache)
-        before_disk, before_apparent = disk_usage(vault)
+        else:
+            before_disk, before_apparent = disk_usage(vault)  # the last trial's growth is the phase's
         try:
             result = tool.run(tool.api_command(phase, image, cache, None if last else copy),
                               f"{phase} {image.path.name}")

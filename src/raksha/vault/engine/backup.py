@@ -173,9 +173,7 @@ class _Backup:
         # Chunks changed in part: rebuilt whole on the parent's copy (patch), or stored as a new layer of
         # just the changed ranges (delta), or of those and the parent's layers' (delta and merge). Their
         # ranges come from ``self.changed`` (and the parent's manifest).
-        n = -(-self.size // self.chunk_size)
-        self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
-        self.merge_source = ChunkFlags(n)  # merges whose ranges are all read from the source, not the vault
+        self._clear_choices(-(-self.size // self.chunk_size))
         # The new manifest's layers: the parent's on chunks this backup keeps, and this backup's own
         # (encoded: a large disk may carry layers on hundreds of thousands of chunks).
         self.kept_deltas = Deltas()
@@ -283,6 +281,11 @@ class _Backup:
                 out.update(layer.blob_id for layer in self._live(i))
         return out
 
+    def _clear_choices(self, n: int) -> None:
+        """No chunk of the ``n`` chosen yet to be rebuilt, layered or merged (``_classify`` chooses)."""
+        self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
+        self.merge_source = ChunkFlags(n)  # merges whose ranges are all read from the source, not the vault
+
     def _classify(self, must: ChunkSpans, n: int, common: int, bad: set[int]) -> None:
         """Sort the chunks changed in part into layers (``self.delta``, of which ``self.merge`` replace
         the parent's) and rebuilds (``self.patch``), by the writer's policy (engine/layering.py). Chunks
@@ -322,8 +325,7 @@ class _Backup:
         # or zero); every chunk past its end neither.
         bad = self._not_reusable(n, common)
         if any(i in must for i in bad):  # else ``_parent_blobs_to_read`` sorted them as this would
-            self.patch, self.delta, self.merge = ChunkFlags(n), ChunkFlags(n), ChunkFlags(n)
-            self.merge_source = ChunkFlags(n)
+            self._clear_choices(n)
             self._classify(must, n, common, bad)
         # Every other chunk is the parent's, unless it cannot be. The parent's ids become ours (no copy: a
         # 1 TiB disk's ids are 32 MB); a changed chunk keeps its parent's id until it is read, as what a
