@@ -1,15 +1,17 @@
-"""The derivation's memory, mapped and populated before it starts (kdf.reserve): the same keys, in the
-reserved map when one is large enough, and nothing left mapped once a command has opened its vault."""
+"""The derivation's memory: a map of its own, in huge pages where the kernel gives them and populated
+before libargon2 fills it; the same keys as OpenSSL's Argon2id whatever the kernel refuses."""
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import threading
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
+from raksha.domain.errors import VaultCorrupt
 from raksha.vault.format import kdf
 
 SALT = b"0123456789abcdef"
@@ -24,62 +26,38 @@ def openssl(passphrase: bytes, memory_kib: int, iterations: int = 2, lanes: int 
     return Argon2id(salt=SALT, length=32, iterations=iterations, lanes=lanes, memory_cost=memory_kib).derive(passphrase)
 
 
-@pytest.fixture(autouse=True)
-def nothing_reserved() -> Iterator[None]:
-    kdf.release_reserved()
-    yield
-    kdf.release_reserved()
-    assert not kdf._reserved
-
-
-def test_a_derivation_runs_in_the_reserved_map_and_gives_the_same_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_derivation_runs_in_its_own_map_and_gives_the_same_key(monkeypatch: pytest.MonkeyPatch) -> None:
     given: list[int] = []
-    allocate = kdf._allocate_in_reserved
+    allocate = kdf._allocate_in_map
     monkeypatch.setattr(kdf, "_allocate", kdf.ffi.callback(
         "int(uint8_t **, size_t)", lambda memory, size: given.append(size) or allocate(memory, size)))
-    kdf.reserve(4096)
     assert kdf.derive_argon2(b"pw", params(4096)) == openssl(b"pw", 4096)
-    assert given == [4096 * 1024] and not kdf._reserved  # taken, used and unmapped
-    assert kdf.derive_argon2(b"pw", params(4096)) == openssl(b"pw", 4096)  # nothing reserved: its own memory
     assert given == [4096 * 1024]
 
 
-def test_a_derivation_needing_more_than_was_reserved_allocates_its_own() -> None:
-    kdf.reserve(1024)
+def test_memory_that_cannot_be_mapped_is_allocated_by_libargon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*args: object, **kwargs: object) -> object:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(kdf.mmap, "mmap", no_memory)
     assert kdf.derive_argon2(b"pw", params(2048)) == openssl(b"pw", 2048)
-    assert [len(buf) for buf in kdf._reserved] == [1024 * 1024]  # left for release_reserved
 
 
-def test_unused_reservations_are_unmapped_even_while_being_populated() -> None:
-    kdf.reserve(65536)
-    kdf.release_reserved()  # at once: the map is dropped when populated, not kept
-    for thread in list(kdf._reserving):
-        thread.join()
-    assert not kdf._reserved and not kdf._reserving
+@pytest.mark.parametrize("memory_kib", [0, -1, 1 << 32])
+def test_a_memory_cost_no_map_can_have_is_rejected_by_libargon2(memory_kib: int) -> None:
+    with pytest.raises(VaultCorrupt, match="Argon2id parameters rejected"):
+        kdf.derive_argon2(b"pw", params(memory_kib))
 
 
-def test_derivations_in_several_threads_take_one_reservation_each() -> None:
-    for _ in range(2):
-        kdf.reserve(2048)
+def test_derivations_in_several_threads_each_run_in_their_own_map() -> None:
     keys: list[bytes] = []
     threads = [threading.Thread(target=lambda p=p: keys.append(kdf.derive_argon2(p, params(2048))))
-               for p in (b"a", b"b", b"c")]  # two in reserved maps, one in its own memory
+               for p in (b"a", b"b", b"c")]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert sorted(keys) == sorted(openssl(p, 2048) for p in (b"a", b"b", b"c"))
-    assert not kdf._reserved
-
-
-def test_memory_that_cannot_be_reserved_is_allocated_by_the_derivation(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_memory(*args: object, **kwargs: object) -> object:
-        raise OSError(12, "Cannot allocate memory")
-
-    monkeypatch.setattr(kdf.mmap, "mmap", no_memory)
-    kdf.reserve(2048)
-    assert kdf.derive_argon2(b"pw", params(2048)) == openssl(b"pw", 2048)
-    assert not kdf._reserved and not kdf._reserving
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 16])
@@ -88,5 +66,48 @@ def test_lanes_run_in_no_more_threads_than_cores_and_give_the_same_key(
     monkeypatch.setattr(kdf.os, "cpu_count", lambda: cores)
     assert kdf._threads(4) == min(4, cores)
     assert kdf.derive_argon2(b"pw", params(2048, lanes=4)) == openssl(b"pw", 2048, lanes=4)
-    kdf.reserve(2048)
-    assert kdf.derive_argon2(b"pw", params(2048, lanes=4)) == openssl(b"pw", 2048, lanes=4)
+
+
+def test_advice_the_kernel_refuses_still_gives_a_map_and_the_same_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kdf, "MADV_POPULATE_WRITE", 9999)  # EINVAL, as a kernel before 5.14 answers
+    monkeypatch.setattr(kdf.mmap, "MADV_HUGEPAGE", 9998)  # as a kernel without transparent huge pages
+    buf = kdf._populated_map(2048 * 1024)
+    assert buf is not None and len(buf) == 2048 * 1024
+    buf.close()
+    assert kdf.derive_argon2(b"pw", params(2048)) == openssl(b"pw", 2048)
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            start, end = (int(x, 16) for x in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def _thp_fallbacks() -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("thp_fault_fallback "):
+            return int(line.split()[1])
+    return 0
+
+
+def test_the_derivations_memory_is_populated_in_huge_pages_where_the_kernel_gives_them() -> None:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this kernel")
+    fallbacks = _thp_fallbacks()
+    buf = kdf._populated_map(64 << 20)
+    assert buf is not None
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        if _anon_huge_kib(address) == 0 and _thp_fallbacks() > fallbacks:
+            pytest.skip("the kernel had no free huge page to give")
+        assert _anon_huge_kib(address) > 0  # populated before libargon2 touches it, in 2 MiB pages
+    finally:
+        buf.close()

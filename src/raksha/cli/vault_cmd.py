@@ -14,7 +14,7 @@ from raksha.cli.output import TerminalProgress, emit, human_bytes, table
 from raksha.cli.secrets import resolve_secret
 from raksha.domain.errors import EXIT_DAMAGED, InvalidInput, RakshaError, VaultKeyError
 from raksha.vault.format.constants import KEYS_PREFIX
-from raksha.vault.format.kdf import KdfParams, prefetch, release_reserved, reserve
+from raksha.vault.format.kdf import KdfParams, prefetch
 
 if TYPE_CHECKING:
     from raksha.vault.backends import Backend
@@ -186,8 +186,6 @@ class VaultOpening:
         self.secret = resolve_secret(args.password_file, args.key_file, required=False)
         self.key_files: list[bytes] | None = None  # read once, for the derivation and the opening
         derives = self.secret is not None and self.secret.passphrase is not None  # a key file derives nothing
-        if derives:
-            reserve()  # the derivation's memory, populated while the backend opens and the key files are read
         from raksha.vault.backends import open_backend
 
         self.backend = open_backend(args.dir)
@@ -207,8 +205,6 @@ class VaultOpening:
         except VaultKeyError as err:
             if err.code != "VAULT_KEY_REQUIRED":
                 raise
-        finally:
-            release_reserved()  # a vault that is not encrypted, or whose key files derive nothing
         return Vault.open(self.backend, resolve_secret(self.args.password_file, self.args.key_file, required=True))
 
 
