@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import os
+import re
 import threading
 from pathlib import Path
 
@@ -101,6 +103,8 @@ def test_the_derivations_memory_is_populated_in_huge_pages_where_the_kernel_give
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("transparent huge pages are off on this kernel")
+    if tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2]) < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE came in Linux 5.14")
     fallbacks = _thp_fallbacks()
     buf = kdf._populated_map(64 << 20)
     assert buf is not None
