@@ -144,6 +144,19 @@ def test_backup_incremental_restore_list_verify(request: pytest.FixtureRequest, 
     assert report["damaged_backups"] == {} and report["damaged_objects"] == []
     quick = cli_json("vault", "verify", vault, "--no-read-data", password=pw)
     assert quick["ok"] is True and quick["read_data"] is False and quick["bytes_read"] == 0
+    halves = [cli_json("vault", "verify", vault, "--read-data-subset", f"{n}/2", password=pw) for n in (1, 2)]
+    assert all(h["ok"] and h["read_data_subset"] == f"{n}/2" for n, h in zip((1, 2), halves, strict=True))
+    assert sum(h["bytes_read"] for h in halves) == report["bytes_read"]
+    assert sum(h["packs_checked"] for h in halves) == report["packs_checked"]
+
+
+@pytest.mark.parametrize("args", [["--read-data-subset", "0/3"], ["--read-data-subset", "150%"],
+                                  ["--read-data-subset", "1/2", "--no-read-data"]])
+def test_verify_refuses_a_bad_data_subset_before_opening_the_vault(run_cli: RunCli, tmp_path: Path,
+                                                                   args: list[str]) -> None:
+    rc, out, err = run_cli("vault", "verify", tmp_path / "no-vault-here", *args)
+    assert rc == EXIT_USAGE and out == ""
+    assert "--read-data-subset" in err and "Traceback" not in err
 
 
 def test_human_output_without_json(run_cli: RunCli, vault: Path, make_image: MakeImage, outputs: Path) -> None:

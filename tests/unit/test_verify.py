@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import K64, chunk_image, index_objects, random_chunk, sets_on_disk
+from raksha.domain.data_subset import DataSubset
+from raksha.domain.errors import InvalidInput
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.engine.backup import backup_disk
+from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.format.chunk_table import ChunkTable
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.constants import ZERO_ID
@@ -310,3 +314,94 @@ def test_a_disks_next_backup_is_looked_up_only_where_its_ids_differ(vault: Vault
     assert list(verify_module._ids_not_in(b, a.chunk_ids)) == []  # the same, or zeros
     assert list(verify_module._ids_not_in(a, b.chunk_ids)) == ids[5:]  # what b had as zeros
 
+
+
+# -- a subset of the packs' data (--read-data-subset) ---------------------------------------------
+
+
+@pytest.fixture
+def many_packs(tmp_path: Path) -> Vault:
+    """One backup of 16 distinct 64 KiB chunks in packs of two: eight packs."""
+    config = VaultConfig.new(chunk_size=K64, pack_size=2 * K64)
+    v = Vault.init(LocalBackend(tmp_path / "vault", create=True), config)
+    backup(v, chunk_image(tmp_path / "a.img", [random_chunk(i) for i in range(16)]), A)
+    assert len(list(v.iter_packs())) == 8
+    return v
+
+
+def pack_of(vault: Vault, i: int) -> str:
+    return pack_key(location(vault, random_chunk(i)).pack_id.hex())
+
+
+def test_the_groups_of_a_subset_read_every_pack_once_between_them(many_packs: Vault) -> None:
+    reports = [verify_vault(many_packs, subset=DataSubset.parse(f"{n}/3")) for n in (1, 2, 3)]
+
+    assert all(r.ok for r in reports)
+    assert sum(r.packs_checked for r in reports) == 8  # each pack's data read by one run
+    assert all(r.packs_checked + r.packs_not_read == 8 for r in reports)
+    assert sum(r.chunks_checked for r in reports) == 16
+    assert sum(r.bytes_read for r in reports) == sum(size for _pid, size, _mtime in many_packs.iter_packs())
+    assert all(r.read_data_subset == f"{n}/3" for n, r in zip((1, 2, 3), reports, strict=True))
+
+
+def test_damaged_data_is_found_by_the_run_whose_subset_reads_it_and_said_by_none_other(many_packs: Vault) -> None:
+    loc = location(many_packs, random_chunk(5))
+    flip_byte(many_packs, pack_of(many_packs, 5), loc.offset + 40)
+
+    reports = [verify_vault(many_packs, subset=DataSubset.parse(f"{n}/4")) for n in (1, 2, 3, 4)]
+
+    finding = [r for r in reports if not r.ok]
+    assert len(finding) == 1 and set(finding[0].damaged_backups) == {A}
+    clean = [r for r in reports if r.ok]
+    # A clean report of a subset says how much it did not read.
+    assert all("data read of subset" in r.summary() and "checked for presence and size" in r.summary()
+               for r in clean)
+
+
+def test_a_missing_or_truncated_pack_is_found_whichever_subset_runs(many_packs: Vault) -> None:
+    gone, short = pack_of(many_packs, 0), pack_of(many_packs, 15)
+    many_packs.backend.delete(gone)
+    path = Path(many_packs.backend.url) / short
+    os.truncate(path, path.stat().st_size // 2)
+
+    for n in (1, 2, 3, 4):
+        report = verify_vault(many_packs, subset=DataSubset.parse(f"{n}/4"))
+        assert set(report.damaged_backups) == {A}
+        damaged = report.damaged_backups[A]
+        assert any(gone in why for why in damaged), (n, damaged)
+        assert any(random_chunk_id(many_packs, 15) in why for why in damaged), (n, damaged)
+
+
+def random_chunk_id(vault: Vault, i: int) -> str:
+    return vault.crypto.chunk_id(random_chunk(i)).hex()
+
+
+def test_a_percentage_reads_a_random_share_and_all_of_it_at_100(many_packs: Vault) -> None:
+    full = verify_vault(many_packs, subset=DataSubset.parse("100%"))
+    assert full.packs_checked == 8 and full.packs_not_read == 0 and full.chunks_checked == 16
+
+    seen = set()
+    for seed in range(6):
+        report = verify_vault(many_packs, subset=DataSubset.parse("50%"), rng=random.Random(seed))
+        assert report.ok and report.packs_checked + report.packs_not_read == 8
+        seen.add(report.packs_checked)
+    assert len(seen) > 1  # drawn anew each run
+
+
+def test_a_subset_needs_the_data_read(many_packs: Vault) -> None:
+    with pytest.raises(InvalidInput) as err:
+        verify_vault(many_packs, read_data=False, subset=DataSubset.parse("1/2"))
+    assert err.value.code == "SUBSET_INVALID"
+
+
+def test_the_progress_of_a_subset_never_passes_100_percent(many_packs: Vault) -> None:
+    """Its total is an estimate (10% of the stored bytes here): a run whose draw takes more ends at 100%."""
+    class EveryPack(random.Random):
+        def random(self) -> float:
+            return 0.0
+
+    events: list[ProgressEvent] = []
+    report = verify_vault(many_packs, subset=DataSubset.parse("10%"), rng=EveryPack(), progress=events.append)
+    assert report.packs_checked == 8
+    assert events[-1].done > events[-1].total  # the estimate was passed ...
+    assert all(0 <= e.fraction <= 1 and (e.eta is None or e.eta >= 0) for e in events)  # ... and not shown so

@@ -53,6 +53,15 @@ def _duration(text: str) -> float:
     return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
 
 
+def _data_subset(text: str) -> Any:
+    from raksha.domain.data_subset import DataSubset
+
+    try:
+        return DataSubset.parse(text)
+    except InvalidInput as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+
+
 def _common(p: argparse.ArgumentParser, *, secret: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     if secret:
@@ -120,7 +129,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     p = vsub.add_parser("verify", help="re-read and re-hash everything; name damaged backups")
     p.add_argument("dir")
-    p.add_argument("--no-read-data", action="store_true", help="check structure and presence only")
+    reading = p.add_mutually_exclusive_group()
+    reading.add_argument("--no-read-data", action="store_true", help="check structure and presence only")
+    reading.add_argument("--read-data-subset", type=_data_subset, metavar="n/t|p%",
+                         help="read the data of only some packs, the others checked for presence and size: "
+                              "n/t the n-th of t groups (1/7 ... 7/7 read every pack once), p%% a random share")
     _progress_opt(p, threads="verify")
     _common(p)
     p.set_defaults(func=cmd_verify)
@@ -371,7 +384,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from raksha.vault.operations.verify import verify_vault
 
     report = _with_progress(args, lambda cb: verify_vault(
-        vault, read_data=not args.no_read_data, threads=args.threads, progress=cb))
+        vault, read_data=not args.no_read_data, subset=args.read_data_subset, threads=args.threads, progress=cb))
     emit(report.to_dict(), args.json, report.summary())
     return 0 if report.ok else EXIT_DAMAGED
 

@@ -18,7 +18,8 @@ class ProgressEvent:
 
     @property
     def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
+        # At most 1: a total can be an estimate (verify of a data subset learns its packs as it goes).
+        return min(1.0, self.done / self.total) if self.total else 1.0
 
     @property
     def rate(self) -> float:
@@ -27,7 +28,7 @@ class ProgressEvent:
     @property
     def eta(self) -> float | None:
         rate = self.rate
-        return (self.total - self.done) / rate if rate > 0 else None
+        return max(0, self.total - self.done) / rate if rate > 0 else None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

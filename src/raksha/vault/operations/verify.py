@@ -13,6 +13,7 @@ IDS_IN_MEMORY), and then each backup's manifest is streamed against that set.
 from __future__ import annotations
 
 import os
+import random
 import struct
 import threading
 import time
@@ -23,7 +24,8 @@ from typing import Any
 import blake3
 import zstandard
 
-from raksha.domain.errors import NotFound, RakshaError
+from raksha.domain.data_subset import DataSubset
+from raksha.domain.errors import InvalidInput, NotFound, RakshaError
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.blob import decode_blob
@@ -48,6 +50,8 @@ class VerifyReport:
     bytes_read: int = 0
     seconds: float = 0.0
     read_data: bool = True
+    read_data_subset: str | None = None  # DataSubset.spec: only those packs' data was read
+    packs_not_read: int = 0  # with a subset: packs checked for presence and size only
     damaged_objects: list[dict[str, str]] = field(default_factory=list)
     damaged_backups: dict[str, list[str]] = field(default_factory=dict)
 
@@ -58,12 +62,16 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "backups_checked": self.backups_checked, "chunks_checked": self.chunks_checked,
                 "packs_checked": self.packs_checked, "bytes_read": self.bytes_read, "read_data": self.read_data,
+                "read_data_subset": self.read_data_subset, "packs_not_read": self.packs_not_read,
                 "seconds": round(self.seconds, 3), "damaged_objects": self.damaged_objects,
                 "damaged_backups": self.damaged_backups}
 
     def summary(self) -> str:
         head = (f"checked {self.backups_checked} backups, {self.chunks_checked} chunks in {self.packs_checked} "
                 f"packs ({self.bytes_read / 1e6:.1f} MB read) in {self.seconds:.1f} s")
+        if self.read_data_subset is not None:
+            head += (f"; data read of subset {self.read_data_subset} only: {self.packs_not_read} more packs "
+                     "checked for presence and size")
         if self.ok:
             return head + ": no damage found"
         lines = [head + ": DAMAGE FOUND"]
@@ -74,11 +82,15 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_vault(vault: Vault, *, read_data: bool = True, threads: int | None = None,
-                 progress: ProgressCallback | None = None) -> VerifyReport:
+def verify_vault(vault: Vault, *, read_data: bool = True, subset: DataSubset | None = None,
+                 threads: int | None = None, progress: ProgressCallback | None = None,
+                 rng: random.Random | None = None) -> VerifyReport:
+    """``subset``: read only those packs' data (``DataSubset``); ``rng`` draws a percentage's packs."""
+    if subset is not None and not read_data:
+        raise InvalidInput("a data subset is read, and read_data is off", code="SUBSET_INVALID")
     with vault.locks.acquire(LockKind.SHARED, "verify"):
         # A piece of a pack (READ_PIECE) in memory per thread: one thread per core keeps RSS bounded.
-        return _Verify(vault, read_data, threads or os.cpu_count() or 2, progress).run()
+        return _Verify(vault, read_data, threads or os.cpu_count() or 2, progress, subset, rng).run()
 
 
 READ_PIECE = 4 << 20  # a pack is read in pieces of this size (one per thread in memory, not the pack)
@@ -106,12 +118,15 @@ _ID = struct.Struct(f"{ID_SIZE}s")
 
 
 class _Verify:
-    def __init__(self, vault: Vault, read_data: bool, threads: int, progress: ProgressCallback | None) -> None:
+    def __init__(self, vault: Vault, read_data: bool, threads: int, progress: ProgressCallback | None,
+                 subset: DataSubset | None = None, rng: random.Random | None = None) -> None:
         self.vault = vault
         self.read_data = read_data
         self.threads = threads
         self.callback = progress
-        self.report = VerifyReport(read_data=read_data)
+        self.subset = subset
+        self.rng = rng or random.Random()
+        self.report = VerifyReport(read_data=read_data, read_data_subset=subset.spec if subset else None)
         self.sound: IdSet | DiskIdSet = IdSet()  # chunks with a copy that checked out
         self.bad_chunks: dict[bytes, str] = {}  # chunks with a copy that did not (usually none)
         self.missing_packs: dict[str, list[bytes]] = {}  # pack key -> the chunks the index put there
@@ -131,7 +146,7 @@ class _Verify:
         rows = self._index_rows()
         try:
             self.sound = new_id_set(rows.rows, "the chunks verify found sound")
-            self._check(rows.packs(), rows.stored_bytes)
+            self._check(rows.packs(), rows.stored_bytes, self.subset)
             rows.close()  # before the manifests: its file is 80 bytes a row
             if self.missing_packs:
                 self._recheck_moved()
@@ -168,14 +183,17 @@ class _Verify:
         return rows
 
 
-    def _check(self, packs: Iterator[PackRows], total: int) -> None:
+    def _check(self, packs: Iterator[PackRows], total: int, subset: DataSubset | None = None) -> None:
         """Each pack once: every blob the index lists in it is read and decoded (or, without reading
-        data, must lie within the pack). Sound chunks go to ``sound``, the others to ``bad_chunks``;
-        packs that are gone to ``missing_packs``."""
+        data or outside ``subset``, must lie within the pack). Sound chunks go to ``sound``, the others
+        to ``bad_chunks``; packs that are gone to ``missing_packs``."""
         if not self.read_data:
             for item in packs:
                 self._stat_pack(item)
             return
+        if subset is not None:
+            packs = self._read_only(packs, subset)
+            total = round(total * subset.fraction)  # the progress's estimate: which packs is known as they come
         meter = Progress("verify", total, self.callback)
         local = threading.local()
 
@@ -211,6 +229,16 @@ class _Verify:
         run_parallel(packs, check, self.threads)
         meter.finish()
 
+    def _read_only(self, packs: Iterator[PackRows], subset: DataSubset) -> Iterator[PackRows]:
+        """The packs of ``subset``; the others are checked for presence and size on the way."""
+        for item in packs:
+            if subset.includes(item[0], self.rng):
+                yield item
+            else:
+                self._stat_pack(item)
+                with self.lock:
+                    self.report.packs_not_read += 1
+
     def _stat_pack(self, item: PackRows) -> None:
         """Without reading data: the pack must exist and be long enough for the blobs it is said to hold."""
         pack_id, entries = item
@@ -222,7 +250,8 @@ class _Verify:
             try:
                 size = self.vault.backend.stat(key).size  # not listed yet: written since the listing
             except NotFound:
-                self.missing_packs[key] = [cid for cid, _ in entries]
+                with self.lock:  # beside the threads reading a subset's packs
+                    self.missing_packs[key] = [cid for cid, _ in entries]
                 return
         sound = []
         for cid, loc in entries:
@@ -230,7 +259,8 @@ class _Verify:
                 self._bad(cid, f"chunk {cid.hex()} in {key}: the pack is too short (truncated)")
             else:
                 sound.append(cid)
-        self.sound.update(sound)
+        with self.lock:
+            self.sound.update(sound)
 
     def _check_backups(self, backups: list[BackupId]) -> None:
         """Each backup's manifest streamed against what the packs held: a chunk it uses that had a damaged
