@@ -64,6 +64,13 @@ SCHEDULER_OPTS = [
                  help="Packs younger than this are never collected (they may belong to a backup in progress)."),
     cfg.FloatOpt("gc_max_wait_seconds", default=600.0, min=0,
                  help="How long a collection waits for running backups before giving up (nothing deleted)."),
+    cfg.FloatOpt("verify_interval_seconds", default=86400.0, min=0,
+                 help="How often every local vault is verified (raksha vault verify --read-data-subset): one "
+                      "group of its packs' data re-read and re-hashed, every other pack checked for presence "
+                      "and size; damage is logged as an error naming the damaged backups. 0: never."),
+    cfg.IntOpt("verify_groups", default=7, min=1,
+               help="Groups the packs are read in, one a verification: every pack's data is read once every "
+                    "verify_groups intervals (by default once a week). 1: all of it every time."),
 ]
 
 

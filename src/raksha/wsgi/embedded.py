@@ -21,6 +21,7 @@ from raksha.services.agent import LibvirtAgent
 from raksha.services.orchestrator import Orchestrator
 from raksha.services.scheduler import Scheduler
 from raksha.services.service import Service
+from raksha.services.verification import Verifier
 
 LOG = logging.getLogger(__name__)
 
@@ -113,12 +114,15 @@ class Embedded:
                                    gc_max_wait=sched.gc_max_wait_seconds)
         if sched.gc_after_retention:
             self.orchestrator.on_pruned = self.scheduler.request_gc
+        self.verifier = Verifier(self.db, interval=sched.verify_interval_seconds, groups=sched.verify_groups)
 
     def start_background(self) -> None:
         self.scheduler.recover()
         self.scheduler.start()
+        self.verifier.start()
 
     def stop(self) -> None:
+        self.verifier.stop()
         self.scheduler.stop()
         self.transport.shutdown(wait=True)
         self.db.dispose()
