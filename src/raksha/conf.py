@@ -67,7 +67,8 @@ SCHEDULER_OPTS = [
     cfg.FloatOpt("verify_interval_seconds", default=86400.0, min=0,
                  help="How often every local vault is verified (raksha vault verify --read-data-subset): one "
                       "group of its packs' data re-read and re-hashed, every other pack checked for presence "
-                      "and size; damage is logged as an error naming the damaged backups. 0: never."),
+                      "and size; damage is logged as an error naming the damaged backups. Runs at the "
+                      "clock's multiples of it (daily: 00:00 UTC). 0: never."),
     cfg.IntOpt("verify_groups", default=7, min=1,
                help="Groups the packs are read in, one a verification: every pack's data is read once every "
                     "verify_groups intervals (by default once a week). 1: all of it every time."),

@@ -93,3 +93,23 @@ def test_a_vault_never_used_is_not_made_by_the_verifier(tmp_path: Path) -> None:
         with srv.embedded.db.begin() as s:
             (row,) = db.all_vault_services(s)
         assert not os.path.exists(vaults.local_path(row) / "config")
+
+
+def test_runs_fall_on_the_clocks_multiples_of_the_interval_not_an_interval_after_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server restarted every 12 hours still verifies daily: its first run waits for 00:00 UTC."""
+    now = [86400.0 * 1000 + 3600 * 20]  # 20:00 UTC
+    verifier = Verifier(None, interval=86400.0, groups=7, clock=lambda: now[0])  # type: ignore[arg-type]
+    waits: list[float] = []
+    runs: list[str] = []
+
+    def wait(timeout: float | None = None) -> bool:
+        waits.append(timeout or 0.0)
+        now[0] += timeout or 0.0
+        return len(waits) > 2  # stop after two runs
+
+    monkeypatch.setattr(verifier._stop, "wait", wait)
+    monkeypatch.setattr(verifier, "verify_all", lambda: runs.append(verifier.subset().spec) or {})
+    verifier._loop()
+    assert waits[:2] == [4 * 3600.0, 86400.0]  # to midnight, then a day
+    assert runs == ["1/7", "2/7"]  # days 1001 and 1002 since the epoch: 1001 % 7 = 0

@@ -3,9 +3,11 @@
 A vault's damage (a flipped bit on the disk under it, a pack lost to a bad restore of the vault's own
 filesystem) should be found while the backups that need the damaged chunks can still be taken again,
 not on the day of a restore. Re-reading a large vault every night is too much I/O, so each run reads
-one of ``groups`` groups of packs (``raksha vault verify --read-data-subset n/t``; the group follows
-the clock, so a restarted server goes on with the next one) and checks every other pack for presence
-and size: every pack's data is read once every ``groups`` intervals (by default a week).
+one of ``groups`` groups of packs (``raksha vault verify --read-data-subset n/t``) and checks every
+other pack for presence and size: every pack's data is read once every ``groups`` intervals (by
+default a week). Runs fall on the clock's multiples of the interval (daily: 00:00 UTC) and the group
+follows the clock, so a server restarted more often than the interval still verifies, and goes on with
+the next group.
 A run that finds damage logs it as an error naming the damaged backups; ``last_verify`` keeps each
 vault's last report.
 """
@@ -76,7 +78,9 @@ class Verifier:
         return reports
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        # At each multiple of the interval since the epoch (daily: 00:00 UTC), not an interval after the
+        # start: a server restarted more often than that still verifies, and takes the right group.
+        while not self._stop.wait(self.interval - self.clock() % self.interval):
             try:
                 self.verify_all()
             except Exception:
