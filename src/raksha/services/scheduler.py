@@ -124,23 +124,11 @@ class Scheduler:
 
     def collect_garbage(self) -> dict[str, dict[str, Any]]:
         """Free what no backup uses in every vault that exists; returns each vault service's report."""
-        with self.db.begin() as s:
-            rows = db.all_vault_services(s)
+        # A vault another gc holds, or whose backups outlast max_wait, is skipped until next time.
+        done = vaults.on_local_vaults(self.db, "gc", lambda vault: collect_garbage(
+            vault, grace=self.gc_grace, max_wait=self.gc_max_wait))
         reports: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            if row.type != "local":
-                continue  # a remote vault is collected by the agent that reaches it (next issue)
-            try:
-                if not (vaults.local_path(row) / "config").exists():
-                    continue  # never used yet: nothing to collect (and nothing is made here)
-                vault = vaults.open_vault(row)
-                try:
-                    report = collect_garbage(vault, grace=self.gc_grace, max_wait=self.gc_max_wait)
-                finally:
-                    vault.close()
-            except RakshaError as exc:  # another gc holds the vault, a backup outlasted max_wait...: next time
-                LOG.warning("gc of vault service %s (%s) skipped: %s", row.name, row.id, exc)
-                continue
+        for row, report in done:
             LOG.info("vault service %s: %s", row.name, report.summary())
             reports[row.id] = report.to_dict()
         self.last_gc = reports

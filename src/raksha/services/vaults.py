@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
+from raksha.db import Database
 from raksha.db import api as db
 from raksha.db.models import VaultService
-from raksha.domain.errors import InvalidInput
+from raksha.domain.errors import InvalidInput, RakshaError
 from raksha.vault.backends.local import LocalBackend
 from raksha.vault.format.config import VaultConfig
 from raksha.vault.format.keys import Secret
 from raksha.vault.repository import Vault
 
 DEFAULT_NAME = "local"
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def find_default(session: Session) -> VaultService | None:
@@ -72,6 +77,32 @@ def open_vault(row: VaultService) -> Vault:
     if fresh:
         return Vault.init(backend, VaultConfig.new(encrypted=bool((row.config or {}).get("encrypted"))), secret)
     return Vault.open(backend, secret)
+
+
+def on_local_vaults(database: Database, what: str, run: Callable[[Vault], T]) -> list[tuple[VaultService, T]]:
+    """``run`` on the vault of every local vault service that has one (a vault never used is not made
+    here), opened and closed around it; each service with what ``run`` returned. One that raises a
+    RakshaError (another operation holds the vault, a key that does not open it...) is logged as ``what``
+    skipped: the caller tries again next time."""
+    with database.begin() as s:
+        rows = db.all_vault_services(s)
+    done: list[tuple[VaultService, T]] = []
+    for row in rows:
+        if row.type != "local":
+            continue  # a remote vault is reached by the agent that reaches it
+        try:
+            if not (local_path(row) / "config").exists():
+                continue  # never used yet: nothing to do (and nothing is made here)
+            vault = open_vault(row)
+            try:
+                result = run(vault)
+            finally:
+                vault.close()
+        except RakshaError as exc:
+            LOG.warning("%s of vault service %s (%s) skipped: %s", what, row.name, row.id, exc)
+            continue
+        done.append((row, result))
+    return done
 
 
 def backup_url(row: VaultService, backup_id: str) -> str:

@@ -21,9 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from raksha.db import Database
-from raksha.db import api as db
 from raksha.domain.data_subset import DataSubset
-from raksha.domain.errors import RakshaError
 from raksha.services import vaults
 from raksha.vault.operations.verify import verify_vault
 
@@ -52,27 +50,11 @@ class Verifier:
     def verify_all(self) -> dict[str, dict[str, Any]]:
         """Verify this interval's group of every local vault that exists; returns each vault service's report."""
         subset = self.subset()
-        with self.db.begin() as s:
-            rows = db.all_vault_services(s)
+        done = vaults.on_local_vaults(self.db, "verify", lambda vault: verify_vault(
+            vault, subset=subset, threads=1))  # beside backups: one pack at a time
         reports: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            if row.type != "local":
-                continue  # a remote vault is verified by the agent that reaches it
-            try:
-                if not (vaults.local_path(row) / "config").exists():
-                    continue  # never used yet: nothing to verify (and nothing is made here)
-                vault = vaults.open_vault(row)
-                try:
-                    report = verify_vault(vault, subset=subset, threads=1)  # beside backups: one pack at a time
-                finally:
-                    vault.close()
-            except RakshaError as exc:  # locked by an exclusive operation, unreadable key...: said, next time
-                LOG.warning("verify of vault service %s (%s) skipped: %s", row.name, row.id, exc)
-                continue
-            if report.ok:
-                LOG.info("vault service %s: %s", row.name, report.summary())
-            else:
-                LOG.error("vault service %s: %s", row.name, report.summary())
+        for row, report in done:
+            LOG.log(logging.INFO if report.ok else logging.ERROR, "vault service %s: %s", row.name, report.summary())
             reports[row.id] = report.to_dict()
         self.last_verify = reports
         return reports

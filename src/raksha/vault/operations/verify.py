@@ -87,7 +87,7 @@ def verify_vault(vault: Vault, *, read_data: bool = True, subset: DataSubset | N
                  rng: random.Random | None = None) -> VerifyReport:
     """``subset``: read only those packs' data (``DataSubset``); ``rng`` draws a percentage's packs."""
     if subset is not None and not read_data:
-        raise InvalidInput("a data subset is read, and read_data is off", code="SUBSET_INVALID")
+        raise InvalidInput("a data subset needs the data read: read_data is off", code="SUBSET_INVALID")
     with vault.locks.acquire(LockKind.SHARED, "verify"):
         # A piece of a pack (READ_PIECE) in memory per thread: one thread per core keeps RSS bounded.
         return _Verify(vault, read_data, threads or os.cpu_count() or 2, progress, subset, rng).run()
