@@ -7,6 +7,7 @@ and the periodic garbage collection runs on its interval."""
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from itertools import pairwise
@@ -54,16 +55,16 @@ def _vault_ids(srv: Server) -> set[str]:
 
 
 def _pack_bytes(srv: Server) -> int:
-    root = srv.embedded.conf.data_dir
+    """Bytes under the vault, locks aside; the server's gc may remove files and folders while this walks."""
     total = 0
-    for p in Path(root, "vault").rglob("*"):
-        if "locks" in p.parts:
-            continue
-        try:
-            if p.is_file():
-                total += p.stat().st_size
-        except FileNotFoundError:
-            continue  # the server's gc removed it since it was listed
+    # os.walk, not Path.rglob: rglob raises when a folder it listed is gone by the time it opens it.
+    for folder, dirs, files in os.walk(Path(srv.embedded.conf.data_dir, "vault")):
+        dirs[:] = [d for d in dirs if d != "locks"]
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                continue  # removed since it was listed
     return total
 
 
