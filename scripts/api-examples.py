@@ -455,6 +455,7 @@ def main() -> int:
         uri = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else "test:///default"
     real_vm = not uri.startswith("test:")
     work = Path(tempfile.mkdtemp(prefix="raksha-api-examples-"))
+    work.chmod(0o711)  # libvirt's QEMU runs as its own user (libvirt-qemu): it must reach the VM's disk
     dom = None
     try:
         if real_vm:

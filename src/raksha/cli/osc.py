@@ -105,7 +105,7 @@ JOB_FIELDS = ("id", "name", "description", "status", "vms", "schedule", "retenti
               "last_run", "created_at")
 RUN_FIELDS = ("id", "backupjob_id", "type", "status", "progress_percent", "bytes_done", "bytes_total",
               "consistency", "freeze_ms", "size", "parent_run_id", "fail_reason", "created_at", "started_at",
-              "finished_at", "vms")
+              "finished_at", "verify_state", "verified_at", "verify_note", "vms")
 RESTORE_FIELDS = ("id", "backupjobrun_id", "backupjob_id", "type", "status", "progress_percent", "bytes_done",
                   "bytes_total", "target", "results", "fail_reason", "created_at", "finished_at")
 

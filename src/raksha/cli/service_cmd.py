@@ -66,6 +66,11 @@ def _run_text(run: dict[str, Any]) -> str:
     lines = [head, table(rows, ["vm", "disk", "status", "type", "read", "stored", "error"])]
     if run.get("fail_reason"):
         lines.append(f"error: {run['fail_reason']}")
+    if run.get("verify_state") == "damaged":
+        lines.append(f"verify: DAMAGED ({run.get('verified_at')}); a restore of it would fail:")
+        lines += [f"  {line}" for line in (run.get("verify_note") or "").splitlines()]
+    elif run.get("verify_state"):
+        lines.append(f"verify: {run['verify_state']} ({run.get('verified_at')}): every chunk re-read since it finished")
     return "\n".join(lines)
 
 

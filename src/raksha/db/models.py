@@ -88,6 +88,8 @@ class VaultService(Base):
     type: Mapped[str] = mapped_column(String(16))  # local | swift | s3
     url: Mapped[str] = mapped_column(String(2048))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # backend settings; never secrets in clear
+    # The recent scheduled verification passes over its vault, newest first (raksha.domain.verify_coverage).
+    verifications: Mapped[list[Any] | None] = mapped_column(default=None)
 
 
 class BackupJob(Base):
@@ -156,6 +158,10 @@ class BackupJobRun(Progress, Base):
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The scheduled verification's word on its data (domain.states.VerifyState; NULL: not every pack read yet).
+    verify_state: Mapped[str | None] = mapped_column(String(16), default=None)
+    verified_at: Mapped[datetime | None] = mapped_column(default=None)
+    verify_note: Mapped[str | None] = mapped_column(Text, default=None)  # what was found damaged
 
     backupjob: Mapped[BackupJob] = relationship(lazy="raise")
     vms: Mapped[list[BackupJobRunVm]] = relationship(back_populates="backupjobrun", lazy="raise",

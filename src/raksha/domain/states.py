@@ -73,6 +73,14 @@ class BackupStatus(StrEnum):
     DELETED = "deleted"
 
 
+class VerifyState(StrEnum):
+    """What the service's scheduled verification says of a run's data (``backupjobruns.verify_state``; NULL:
+    not every pack it uses was read since it was finished). raksha.domain.verify_coverage says when."""
+
+    OK = "ok"  # every chunk it uses re-read and re-hashed since it was finished, none damaged
+    DAMAGED = "damaged"  # a pass found a chunk of it damaged or missing: its restore would fail
+
+
 class RestoreStatus(StrEnum):
     QUEUED = "queued"
     RESTORING = "restoring"

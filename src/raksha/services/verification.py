@@ -8,8 +8,11 @@ other pack for presence and size: every pack's data is read once every ``groups`
 default a week). Runs fall on the clock's multiples of the interval (daily: 00:00 UTC) and the group
 follows the clock, so a server restarted more often than the interval still verifies, and goes on with
 the next group.
-A run that finds damage logs it as an error naming the damaged backups; ``last_verify`` keeps each
-vault's last report.
+Each pass is kept on the vault service (its recent passes) and said on the runs stored there
+(``backupjobruns.verify_state``): a run with a backup the pass named is ``damaged`` at once; once the
+recent passes have read every pack between them, every run finished before they began and named by none
+is ``ok`` (raksha.domain.verify_coverage). A pass that finds damage also logs it as an error naming the
+damaged backups; ``last_verify`` keeps each vault's last report.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from raksha.db import Database
+from raksha.db import api as db
+from raksha.db.types import utcnow
 from raksha.domain.data_subset import DataSubset
+from raksha.domain.verify_coverage import VerifyPass
 from raksha.services import vaults
-from raksha.vault.operations.verify import verify_vault
+from raksha.vault.operations.verify import VerifyReport, verify_vault
+from raksha.vault.repository import Vault
 
 LOG = logging.getLogger(__name__)
 
@@ -50,12 +58,22 @@ class Verifier:
     def verify_all(self) -> dict[str, dict[str, Any]]:
         """Verify this interval's group of every local vault that exists; returns each vault service's report."""
         subset = self.subset()
-        done = vaults.on_local_vaults(self.db, "verify", lambda vault: verify_vault(
-            vault, subset=subset, threads=1))  # beside backups: one pack at a time
+
+        def one(vault: Vault) -> tuple[datetime, VerifyReport]:
+            started = utcnow()
+            return started, verify_vault(vault, subset=subset, threads=1)  # beside backups: one pack at a time
+
         reports: dict[str, dict[str, Any]] = {}
-        for row, report in done:
+        for row, (started, report) in vaults.on_local_vaults(self.db, "verify", one):
             LOG.log(logging.INFO if report.ok else logging.ERROR, "vault service %s: %s", row.name, report.summary())
-            reports[row.id] = report.to_dict()
+            done = report.to_dict()
+            with self.db.begin() as s:
+                db.record_verification(s, row.id, VerifyPass(
+                    started, utcnow(), subset.spec, report.ok,
+                    {bid: reasons[0] for bid, reasons in report.damaged_backups.items()},
+                    {k: done[k] for k in ("backups_checked", "chunks_checked", "packs_checked", "packs_not_read",
+                                          "bytes_read", "seconds")} | {"damaged_objects": len(report.damaged_objects)}))
+            reports[row.id] = done
         self.last_verify = reports
         return reports
 

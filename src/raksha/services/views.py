@@ -79,6 +79,8 @@ def run_view(run: BackupJobRun, base: str, *, with_vms: bool = True) -> dict[str
         "freeze_ms": run.freeze_ms, "parent_run_id": run.parent_run_id,
         "size": stored, "fail_reason": run.error_message, "error": _error(run.error_code, run.error_message),
         "created_at": iso(run.created_at), "started_at": iso(run.started_at), "finished_at": iso(run.finished_at),
+        # The scheduled verification's word: null until every pack the run uses was re-read since it finished.
+        "verify_state": run.verify_state, "verified_at": iso(run.verified_at), "verify_note": run.verify_note,
         "vms": vms,
         "links": [{"rel": "self", "href": f"{base}/backupjobs/{run.backupjob_id}/backupjobsruns/{run.id}"}],
     }

@@ -69,6 +69,9 @@ BACKUPJOBRUN: dict[str, Any] = {
         "status": {"enum": RUN_STATUS}, "description": NSTR, **PROGRESS,
         "consistency": NSTR, "size": INT, "fail_reason": NSTR, "error": ERROR_REF,
         "created_at": STR, "started_at": NSTR, "finished_at": NSTR,
+        # The service's scheduled verification of the vault: null until every pack the run uses was re-read
+        # and re-hashed since it finished; "damaged" as soon as a pass finds one of its chunks damaged or missing.
+        "verify_state": {"enum": [None, "ok", "damaged"]}, "verified_at": NSTR, "verify_note": NSTR,
         "vms": {"type": "array", "items": RUN_VM}, "links": LINKS,
     },
 }

@@ -45,7 +45,13 @@ from raksha.db.api.runs import (
     update_run_vm_resource,
     update_vm_resource_backup,
 )
-from raksha.db.api.system import all_vault_services, due_jobs, unfinished_restores, unfinished_runs
+from raksha.db.api.system import (
+    all_vault_services,
+    due_jobs,
+    record_verification,
+    unfinished_restores,
+    unfinished_runs,
+)
 from raksha.db.api.vaults import (
     create_vault_service,
     delete_vault_service,
@@ -83,6 +89,7 @@ __all__ = [
     "orphaned_backups",
     "plan_purge",
     "purge_deleted",
+    "record_verification",
     "referenced_backup_ids",
     "settle_run",
     "transition_restore",
