@@ -107,3 +107,21 @@ def test_scratch_images_libvirt_refuses_are_made_by_libvirt_instead(conn: libvir
             finally:
                 source.close()
 
+
+
+def test_a_guest_left_frozen_by_a_dead_run_is_thawed_and_frozen_again(conn: libvirt.virConnect,
+                                                                        tmp_path: Path) -> None:
+    """A run killed inside its window leaves its guest frozen. No status is asked up front: the guest's agent
+    refuses the freeze (or the hook) as disabled in frozen state, and only then is the guest found frozen,
+    thawed and frozen again; the run reaches ``filesystem`` and says what it found."""
+    disk = make_data_disk(tmp_path / "a.qcow2", "64M")
+    with GuestDomain(conn, build_guest(), [(disk, "qcow2")], tmp_path, name="raksha-cg-left") as a:
+        a.wait_for_agent()
+        assert a.agent("guest-fsfreeze-freeze") >= 1  # what the dead run left
+        with consistency_group([(a.dom, None)], "c1", hooks=None) as point:
+            (p,) = point.domains
+            assert p.consistency == FILESYSTEM and "found frozen by an interrupted run" in p.why, p.why
+        assert a.agent("guest-fsfreeze-status") == "thawed"
+        with consistency_group([(a.dom, "c1")], "c2", hooks=None) as point:
+            (p,) = point.domains
+            assert p.consistency == FILESYSTEM and "interrupted" not in p.why, p.why

@@ -57,7 +57,6 @@ from raksha.hypervisor.strategy import (
     post_thaw,
     pre_freeze,
     thaw_guests,
-    thaw_leftovers,
 )
 from raksha.vault.processes import owner_alive, remove_dirs_of_dead_owners
 from raksha.vault.sources.base import Extent
@@ -785,7 +784,6 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
         making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)  # while the guests are asked below
         if freeze:
-            thaw_leftovers(live)  # left frozen by a run that died inside its window: never ours to keep
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
         for p, procs in zip(live, making, strict=True):
             _finish_scratch(p, procs, scratch_dirs[id(p)])

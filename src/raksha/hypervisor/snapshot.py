@@ -38,7 +38,6 @@ from raksha.hypervisor.strategy import (
     post_thaw,
     pre_freeze,
     thaw_guests,
-    thaw_leftovers,
 )
 from raksha.vault.sources.base import Extent, merge_extents
 from raksha.vault.sources.nbd import NbdSource, QemuNbdExport, end_stale_exports
@@ -433,7 +432,6 @@ def snapshot_group(domains: list[libvirt.virDomain], job: str, run: str, parent_
                     err, libvirt.libvirtError) else SourceError(f"{p.domain.name()}: creating the overlays: {err}"))
         live = [p for p in points if p.error is None]
         if freeze:
-            thaw_leftovers(live)
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
         t0 = time.monotonic()
         try:

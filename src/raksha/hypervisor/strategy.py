@@ -121,14 +121,23 @@ def each(fn: Callable[[T], object], items: Sequence[T]) -> list[BaseException | 
         return list(pool.map(run, items))
 
 
-def thaw_leftovers(points: Sequence[Freezable], timeout: int = 10) -> None:
-    """Thaw a guest found frozen (by a run that died inside its window): never ours to keep."""
-    def one(p: Freezable) -> None:
-        if agent(p.domain, "guest-fsfreeze-status", timeout) == "frozen":
-            agent(p.domain, "guest-fsfreeze-thaw", timeout)
-            p.why += "found frozen by an interrupted run; thawed first. "
+def thawed_leftover(p: Freezable, exc: libvirt.libvirtError, timeout: int = 10) -> bool:
+    """After the agent refused a command as disabled: whether ``p`` was found frozen (by a run that died
+    inside its window; never ours to keep) and thawed, so that the command can be tried again.
 
-    each(one, points)  # no agent: nothing to thaw, and the freeze says why
+    Asked only then, not before every run: a frozen agent refuses every command but a few ("Command X has
+    been disabled: the agent is in frozen state"), and a status call per guest is an agent round trip on
+    every run for a case that only a killed run leaves."""
+    if "has been disabled" not in (exc.get_error_message() or ""):
+        return False
+    try:
+        if agent(p.domain, "guest-fsfreeze-status", timeout) != "frozen":
+            return False  # disabled by the guest's own configuration: the error stands
+        agent(p.domain, "guest-fsfreeze-thaw", timeout)
+    except libvirt.libvirtError:
+        return False
+    p.why += "found frozen by an interrupted run; thawed first. "
+    return True
 
 
 def freeze_guests(points: Sequence[Freezable], timeout: int = 10) -> list[Freezable]:
@@ -139,7 +148,12 @@ def freeze_guests(points: Sequence[Freezable], timeout: int = 10) -> list[Freeza
     """
     def one(p: Freezable) -> None:
         try:
-            agent(p.domain, "guest-fsfreeze-freeze", timeout)
+            try:
+                agent(p.domain, "guest-fsfreeze-freeze", timeout)
+            except libvirt.libvirtError as exc:
+                if not thawed_leftover(p, exc, timeout):
+                    raise
+                agent(p.domain, "guest-fsfreeze-freeze", timeout)
         except libvirt.libvirtError as exc:
             p.why += f"no freeze: {exc.get_error_message()}"
             try:
@@ -268,7 +282,12 @@ def _run_hook(p: Freezable, path: str, phase: str, arg: str, timeout: float) -> 
     what happened."""
     t0 = time.monotonic()
     try:
-        code, err = guest_exec(p.domain, path, [arg], timeout)
+        try:
+            code, err = guest_exec(p.domain, path, [arg], timeout)
+        except libvirt.libvirtError as exc:
+            if not thawed_leftover(p, exc):
+                raise
+            code, err = guest_exec(p.domain, path, [arg], timeout)
     except HookMissing:
         p.why += f"no {phase} hook at {path}. "
         return "missing"
