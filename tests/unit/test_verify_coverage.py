@@ -63,3 +63,4 @@ def test_passes_round_trip_and_are_kept_newest_first_up_to_a_bound() -> None:
     out = newest_first(new, kept)
     assert len(out) == KEPT_PASSES and out[0] == new and out[1] == VerifyPass.from_dict(kept[0])
     assert newest_first(new, None) == [new]
+    assert newest_first(new, [{"started_at": "yesterday"}, "junk", kept[0]]) == [new, VerifyPass.from_dict(kept[0])]

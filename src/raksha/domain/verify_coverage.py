@@ -76,6 +76,12 @@ def coverage(passes: Sequence[VerifyPass]) -> Coverage | None:
 
 
 def newest_first(new: VerifyPass, kept: Iterable[Mapping[str, Any]] | None) -> list[VerifyPass]:
-    """The passes a vault service keeps after ``new``: it, then the ones kept before, at most KEPT_PASSES."""
-    older = [VerifyPass.from_dict(d) for d in (kept or [])]
+    """The passes a vault service keeps after ``new``: it, then the ones kept before, at most KEPT_PASSES.
+    A kept entry that does not read as a pass (edited by hand) is dropped: it can only delay an ``ok``."""
+    older = []
+    for d in kept or []:
+        try:
+            older.append(VerifyPass.from_dict(d))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
     return [new, *older][:KEPT_PASSES]
