@@ -80,6 +80,12 @@ def _next_report(srv: Server, vault_id: str, after: dict[str, Any] | None, timeo
         time.sleep(0.05)
 
 
+def _cli(srv: Server, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "raksha.cli.main", *args], text=True,
+                          env={**os.environ, "RAKSHA_URL": srv.url, "RAKSHA_PROJECT": PROJECT},
+                          capture_output=True, timeout=120, stdin=subprocess.DEVNULL, check=True).stdout
+
+
 def test_the_server_verifies_its_vault_on_a_timer_and_names_damage(tmp_path: Path) -> None:
     """The run's verify state through the API: null, ``ok`` after a pass that began after it finished,
     ``damaged`` (with what) after a byte of its pack flipped."""
@@ -93,6 +99,7 @@ def test_the_server_verifies_its_vault_on_a_timer_and_names_damage(tmp_path: Pat
         assert report["packs_checked"] == 1 and report["packs_not_read"] == 0
         run = api.get(f"/backupjobruns/{run_id}").body["backupjobrun"]
         assert run["verify_state"] == "ok" and run["verified_at"] and run["verify_note"] is None
+        assert "verify: ok" in _cli(srv, "run", "show", run_id)
 
         middle = pack.stat().st_size // 2  # inside the one blob: the image is 512 KiB of random data
         with open(pack, "r+b") as f:
@@ -106,10 +113,10 @@ def test_the_server_verifies_its_vault_on_a_timer_and_names_damage(tmp_path: Pat
         run = api.get(f"/backupjobruns/{run_id}").body["backupjobrun"]
         assert run["verify_state"] == "damaged", run
         assert run["verify_note"].startswith("vm-a/vda: ") and "chunk" in run["verify_note"], run["verify_note"]
-        shown = subprocess.run([sys.executable, "-m", "raksha.cli.main", "run", "show", run_id], text=True,
-                               env={**os.environ, "RAKSHA_URL": srv.url, "RAKSHA_PROJECT": PROJECT},
-                               capture_output=True, timeout=120, stdin=subprocess.DEVNULL, check=True).stdout
+        shown = _cli(srv, "run", "show", run_id)
         assert "verify: DAMAGED" in shown and f"  {run['verify_note']}" in shown, shown
+        (line,) = [line for line in _cli(srv, "run", "list").splitlines() if line.startswith(run_id)]
+        assert " DAMAGED " in line, line
         with srv.embedded.db.begin() as s:
             (row,) = db.all_vault_services(s)
             assert row.verifications[0]["ok"] is False and row.verifications[0]["data_subset"] == "1/1"

@@ -74,6 +74,12 @@ def _run_text(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _verified(run: dict[str, Any]) -> str:
+    """The scheduled verification's word on a run, for a table: damage stands out."""
+    state = run.get("verify_state")
+    return "DAMAGED" if state == "damaged" else state or "-"
+
+
 def _restore_text(r: dict[str, Any]) -> str:
     lines = [f"restore {r['id']} of run {r['backupjobrun_id']}: {r['type']} {r['status']}"]
     rows = []
@@ -191,8 +197,9 @@ def run_list(args: argparse.Namespace) -> int:
     client = _client(args)
     runs = client.get(f"/backupjobs/{args.job}/backupjobsruns" if args.job else "/backupjobruns")["backupjobruns"]
     rows = [[r["id"], r["backupjob_id"][:8], r["type"], r["status"], r.get("consistency") or "-",
-             human_bytes(r["size"]), r["created_at"]] for r in runs]
-    emit(runs, args.json, table(rows, ["id", "job", "type", "status", "consistency", "stored", "created"]))
+             human_bytes(r["size"]), _verified(r), r["created_at"]] for r in runs]
+    emit(runs, args.json, table(rows, ["id", "job", "type", "status", "consistency", "stored", "verified",
+                                       "created"]))
     return EXIT_OK
 
 
