@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from raksha.vault.engine.workers import run_parallel, run_pipeline
+from raksha.vault.engine.workers import BufferPool, Drain, run_parallel, run_pipeline
 
 
 def test_run_parallel_does_every_item_once() -> None:
@@ -70,3 +70,68 @@ def test_pipeline_stops_at_the_first_error_and_raises_it(stage: str) -> None:
 
 def test_pipeline_with_no_items_returns() -> None:
     run_pipeline([], lambda i, b: None, lambda i, b, f: None, [bytearray(1)], readers=3, workers=2)
+
+
+def test_a_drain_runs_every_job_and_join_waits_for_them() -> None:
+    done: list[int] = []
+    lock = threading.Lock()
+    drain = Drain(2)
+
+    def job(i: int) -> None:
+        time.sleep(0.001)
+        with lock:
+            done.append(i)
+
+    for i in range(50):
+        drain.submit(lambda i=i: job(i))
+    drain.join()
+    assert sorted(done) == list(range(50))
+    drain.submit(lambda: job(50))
+    drain.close()
+    assert sorted(done) == list(range(51))
+
+
+def test_a_failed_job_stops_the_drain_and_reaches_the_producer() -> None:
+    ran: list[int] = []
+    drain = Drain(1)
+    gate = threading.Event()
+
+    def fail() -> None:
+        gate.wait(5)
+        raise OSError(28, "no space left on device")
+
+    drain.submit(fail)
+    for i in range(5):
+        drain.submit(lambda i=i: ran.append(i))  # queued behind the failure: dropped
+    gate.set()
+    with pytest.raises(OSError, match="no space"):
+        drain.join()
+    assert ran == []
+    with pytest.raises(OSError, match="no space"):
+        drain.submit(lambda: ran.append(9))
+    with pytest.raises(OSError, match="no space"):
+        drain.close()
+
+
+def test_an_aborted_drain_drops_what_waits_and_raises_nothing() -> None:
+    ran: list[int] = []
+    drain = Drain(1)
+    gate = threading.Event()
+    drain.submit(lambda: gate.wait(5))
+    for i in range(5):
+        drain.submit(lambda i=i: ran.append(i))
+    threading.Timer(0.05, gate.set).start()
+    drain.close(abort=True)
+    assert ran == []
+
+
+def test_a_producer_waiting_for_a_buffer_gets_the_drains_error_instead() -> None:
+    """A consumer that failed gives no buffer back: the producer must not wait for one forever."""
+    pool: BufferPool[bytearray] = BufferPool([bytearray(1)])
+    drain = Drain(1)
+    buf = pool.take(drain)
+    drain.submit(lambda: (_ for _ in ()).throw(ValueError("decode failed")))
+    with pytest.raises(ValueError, match="decode failed"):
+        pool.take(drain)  # the one buffer is held; the drain failed
+    pool.give(buf)
+    drain.close(abort=True)

@@ -72,7 +72,8 @@ def _common(p: argparse.ArgumentParser, *, secret: bool = True) -> None:
 THREADS_HELP = {
     "backup": "threads (default: two per core); the source is read with half of them, or with up to N when "
               "its reads are small (up to 8 by default)",
-    "restore": "threads (default: four per core: each reads the vault, decodes and writes in turn)",
+    "restore": "threads (default: 2 reading the vault, one per core decoding, 2 writing; N is split among the "
+               "three, at least one each)",
     "verify": "threads (default: one per core)",
 }
 

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -107,6 +107,89 @@ def run_pipeline(
             free.put(buf)
 
     _run([read_loop] * readers + [work_loop] * workers, errors)
+
+
+class Drain:
+    """Jobs handed off to ``threads`` threads of their own, started in the order given (a restore's writes,
+    behind its decoding). The producers bound what waits by what the jobs hold (a buffer each, from
+    :class:`BufferPool`). The first job that fails stops the others; the error is raised to the next
+    ``submit``, ``join`` and ``close``."""
+
+    def __init__(self, threads: int, name: str = "raksha-drain") -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.errors: list[BaseException] = []
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if not self.errors:  # else stopping: what is still queued is dropped
+                    job()
+            except BaseException as exc:
+                self.errors.append(exc)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.check()
+        with self._idle:
+            self._pending += 1
+        self._jobs.put(job)
+
+    def join(self) -> None:
+        """Wait until every job submitted so far has run (or was dropped); raise the first error."""
+        with self._idle:
+            while self._pending:
+                self._idle.wait(0.5)  # short waits keep Ctrl-C responsive
+        self.check()
+
+    def close(self, *, abort: bool = False) -> None:
+        """End the threads once they have run what was submitted (``abort``: once they have dropped it,
+        after the jobs running now), and raise the first error unless aborting."""
+        if abort:
+            self.errors.append(RuntimeError("aborted"))
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            while t.is_alive():
+                t.join(0.5)
+        if not abort:
+            self.check()
+
+
+class BufferPool(Generic[B]):
+    """Buffers that circulate between stages: ``take`` waits for one (or raises ``drain``'s error, so a
+    producer never waits for buffers a failed consumer will not give back), ``give`` returns it."""
+
+    def __init__(self, buffers: Iterable[B]) -> None:
+        self._free: queue.SimpleQueue[B] = queue.SimpleQueue()
+        for buf in buffers:
+            self._free.put(buf)
+
+    def take(self, drain: Drain) -> B:
+        while True:
+            drain.check()
+            try:
+                return self._free.get(timeout=POLL)
+            except queue.Empty:
+                continue
+
+    def give(self, buf: B) -> None:
+        self._free.put(buf)
 
 
 def _run(loops: list[Callable[[], None]], errors: list[BaseException]) -> None:
