@@ -122,6 +122,29 @@ def test_full_backup_restores_bit_exact(new_vault: MakeVault, make_image: Callab
     assert allocated(outputs / "vda.img") <= (s.chunks_total - s.chunks_zero) * MIB
 
 
+@pytest.mark.parametrize("threads", [None, 1, 5])
+def test_chunks_larger_than_a_read_span_restore_with_any_thread_count(
+        new_vault: MakeVault, tmp_path: Path, outputs: Path, threads: int | None) -> None:
+    """A blob of an incompressible 4 MiB chunk is larger than the readers' 2 MiB span buffers: they grow for
+    it. ``threads`` is split among readers, decoders and writers, at least one each."""
+    vault = new_vault(chunk_size=4 * MIB)
+    image = tmp_path / "random.img"
+    image.write_bytes(os.urandom(12 * MIB) + bytes(4 * MIB))
+    backup(vault, image, "j/r/vm/vda")
+
+    restore_backup(vault, BackupId.parse("j/r/vm/vda"), str(outputs / "out.img"), threads=threads)
+
+    assert blake3_file(outputs / "out.img") == blake3_file(image)
+    assert allocated(outputs / "out.img") <= 12 * MIB + 64 * 1024
+
+
+def test_restore_stages_split_the_threads_asked_for() -> None:
+    assert restore_module.restore_stages(None) == (2, os.cpu_count() or 1, 2)
+    assert restore_module.restore_stages(1) == (1, 1, 1)
+    assert restore_module.restore_stages(6) == (2, 2, 2)
+    assert restore_module.restore_stages(8) == (2, 4, 2)
+
+
 def test_backup_metadata_and_manifest_describe_the_backup(new_vault: MakeVault,
                                                           make_image: Callable[..., Path]) -> None:
     image = make_image("disk.img", 8 * MIB)
