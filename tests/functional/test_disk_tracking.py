@@ -277,6 +277,7 @@ def test_guest_destroyed_mid_run_fails_alone_and_the_next_run_is_right(conn: lib
                 assert res[b.name].error is None and disk(res[b.name], "vda").kind == "incremental"
                 assert b.agent("guest-fsfreeze-status") == "thawed"
                 assert b.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE  # no dangling pull job
+                assert b.dom.listAllCheckpoints() == []  # all raw: its bitmaps are QEMU's, no checkpoint of nothing
                 assert not vault.backup_ids(f"job/r2/{a_uuid}")
 
             # The doomed VM comes back (a new QEMU): the next run reads it in full, the survivor incrementally.

@@ -278,7 +278,12 @@ def _backup_xml(p: DomainPoint, scratch_dir: str) -> str:
             f"<disks>{''.join(parts)}</disks></domainbackup>")
 
 
-def _checkpoint_xml(name: str, p: DomainPoint) -> str:
+def _checkpoint_xml(name: str, p: DomainPoint) -> str | None:
+    """This run's libvirt checkpoint, or None when no disk of the job is tracked by one (all raw): a
+    checkpoint of nothing would cost every run libvirt's schema check of it (~10 ms, it compiles the whole
+    domain schema) and its metadata, made now and deleted by the next run."""
+    if not any(tracked(d) for d in p.disks):
+        return None
     disk_xml = "".join(f"<disk name='{d.target}' checkpoint='{'bitmap' if tracked(d) else 'no'}'/>"
                        for d in p.disks) + "".join(f"<disk name='{d.target}' checkpoint='no'/>" for d in p.excluded)
     return f"<domaincheckpoint><name>{name}</name><disks>{disk_xml}</disks></domaincheckpoint>"
@@ -357,7 +362,7 @@ def _plan_disks(p: DomainPoint) -> None:
         qmp_error = ""
     except (QmpError, libvirt.libvirtError) as exc:
         nodes, qmp_error = None, str(exc)
-    has_checkpoint = parent is not None and _has_checkpoint(p.domain, parent)
+    has_checkpoint = parent is not None and any(map(tracked, p.disks)) and _has_checkpoint(p.domain, parent)
     idle = not _has_job(p.domain)
     if idle and p.checkpoint != parent and _has_checkpoint(p.domain, p.checkpoint):
         # Left by a killed attempt at this same run: deleting it merges its bitmaps into its parent's.
