@@ -637,6 +637,57 @@ def test_restore_to_qcow2(new_vault: MakeVault, make_image: Callable[..., Path],
     assert os.path.getsize(outputs / "disk.qcow2") < 16 * MIB  # holes stay unallocated
 
 
+def no_process(args: list[str], *_: object, **__: object) -> None:
+    raise AssertionError(f"unexpected process: {args}")
+
+
+@pytest.mark.parametrize("chunk_size", [64 << 10, MIB, 4 * MIB], ids=["64K", "1M", "4M"])
+def test_restore_to_qcow2_written_directly(new_vault: MakeVault, tmp_path: Path, outputs: Path,
+                                           chunk_size: int) -> None:
+    """A new qcow2 image is laid out from the manifest and written without qemu-nbd: data in two of its
+    512 MiB L2 tables, a partial last chunk, a zero block inside a chunk, layers on a stored chunk and on
+    a hole. qemu-img finds no error or leak, and the guest sees what was backed up."""
+    size = 1024 * MIB + 192 * 1024 + 512  # the last chunk is partial at every chunk size
+    writes = [(0, os.urandom(3 * K64)), (K64 + 8192, bytes(4096)),  # a zero block inside a chunk
+              (300 * MIB, os.urandom(MIB)), (700 * MIB + 4096, os.urandom(5000)), (size - 70000, os.urandom(70000))]
+    changed = [(300 * MIB + 4096, 512), (900 * MIB + 8192, 1000)]  # a layer on data, and one on a hole
+    full, image = tmp_path / "full.img", tmp_path / "disk.img"
+    for path, pieces in ((full, writes), (image, writes + [(o, os.urandom(n)) for o, n in changed])):
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for offset, data in pieces:
+                f.seek(offset)
+                f.write(data)
+    vault = new_vault(chunk_size=chunk_size)
+    backup(vault, full, "job1/run1/vm1/vda")
+    inc = backup(vault, image, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", changed_extents=changed)
+    assert inc.stats.chunks_delta == 2
+
+    for backup_id, original in (("job1/run1/vm1/vda", full), ("job1/run2/vm1/vda", image)):
+        out = outputs / f"{backup_id.split('/')[1]}.qcow2"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(subprocess, "Popen", no_process)  # no qemu-nbd, no qemu-img
+            assert restore(vault, backup_id, out, fmt="qcow2").format == "qcow2"
+        qemu_img("check", str(out))  # exit 0: no errors, no leaked clusters
+        assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(original), str(out)).returncode == 0
+        assert f'"virtual-size": {size}' in qemu_img("info", "--output=json", str(out)).stdout
+        assert allocated(out) < 8 * MIB  # holes stay holes, zero blocks too
+
+
+def test_an_all_zero_disk_restores_to_an_empty_qcow2(new_vault: MakeVault, tmp_path: Path, outputs: Path) -> None:
+    image = tmp_path / "zero.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MIB)
+    vault = new_vault()
+    backup(vault, image, "job1/run1/vm1/vda")
+
+    restore(vault, "job1/run1/vm1/vda", outputs / "zero.qcow2", fmt="qcow2")
+
+    qemu_img("check", str(outputs / "zero.qcow2"))
+    assert qemu_img("compare", "-f", "raw", "-F", "qcow2", str(image), str(outputs / "zero.qcow2")).returncode == 0
+    assert '"data": true' not in qemu_img("map", "--output=json", str(outputs / "zero.qcow2")).stdout
+
+
 def test_restore_never_overwrites_without_being_asked(new_vault: MakeVault, make_image: Callable[..., Path],
                                                      outputs: Path) -> None:
     image = make_image("disk.img", 2 * MIB)

@@ -154,14 +154,15 @@ def restore_backup(
         outs: BufferPool[mmap.mmap] = BufferPool(
             anonymous_map(manifest.chunk_size)
             for _ in range(max(n_decoders + n_writers + 2, OUT_BYTES // manifest.chunk_size)))
-        target = create_target(output, fmt, manifest.virtual_size, overwrite=overwrite)
+        data = (manifest.chunk_size, data_chunks(manifest)) if fmt == "qcow2" else None
+        target = create_target(output, fmt, manifest.virtual_size, overwrite=overwrite, data_chunks=data)
         total = manifest.data_bytes()
         meter = Progress("restore", total, progress)
         chunks = ChunkReader(vault, index.locations, manifest.chunk_size)
         # Chunks are decoded into page-aligned buffers that a raw target writes with O_DIRECT as they are
         # (a layered chunk: this thread's; a whole one: a pool's, between decoders and writers).
         out_buffers = AlignedBuffers(manifest.chunk_size)
-        views_ok = target.format == "raw"
+        views_ok = target.takes_views
         # A fresh raw image starts all zero: zero blocks inside chunks (a hole in the middle of one) are
         # not written. Less I/O, and the restored image is as sparse as the original.
         skip_zero_blocks = views_ok and target.fresh
@@ -305,6 +306,24 @@ def index_windows(manifest: Manifest) -> list[tuple[int, int]]:
     if first < manifest.chunk_count or not windows:
         windows.append((first, manifest.chunk_count))
     return windows
+
+
+def data_chunks(manifest: Manifest) -> array[int]:
+    """The indexes of the chunks that hold data (a stored chunk, or layers), in order: what a new qcow2
+    image allocates. Read piece by piece, as ``index_windows`` does."""
+    out = array("q")
+    layered = manifest.deltas.indexes()
+    i = 0
+    for piece in manifest.chunk_ids.pieces():
+        n = len(piece) // ID_SIZE
+        lo, hi = bisect.bisect_left(layered, i), bisect.bisect_left(layered, i + n)
+        if lo == hi and piece == bytes(len(piece)):
+            i += n
+            continue
+        extra = set(layered[lo:hi])
+        out.extend(k for k, cid in enumerate(_ROW.iter_unpack(piece), i) if cid[0] != ZERO_ID or k in extra)
+        i += n
+    return out
 
 
 def blobs_to_verify(manifest: Manifest) -> int:

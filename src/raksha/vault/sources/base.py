@@ -81,6 +81,7 @@ class DiskTarget(Protocol):
     path: str
     format: str
     fresh: bool
+    takes_views: bool  # pwrite takes memoryviews, and writes page-aligned ones as they are (O_DIRECT)
 
     def pwrite(self, data: bytes, offset: int) -> None: ...
 

@@ -237,6 +237,7 @@ class NbdTarget:
     """A fresh image in any qemu format, written through qemu-nbd."""
 
     fresh = True
+    takes_views = False
 
     def __init__(self, path: str, fmt: str, size: int) -> None:
         self.path = path

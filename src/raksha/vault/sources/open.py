@@ -8,10 +8,12 @@ import re
 import stat
 import struct
 import subprocess
+from collections.abc import Sequence
 
 from raksha.domain.errors import AlreadyExists, ImageInvalid, InvalidInput, NotFound
 from raksha.vault.sources.base import DiskSource, DiskTarget
 from raksha.vault.sources.nbd import NbdSource, NbdTarget, QemuNbdExport
+from raksha.vault.sources.qcow2 import CLUSTER, Qcow2Layout, Qcow2Target
 from raksha.vault.sources.raw import RawSource, RawTarget
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -128,8 +130,13 @@ def open_source(path: str, fmt: str = "auto") -> DiskSource:
     return NbdSource(export.socket, path=path, fmt=detected, export=export)
 
 
-def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False) -> DiskTarget:
+def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False,
+                  data_chunks: tuple[int, Sequence[int]] | None = None) -> DiskTarget:
     """A target for a restore to ``path``.
+
+    ``data_chunks`` (chunk size, the sorted indexes of the chunks with data), when the caller knows
+    them, lets a new qcow2 image be written directly (``Qcow2Target``) instead of through qemu-nbd;
+    only those chunks may then be written.
 
     A new image is written under a temporary name next to ``path`` and renamed to ``path`` by
     ``commit``, so ``path`` never holds a half-restored disk, even when the restore is killed,
@@ -152,7 +159,13 @@ def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False) ->
     if not os.path.isdir(parent):
         raise NotFound(f"{parent}: no such directory", code="OUTPUT_DIR_NOT_FOUND")
     staged = os.path.join(parent, f"{os.path.basename(path)}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
-    target = RawTarget(staged, size, fresh=True) if fmt == "raw" else NbdTarget(staged, fmt, size)
+    target: RawTarget | NbdTarget | Qcow2Target
+    if fmt == "raw":
+        target = RawTarget(staged, size, fresh=True)
+    elif data_chunks is not None and size % 512 == 0 and data_chunks[0] % CLUSTER == 0:
+        target = Qcow2Target(staged, Qcow2Layout.plan(size, data_chunks[0], data_chunks[1]))
+    else:  # qcow2 sizes are whole 512-byte sectors: qemu-img rounds such a size up
+        target = NbdTarget(staged, fmt, size)
     return _Staged(target, path, overwrite=overwrite)
 
 
@@ -180,10 +193,11 @@ class _InPlace:
 
     fresh = False
 
-    def __init__(self, target: RawTarget | NbdTarget) -> None:
+    def __init__(self, target: RawTarget | NbdTarget | Qcow2Target) -> None:
         self._target = target
         self.path = target.path
         self.format = target.format
+        self.takes_views = target.takes_views
 
     def pwrite(self, data: bytes, offset: int) -> None:
         self._target.pwrite(data, offset)
@@ -209,7 +223,7 @@ class _Staged(_InPlace):
 
     fresh = True
 
-    def __init__(self, target: RawTarget | NbdTarget, path: str, *, overwrite: bool) -> None:
+    def __init__(self, target: RawTarget | NbdTarget | Qcow2Target, path: str, *, overwrite: bool) -> None:
         super().__init__(target)
         self._overwrite = overwrite
         self.path = path

@@ -116,6 +116,7 @@ class RawTarget:
     """
 
     format = "raw"
+    takes_views = True
 
     def __init__(self, path: str, size: int, *, fresh: bool) -> None:
         self.path = path
