@@ -460,14 +460,16 @@ def test_storage_full(tmpfs: Callable[[str], Path], cli_json: CliJson, make_imag
     assert blake3_file(outputs / "small.img") == blake3_file(small)
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_restore_to_a_full_disk(tmpfs: Callable[[str], Path], cli_json: CliJson, make_image: MakeImage,
-                                vault: Path) -> None:
+                                vault: Path, fmt: str) -> None:
     """The output's disk fills while the writers write: STORAGE_FULL, and nothing is left on that disk."""
     image = make_image("big.img", 48 * MIB, seed=43)
     cli_json("vault", "backup", vault, image, "--id", FULL)
     mnt = tmpfs("16m")
 
-    doc = cli_json("vault", "restore", vault, FULL, mnt / "big.img", expect=EXIT_STORAGE)["error"]
+    doc = cli_json("vault", "restore", vault, FULL, mnt / f"big.{fmt}", "--format", fmt,
+                   expect=EXIT_STORAGE)["error"]
 
     assert doc["code"] == "STORAGE_FULL" and "no space left" in doc["message"].lower()
     assert list(mnt.iterdir()) == []
