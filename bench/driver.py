@@ -9,7 +9,9 @@ same blocks again before each further incremental, as a journal or a database do
 cost what changed. Prints and writes bench/results/driver.json: bytes read, seconds, freeze window of
 the full and of the incrementals, and peak RSS, against the targets: incremental reads <= 1.1 x
 changed + 1 MiB per disk, incremental time <= 5% of the full (the first, and the worst), freeze <=
-0.5 s per group, RSS <= 150 MB.
+0.5 s per group, RSS <= 150 MB. Then each variant's last point is restored to a qcow2 file (the
+driver's default format; timed, cold cache) and compared with the disk, which the guest has not
+written since.
 Run as root after scripts/setup.sh: `.venv/bin/python bench/driver.py [--size 2G] [--incrementals 4]`.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -36,6 +39,7 @@ from libvirt_guests import GuestDomain, build_guest, start_libvirtd  # noqa: E40
 
 import imagegen  # noqa: E402
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
+from raksha.hypervisor.restore import FILES, RestoreRequest, restore  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
@@ -65,6 +69,8 @@ def main() -> int:
     variants = {"qcow2": "vda", "raw": "vdb"}
     out: dict[str, dict[str, dict[str, float]]] = {}
     later: dict[str, list[dict[str, float]]] = {}  # the incrementals after the first
+    restores: dict[str, dict[str, float]] = {}  # the last point restored to a qcow2 file
+    points: dict[str, tuple[Vault, str, str, str]] = {}
     with GuestDomain(conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], work, name="raksha-bench-driver") as vm:
         vm.wait_for_agent()
         for variant, dev in variants.items():
@@ -92,7 +98,25 @@ def main() -> int:
                              "engine_seconds": disk.seconds, "freeze_ms": incr.freeze_ms})
             phases["incremental"] = runs[0]
             out[variant], later[variant] = phases, runs[1:]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            points[variant] = (vault, job, f"incr{len(runs)}", dev)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the backups' (the target's)
+    # Each variant's last point back to a file, as qcow2 (the driver's default), checked against the disk
+    # itself, which the guest has not written since: read once QEMU has closed it (a running QEMU keeps
+    # some of a qcow2 image's tables in memory). Cold cache, as for the backups' sources.
+    for variant, (vault, job, last, dev) in points.items():
+        into = work / f"restored-{variant}"
+        into.mkdir()
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        t = time.monotonic()
+        report = restore(None, vault, RestoreRequest(job, last, FILES, disks=[dev], target_dir=into))
+        seconds = time.monotonic() - t
+        restored, disk_file = report.vms[0].disks[0].path, qcow2 if variant == "qcow2" else raw
+        compared = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", variant, restored,
+                                   str(disk_file)])
+        assert compared.returncode == 0, f"the restored {restored} differs from {disk_file}"
+        restores[variant] = {"seconds": seconds, "bytes_written": report.vms[0].disks[0].bytes_written}
+    peak_after_restores = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     allowance = 1.1 * changed + MIB
     figures: dict[str, dict[str, tuple[float, float, bool]]] = {}
     for variant, phases in out.items():
@@ -114,7 +138,8 @@ def main() -> int:
                 "same blocks again: time / full (max)": (worst_s / full_s, 0.05, worst_s <= 0.05 * full_s),
             })
     print(f"disk {size / 2**30:.1f} GiB in a running TCG guest; changed {changed / MIB:.1f} MiB in 200 extents "
-          f"of 100 KiB; peak RSS {peak / 1e6:.0f} MB (target 150 MB: {'PASS' if peak <= 150e6 else 'MISS'})")
+          f"of 100 KiB; peak RSS {peak / 1e6:.0f} MB (target 150 MB: {'PASS' if peak <= 150e6 else 'MISS'}; "
+          f"{peak_after_restores / 1e6:.0f} MB once the restores below ran in the same process)")
     for variant, phases in out.items():
         print(f"[{variant}]")
         for phase, r in phases.items():
@@ -125,12 +150,15 @@ def main() -> int:
         for k, r in enumerate(later[variant], 2):
             print(f"  {'incremental ' + str(k):12s} {r['seconds']:6.2f} s  read {r['bytes_read'] / MIB:8.1f} MiB  "
                   f"freeze {r['freeze_ms']:6.0f} ms  (vault engine {r['engine_seconds']:.2f} s; the same blocks again)")
+        r = restores[variant]
+        print(f"  {'restore':12s} {r['seconds']:6.2f} s  wrote {r['bytes_written'] / MIB:7.1f} MiB to a new qcow2 file "
+              f"({r['bytes_written'] / r['seconds'] / 1e6:.0f} MB/s), every chunk checked; identical to the disk")
         for name, (value, target, ok) in figures[variant].items():
             print(f"  {name:37s} {value:14.3f}  target {target:14.3f}  {'PASS' if ok else 'MISS'}")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({
-        "size": size, "changed_bytes": changed, "peak_rss_bytes": peak,
-        "variants": {v: {"phases": out[v], "same_blocks_again": later[v],
+        "size": size, "changed_bytes": changed, "peak_rss_bytes": peak, "peak_rss_after_restores": peak_after_restores,
+        "variants": {v: {"phases": out[v], "same_blocks_again": later[v], "restore": restores[v],
                          "figures": {k: {"value": val, "target": t, "ok": ok}
                                      for k, (val, t, ok) in figures[v].items()}}
                      for v in out}}, indent=2) + "\n")
