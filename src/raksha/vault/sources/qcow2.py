@@ -60,7 +60,8 @@ class Qcow2Layout:
     @classmethod
     def plan(cls, virtual_size: int, chunk_size: int, chunks: Sequence[int]) -> Qcow2Layout:
         if chunk_size % CLUSTER or chunk_size > L2_ENTRIES * CLUSTER:
-            raise ValueError(f"chunk size {chunk_size} is not a multiple of the {CLUSTER}-byte cluster")
+            raise ValueError(f"chunk size {chunk_size} is not a multiple of the {CLUSTER}-byte cluster "
+                             "up to an L2 table's 512 MiB")
         per_table = L2_ENTRIES * CLUSTER // chunk_size  # chunks an L2 table maps
         l1_size = -(-virtual_size // (L2_ENTRIES * CLUSTER))
         l2_tables = array("q", sorted({i // per_table for i in chunks}))
