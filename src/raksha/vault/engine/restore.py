@@ -8,7 +8,7 @@ import os
 import struct
 import time
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -289,20 +289,14 @@ def index_windows(manifest: Manifest) -> list[tuple[int, int]]:
     windows: list[tuple[int, int]] = []
     layered = manifest.deltas.indexes()
     counts = array("I", (count for _, count in manifest.deltas.layer_counts()))
-    first = count = i = 0
-    for piece in manifest.chunk_ids.pieces():
-        n = len(piece) // ID_SIZE
-        lo, hi = bisect.bisect_left(layered, i), bisect.bisect_left(layered, i + n)
-        if lo == hi and piece == bytes(len(piece)):
-            i += n  # zero ids and no layers: nothing to load (most of a sparse disk)
-            continue
+    first = count = 0
+    for i, piece, lo, hi in _pieces_with_data(manifest, layered):
         extra = dict(zip(layered[lo:hi], counts[lo:hi], strict=True))
         for k, cid in enumerate(_ROW.iter_unpack(piece), i):
             count += (cid[0] != ZERO_ID) + extra.get(k, 0)
             if count >= INDEX_WINDOW:
                 windows.append((first, k + 1))
                 first, count = k + 1, 0
-        i += n
     if first < manifest.chunk_count or not windows:
         windows.append((first, manifest.chunk_count))
     return windows
@@ -310,20 +304,26 @@ def index_windows(manifest: Manifest) -> list[tuple[int, int]]:
 
 def data_chunks(manifest: Manifest) -> array[int]:
     """The indexes of the chunks that hold data (a stored chunk, or layers), in order: what a new qcow2
-    image allocates. Read piece by piece, as ``index_windows`` does."""
+    image allocates."""
     out = array("q")
     layered = manifest.deltas.indexes()
+    for i, piece, lo, hi in _pieces_with_data(manifest, layered):
+        extra = set(layered[lo:hi])
+        out.extend(k for k, cid in enumerate(_ROW.iter_unpack(piece), i) if cid[0] != ZERO_ID or k in extra)
+    return out
+
+
+def _pieces_with_data(manifest: Manifest, layered: Sequence[int]) -> Iterator[tuple[int, bytes | memoryview, int, int]]:
+    """The manifest's chunk ids piece by piece (a large disk's are read from a file), as (index of the
+    piece's first chunk, its ids, [lo, hi) of ``layered``, the layered chunks, that fall in it), leaving
+    out pieces of zero ids without layers: most of a sparse disk, with nothing to load or write."""
     i = 0
     for piece in manifest.chunk_ids.pieces():
         n = len(piece) // ID_SIZE
         lo, hi = bisect.bisect_left(layered, i), bisect.bisect_left(layered, i + n)
-        if lo == hi and piece == bytes(len(piece)):
-            i += n
-            continue
-        extra = set(layered[lo:hi])
-        out.extend(k for k, cid in enumerate(_ROW.iter_unpack(piece), i) if cid[0] != ZERO_ID or k in extra)
+        if lo != hi or piece != bytes(len(piece)):
+            yield i, piece, lo, hi
         i += n
-    return out
 
 
 def blobs_to_verify(manifest: Manifest) -> int:
