@@ -65,6 +65,10 @@ PHASES = ("full", "incremental", "restore", "clone")
 # the vault (bench/engine_driver.py), as the long-running agent runs them: no interpreter start, no key
 # derivation per backup. Timed from the call to its return + sync; cold cache as for every phase.
 API_PHASES = ("full_api", "incremental_api")
+# Raksha only: the full backup restored to a new qcow2 image (what the libvirt driver restores to by
+# default), compared with base.img by `qemu-img compare`. No peer writes qcow2 (qemu-img's own restore
+# is its convert to raw).
+QCOW2_PHASE = "restore_qcow2"
 # The API incremental (~60 ms) is timed this many times a round, each from the vault as the full left it,
 # and the round takes their median: its run-to-run spread (+-10 ms) is a sixth of it.
 API_INCREMENTAL_TRIALS = 5
@@ -376,9 +380,10 @@ class Raksha(Tool):
             argv += ["--changed-extents", str(image.extents_json)]
         return Command([*argv, "--json"])
 
-    def restore_command(self, image: Input, target: Path) -> tuple[Command, Path]:
-        out = target / image.path.name
-        argv = [self.executable, "vault", "restore", str(self.repo), image.raksha_id, str(out), "--json"]
+    def restore_command(self, image: Input, target: Path, fmt: str = "raw") -> tuple[Command, Path]:
+        out = target / (image.path.name if fmt == "raw" else f"{image.path.stem}.{fmt}")
+        argv = [self.executable, "vault", "restore", str(self.repo), image.raksha_id, str(out), "--format", fmt,
+                "--json"]
         return Command(argv), out
 
     def list_command(self) -> Command | None:
@@ -511,16 +516,24 @@ def backup_phase(tool: Tool, image: Input) -> PhaseResult:
     )
 
 
-def restore_phase(tool: Tool, image: Input) -> PhaseResult:
+def restore_phase(tool: Tool, image: Input, fmt: str = "raw") -> PhaseResult:
     target = tool.root / "restore"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     try:
-        cmd, restored = tool.restore_command(image, target)  # may run untimed lookups first
-        result = tool.run(cmd, f"restore {image.path.name}")
+        if fmt == "raw":
+            cmd, restored = tool.restore_command(image, target)  # may run untimed lookups first
+        else:  # only Raksha writes another format
+            assert isinstance(tool, Raksha)
+            cmd, restored = tool.restore_command(image, target, fmt)
+        result = tool.run(cmd, f"restore {image.path.name} to {fmt}")
         if not restored.is_file():
             raise PhaseError(f"{tool.name} restore: {restored} was not written")
-        verified = files_equal(image.path, restored)
+        if fmt == "raw":
+            verified = files_equal(image.path, restored)
+        else:
+            verified = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt, str(image.path),
+                                       str(restored)]).returncode == 0
         disk, apparent = disk_usage(restored)
     finally:
         shutil.rmtree(target, ignore_errors=True)
@@ -654,6 +667,9 @@ def run_tool(tool: Tool, inputs: Inputs, cache: str = "warm") -> ToolResult:
         settle(cache)
         result.phases[LIST_PHASE] = guarded(lambda: list_phase(tool, listing))
     if isinstance(tool, Raksha) and result.phase_ok("full"):
+        print(f"  {tool.name}: {QCOW2_PHASE} ...", flush=True)
+        settle(cache)
+        result.phases[QCOW2_PHASE] = guarded(lambda: restore_phase(tool, inputs.base, "qcow2"))
         for name, image in (("full_api", inputs.base), ("incremental_api", inputs.changed)):
             print(f"  {tool.name}: {name} (engine API, vault already open) ...", flush=True)
             settle(cache)
@@ -1014,6 +1030,8 @@ PHASE_TITLES = {
     "full": "full: back up base.img into a fresh repository",
     "incremental": "incremental: back up changed.img (Raksha: --parent + --changed-extents)",
     "restore": "restore: restore the full backup of base.img and compare (time = tool command + sync)",
+    QCOW2_PHASE: "restore to qcow2 (Raksha only): the full backup of base.img to a new qcow2 image, compared "
+    "with qemu-img compare (time = command + sync)",
     "clone": "clone: back up clone.img into the same repository (bytes added)",
     LIST_PHASE: "list: list the repository's backups: about what every command pays before its work (process "
     "start, key derivation, reading the repository's index)",
@@ -1030,7 +1048,7 @@ def phase_table(phase: str, results: dict[str, ToolResult], size: int) -> Iterat
             continue
         speed = size / p.seconds / MB if p.seconds else None
         status = "ok" if p.ok else f"FAILED: {_summary(p.error or '')}"
-        if phase == "restore" and p.verified is not None:
+        if phase in ("restore", QCOW2_PHASE) and p.verified is not None:
             status = "ok, identical" if p.verified else "FAILED: restored image differs"
         if p.bytes_read is not None:
             status += f" (bytes_read {_mb(p.bytes_read)} MB)"
@@ -1074,7 +1092,7 @@ def print_report(results: dict[str, ToolResult], inputs: Inputs, figures: list[F
         print()
         print("\n".join(phase_table(LIST_PHASE, listed, inputs.size)))
     raksha_only = {name: r for name, r in results.items() if any(p in r.phases for p in API_PHASES)}
-    for phase in API_PHASES if raksha_only else ():
+    for phase in (QCOW2_PHASE, *API_PHASES) if raksha_only else ():
         print()
         print("\n".join(phase_table(phase, raksha_only, inputs.size)))
     if floor is not None:
