@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -58,17 +59,137 @@ def test_restore_to_a_new_domain_boots_with_the_data_of_that_point(conn: libvirt
         assert out.split()[0].decode() == hashlib.sha256(after).hexdigest()
 
 
-def test_restore_in_place_of_one_disk_rolls_it_back_keeps_the_other_and_the_next_backup_reads_in_full(
-        conn: libvirt.virConnect, tmp_path: Path) -> None:
-    from raksha.hypervisor.restore import restore_in_place
+def _persistent_guest(conn: libvirt.virConnect, tmp_path: Path, name: str) -> libvirt.virDomain:
+    """A running persistent domain with two qcow2 data disks: in place means the same VM, shut off and
+    started again."""
+    template = GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2"),
+                                                 (make_data_disk(tmp_path / "b.qcow2", "64M"), "qcow2")],
+                           tmp_path, name=name)
+    dom = conn.defineXML(template.xml)
+    dom.create()
+    return dom
+
+
+def _file_in_image(image: Path, name: str) -> bytes:
+    """A file of the ext4 filesystem that fills a raw image, read offline (debugfs)."""
+    res = subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True, check=True)
+    return res.stdout
+
+
+def test_restore_in_place_writes_only_what_differs_and_the_checkpoints_stay_true(conn: libvirt.virConnect,
+                                                                                 tmp_path: Path) -> None:
+    from raksha.hypervisor.restore import IN_PLACE, RestoreRequest, restore
+    from raksha.vault.engine.restore import restore_backup
+    from raksha.vault.format.naming import BackupId
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    good, mid, bad, later = (os.urandom(48 << 10) for _ in range(4))
+    dom = _persistent_guest(conn, tmp_path, "raksha-ip-changed")
+    with GuestDomain.attached(conn, dom, tmp_path) as vm:
+        vm.wait_for_agent()
+        for dev in ("vda", "vdb"):
+            assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=good)[0] == 0
+        backup_domains(conn, [vm.name], vault, "job", "r1")
+        assert vm.exec("cat > /mnt/vdb/data.bin && sync", stdin=mid)[0] == 0
+        backup_domains(conn, [vm.name], vault, "job", "r2", parent_run="r1")  # the checkpoint is r2's now
+        for dev in ("vda", "vdb"):  # the mistake to undo, on vdb only; vda's change is kept
+            assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=bad)[0] == 0
+
+        events: list[ProgressEvent] = []
+        report = restore(conn, vault, RestoreRequest("job", "r1", IN_PLACE, vms=[dom.UUIDString()], disks=["vdb"],
+                                                     start=False), progress=events.append)
+        (disk,) = report.vms[0].disks
+        assert disk.method == "changed" and "raksha-job-r2" in disk.how and disk.verified, disk
+        point = vault.read_manifest(BackupId.parse(disk.backup_id))
+        assert 0 < disk.bytes_written < point.data_bytes() // 2  # what differs (~2 x 48 KiB and metadata)
+        assert events and events[-1].done == events[-1].total > 0
+        whole = tmp_path / "r1-vdb.raw"
+        restore_backup(vault, BackupId.parse(disk.backup_id), str(whole))
+        compared = subprocess.run(["qemu-img", "compare", str(tmp_path / "b.qcow2"), str(whole)],
+                                  capture_output=True, text=True)
+        assert compared.returncode == 0, compared.stdout + compared.stderr  # bit-identical to r1
+
+        dom.create()
+        vm.wait_for_agent()
+        for dev, expected in (("vda", bad), ("vdb", good)):
+            code, out = vm.exec(f"sha256sum /mnt/{dev}/data.bin")
+            assert code == 0 and out.split()[0].decode() == hashlib.sha256(expected).hexdigest(), dev
+        assert vm.exec("cat > /mnt/vdb/later.bin && sync", stdin=later)[0] == 0
+        after = backup_domains(conn, [vm.name], vault, "job", "r3", parent_run="r2")
+        assert {d.target: d.kind for d in after.vms[0].disks} == {"vda": "incremental", "vdb": "incremental"}
+        # Incremental to r2, yet r3 holds r1's data.bin: the bitmap recorded what the restore wrote.
+        r3 = tmp_path / "r3-vdb.raw"
+        restore_backup(vault, BackupId.parse(disk.backup_id.replace("/r1/", "/r3/")), str(r3))
+        assert _file_in_image(r3, "data.bin") == good and _file_in_image(r3, "later.bin") == later
+
+
+def test_restore_in_place_rolls_back_qcow2_by_changed_chunks_and_rewrites_raw(conn: libvirt.virConnect,
+                                                                              tmp_path: Path) -> None:
+    from raksha.hypervisor.restore import IN_PLACE, RestoreRequest, restore
 
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
     good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
     template = GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2"),
-                                                 (make_data_disk(tmp_path / "b.qcow2", "64M"), "qcow2")],
-                           tmp_path, name="raksha-ip")
-    dom = conn.defineXML(template.xml)  # persistent: in place means the same VM, shut off and started again
+                                                 (make_data_disk(tmp_path / "b.raw", "64M", fmt="raw"), "raw")],
+                           tmp_path, name="raksha-ip-mixed")
+    dom = conn.defineXML(template.xml)
     dom.create()
+    with GuestDomain.attached(conn, dom, tmp_path) as vm:
+        vm.wait_for_agent()
+        for dev in ("vda", "vdb"):
+            assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=good)[0] == 0
+        backup_domains(conn, [vm.name], vault, "job", "r1")
+        for dev in ("vda", "vdb"):
+            assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=bad)[0] == 0
+
+        report = restore(conn, vault, RestoreRequest("job", "r1", IN_PLACE, vms=[dom.UUIDString()]))
+        methods = {d.target: (d.method, d.verified) for d in report.vms[0].disks}
+        assert methods == {"vda": ("changed", True), "vdb": ("whole", True)}, report.to_dict()
+        assert "raw disk" in report.vms[0].disks[1].how
+        vm.wait_for_agent()
+        for dev in ("vda", "vdb"):
+            code, out = vm.exec(f"sha256sum /mnt/{dev}/data.bin")
+            assert code == 0 and out.split()[0].decode() == hashlib.sha256(good).hexdigest(), dev
+        after = backup_domains(conn, [vm.name], vault, "job", "r2", parent_run="r1")
+        assert {d.target: d.kind for d in after.vms[0].disks} == {"vda": "incremental", "vdb": "full"}
+
+
+def test_restore_in_place_after_qemu_was_killed_rewrites_the_disk_whole(conn: libvirt.virConnect,
+                                                                        tmp_path: Path) -> None:
+    """A QEMU killed with SIGKILL leaves its bitmaps marked in-use (inconsistent): they are not trusted."""
+    import signal
+    import time
+
+    from raksha.hypervisor.restore import IN_PLACE, RestoreRequest, restore
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
+    dom = _persistent_guest(conn, tmp_path, "raksha-ip-killed")
+    with GuestDomain.attached(conn, dom, tmp_path) as vm:
+        vm.wait_for_agent()
+        assert vm.exec("cat > /mnt/vdb/data.bin && sync", stdin=good)[0] == 0
+        backup_domains(conn, [vm.name], vault, "job", "r1")
+        assert vm.exec("cat > /mnt/vdb/data.bin && sync", stdin=bad)[0] == 0
+        os.kill(int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text()), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while dom.isActive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        report = restore(conn, vault, RestoreRequest("job", "r1", IN_PLACE, vms=[dom.UUIDString()], disks=["vdb"]))
+        (disk,) = report.vms[0].disks
+        assert disk.method == "whole" and disk.verified and "consistent bitmap" in disk.how, disk
+        vm.wait_for_agent()
+        code, out = vm.exec("sha256sum /mnt/vdb/data.bin")
+        assert code == 0 and out.split()[0].decode() == hashlib.sha256(good).hexdigest()
+
+
+def test_restore_in_place_rewriting_whole_disks_keeps_the_other_and_the_next_backup_reads_in_full(
+        conn: libvirt.virConnect, tmp_path: Path) -> None:
+    from raksha.hypervisor.restore import IN_PLACE, RestoreRequest, restore
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
+    dom = _persistent_guest(conn, tmp_path, "raksha-ip")
     with GuestDomain.attached(conn, dom, tmp_path) as vm:
         vm.wait_for_agent()
         for dev in ("vda", "vdb"):
@@ -78,12 +199,13 @@ def test_restore_in_place_of_one_disk_rolls_it_back_keeps_the_other_and_the_next
             assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=bad)[0] == 0
 
         events: list[ProgressEvent] = []
-        restored = restore_in_place(conn, vault, "job", "good", dom.UUIDString(), only_disks={"vdb"},
-                                    progress=events.append)
+        report = restore(conn, vault, RestoreRequest("job", "good", IN_PLACE, vms=[dom.UUIDString()],
+                                                     disks=["vdb"], changed_only=False), progress=events.append)
 
+        restored = report.vms[0]
         assert restored.started and restored.uuid == dom.UUIDString()
-        assert restored.disks == {"vdb": str(tmp_path / "b.qcow2")} and restored.chunks_verified > 0
-        assert events and events[-1].done == events[-1].total > 0
+        assert [(d.target, d.path, d.method) for d in restored.disks] == [("vdb", str(tmp_path / "b.qcow2"), "whole")]
+        assert report.chunks_verified > 0 and events and events[-1].done == events[-1].total > 0
         vm.wait_for_agent()
         for dev, expected in (("vda", bad), ("vdb", good)):
             code, out = vm.exec(f"sha256sum /mnt/{dev}/data.bin")

@@ -296,13 +296,15 @@ class CreateRestore(command.ShowOne):
         parser.add_argument("--name-prefix", metavar="<prefix>", help="new VMs' name prefix")
         parser.add_argument("--disk-format", choices=["raw", "qcow2"], help="image format of restored disks")
         parser.add_argument("--no-start", action="store_true", help="do not start new VMs")
+        parser.add_argument("--rewrite-whole", action="store_true",
+                            help="in_place: write every disk whole, not only the chunks that differ")
         parser.add_argument("--wait", action="store_true", help="wait for the restore to end")
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         a = parsed_args
         spec = restore_body(a.type, vms=a.vm, disks=a.disk, directory=a.directory, name_prefix=a.name_prefix,
-                            fmt=a.disk_format, start=not a.no_start)
+                            fmt=a.disk_format, start=not a.no_start, rewrite_whole=a.rewrite_whole)
         client = _client(self)
         r = _call(lambda: client.post(f"/backupjobruns/{a.run}", {"restore": spec}))["restore"]
         if a.wait:

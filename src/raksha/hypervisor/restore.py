@@ -13,8 +13,10 @@ UUIDs) and which disks (targets), and a type:
     the saved definition ``<vm name>.xml`` and network mappings ``<vm name>-interfaces.json``
     beside them, enough to recreate the VM by hand.
 ``in_place``
-    The domain (same UUID) is shut off, the selected disks are replaced by verified restores and it
-    is started again (unless ``start=False``).
+    The domain (same UUID) is shut off, the selected disks are put back and it is started again
+    (unless ``start=False``). A qcow2 disk with a usable checkpoint bitmap gets only the chunks that
+    differ written, in place (rollback.py, ADR 0022); otherwise each disk is replaced by a verified
+    restore written beside it.
 
 Everything that can be checked is checked before anything is written or shut off: the run, the
 VM and disk selection, the target directory, name and path collisions, the domains. Each disk is
@@ -46,9 +48,10 @@ from raksha.domain.errors import AlreadyExists, HypervisorError, InvalidInput, N
 from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate
 from raksha.hypervisor.qemu_access import blocking_dir, describe, qemu_user
+from raksha.hypervisor.rollback import Rollback, plan_rollback
 from raksha.hypervisor.snapshot import Layer, disk_chains, is_overlay
 from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
-from raksha.vault.engine.restore import blobs_to_verify, restore_backup
+from raksha.vault.engine.restore import blobs_to_verify, restore_backup, restore_chunks
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
@@ -74,6 +77,9 @@ class RestoreRequest:
     names: Mapping[str, str] = field(default_factory=dict)  # new_vm: source name or UUID -> new name
     keep_macs: bool = False  # new_vm
     start: bool = True  # new_vm and in_place
+    # in_place: write only the chunks that differ where the disks' dirty bitmaps allow it (rollback.py);
+    # False rewrites every disk whole
+    changed_only: bool = True
     threads: int | None = None
 
 
@@ -88,6 +94,10 @@ class RestoredDisk:
     chunks: int  # distinct data chunks the manifest lists (all-zero chunks are written as holes)
     chunks_verified: int  # chunks whose data was hashed against their id while restoring
     content_digest: str  # the manifest's digest of the point
+    # in_place: how the disk was written: "whole" (a fresh image renamed over it), or "changed" (only the
+    # chunks that differ, in place; ``how`` says which and why the rest already held the point)
+    method: str = "whole"
+    how: str = ""
 
     @property
     def verified(self) -> bool:
@@ -97,7 +107,7 @@ class RestoredDisk:
         return {"target": self.target, "backup_id": self.backup_id, "path": self.path, "format": self.format,
                 "virtual_size": self.virtual_size, "bytes_written": self.bytes_written, "chunks": self.chunks,
                 "chunks_verified": self.chunks_verified, "verified": self.verified,
-                "content_digest": self.content_digest}
+                "content_digest": self.content_digest, "method": self.method, "how": self.how}
 
 
 @dataclass
@@ -606,6 +616,47 @@ def _do_files(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> 
     return out
 
 
+def _rollbacks(vault: Vault, req: RestoreRequest, vm: _VmPlan) -> tuple[dict[str, Rollback], str]:
+    """Each qcow2 disk's quick rollback (rollback.py), when every qcow2 disk restored can have one: else
+    none, and every disk is rewritten whole (the checkpoints are then forgotten, which would leave a rolled
+    back disk with bitmaps no checkpoint owns); and why the others are rewritten whole."""
+    dom = vm.domain
+    assert dom is not None
+    if not req.changed_only:
+        return {}, "rewritten whole, as asked"
+    plans: dict[str, Rollback] = {}
+    try:
+        for d in vm.disks:
+            if d.fmt != "qcow2":
+                continue  # raw: its QEMU bitmap is gone with the shut-off; rewritten, as it always was
+            plan = plan_rollback(vault, dom, req.job, d.id, d.manifest, d.output) if not d.overlays else \
+                "the snapshot strategy's overlays are on it"
+            if isinstance(plan, str):
+                why = f"rewritten whole: disk {d.id.resource} cannot be rolled back by changed chunks: {plan}"
+                log.info("restore in place of %s: %s", vm.name, why)
+                for done in plans.values():
+                    done.target.close()
+                return {}, why
+            plans[d.id.resource] = plan
+    except BaseException:
+        for done in plans.values():
+            done.target.close()
+        raise
+    return plans, "rewritten whole: a raw disk's dirty bitmap does not outlive the shut-off"
+
+
+def _roll_back_disk(vault: Vault, d: _DiskPlan, plan: Rollback, meter: _Meter, *, threads: int | None) -> RestoredDisk:
+    key = str(d.id)
+    try:
+        res = restore_chunks(vault, d.id, plan.target, plan.chunks, threads=threads, progress=meter.disk(key))
+    finally:
+        plan.target.close()  # qemu-nbd writes the bitmaps back as it exits
+    meter.disk_done(key, d.data_bytes)
+    return RestoredDisk(d.id.resource, key, d.output, d.fmt, res.virtual_size, res.bytes_written,
+                        res.blobs, res.chunks_verified, res.content_digest, method="changed",
+                        how=plan.describe())
+
+
 def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> RestoredVm:
     dom = vm.domain
     assert dom is not None
@@ -613,16 +664,28 @@ def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) 
         out = RestoredVm(vm.name, vm.uuid, domain=dom.name(), uuid=dom.UUIDString())
         if dom.isActive():
             dom.destroy()  # a clean shutdown needs a cooperating guest; the disks are overwritten anyway
-        # The replaced images carry none of the old bitmaps: forget the checkpoints, so the next backup
-        # reads in full (and says why) instead of failing on a bitmap that no longer exists.
-        for cp in dom.listAllCheckpoints():
-            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    rollbacks, why_whole = _rollbacks(vault, req, vm)  # the domain is off: its bitmaps are saved in the images
+    with _libvirt(f"preparing domain {vm.name}"):
+        if not rollbacks:
+            # The replaced images carry none of the old bitmaps: forget the checkpoints, so the next backup
+            # reads in full (and says why) instead of failing on a bitmap that no longer exists.
+            for cp in dom.listAllCheckpoints():
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
         bases = {d.id.resource: d for d in vm.disks if d.overlays}
         if bases:  # before any write: never the restored base under an overlay of later writes
             inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
             dom.connect().defineXML(_point_at_bases(inactive, bases))
-    for d in vm.disks:
-        out.disks.append(_restore_disk(vault, d, meter, overwrite=True, threads=req.threads))
+    try:
+        for d in vm.disks:
+            plan = rollbacks.pop(d.id.resource, None)
+            if plan is not None:
+                out.disks.append(_roll_back_disk(vault, d, plan, meter, threads=req.threads))
+            else:
+                out.disks.append(_restore_disk(vault, d, meter, overwrite=True, threads=req.threads))
+                out.disks[-1].how = why_whole
+    finally:
+        for left in rollbacks.values():
+            left.target.close()
     for path in (p for d in vm.disks for p in d.overlays):
         try:
             os.remove(path)
@@ -705,7 +768,8 @@ def restore_domain(conn: libvirt.virConnect, vault: Vault, job: str, run: str, v
 def restore_in_place(conn: libvirt.virConnect, vault: Vault, job: str, run: str, vm: str,
                      *, only_disks: set[str] | None = None, start: bool = True,
                      progress: ProgressCallback | None = None) -> RestoredDomain:
-    """Put a domain's disks back to run ``job/run``: the domain is shut off, each disk image is replaced by a
-    verified restore (written beside it, renamed over it only when complete), and it is started again."""
+    """Put a domain's disks back to run ``job/run``: the domain is shut off, each disk gets the chunks that
+    differ written in place where its dirty bitmap allows (ADR 0022), else is replaced by a verified restore
+    (written beside it, renamed over it only when complete), and it is started again."""
     return _one(restore(conn, vault, RestoreRequest(job, run, IN_PLACE, vms=[vm], disks=only_disks, start=start),
                         progress=progress))

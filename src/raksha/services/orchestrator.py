@@ -407,7 +407,7 @@ class Orchestrator:
             job=job.id, run=run.id, type=r.restore_type, vms=vms, disks=selection.get("disks"),
             target_dir=directory,
             fmt=target.get("format", "qcow2"), keep_macs=bool(target.get("keep_macs", False)),
-            start=bool(target.get("start", True)),
+            start=bool(target.get("start", True)), changed_only=not target.get("rewrite_whole", False),
             names=_new_names(run, vms, prefix) if r.restore_type == "new_vm" else {})
 
         last = [0.0]

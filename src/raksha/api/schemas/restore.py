@@ -23,6 +23,7 @@ RESTORE = {
                         "format": {"enum": ["raw", "qcow2"]},
                         "keep_macs": {"type": "boolean"},
                         "start": {"type": "boolean"},
+                        "rewrite_whole": {"type": "boolean"},
                     },
                     "additionalProperties": False,
                 },

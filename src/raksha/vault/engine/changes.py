@@ -12,7 +12,11 @@ import bisect
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 
+from raksha.vault.format.manifest import Manifest
 from raksha.vault.sources.base import Extent, ExtentArray, merge_extents
+
+# Manifests are compared this many chunk ids at a time (16 GiB of disk at 1 MiB chunks).
+_COMPARE_STEP = 1 << 14
 
 
 class ChunkSpans:
@@ -149,3 +153,26 @@ class ChunkFlags:
 
     def __contains__(self, i: object) -> bool:
         return isinstance(i, int) and 0 <= i < len(self._bits) * 8 and bool(self._bits[i >> 3] >> (i & 7) & 1)
+
+
+def chunks_to_roll_back(point: Manifest, since: Manifest, dirty: Sequence[Extent]) -> list[int]:
+    """The chunks to write, in order, so that a disk holding backup ``since`` except in the ``dirty``
+    extents holds backup ``point``: those ``dirty`` touches, and those whose ids or layers differ between
+    the two manifests (the disks are of one size and chunk size)."""
+    if (point.chunk_size, point.virtual_size) != (since.chunk_size, since.virtual_size):
+        raise ValueError("the two backups are of disks of other sizes or chunk sizes")
+    out = set(chunks_touching(dirty, point.chunk_size, point.virtual_size))
+    out.update(manifests_differ(point, since))
+    return sorted(out)
+
+
+def manifests_differ(a: Manifest, b: Manifest) -> Iterator[int]:
+    """The chunks whose content two manifests of one disk size may not agree on (ids or layers differ)."""
+    for start in range(0, a.chunk_count, _COMPARE_STEP):
+        end = min(start + _COMPARE_STEP, a.chunk_count)
+        ids_a, ids_b = list(a.chunk_ids.ids(start, end)), list(b.chunk_ids.ids(start, end))
+        if ids_a != ids_b:
+            yield from (i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True), start) if x != y)
+    for i in sorted(set(a.deltas.indexes()) | set(b.deltas.indexes())):
+        if a.deltas.get(i, []) != b.deltas.get(i, []):
+            yield i

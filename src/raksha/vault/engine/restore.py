@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-from raksha.domain.errors import ChunkMissing, NotFound, VaultCorrupt
+from raksha.domain.errors import ChunkMissing, InvalidInput, NotFound, VaultCorrupt
 from raksha.vault.directio import ALIGN, AlignedBuffers, aligned_span, nonzero_runs
 from raksha.vault.engine.blobio import ChunkReader
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import BufferPool, Drain, run_parallel, run_pipeline
+from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 from raksha.vault.format.deltas import Layer
 from raksha.vault.format.index import Location
@@ -27,6 +28,7 @@ from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import LockKind
 from raksha.vault.malloc import anonymous_map
 from raksha.vault.repository import ChunkIndex, Vault
+from raksha.vault.sources.base import DiskTarget
 from raksha.vault.sources.open import create_target
 
 # Blobs next to each other in a pack are fetched with one read of up to READ_SPAN bytes (skipping gaps
@@ -120,6 +122,7 @@ class RestoreResult:
     chunks_verified: int
     content_digest: str
     seconds: float
+    blobs: int = -1  # restore_chunks: the distinct blobs the written chunks need (all of them verified when done)
 
     def to_dict(self) -> dict[str, Any]:
         mb_s = self.virtual_size / self.seconds / 1e6 if self.seconds else 0.0
@@ -268,6 +271,61 @@ def restore_backup(
                              manifest.content_digest(), time.monotonic() - start)
 
 
+def restore_chunks(
+    vault: Vault,
+    backup_id: BackupId,
+    target: DiskTarget,
+    chunks: Sequence[int],
+    *,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> RestoreResult:
+    """Write only ``chunks`` (indexes, in order) of a backup into ``target``, an existing image of its
+    size, and leave the rest of it as it is: a restore in place that writes what differs (the caller
+    knows which chunks those are). All-zero chunks are written as zeroes, every blob is checked against
+    its id, and ``chunks_verified`` counts the distinct blobs the written chunks needed. The caller
+    closes ``target``."""
+    with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
+        start = time.monotonic()
+        manifest = vault.read_manifest(backup_id)
+        if chunks and not 0 <= chunks[0] <= chunks[-1] < manifest.chunk_count:
+            raise InvalidInput(f"chunks {chunks[0]}..{chunks[-1]} are outside backup {backup_id}",
+                               code="INVALID_INPUT")
+        needed = IdSet(cid for i in chunks for cid in _chunk_blob_ids(manifest, i))
+        index = _needed_locations(vault, backup_id, needed)
+        reader = ChunkReader(vault, index.locations, manifest.chunk_size)
+        buffers = AlignedBuffers(manifest.chunk_size)
+        total = sum(manifest.chunk_length(i) for i in chunks)
+        meter = Progress("restore", total, progress)
+        verified: set[bytes] = set()  # blobs decoded and checked against their ids
+
+        def one(i: int) -> None:
+            length, offset = manifest.chunk_length(i), i * manifest.chunk_size
+            if manifest.chunk_ids[i] == ZERO_ID and i not in manifest.deltas:
+                target.write_zeroes(offset, length)
+            else:
+                data = memoryview(buffers.get())[:length]
+                reader.chunk_into(manifest, i, data)  # raises on a blob that does not match its id
+                verified.update(_chunk_blob_ids(manifest, i))
+                target.pwrite(bytes(data), offset)
+            meter.add(length)
+
+        run_parallel(chunks, one, threads or restore_threads())
+        target.flush()
+        meter.finish()
+        return RestoreResult(backup_id, target.path, target.format, manifest.virtual_size, total, len(verified),
+                             manifest.content_digest(), time.monotonic() - start, blobs=len(needed))
+
+
+def _chunk_blob_ids(manifest: Manifest, i: int) -> Iterator[bytes]:
+    cid = manifest.chunk_ids[i]
+    if cid != ZERO_ID:
+        yield cid
+    for layer in manifest.deltas.get(i, ()):
+        if layer.blob_id != ZERO_ID:
+            yield layer.blob_id
+
+
 def touched_blocks(layers: Sequence[Layer], length: int) -> list[tuple[int, int]]:
     """The ALIGN blocks of a chunk of ``length`` bytes that ``layers`` write, as [start, end) runs in order
     (the last may end unaligned at ``length``), as ``nonzero_runs`` gives them."""
@@ -334,9 +392,13 @@ def blobs_to_verify(manifest: Manifest) -> int:
 
 def _locations(vault: Vault, manifest: Manifest, backup_id: BackupId, first: int, end: int) -> ChunkIndex:
     """The locations of what chunks ``first`` to ``end`` need, or CHUNK_MISSING or VAULT_CORRUPT naming
-    what is not in the vault. Only these: a restore's memory follows neither the vault nor the disk.
-    Tolerant: a damaged index object must not stop restores that do not need it."""
-    needed = manifest.blob_ids(first, end)
+    what is not in the vault. Only these: a restore's memory follows neither the vault nor the disk."""
+    return _needed_locations(vault, backup_id, manifest.blob_ids(first, end))
+
+
+def _needed_locations(vault: Vault, backup_id: BackupId, needed: IdSet) -> ChunkIndex:
+    """The locations of ``needed`` blobs of a backup, or CHUNK_MISSING or VAULT_CORRUPT naming what is
+    not in the vault. Tolerant: a damaged index object must not stop restores that do not need it."""
     if not needed:
         return ChunkIndex()  # all zero: no index to read
     index = vault.load_index(tolerant=True, only=needed)

@@ -90,7 +90,7 @@ def end_stale_exports(paths: set[str] | None = None) -> list[int]:
 class QemuNbdExport:
     """A qemu-nbd process exporting one image on a private unix socket."""
 
-    def __init__(self, path: str, fmt: str, *, writable: bool = False) -> None:
+    def __init__(self, path: str, fmt: str, *, writable: bool = False, bitmap: str | None = None) -> None:
         if shutil.which("qemu-nbd") is None:
             raise ImageInvalid("reading this image format needs qemu-nbd (Debian package qemu-utils)")
         end_stale_exports()  # those of Raksha processes that died: nobody else ends them
@@ -102,6 +102,8 @@ class QemuNbdExport:
             cmd.append("--discard=unmap")
         else:
             cmd.append("--read-only")
+        if bitmap is not None:  # offered as the meta context qemu:dirty-bitmap:<bitmap>
+            cmd.append(f"--bitmap={bitmap}")
         self._proc = subprocess.Popen([*cmd, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
@@ -233,23 +235,37 @@ class NbdSource:
             self._export.close()
 
 
-class NbdTarget:
-    """A fresh image in any qemu format, written through qemu-nbd."""
+class NbdInPlace:
+    """An existing image written in place through a writable qemu-nbd: what is not written stays as it
+    was, and the image's enabled persistent dirty bitmaps record every write (QEMU does it), so the
+    checkpoints they belong to still say what changed since. ``bitmap`` names one of them to read with
+    ``dirty_extents()``, before anything is written."""
 
-    fresh = True
+    fresh = False
     takes_views = False
 
-    def __init__(self, path: str, fmt: str, size: int) -> None:
+    def __init__(self, path: str, fmt: str, *, bitmap: str | None = None) -> None:
         self.path = path
         self.format = fmt
-        if os.path.exists(path):
-            raise FileExistsError(path)
-        res = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, str(size)],
-                             capture_output=True, text=True)
-        if res.returncode != 0:
-            raise SourceError(f"{path}: qemu-img create failed: {res.stderr.strip()}")
-        self._export = QemuNbdExport(path, fmt, writable=True)
-        self._conns = _Connections(self._export.socket)
+        self._bitmap = bitmap
+        self._export = QemuNbdExport(path, fmt, writable=True, bitmap=bitmap)
+        try:
+            self._conns = _Connections(self._export.socket)
+        except Exception as exc:
+            self._export.close()
+            raise SourceError(f"{path}: cannot connect to its NBD export: {exc}") from exc
+        self.virtual_size = int(self._conns.first.get_size())
+
+    def dirty_extents(self) -> ExtentArray:
+        """The extents ``bitmap`` marks as written since its checkpoint."""
+        if self._bitmap is None:
+            raise SourceError(f"{self.path}: no dirty bitmap was asked for")
+        source = NbdSource(self._export.socket, path=self.path, fmt=self.format,
+                           dirty_bitmap=f"qemu:dirty-bitmap:{self._bitmap}")
+        try:
+            return source.dirty_extents()
+        finally:
+            source.close()
 
     def pwrite(self, data: bytes, offset: int) -> None:
         try:
@@ -260,12 +276,39 @@ class NbdTarget:
             raise SourceError(f"{self.path}: NBD write failed at offset {offset}: {exc}") from exc
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        return  # a new image reads as zeros
+        try:
+            self._conns.get().zero(length, offset)  # may leave a hole: it reads as zeros either way
+        except Exception as exc:
+            raise SourceError(f"{self.path}: NBD write of zeroes failed at offset {offset}: {exc}") from exc
 
     def flush(self) -> None:
-        for h in [self._conns.first]:
-            h.flush()
+        self._conns.first.flush()
 
     def close(self) -> None:
+        """Ends qemu-nbd gracefully: it writes the bitmaps back into the image as it exits."""
         self._conns.close()
         self._export.close()
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+class NbdTarget(NbdInPlace):
+    """A fresh image in any qemu format, written through qemu-nbd."""
+
+    fresh = True
+
+    def __init__(self, path: str, fmt: str, size: int) -> None:
+        if os.path.exists(path):
+            raise FileExistsError(path)
+        res = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, path, str(size)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SourceError(f"{path}: qemu-img create failed: {res.stderr.strip()}")
+        super().__init__(path, fmt)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        return  # a new image reads as zeros
