@@ -11,7 +11,8 @@ the full and of the incrementals, and peak RSS, against the targets: incremental
 changed + 1 MiB per disk, incremental time <= 5% of the full (the first, and the worst), freeze <=
 0.5 s per group, RSS <= 150 MB. Then each variant's last point is restored to a qcow2 file (the
 driver's default format; timed, cold cache) and compared with the disk, which the guest has not
-written since.
+written since; and the qcow2 disk is put back in place to the full's point, by the chunks that
+differ (ADR 0022) and then whole, each compared with that point.
 Run as root after scripts/setup.sh: `.venv/bin/python bench/driver.py [--size 2G] [--incrementals 4]`.
 """
 
@@ -39,12 +40,61 @@ from libvirt_guests import GuestDomain, build_guest, start_libvirtd  # noqa: E40
 
 import imagegen  # noqa: E402
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
-from raksha.hypervisor.restore import FILES, RestoreRequest, restore  # noqa: E402
+from raksha.hypervisor.restore import FILES, IN_PLACE, RestoreRequest, restore  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 
 MIB = 1 << 20
+Point = tuple[Vault, str, str, str]  # vault, job, run, disk target
+
+
+def cold() -> float:
+    """Sync, drop the page cache, and start a clock."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    return time.monotonic()
+
+
+def restore_last_points(work: Path, points: dict[str, Point], disks: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Each variant's last point to a new qcow2 file (timed, cold cache), compared with its disk."""
+    restores = {}
+    for variant, (vault, job, last, dev) in points.items():
+        into = work / f"restored-{variant}"
+        into.mkdir()
+        t = cold()
+        report = restore(None, vault, RestoreRequest(job, last, FILES, disks=[dev], target_dir=into))
+        seconds = time.monotonic() - t
+        restored, disk_file = report.vms[0].disks[0].path, disks[variant]
+        compared = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", variant, restored,
+                                   str(disk_file)])
+        assert compared.returncode == 0, f"the restored {restored} differs from {disk_file}"
+        restores[variant] = {"seconds": seconds, "bytes_written": report.vms[0].disks[0].bytes_written}
+    return restores
+
+
+def restore_in_place_both_ways(conn: libvirt.virConnect, work: Path, point: Point,
+                               disk: Path) -> dict[str, dict[str, float]]:
+    """The shut-off domain's qcow2 disk put back to the full's point in place: by changed chunks, then whole
+    (which forgets the checkpoints, so it comes second). Timed with a cold cache; each result compared
+    with a restore of that point to a raw file."""
+    vault, job, _last, dev = point
+    reference = work / "full-point.raw"
+    report = restore(None, vault, RestoreRequest(job, "full", FILES, disks=[dev], target_dir=work, fmt="raw"))
+    os.replace(report.vms[0].disks[0].path, reference)
+    out = {}
+    for method, changed_only in (("changed", True), ("whole", False)):
+        uuid = conn.lookupByName("raksha-bench-driver").UUIDString()
+        t = cold()
+        report = restore(conn, vault, RestoreRequest(job, "full", IN_PLACE, vms=[uuid], disks=[dev], start=False,
+                                                     changed_only=changed_only))
+        seconds = time.monotonic() - t
+        (restored,) = report.vms[0].disks
+        assert restored.method == method, restored.how
+        compared = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(disk), str(reference)])
+        assert compared.returncode == 0, f"{disk} restored in place ({method}) differs from the full's point"
+        out[method] = {"seconds": seconds, "bytes_written": restored.bytes_written}
+    return out
 
 
 def main() -> int:
@@ -69,9 +119,11 @@ def main() -> int:
     variants = {"qcow2": "vda", "raw": "vdb"}
     out: dict[str, dict[str, dict[str, float]]] = {}
     later: dict[str, list[dict[str, float]]] = {}  # the incrementals after the first
-    restores: dict[str, dict[str, float]] = {}  # the last point restored to a qcow2 file
-    points: dict[str, tuple[Vault, str, str, str]] = {}
-    with GuestDomain(conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], work, name="raksha-bench-driver") as vm:
+    points: dict[str, Point] = {}
+    template = GuestDomain(conn, build_guest(), [(qcow2, "qcow2"), (raw, "raw")], work, name="raksha-bench-driver")
+    dom = conn.defineXML(template.xml)  # persistent: a restore in place needs the same domain
+    dom.create()
+    with GuestDomain.attached(conn, dom, work) as vm:
         vm.wait_for_agent()
         for variant, dev in variants.items():
             skip = {vm.name: {d for d in variants.values() if d != dev}}
@@ -99,23 +151,15 @@ def main() -> int:
             phases["incremental"] = runs[0]
             out[variant], later[variant] = phases, runs[1:]
             points[variant] = (vault, job, f"incr{len(runs)}", dev)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the backups' (the target's)
-    # Each variant's last point back to a file, as qcow2 (the driver's default), checked against the disk
-    # itself, which the guest has not written since: read once QEMU has closed it (a running QEMU keeps
-    # some of a qcow2 image's tables in memory). Cold cache, as for the backups' sources.
-    for variant, (vault, job, last, dev) in points.items():
-        into = work / f"restored-{variant}"
-        into.mkdir()
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        t = time.monotonic()
-        report = restore(None, vault, RestoreRequest(job, last, FILES, disks=[dev], target_dir=into))
-        seconds = time.monotonic() - t
-        restored, disk_file = report.vms[0].disks[0].path, qcow2 if variant == "qcow2" else raw
-        compared = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", variant, restored,
-                                   str(disk_file)])
-        assert compared.returncode == 0, f"the restored {restored} differs from {disk_file}"
-        restores[variant] = {"seconds": seconds, "bytes_written": report.vms[0].disks[0].bytes_written}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the backups' (the target's)
+        dom.destroy()
+        # Each variant's last point back to a file, as qcow2 (the driver's default), checked against the disk
+        # itself, which the guest has not written since: read once QEMU has closed it (a running QEMU keeps
+        # some of a qcow2 image's tables in memory). Cold cache, as for the backups' sources.
+        restores = restore_last_points(work, points, {"qcow2": qcow2, "raw": raw})
+        # The qcow2 disk put back in place to the full's point: only the chunks that differ (ADR 0022),
+        # then, for comparison, the whole disk. Each checked against a restore of that point.
+        in_place = restore_in_place_both_ways(conn, work, points["qcow2"], qcow2)
     peak_after_restores = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     allowance = 1.1 * changed + MIB
     figures: dict[str, dict[str, tuple[float, float, bool]]] = {}
@@ -153,11 +197,17 @@ def main() -> int:
         r = restores[variant]
         print(f"  {'restore':12s} {r['seconds']:6.2f} s  wrote {r['bytes_written'] / MIB:7.1f} MiB to a new qcow2 file "
               f"({r['bytes_written'] / r['seconds'] / 1e6:.0f} MB/s), every chunk checked; identical to the disk")
+        if variant == "qcow2":
+            for method, r in in_place.items():
+                how = "only the chunks that differ" if method == "changed" else "the whole disk"
+                print(f"  {'in place':12s} {r['seconds']:6.2f} s  wrote {r['bytes_written'] / MIB:7.1f} MiB back to "
+                      f"the full's point: {how}; identical to that point")
         for name, (value, target, ok) in figures[variant].items():
             print(f"  {name:37s} {value:14.3f}  target {target:14.3f}  {'PASS' if ok else 'MISS'}")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({
         "size": size, "changed_bytes": changed, "peak_rss_bytes": peak, "peak_rss_after_restores": peak_after_restores,
+        "in_place_qcow2": in_place,
         "variants": {v: {"phases": out[v], "same_blocks_again": later[v], "restore": restores[v],
                          "figures": {k: {"value": val, "target": t, "ok": ok}
                                      for k, (val, t, ok) in figures[v].items()}}

@@ -126,3 +126,36 @@ def test_a_vm_gone_before_the_run_makes_it_partial_and_the_rest_restorable(conn:
         assert done["status"] == "available", done
         assert [vm["source_name"] for vm in done["results"]] == ["raksha-part-a"]
         assert all(d["verified"] for vm in done["results"] for d in vm["disks"])
+
+
+def test_restore_in_place_through_the_api_writes_what_differs_unless_asked_to_rewrite_whole(
+        conn: libvirt.virConnect, tmp_path: Path) -> None:
+    good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
+    template = GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "a.qcow2", "64M"), "qcow2")], tmp_path,
+                           name="raksha-svc-ip")
+    dom = conn.defineXML(template.xml)  # in place: the same, persistent domain
+    dom.create()
+    with GuestDomain.attached(conn, dom, tmp_path) as vm, \
+            Server(tmp_path / "srv", libvirt_uri=conn.getURI()) as srv:
+        vm.wait_for_agent(timeout=240)
+        api = srv.client("demo")
+        job = api.post("/backupjobs", {"backupjob": {"name": "ip", "vms": [{"id": vm.name}]}}).body["backupjob"]
+        assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=good)[0] == 0
+        started = api.post(f"/backupjobs/{job['id']}/full").body["backupjobrun"]
+        run = api.wait(f"/backupjobruns/{started['id']}", "backupjobrun", until=("available", "partial", "error"),
+                       timeout=600)
+        assert run["status"] == "available", run
+
+        for target, method in (({}, "changed"), ({"rewrite_whole": True}, "whole")):
+            assert vm.exec("cat > /mnt/vda/data.bin && sync", stdin=bad)[0] == 0
+            body = {"restore": {"type": "in_place", **({"target": target} if target else {})}}
+            r = api.post(f"/backupjobruns/{run['id']}", body)
+            assert r.status == 202, r
+            done = api.wait(f"/restores/{r.body['restore']['id']}", "restore", until=("available", "error"),
+                            timeout=600)
+            assert done["status"] == "available", done
+            (disk,) = done["results"][0]["disks"]
+            assert disk["method"] == method and disk["verified"], disk
+            vm.wait_for_agent(timeout=240)
+            code, out = vm.exec("cat /mnt/vda/data.bin")
+            assert code == 0 and out == good, method

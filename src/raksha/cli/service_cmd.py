@@ -85,10 +85,12 @@ def _restore_text(r: dict[str, Any]) -> str:
     rows = []
     for vm in r.get("results") or []:
         for d in vm.get("disks", []):
-            rows.append([vm.get("source_name", ""), vm.get("domain") or "-", d["target"], d["path"],
+            written = f"{d.get('bytes_written', 0) / 1e6:.1f} MB" + (" (changed chunks)" if d.get("method") == "changed"
+                                                                     else "")
+            rows.append([vm.get("source_name", ""), vm.get("domain") or "-", d["target"], d["path"], written,
                          "yes" if d.get("verified") else "NO"])
     if rows:
-        lines.append(table(rows, ["vm", "new domain", "disk", "image", "verified"]))
+        lines.append(table(rows, ["vm", "domain", "disk", "image", "written", "verified"]))
     if r.get("fail_reason"):
         lines.append(f"error: {r['fail_reason']}")
     return "\n".join(lines)
