@@ -123,9 +123,11 @@ def test_restore_in_place_writes_only_what_differs_and_the_checkpoints_stay_true
         assert _file_in_image(r3, "data.bin") == good and _file_in_image(r3, "later.bin") == later
 
 
-def test_restore_in_place_rolls_back_qcow2_by_changed_chunks_and_rewrites_raw(conn: libvirt.virConnect,
-                                                                              tmp_path: Path) -> None:
+def test_restore_in_place_of_a_raw_disk_uses_the_qemu_bitmap_read_before_the_shut_off(conn: libvirt.virConnect,
+                                                                                      tmp_path: Path) -> None:
     from raksha.hypervisor.restore import IN_PLACE, RestoreRequest, restore
+    from raksha.vault.engine.restore import restore_backup
+    from raksha.vault.format.naming import BackupId
 
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
     good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
@@ -142,10 +144,21 @@ def test_restore_in_place_rolls_back_qcow2_by_changed_chunks_and_rewrites_raw(co
         for dev in ("vda", "vdb"):
             assert vm.exec(f"cat > /mnt/{dev}/data.bin && sync", stdin=bad)[0] == 0
 
+        # Running: the raw disk's QEMU bitmap is read (the domain paused) before the shut-off.
+        report = restore(conn, vault, RestoreRequest("job", "r1", IN_PLACE, vms=[dom.UUIDString()], start=False))
+        disks = {d.target: d for d in report.vms[0].disks}
+        assert {t: (d.method, d.verified) for t, d in disks.items()} == {"vda": ("changed", True),
+                                                                         "vdb": ("changed", True)}, report.to_dict()
+        assert "(QEMU)" in disks["vdb"].how and disks["vdb"].bytes_written < (1 << 20), disks["vdb"]
+        whole = tmp_path / "r1-vdb.raw"
+        restore_backup(vault, BackupId.parse(disks["vdb"].backup_id), str(whole))
+        assert (tmp_path / "b.raw").read_bytes() == whole.read_bytes()  # bit-identical to r1
+
+        # Shut off: the raw disk's bitmap went with QEMU; the qcow2 disk's is saved in its image.
         report = restore(conn, vault, RestoreRequest("job", "r1", IN_PLACE, vms=[dom.UUIDString()]))
-        methods = {d.target: (d.method, d.verified) for d in report.vms[0].disks}
-        assert methods == {"vda": ("changed", True), "vdb": ("whole", True)}, report.to_dict()
-        assert "raw disk" in report.vms[0].disks[1].how
+        disks = {d.target: d for d in report.vms[0].disks}
+        assert (disks["vda"].method, disks["vdb"].method) == ("changed", "whole")
+        assert "not running" in disks["vdb"].how
         vm.wait_for_agent()
         for dev in ("vda", "vdb"):
             code, out = vm.exec(f"sha256sum /mnt/{dev}/data.bin")

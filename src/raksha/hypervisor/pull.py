@@ -59,7 +59,7 @@ from raksha.hypervisor.strategy import (
     thaw_guests,
 )
 from raksha.vault.processes import owner_alive, remove_dirs_of_dead_owners
-from raksha.vault.sources.base import Extent
+from raksha.vault.sources.base import Extent, ExtentArray
 from raksha.vault.sources.nbd import NbdSource
 
 log = logging.getLogger(__name__)
@@ -489,26 +489,9 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
         if not wanted or not plan.incremental or p.parent is None or plan.node is None:
             continue
         parent = plan.own_bitmap(p.parent)
-        copy = parent + READ_SUFFIX
-        export = f"raksha-bitmap-{disk.target}"
-        added = exported = False
         try:
-            qmp(p.domain, "transaction", actions=[
-                {"type": "block-dirty-bitmap-add",
-                 "data": {"node": plan.node, "name": copy, "granularity": plan.granularity, "persistent": False,
-                          "disabled": True}},
-                {"type": "block-dirty-bitmap-merge", "data": {"node": plan.node, "target": copy,
-                                                              "bitmaps": [parent]}}])
-            added = True
-            qmp(p.domain, "block-export-add", type="nbd", id=export, name=export, writable=False,
-                bitmaps=[copy], **{"node-name": plan.node})
-            exported = True
-            src = NbdSource(p.socket, path=f"{p.domain.name()}:{disk.target} bitmap", fmt="raw",
-                            export_name=export, dirty_bitmap=f"qemu:dirty-bitmap:{copy}")
-            try:
-                plan.extents = src.dirty_extents()
-            finally:
-                src.close()
+            plan.extents = read_bitmap(p.domain, p.socket, plan.node, parent, f"raksha-bitmap-{disk.target}",
+                                       granularity=plan.granularity)
         except (QmpError, RakshaError) as exc:
             plan.extents = None
             if plan.method == CHECKPOINT:  # the checkpoint's own bitmap still says what changed
@@ -516,14 +499,39 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
             else:
                 plan.incremental = False
                 plan.note = f"full read: reading QEMU dirty bitmap {parent} failed: {exc}"
+
+
+def read_bitmap(dom: libvirt.virDomain, socket: str, node: str, bitmap: str, export: str, *,
+                granularity: int | None = None) -> ExtentArray:
+    """The extents QEMU bitmap ``bitmap`` of block node ``node`` marks, read through a disabled copy (QEMU
+    exports no enabled bitmap read-only; the bitmap itself keeps recording) exported as ``export`` on the
+    domain's NBD server at ``socket``. Raises QmpError or RakshaError."""
+    copy = bitmap + READ_SUFFIX
+    added = exported = False
+    try:
+        qmp(dom, "transaction", actions=[
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": node, "name": copy, "persistent": False, "disabled": True,
+                      **({"granularity": granularity} if granularity else {})}},
+            {"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": copy, "bitmaps": [bitmap]}}])
+        added = True
+        qmp(dom, "block-export-add", type="nbd", id=export, name=export, writable=False, bitmaps=[copy],
+            **{"node-name": node})
+        exported = True
+        src = NbdSource(socket, path=f"{dom.name()}:{node} bitmap", fmt="raw", export_name=export,
+                        dirty_bitmap=f"qemu:dirty-bitmap:{copy}")
+        try:
+            return src.dirty_extents()
         finally:
-            if exported:
-                _try(p.domain, "block-export-del", id=export, mode="hard")
-            if added:
-                for _ in range(50):  # the export lets go of the bitmap once its last client is gone
-                    if _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=copy):
-                        break
-                    time.sleep(0.02)
+            src.close()
+    finally:
+        if exported:
+            _try(dom, "block-export-del", id=export, mode="hard")
+        if added:
+            for _ in range(50):  # the export lets go of the bitmap once its last client is gone
+                if _try(dom, "block-dirty-bitmap-remove", node=node, name=copy):
+                    break
+                time.sleep(0.02)
 
 
 def _settle(p: DomainPoint, ok: bool) -> list[str]:

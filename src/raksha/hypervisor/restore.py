@@ -48,7 +48,7 @@ from raksha.domain.errors import AlreadyExists, HypervisorError, InvalidInput, N
 from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate
 from raksha.hypervisor.qemu_access import blocking_dir, describe, qemu_user
-from raksha.hypervisor.rollback import Rollback, plan_rollback
+from raksha.hypervisor.rollback import RawBitmaps, Rollback, plan_raw_rollback, plan_rollback, read_raw_bitmaps
 from raksha.hypervisor.snapshot import Layer, disk_chains, is_overlay
 from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEvent
 from raksha.vault.engine.restore import blobs_to_verify, restore_backup, restore_chunks
@@ -616,33 +616,47 @@ def _do_files(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> 
     return out
 
 
-def _rollbacks(vault: Vault, req: RestoreRequest, vm: _VmPlan) -> tuple[dict[str, Rollback], str]:
-    """Each qcow2 disk's quick rollback (rollback.py), when every qcow2 disk restored can have one: else
-    none, and every disk is rewritten whole (the checkpoints are then forgotten, which would leave a rolled
-    back disk with bitmaps no checkpoint owns); and why the others are rewritten whole."""
+def _rollbacks(vault: Vault, req: RestoreRequest, vm: _VmPlan,
+               raw_bitmaps: RawBitmaps) -> tuple[dict[str, Rollback], dict[str, str], bool]:
+    """How each disk is put back (rollback.py): the disks rolled back by changed chunks, why each other one is
+    rewritten whole, and whether the domain keeps its checkpoints.
+
+    The qcow2 disks go all or none: if one cannot, each is rewritten whole and the checkpoints are forgotten
+    (a rolled back disk would keep bitmaps no checkpoint owns). Raw disks, which no checkpoint tracks, go
+    each on its own, by the QEMU bitmaps read before the shut-off."""
     dom = vm.domain
     assert dom is not None
     if not req.changed_only:
-        return {}, "rewritten whole, as asked"
+        return {}, {d.id.resource: "rewritten whole, as asked" for d in vm.disks}, False
     plans: dict[str, Rollback] = {}
+    whys: dict[str, str] = {}
+    keep = True
     try:
         for d in vm.disks:
-            if d.fmt != "qcow2":
-                continue  # raw: its QEMU bitmap is gone with the shut-off; rewritten, as it always was
-            plan = plan_rollback(vault, dom, req.job, d.id, d.manifest, d.output) if not d.overlays else \
-                "the snapshot strategy's overlays are on it"
+            if d.overlays:
+                plan: Rollback | str = "the snapshot strategy's overlays are on it"
+            elif d.fmt == "qcow2":
+                plan = plan_rollback(vault, dom, req.job, d.id, d.manifest, d.output)
+            else:
+                plan = plan_raw_rollback(vault, req.job, d.id, d.manifest, d.output, raw_bitmaps.get(d.id.resource))
             if isinstance(plan, str):
-                why = f"rewritten whole: disk {d.id.resource} cannot be rolled back by changed chunks: {plan}"
-                log.info("restore in place of %s: %s", vm.name, why)
-                for done in plans.values():
-                    done.target.close()
-                return {}, why
-            plans[d.id.resource] = plan
+                whys[d.id.resource] = f"rewritten whole: not by changed chunks: {plan}"
+                keep = keep and d.fmt != "qcow2"
+            else:
+                plans[d.id.resource] = plan
+        if not keep:  # a qcow2 disk cannot: none of them is rolled back by changed chunks
+            for d in vm.disks:
+                if d.fmt == "qcow2" and d.id.resource in plans:
+                    plans.pop(d.id.resource).target.close()
+                    whys[d.id.resource] = "rewritten whole: another qcow2 disk of the domain cannot be rolled back " \
+                                          "by changed chunks, and its checkpoints are forgotten"
     except BaseException:
         for done in plans.values():
             done.target.close()
         raise
-    return plans, "rewritten whole: a raw disk's dirty bitmap does not outlive the shut-off"
+    for target, why in whys.items():
+        log.info("restore in place of %s: %s: %s", vm.name, target, why)
+    return plans, whys, keep
 
 
 def _roll_back_disk(vault: Vault, d: _DiskPlan, plan: Rollback, meter: _Meter, *, threads: int | None) -> RestoredDisk:
@@ -660,13 +674,17 @@ def _roll_back_disk(vault: Vault, d: _DiskPlan, plan: Rollback, meter: _Meter, *
 def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> RestoredVm:
     dom = vm.domain
     assert dom is not None
+    raw = [d.id.resource for d in vm.disks if d.fmt != "qcow2" and not d.overlays]
+    # Raw disks' bitmaps live in QEMU's memory: read them first (the domain is paused for it).
+    raw_bitmaps = read_raw_bitmaps(dom, req.job, raw) if req.changed_only else {}
     with _libvirt(f"shutting off domain {vm.name}"):
         out = RestoredVm(vm.name, vm.uuid, domain=dom.name(), uuid=dom.UUIDString())
         if dom.isActive():
             dom.destroy()  # a clean shutdown needs a cooperating guest; the disks are overwritten anyway
-    rollbacks, why_whole = _rollbacks(vault, req, vm)  # the domain is off: its bitmaps are saved in the images
+    # The domain is off: its qcow2 disks' bitmaps are saved in the images.
+    rollbacks, whys, keep_checkpoints = _rollbacks(vault, req, vm, raw_bitmaps)
     with _libvirt(f"preparing domain {vm.name}"):
-        if not rollbacks:
+        if not keep_checkpoints:
             # The replaced images carry none of the old bitmaps: forget the checkpoints, so the next backup
             # reads in full (and says why) instead of failing on a bitmap that no longer exists.
             for cp in dom.listAllCheckpoints():
@@ -682,7 +700,7 @@ def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) 
                 out.disks.append(_roll_back_disk(vault, d, plan, meter, threads=req.threads))
             else:
                 out.disks.append(_restore_disk(vault, d, meter, overwrite=True, threads=req.threads))
-                out.disks[-1].how = why_whole
+                out.disks[-1].how = whys.get(d.id.resource, "")
     finally:
         for left in rollbacks.values():
             left.target.close()

@@ -28,7 +28,7 @@ from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import LockKind
 from raksha.vault.malloc import anonymous_map
 from raksha.vault.repository import ChunkIndex, Vault
-from raksha.vault.sources.base import DiskTarget
+from raksha.vault.sources.base import InPlaceTarget
 from raksha.vault.sources.open import create_target
 
 # Blobs next to each other in a pack are fetched with one read of up to READ_SPAN bytes (skipping gaps
@@ -274,7 +274,7 @@ def restore_backup(
 def restore_chunks(
     vault: Vault,
     backup_id: BackupId,
-    target: DiskTarget,
+    target: InPlaceTarget,
     chunks: Sequence[int],
     *,
     threads: int | None = None,

@@ -71,17 +71,11 @@ class DiskSource(Protocol):
     def close(self) -> None: ...
 
 
-class DiskTarget(Protocol):
-    """A disk being restored into. Starts all-zero when ``fresh``; ``pwrite`` is thread-safe.
-
-    After ``close``, exactly one of ``commit`` (the disk is complete: make it visible at ``path``)
-    or ``discard`` (it is not: remove what a fresh target wrote) is called.
-    """
+class InPlaceTarget(Protocol):
+    """An existing disk written in place (``pwrite`` thread-safe): what is not written stays as it was."""
 
     path: str
     format: str
-    fresh: bool
-    takes_views: bool  # pwrite takes memoryviews, and writes page-aligned ones as they are (O_DIRECT)
 
     def pwrite(self, data: bytes, offset: int) -> None: ...
 
@@ -90,6 +84,17 @@ class DiskTarget(Protocol):
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class DiskTarget(InPlaceTarget, Protocol):
+    """A disk being restored into. Starts all-zero when ``fresh``; ``pwrite`` is thread-safe.
+
+    After ``close``, exactly one of ``commit`` (the disk is complete: make it visible at ``path``)
+    or ``discard`` (it is not: remove what a fresh target wrote) is called.
+    """
+
+    fresh: bool
+    takes_views: bool  # pwrite takes memoryviews, and writes page-aligned ones as they are (O_DIRECT)
 
     def commit(self) -> None: ...
 
