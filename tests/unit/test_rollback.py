@@ -78,22 +78,24 @@ def test_writing_the_changed_chunks_brings_the_disk_back_and_the_bitmap_records_
     point = back_up(vault, disk, "r1")  # the point to go back to
     qemu_io(disk, f"write -P 201 {3 * K64} {K64}", f"write -P 202 {10 * K64 + 4096} 4096", f"write -z {21 * K64} {K64}")
     since = back_up(vault, disk, "r2")  # the backup the checkpoint was taken with
-    subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "cp"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "4096", str(disk), "cp"], check=True)
     qemu_io(disk, f"write -P 203 {30 * K64 + 512} 1024", f"write -P 204 {40 * K64} {2 * K64}")  # since r2
 
     m_point, m_since = vault.read_manifest(point), vault.read_manifest(since)
     assert sorted(manifests_differ(m_point, m_since)) == [3, 10, 21]
     target = NbdInPlace(str(disk), "qcow2", bitmap="cp")
     try:
-        chunks = chunks_to_roll_back(m_point, m_since, target.dirty_extents())
+        chunks, parts = chunks_to_roll_back(m_point, m_since, target.dirty_extents())
         assert chunks == [3, 10, 21, 30, 40, 41]
-        result = restore_chunks(vault, point, target, chunks)
+        # Of the chunks the two backups agree on, only the 4 KiB blocks written since r2.
+        assert parts == {30: [(0, 4096)], 40: [(0, K64)], 41: [(0, K64)]}
+        result = restore_chunks(vault, point, target, chunks, parts=parts)
     finally:
         target.close()
 
     # Chunks 10, 30 and 40 were holes at r1: written as zeroes, nothing to read from the vault.
     blobs = {m_point.chunk_ids[i] for i in (3, 21, 41)}
-    assert result.bytes_written == 6 * K64 and result.chunks_verified == result.blobs == len(blobs)
+    assert result.bytes_written == 5 * K64 + 4096 and result.chunks_verified == result.blobs == len(blobs)
     whole = tmp_path / "r1.raw"
     restore_backup(vault, point, str(whole))
     assert identical(disk, whole)
@@ -110,8 +112,7 @@ def test_without_the_bitmap_the_writes_since_the_checkpoint_would_stay(vault: Va
     point = back_up(vault, disk, "r1")
     since = back_up(vault, disk, "r2")
     qemu_io(disk, f"write -P 205 {7 * K64} 4096")
-    chunks = chunks_to_roll_back(vault.read_manifest(point), vault.read_manifest(since), [])
-    assert chunks == []
+    assert chunks_to_roll_back(vault.read_manifest(point), vault.read_manifest(since), []) == ([], {})
     whole = tmp_path / "r1.raw"
     restore_backup(vault, point, str(whole))
     assert not identical(disk, whole)
@@ -153,7 +154,7 @@ def test_a_rollback_that_fails_part_way_is_finished_by_the_next_one(vault: Vault
     since = back_up(vault, disk, "r2")
     subprocess.run(["qemu-img", "bitmap", "--add", str(disk), "cp"], check=True)
     m_point, m_since = vault.read_manifest(point), vault.read_manifest(since)
-    chunks = chunks_to_roll_back(m_point, m_since, [])
+    chunks, _ = chunks_to_roll_back(m_point, m_since, [])
     assert len(chunks) == 13
     # Damage the blob of the last chunk to write that r2 does not share (the disk's chunks are one byte
     # repeated: some are alike): found only when it is read, after others were written.
@@ -175,9 +176,22 @@ def test_a_rollback_that_fails_part_way_is_finished_by_the_next_one(vault: Vault
 
     target = NbdInPlace(str(disk), "qcow2", bitmap="cp")
     try:
-        restore_chunks(vault, since, target, chunks_to_roll_back(m_since, m_since, target.dirty_extents()))
+        chunks, parts = chunks_to_roll_back(m_since, m_since, target.dirty_extents())
+        assert chunks and parts.keys() == set(chunks)  # r2 onto r2: only what the bitmap marks
+        restore_chunks(vault, since, target, chunks, parts=parts)
     finally:
         target.close()
     whole = tmp_path / "r2.raw"
     restore_backup(vault, since, str(whole))
     assert identical(disk, whole)
+
+
+def test_dirty_extents_become_ranges_inside_the_chunks_the_backups_agree_on(vault: Vault, disk: Path) -> None:
+    point = back_up(vault, disk, "r1")
+    qemu_io(disk, f"write -P 201 {3 * K64} {K64}")
+    since = back_up(vault, disk, "r2")
+    dirty = [(K64 - 4096, 8192), (3 * K64 + 10, 10), (5 * K64, 100), (5 * K64 + 100, 50), (CHUNKS * K64 - 1, 9)]
+    chunks, parts = chunks_to_roll_back(vault.read_manifest(point), vault.read_manifest(since), dirty)
+    assert chunks == [0, 1, 3, 5, CHUNKS - 1]
+    # Across a chunk boundary, touching extents merged, clipped to the disk; chunk 3 differs: written whole.
+    assert parts == {0: [(K64 - 4096, K64)], 1: [(0, 4096)], 5: [(0, 150)], CHUNKS - 1: [(K64 - 1, K64)]}

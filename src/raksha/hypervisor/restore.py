@@ -662,7 +662,8 @@ def _rollbacks(vault: Vault, req: RestoreRequest, vm: _VmPlan,
 def _roll_back_disk(vault: Vault, d: _DiskPlan, plan: Rollback, meter: _Meter, *, threads: int | None) -> RestoredDisk:
     key = str(d.id)
     try:
-        res = restore_chunks(vault, d.id, plan.target, plan.chunks, threads=threads, progress=meter.disk(key))
+        res = restore_chunks(vault, d.id, plan.target, plan.chunks, parts=plan.parts, threads=threads,
+                             progress=meter.disk(key))
     finally:
         plan.target.close()  # qemu-nbd writes the bitmaps back as it exits
     meter.disk_done(key, d.data_bytes)

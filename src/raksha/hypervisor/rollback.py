@@ -54,7 +54,7 @@ from raksha.hypervisor.pull import (
 from raksha.hypervisor.pull import (
     _usable as _recording,
 )
-from raksha.vault.engine.changes import chunks_to_roll_back
+from raksha.vault.engine.changes import Ranges, chunks_to_roll_back
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.repository import Vault
@@ -73,11 +73,13 @@ class Rollback:
     since: BackupId  # the backup taken with the checkpoint: the disk equals it outside the bitmap
     dirty_bytes: int  # what the bitmap marks
     chunks: list[int]  # sorted
+    parts: Ranges  # of the chunks that do not differ from ``since``: the ranges the bitmap marks
     target: InPlaceTarget  # the disk, open for writing; the caller closes it
 
     def describe(self) -> str:
-        return (f"{len(self.chunks)} chunk(s) written in place: those that differ from {self.since.run} and "
-                f"those bitmap {self.bitmap} marks ({self.dirty_bytes} bytes written since)")
+        return (f"{len(self.chunks) - len(self.parts)} chunk(s) that differ from {self.since.run} written in "
+                f"place, and in {len(self.parts)} other(s) what bitmap {self.bitmap} marks ({self.dirty_bytes} "
+                "bytes written since)")
 
 
 def image_bitmaps(path: str) -> dict[str, dict[str, Any]]:
@@ -137,11 +139,11 @@ def plan_rollback(vault: Vault, dom: libvirt.virDomain, job: str, disk: BackupId
             continue
         try:
             dirty = target.dirty_extents()
-            chunks = chunks_to_roll_back(point, base, dirty)
+            chunks, parts = chunks_to_roll_back(point, base, dirty)
         except BaseException:
             target.close()
             raise
-        return Rollback(checkpoint, bitmap, since, sum(n for _, n in dirty), chunks, target)
+        return Rollback(checkpoint, bitmap, since, sum(n for _, n in dirty), chunks, parts, target)
     return "; ".join(why)
 
 
@@ -225,8 +227,8 @@ def plan_raw_rollback(vault: Vault, job: str, disk: BackupId, point: Manifest, p
         if isinstance(base, str):
             why.append(f"bitmap of run {run}: {base}")
             continue
-        chunks = chunks_to_roll_back(point, base, dirty)
+        chunks, parts = chunks_to_roll_back(point, base, dirty)
         target = RawTarget(path, point.virtual_size, fresh=False)
         return Rollback(f"raksha-{job}-{run}", f"raksha-{job}-{run} (QEMU)", since, sum(n for _, n in dirty), chunks,
-                        target)
+                        parts, target)
     return "; ".join(why) or "no bitmap to use"

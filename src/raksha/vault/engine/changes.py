@@ -155,15 +155,31 @@ class ChunkFlags:
         return isinstance(i, int) and 0 <= i < len(self._bits) * 8 and bool(self._bits[i >> 3] >> (i & 7) & 1)
 
 
-def chunks_to_roll_back(point: Manifest, since: Manifest, dirty: Sequence[Extent]) -> list[int]:
-    """The chunks to write, in order, so that a disk holding backup ``since`` except in the ``dirty``
-    extents holds backup ``point``: those ``dirty`` touches, and those whose ids or layers differ between
-    the two manifests (the disks are of one size and chunk size)."""
+Ranges = dict[int, list[tuple[int, int]]]  # chunk index -> [start, end) byte ranges inside it
+
+
+def chunks_to_roll_back(point: Manifest, since: Manifest, dirty: Sequence[Extent]) -> tuple[list[int], Ranges]:
+    """What to write so that a disk holding backup ``since`` except in the ``dirty`` extents holds backup
+    ``point`` (the disks are of one size and chunk size): the chunks, in order, whose ids or layers
+    differ between the two manifests or that ``dirty`` touches; and, for each of the latter that the
+    manifests agree on, the ranges inside it that ``dirty`` covers: only those need writing."""
     if (point.chunk_size, point.virtual_size) != (since.chunk_size, since.virtual_size):
         raise ValueError("the two backups are of disks of other sizes or chunk sizes")
-    out = set(chunks_touching(dirty, point.chunk_size, point.virtual_size))
-    out.update(manifests_differ(point, since))
-    return sorted(out)
+    size, end_of_disk = point.chunk_size, point.virtual_size
+    differ = set(manifests_differ(point, since))
+    parts: Ranges = {}
+    for off, length in merge_extents(dirty):
+        end = min(off + length, end_of_disk)
+        for i in range(off // size, (end - 1) // size + 1 if end > off else off // size):
+            if i in differ:
+                continue
+            start, stop = max(off, i * size) - i * size, min(end, (i + 1) * size) - i * size
+            ranges = parts.setdefault(i, [])
+            if ranges and ranges[-1][1] >= start:
+                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], stop))
+            else:
+                ranges.append((start, stop))
+    return sorted(differ | parts.keys()), parts
 
 
 def manifests_differ(a: Manifest, b: Manifest) -> Iterator[int]:

@@ -277,14 +277,15 @@ def restore_chunks(
     target: InPlaceTarget,
     chunks: Sequence[int],
     *,
+    parts: Mapping[int, Sequence[tuple[int, int]]] | None = None,
     threads: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> RestoreResult:
     """Write only ``chunks`` (indexes, in order) of a backup into ``target``, an existing image of its
     size, and leave the rest of it as it is: a restore in place that writes what differs (the caller
-    knows which chunks those are). All-zero chunks are written as zeroes, every blob is checked against
-    its id, and ``chunks_verified`` counts the distinct blobs the written chunks needed. The caller
-    closes ``target``."""
+    knows which chunks those are; of a chunk in ``parts``, only those [start, end) ranges inside it).
+    All-zero data is written as zeroes, every blob is checked against its id, and ``chunks_verified``
+    counts the distinct blobs the written chunks needed. The caller closes ``target``."""
     with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)
@@ -295,20 +296,27 @@ def restore_chunks(
         index = _needed_locations(vault, backup_id, needed)
         reader = ChunkReader(vault, index.locations, manifest.chunk_size)
         buffers = AlignedBuffers(manifest.chunk_size)
-        total = sum(manifest.chunk_length(i) for i in chunks)
+        parts = parts or {}
+
+        def ranges(i: int) -> Sequence[tuple[int, int]]:
+            return parts.get(i) or ((0, manifest.chunk_length(i)),)
+
+        total = sum(end - start for i in chunks for start, end in ranges(i))
         meter = Progress("restore", total, progress)
         verified: set[bytes] = set()  # blobs decoded and checked against their ids
 
         def one(i: int) -> None:
-            length, offset = manifest.chunk_length(i), i * manifest.chunk_size
+            length, offset, pieces = manifest.chunk_length(i), i * manifest.chunk_size, ranges(i)
             if manifest.chunk_ids[i] == ZERO_ID and i not in manifest.deltas:
-                target.write_zeroes(offset, length)
+                for start, end in pieces:
+                    target.write_zeroes(offset + start, end - start)
             else:
                 data = memoryview(buffers.get())[:length]
                 reader.chunk_into(manifest, i, data)  # raises on a blob that does not match its id
                 verified.update(_chunk_blob_ids(manifest, i))
-                target.pwrite(bytes(data), offset)
-            meter.add(length)
+                for start, end in pieces:
+                    target.pwrite(bytes(data[start:end]), offset + start)
+            meter.add(sum(end - start for start, end in pieces))
 
         run_parallel(chunks, one, threads or restore_threads())
         target.flush()
