@@ -188,6 +188,65 @@ def test_restore_refuses_to_overwrite_without_force(cli_json: CliJson, vault: Pa
     assert blake3_file(out) == blake3_file(image)
 
 
+def test_restore_over_an_image_that_holds_a_later_backup_writes_only_what_differs(
+        cli_json: CliJson, vault: Path, make_image: MakeImage, make_changed_copy: MakeChanged,
+        tmp_path: Path) -> None:
+    """``--since``: OUTPUT holds that backup except in ``--changed-extents`` (say, from ``rbd diff``)."""
+    base = make_image("base.img", 16 * MIB, seed=31)
+    changed, extents = make_changed_copy(base, "changed.img", fraction=0.01, seed=32)
+    cli_json("vault", "backup", vault, base, "--id", FULL)
+    cli_json("vault", "backup", vault, changed, "--id", INC, "--parent", FULL,
+             "--changed-extents", changed.with_suffix(".json"))
+    # The disk moved on after INC: 8 KiB written in a chunk INC did not change.
+    touched = {off // MIB for off, n in extents} | {(off + n - 1) // MIB for off, n in extents}
+    spot = min(set(range(16)) - touched) * MIB + 4096
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(changed.read_bytes())
+    with open(disk, "r+b") as f:
+        f.seek(spot)
+        f.write(b"\xab" * 8192)
+    since_inc = tmp_path / "since.json"
+    since_inc.write_text(json.dumps([[spot, 8192]]))
+
+    out = cli_json("vault", "restore", vault, FULL, disk, "--since", INC, "--changed-extents", since_inc)
+    assert blake3_file(disk) == blake3_file(base) and out["verified"] is True
+    # The chunks INC changed, whole; of the others only the 8 KiB written since.
+    assert out["bytes_written"] == len(touched) * MIB + 8192
+    # Onto the same point it already holds, nothing is written.
+    again = cli_json("vault", "restore", vault, FULL, disk, "--since", FULL)
+    assert again["bytes_written"] == 0 and blake3_file(disk) == blake3_file(base)
+
+    # A qcow2 image, through qemu-nbd.
+    qcow = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(changed), str(qcow)], check=True)
+    cli_json("vault", "restore", vault, FULL, qcow, "--since", INC, "--format", "qcow2")
+    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(base), str(qcow)],
+                              capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_restore_over_refuses_what_cannot_be_right(cli_json: CliJson, vault: Path, make_image: MakeImage,
+                                                  tmp_path: Path) -> None:
+    image = make_image("disk.img", 4 * MIB)
+    cli_json("vault", "backup", vault, image, "--id", FULL)
+    other = make_image("other.img", 8 * MIB)
+    cli_json("vault", "backup", vault, other, "--id", INC)
+    extents = tmp_path / "e.json"
+    extents.write_text("[[0, 4096]]")
+    cases = [
+        (("--changed-extents", extents), image, "INVALID_INPUT"),  # no --since
+        (("--since", INC), image, "SIZE_MISMATCH"),  # backups of disks of other sizes
+        (("--since", FULL), tmp_path / "missing.img", "OUTPUT_NOT_FOUND"),
+        (("--since", FULL), other, "SIZE_MISMATCH"),  # the image is not of the backup's size
+    ]
+    before = blake3_file(image)
+    for args, output, code in cases:
+        rc = EXIT_NOT_FOUND if code == "OUTPUT_NOT_FOUND" else EXIT_USAGE
+        err = cli_json("vault", "restore", vault, FULL, output, *args, expect=rc)["error"]
+        assert err["code"] == code, (args, err)
+    assert blake3_file(image) == before
+
+
 def test_delete(cli_json: CliJson, vault: Path, make_image: MakeImage, outputs: Path) -> None:
     image = make_image("disk.img", 4 * MIB)
     cli_json("vault", "backup", vault, image, "--id", FULL)

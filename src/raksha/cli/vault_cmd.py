@@ -112,12 +112,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.set_defaults(func=cmd_backup)
 
-    p = vsub.add_parser("restore", help="restore a backup to a new image file")
+    p = vsub.add_parser("restore", help="restore a backup to a new image file, or over one in place")
     p.add_argument("dir")
     p.add_argument("id")
     p.add_argument("output")
     p.add_argument("--format", choices=["raw", "qcow2"], default="raw")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--since", metavar="ID",
+                   help="OUTPUT exists and holds backup ID except in --changed-extents: write only what differs, "
+                        "in place")
+    p.add_argument("--changed-extents", metavar="FILE",
+                   help="with --since: JSON list of [offset, length] written to OUTPUT since that backup")
     _progress_opt(p, threads="restore")
     _common(p)
     p.set_defaults(func=cmd_restore)
@@ -358,13 +363,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from raksha.vault.format.naming import BackupId
 
     backup_id = BackupId.parse(args.id)
+    if args.changed_extents and not args.since:
+        raise InvalidInput("--changed-extents needs --since: the backup OUTPUT holds outside them",
+                           code="INVALID_INPUT")
+    since = BackupId.parse(args.since) if args.since else None
+    extents = _read_extents(args.changed_extents) if args.changed_extents else []
     vault = opening.open("raksha.vault.engine.restore")
-    from raksha.vault.engine.restore import restore_backup
+    from raksha.vault.engine.restore import restore_backup, restore_over
 
-    result = _with_progress(args, lambda cb: restore_backup(
-        vault, backup_id, args.output, fmt=args.format, overwrite=args.force, threads=args.threads, progress=cb))
+    if since is not None:
+        result = _with_progress(args, lambda cb: restore_over(
+            vault, backup_id, args.output, since, extents, fmt=args.format, threads=args.threads, progress=cb))
+    else:
+        result = _with_progress(args, lambda cb: restore_backup(
+            vault, backup_id, args.output, fmt=args.format, overwrite=args.force, threads=args.threads,
+            progress=cb))
     d = result.to_dict()
-    emit(d, args.json, f"restored {backup_id} to {args.output} ({args.format}, {human_bytes(d['virtual_size'])}) "
+    how = f"over {args.output} in place, writing {human_bytes(d['bytes_written'])}" if since else f"to {args.output}"
+    emit(d, args.json, f"restored {backup_id} {how} ({args.format}, {human_bytes(d['virtual_size'])}) "
          f"in {d['seconds']:.2f} s; {d['chunks_verified']} chunks verified against their ids")
     return 0
 

@@ -534,6 +534,10 @@ class _Meter:
     def disk(self, key: str) -> Callable[[ProgressEvent], None]:
         return lambda event: self._advance(key, event.done)
 
+    def expect(self, planned: int, now: int) -> None:
+        """A disk will take ``now`` bytes where ``planned`` were counted (it is written by changed chunks)."""
+        self._progress.adjust_total(now - planned)
+
     def disk_done(self, key: str, written: int) -> None:
         self._advance(key, written)
 
@@ -661,12 +665,13 @@ def _rollbacks(vault: Vault, req: RestoreRequest, vm: _VmPlan,
 
 def _roll_back_disk(vault: Vault, d: _DiskPlan, plan: Rollback, meter: _Meter, *, threads: int | None) -> RestoredDisk:
     key = str(d.id)
+    meter.expect(d.data_bytes, plan.bytes_to_write(d.manifest))
     try:
         res = restore_chunks(vault, d.id, plan.target, plan.chunks, parts=plan.parts, threads=threads,
                              progress=meter.disk(key))
     finally:
         plan.target.close()  # qemu-nbd writes the bitmaps back as it exits
-    meter.disk_done(key, d.data_bytes)
+    meter.disk_done(key, res.bytes_written)
     return RestoredDisk(d.id.resource, key, d.output, d.fmt, res.virtual_size, res.bytes_written,
                         res.blobs, res.chunks_verified, res.content_digest, method="changed",
                         how=plan.describe())

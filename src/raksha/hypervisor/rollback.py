@@ -76,6 +76,10 @@ class Rollback:
     parts: Ranges  # of the chunks that do not differ from ``since``: the ranges the bitmap marks
     target: InPlaceTarget  # the disk, open for writing; the caller closes it
 
+    def bytes_to_write(self, point: Manifest) -> int:
+        return sum(sum(end - start for start, end in self.parts[i]) if i in self.parts else point.chunk_length(i)
+                   for i in self.chunks)
+
     def describe(self) -> str:
         return (f"{len(self.chunks) - len(self.parts)} chunk(s) that differ from {self.since.run} written in "
                 f"place, and in {len(self.parts)} other(s) what bitmap {self.bitmap} marks ({self.dirty_bytes} "

@@ -59,6 +59,11 @@ class Progress:
             event = ProgressEvent(self.phase, self.done, self.total, now - self._start, self.unit)
         self._callback(event)
 
+    def adjust_total(self, delta: int) -> None:
+        """The work turned out ``delta`` larger (or, negative, smaller) than the total first given."""
+        with self._lock:
+            self.total += delta
+
     def finish(self) -> None:
         if self._callback is not None:
             self._callback(ProgressEvent(self.phase, self.done, self.total, time.monotonic() - self._start,

@@ -16,6 +16,7 @@ from typing import Any, cast
 from raksha.domain.errors import ChunkMissing, InvalidInput, NotFound, VaultCorrupt
 from raksha.vault.directio import ALIGN, AlignedBuffers, aligned_span, nonzero_runs
 from raksha.vault.engine.blobio import ChunkReader
+from raksha.vault.engine.changes import chunks_to_roll_back
 from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.workers import BufferPool, Drain, run_parallel, run_pipeline
 from raksha.vault.format.chunk_table import IdSet
@@ -29,7 +30,9 @@ from raksha.vault.locks import LockKind
 from raksha.vault.malloc import anonymous_map
 from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import InPlaceTarget
+from raksha.vault.sources.nbd import NbdInPlace
 from raksha.vault.sources.open import create_target
+from raksha.vault.sources.raw import RawTarget
 
 # Blobs next to each other in a pack are fetched with one read of up to READ_SPAN bytes (skipping gaps
 # of up to READ_GAP: blobs this backup does not need), so the vault is read in large sequential pieces.
@@ -323,6 +326,47 @@ def restore_chunks(
         meter.finish()
         return RestoreResult(backup_id, target.path, target.format, manifest.virtual_size, total, len(verified),
                              manifest.content_digest(), time.monotonic() - start, blobs=len(needed))
+
+
+def restore_over(
+    vault: Vault,
+    backup_id: BackupId,
+    output: str,
+    since: BackupId,
+    changed_extents: Sequence[tuple[int, int]],
+    *,
+    fmt: str = "raw",
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> RestoreResult:
+    """Restore ``backup_id`` onto the existing image ``output``, which the caller says holds backup
+    ``since`` except in ``changed_extents`` (written since; e.g. from a dirty bitmap, ``rbd diff``, LVM
+    thin deltas): only what differs is written, in place (ADR 0022). A claim that is not true leaves an
+    image that is not the backup: nothing here can tell."""
+    point, base = vault.read_manifest(backup_id), vault.read_manifest(since)
+    if (point.chunk_size, point.virtual_size) != (base.chunk_size, base.virtual_size):
+        raise InvalidInput(f"backups {backup_id} and {since} are of disks of other sizes or chunk sizes",
+                           code="SIZE_MISMATCH")
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidInput(f"restore format {fmt!r} is not supported (raw or qcow2)", code="INVALID_FORMAT")
+    if not os.path.exists(output):
+        raise NotFound(f"{output}: no such image to restore over", code="OUTPUT_NOT_FOUND")
+    target: NbdInPlace | RawTarget = NbdInPlace(output, fmt) if fmt == "qcow2" else \
+        RawTarget(output, point.virtual_size, fresh=False)
+    try:
+        size = target.virtual_size if isinstance(target, NbdInPlace) else _size_of(output)
+        if size != point.virtual_size:
+            raise InvalidInput(f"{output} is {size} bytes; backup {backup_id} is of a disk of {point.virtual_size}",
+                               code="SIZE_MISMATCH")
+        chunks, parts = chunks_to_roll_back(point, base, changed_extents)
+        return restore_chunks(vault, backup_id, target, chunks, parts=parts, threads=threads, progress=progress)
+    finally:
+        target.close()
+
+
+def _size_of(path: str) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
 
 
 def _chunk_blob_ids(manifest: Manifest, i: int) -> Iterator[bytes]:
