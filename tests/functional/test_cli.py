@@ -247,6 +247,41 @@ def test_restore_over_refuses_what_cannot_be_right(cli_json: CliJson, vault: Pat
     assert blake3_file(image) == before
 
 
+def test_compare_reads_an_image_back_against_a_backup(cli_json: CliJson, encrypted_vault: Path,
+                                                      make_image: MakeImage, make_changed_copy: MakeChanged,
+                                                      tmp_path: Path) -> None:
+    vault, pw = encrypted_vault, PASSWORD
+    base = make_image("base.img", 16 * MIB, seed=41)
+    changed, extents = make_changed_copy(base, "changed.img", fraction=0.01, seed=42)
+    cli_json("vault", "backup", vault, base, "--id", FULL, password=pw)
+    inc = cli_json("vault", "backup", vault, changed, "--id", INC, "--parent", FULL,
+                   "--changed-extents", changed.with_suffix(".json"), password=pw)
+    assert inc["chunks_delta"] > 0  # chunks changed in part: delta layers, compared byte for byte
+
+    same = cli_json("vault", "compare", vault, INC, changed, password=pw)
+    assert same["identical"] is True and same["chunks_differing"] == 0 and 0 < same["bytes_read"] <= 16 * MIB
+    other = cli_json("vault", "compare", vault, FULL, changed, expect=EXIT_ERROR, password=pw)
+    assert other["identical"] is False and other["chunks_differing"] > 0
+
+    # One byte changed in a chunk with layers: named.
+    off = extents[0][0]
+    with open(changed, "r+b") as f:
+        f.seek(off)
+        byte = f.read(1)
+        f.seek(off)
+        f.write(bytes([byte[0] ^ 1]))
+    flipped = cli_json("vault", "compare", vault, INC, changed, expect=EXIT_ERROR, password=pw)
+    assert flipped["chunks_differing"] == 1 and flipped["first_differing"] == [off // MIB]
+
+    # A qcow2 image, and one of another size.
+    qcow = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(base), str(qcow)], check=True)
+    assert cli_json("vault", "compare", vault, FULL, qcow, password=pw)["identical"] is True
+    small = make_image("small.img", 8 * MIB)
+    sized = cli_json("vault", "compare", vault, FULL, small, expect=EXIT_ERROR, password=pw)
+    assert sized["identical"] is False and sized["image_size"] == 8 * MIB and sized["bytes_read"] == 0
+
+
 def test_delete(cli_json: CliJson, vault: Path, make_image: MakeImage, outputs: Path) -> None:
     image = make_image("disk.img", 4 * MIB)
     cli_json("vault", "backup", vault, image, "--id", FULL)

@@ -28,7 +28,7 @@ from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E40
 
 from raksha.hypervisor.group_backup import GroupResult, VmResult, backup_domains  # noqa: E402
 from raksha.hypervisor.lifecycle import undefine_domain  # noqa: E402
-from raksha.hypervisor.pull import qmp  # noqa: E402
+from raksha.hypervisor.qemu_blocks import qmp  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.progress import ProgressEvent  # noqa: E402
 from raksha.vault.engine.restore import restore_backup  # noqa: E402

@@ -19,7 +19,8 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 from libvirt_guests import GuestDomain, build_guest, debugfs_cat, make_data_disk  # noqa: E402
 
 from raksha.hypervisor.group_backup import backup_domains, checkpoint_name  # noqa: E402
-from raksha.hypervisor.pull import FILESYSTEM, qmp  # noqa: E402
+from raksha.hypervisor.pull import FILESYSTEM  # noqa: E402
+from raksha.hypervisor.qemu_blocks import qmp  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.restore import restore_backup  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402

@@ -20,13 +20,14 @@ from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E40
 
 from raksha.hypervisor import pull  # noqa: E402
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
+from raksha.hypervisor.qemu_blocks import node_bitmaps, top_nodes  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 
 
 def bitmaps(dom: libvirt.virDomain) -> dict[str, set[str]]:
-    return {t: set(pull._bitmaps(node)) for t, node in pull._top_nodes(dom).items()}
+    return {t: set(node_bitmaps(node)) for t, node in top_nodes(dom).items()}
 
 
 def test_old_bases_that_stay_after_a_good_run_are_warnings(conn: libvirt.virConnect, tmp_path: Path,
@@ -42,8 +43,8 @@ def test_old_bases_that_stay_after_a_good_run_are_warnings(conn: libvirt.virConn
         assert vm.dom is not None
         assert bitmaps(vm.dom) == {"vda": {"raksha-job-r1", "raksha-job-r1~fine"}, "vdb": {"raksha-job-r1"}}
 
-        real_try = pull._try
-        monkeypatch.setattr(pull, "_try", lambda dom, command, **kw: False if command ==
+        real_try = pull.try_qmp
+        monkeypatch.setattr(pull, "try_qmp", lambda dom, command, **kw: False if command ==
                             "block-dirty-bitmap-remove" else real_try(dom, command, **kw))
         monkeypatch.setattr(pull, "_delete_checkpoint", lambda dom, name, *, metadata_fallback: False)
         code, _ = vm.exec("dd if=/dev/urandom of=/dev/vdb bs=4096 count=4 conv=fsync 2>/dev/null")

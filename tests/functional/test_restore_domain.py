@@ -167,6 +167,38 @@ def test_restore_in_place_of_a_raw_disk_uses_the_qemu_bitmap_read_before_the_shu
         assert {d.target: d.kind for d in after.vms[0].disks} == {"vda": "incremental", "vdb": "full"}
 
 
+def test_a_restore_read_back_catches_a_wrong_rollback_and_the_next_one_finishes_it(
+        conn: libvirt.virConnect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from raksha.domain.errors import VaultCorrupt
+    from raksha.hypervisor import rollback
+    from raksha.hypervisor.restore import IN_PLACE, RestoreRequest, restore
+
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    good, bad = os.urandom(48 << 10), os.urandom(48 << 10)
+    dom = _persistent_guest(conn, tmp_path, "raksha-ip-readback")
+    with GuestDomain.attached(conn, dom, tmp_path) as vm:
+        vm.wait_for_agent()
+        assert vm.exec("cat > /mnt/vdb/data.bin && sync", stdin=good)[0] == 0
+        backup_domains(conn, [vm.name], vault, "job", "r1")
+        assert vm.exec("cat > /mnt/vdb/data.bin && sync", stdin=bad)[0] == 0
+        request = RestoreRequest("job", "r1", IN_PLACE, vms=[dom.UUIDString()], disks=["vdb"], read_back=True)
+
+        # A planner that forgets the bitmap writes too little: reading the disk back says so.
+        real = rollback.chunks_to_roll_back
+        monkeypatch.setattr(rollback, "chunks_to_roll_back", lambda point, since, dirty: real(point, since, []))
+        with pytest.raises(VaultCorrupt) as wrong:
+            restore(conn, vault, request)
+        assert wrong.value.code == "RESTORE_MISMATCH" and not dom.isActive(), wrong.value
+        monkeypatch.undo()
+
+        report = restore(conn, vault, request)  # the bitmap still marks what the guest wrote: right this time
+        (disk,) = report.vms[0].disks
+        assert (disk.method, disk.read_back) == ("changed", True), disk
+        vm.wait_for_agent()
+        code, out = vm.exec("sha256sum /mnt/vdb/data.bin")
+        assert code == 0 and out.split()[0].decode() == hashlib.sha256(good).hexdigest()
+
+
 def test_restore_in_place_after_qemu_was_killed_rewrites_the_disk_whole(conn: libvirt.virConnect,
                                                                         tmp_path: Path) -> None:
     """A QEMU killed with SIGKILL leaves its bitmaps marked in-use (inconsistent): they are not trusted."""

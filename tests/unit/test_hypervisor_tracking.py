@@ -17,11 +17,11 @@ from raksha.hypervisor.pull import (  # noqa: E402
     MAX_BITMAP_BYTES,
     PULL_DIR_ENV,
     WORKDIR_PREFIX,
-    _aliases,
-    _make_workdir,
     bitmap_granularity,
+    make_workdir,
     qemu_owner,
 )
+from raksha.hypervisor.qemu_blocks import aliases  # noqa: E402
 
 GIB, TIB = 1 << 30, 1 << 40
 
@@ -70,7 +70,7 @@ def test_disk_aliases_from_the_live_xml() -> None:
       <disk type='block' device='disk'><target dev='vdb' bus='virtio'/><alias name='virtio-disk1'/></disk>
       <disk type='file' device='cdrom'><target dev='sda' bus='sata'/></disk>
     </devices></domain>"""
-    assert _aliases(xml) == {"vda": "virtio-disk0", "vdb": "virtio-disk1"}
+    assert aliases(xml) == {"vda": "virtio-disk0", "vdb": "virtio-disk1"}
 
 
 @pytest.mark.parametrize(("label", "owner"), [
@@ -94,16 +94,16 @@ def test_work_directories_of_dead_runs_are_swept_and_live_ones_kept(tmp_path: Pa
     other = tmp_path / "someone-else"
     other.mkdir()
 
-    workdir = _make_workdir()
+    workdir = make_workdir()
 
     assert not dead.exists() and other.exists()
     assert os.path.dirname(workdir) == str(tmp_path) and stat.S_IMODE(os.stat(workdir).st_mode) == 0o711
     assert _SOCKET_OWNER.search(workdir).group(1) == str(os.getpid())
-    assert _make_workdir() != workdir and os.path.isdir(workdir)  # our own, alive, is kept
+    assert make_workdir() != workdir and os.path.isdir(workdir)  # our own, alive, is kept
 
 
 def test_an_unusable_pull_directory_is_a_permanent_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PULL_DIR_ENV, str(tmp_path / "missing"))
     with pytest.raises(HypervisorError) as err:
-        _make_workdir()
+        make_workdir()
     assert err.value.code == "PULL_DIR_UNUSABLE" and not err.value.retryable and PULL_DIR_ENV in str(err.value)

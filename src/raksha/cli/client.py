@@ -128,7 +128,8 @@ def job_body(name: str, vms: list[str], *, excluded: dict[str, list[str]] | None
 
 def restore_body(restore_type: str, *, vms: list[str] | None = None, disks: list[str] | None = None,
                  directory: str | None = None, name_prefix: str | None = None, fmt: str | None = None,
-                 keep_macs: bool = False, start: bool = True, rewrite_whole: bool = False) -> dict[str, Any]:
+                 keep_macs: bool = False, start: bool = True, rewrite_whole: bool = False,
+                 read_back: bool = False) -> dict[str, Any]:
     """The ``restore`` of a restore request, from command-line values."""
     target: dict[str, Any] = {k: v for k, v in (("directory", directory), ("name_prefix", name_prefix),
                                                 ("format", fmt)) if v}
@@ -138,6 +139,8 @@ def restore_body(restore_type: str, *, vms: list[str] | None = None, disks: list
         target["start"] = False
     if rewrite_whole:
         target["rewrite_whole"] = True
+    if read_back:
+        target["read_back"] = True
     spec: dict[str, Any] = {"type": restore_type}
     if vms:
         spec["vms"] = vms

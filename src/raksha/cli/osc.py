@@ -298,13 +298,16 @@ class CreateRestore(command.ShowOne):
         parser.add_argument("--no-start", action="store_true", help="do not start new VMs")
         parser.add_argument("--rewrite-whole", action="store_true",
                             help="in_place: write every disk whole, not only the chunks that differ")
+        parser.add_argument("--read-back", action="store_true",
+                            help="read every restored disk back and compare it with its backup")
         parser.add_argument("--wait", action="store_true", help="wait for the restore to end")
         return parser
 
     def take_action(self, parsed_args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         a = parsed_args
         spec = restore_body(a.type, vms=a.vm, disks=a.disk, directory=a.directory, name_prefix=a.name_prefix,
-                            fmt=a.disk_format, start=not a.no_start, rewrite_whole=a.rewrite_whole)
+                            fmt=a.disk_format, start=not a.no_start, rewrite_whole=a.rewrite_whole,
+                            read_back=a.read_back)
         client = _client(self)
         r = _call(lambda: client.post(f"/backupjobruns/{a.run}", {"restore": spec}))["restore"]
         if a.wait:

@@ -227,7 +227,7 @@ def restore_start(args: argparse.Namespace) -> int:
     client = _client(args)
     spec = restore_body(args.type, vms=args.vm, disks=args.disk, directory=args.directory, name_prefix=args.prefix,
                         fmt=args.format, keep_macs=args.keep_macs, start=not args.no_start,
-                        rewrite_whole=args.rewrite_whole)
+                        rewrite_whole=args.rewrite_whole, read_back=args.read_back)
     r = client.post(f"/backupjobruns/{args.run}", {"restore": spec})["restore"]
     if args.wait:
         r = _follow(client, f"/restores/{r['id']}", "restore", RESTORE_END, args)
@@ -326,6 +326,8 @@ def register(sub: Any) -> None:
     p.add_argument("--no-start", action="store_true")
     p.add_argument("--rewrite-whole", action="store_true",
                    help="in_place: write every disk whole, not only the chunks that differ from the backup")
+    p.add_argument("--read-back", action="store_true",
+                   help="read every restored disk back and compare it with its backup, chunk by chunk")
     p.add_argument("--wait", action="store_true", help="follow the restore until it ends")
     p.set_defaults(func=restore_start)
     p = rest.add_parser("list", parents=[common], help="list restores")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from raksha.cli.output import TerminalProgress, emit, human_bytes, table
 from raksha.cli.secrets import resolve_secret
-from raksha.domain.errors import EXIT_DAMAGED, InvalidInput, RakshaError, VaultKeyError
+from raksha.domain.errors import EXIT_DAMAGED, EXIT_ERROR, InvalidInput, RakshaError, VaultKeyError
 from raksha.vault.format.constants import KEYS_PREFIX
 from raksha.vault.format.kdf import KdfParams, prefetch
 
@@ -75,6 +75,7 @@ THREADS_HELP = {
     "restore": "threads (default: 2 reading the vault, one per core decoding, 2 writing; N is split among the "
                "three, at least one each)",
     "verify": "threads (default: one per core)",
+    "compare": "threads reading and hashing the image (default: two per core)",
 }
 
 
@@ -126,6 +127,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _progress_opt(p, threads="restore")
     _common(p)
     p.set_defaults(func=cmd_restore)
+
+    p = vsub.add_parser("compare", help="read an image back and say whether it holds a backup, chunk by chunk")
+    p.add_argument("dir")
+    p.add_argument("id")
+    p.add_argument("image")
+    p.add_argument("--format", default="auto", help="the image's format (raw, qcow2, ...; auto guesses)")
+    _progress_opt(p, threads="compare")
+    _common(p)
+    p.set_defaults(func=cmd_compare)
 
     p = vsub.add_parser("list", help="list backups, from the vault alone")
     p.add_argument("dir")
@@ -383,6 +393,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
     emit(d, args.json, f"restored {backup_id} {how} ({args.format}, {human_bytes(d['virtual_size'])}) "
          f"in {d['seconds']:.2f} s; {d['chunks_verified']} chunks verified against their ids")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    opening = VaultOpening(args)
+    from raksha.vault.format.naming import BackupId
+    from raksha.vault.sources.open import open_source
+
+    backup_id = BackupId.parse(args.id)
+    source = open_source(args.image, args.format)
+    try:
+        vault = opening.open("raksha.vault.operations.compare")
+        from raksha.vault.operations.compare import compare_image
+
+        report = _with_progress(args, lambda cb: compare_image(vault, backup_id, source, threads=args.threads,
+                                                               progress=cb))
+    finally:
+        source.close()
+    emit(report.to_dict(), args.json, report.summary())
+    return 0 if report.identical else EXIT_ERROR
 
 
 def cmd_list(args: argparse.Namespace) -> int:

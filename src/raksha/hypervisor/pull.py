@@ -47,6 +47,17 @@ from raksha.domain.errors import HypervisorError, RakshaError
 from raksha.hypervisor.disks import DiskInfo, backing_chain, domain_disks
 from raksha.hypervisor.errors import translate, vm_gone
 from raksha.hypervisor.qemu_access import parse_dac_label
+from raksha.hypervisor.qemu_blocks import (
+    READ_SUFFIX,
+    QmpError,
+    image_chain,
+    node_bitmaps,
+    qmp,
+    read_bitmap,
+    recording,
+    top_nodes,
+    try_qmp,
+)
 from raksha.hypervisor.strategy import (
     CRASH,
     FILESYSTEM,
@@ -59,7 +70,7 @@ from raksha.hypervisor.strategy import (
     thaw_guests,
 )
 from raksha.vault.processes import owner_alive, remove_dirs_of_dead_owners
-from raksha.vault.sources.base import Extent, ExtentArray
+from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
 
 log = logging.getLogger(__name__)
@@ -79,7 +90,6 @@ UNTRACKED = "none"  # no tracking could be set up: read in full every time
 
 BITMAP_GRANULARITY = 4096  # bytes per bit: reads equal the guest's 4 KiB writes
 MAX_BITMAP_BYTES = 32 << 20  # per bitmap; the granularity doubles past 1 TiB to stay under it
-READ_SUFFIX = "~read"  # the frozen copy of a parent bitmap that a run exports and reads
 FINE_SUFFIX = "~fine"  # a qcow2 disk's persistent 4 KiB bitmap beside checkpoint <name>'s own
 
 
@@ -120,22 +130,6 @@ def end_stale_job(dom: libvirt.virDomain) -> bool:
     except libvirt.libvirtError:
         pass  # no agent: nothing can be frozen
     return True
-
-
-class QmpError(Exception):
-    """QEMU answered a monitor command with an error (or libvirt would not pass it on)."""
-
-
-def qmp(dom: libvirt.virDomain, command: str, **arguments: Any) -> Any:
-    """One QMP command through libvirt. libvirt marks the domain tainted ("custom-monitor") the first time."""
-    cmd = {"execute": command, **({"arguments": arguments} if arguments else {})}
-    try:
-        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(cmd), 0))
-    except libvirt.libvirtError as exc:
-        raise QmpError(exc.get_error_message()) from exc
-    if "error" in reply:
-        raise QmpError(reply["error"].get("desc", str(reply["error"])))
-    return reply.get("return")
 
 
 @dataclass
@@ -289,44 +283,6 @@ def _checkpoint_xml(name: str, p: DomainPoint) -> str | None:
     return f"<domaincheckpoint><name>{name}</name><disks>{disk_xml}</disks></domaincheckpoint>"
 
 
-def _aliases(domain_xml: str) -> dict[str, str]:
-    """Disk target -> the device alias QEMU knows it by (virtio-disk1, ...)."""
-    import xml.etree.ElementTree as ET
-
-    out = {}
-    for disk in ET.fromstring(domain_xml).findall("./devices/disk"):
-        target, alias = disk.find("target"), disk.find("alias")
-        if target is not None and alias is not None:
-            out[target.get("dev", "")] = alias.get("name", "")
-    return out
-
-
-def _top_nodes(dom: libvirt.virDomain) -> dict[str, dict[str, Any]]:
-    """Disk target -> the top block node QEMU writes it through (query-block's ``inserted``)."""
-    by_alias = {alias: target for target, alias in _aliases(dom.XMLDesc(0)).items()}
-    out = {}
-    for dev in qmp(dom, "query-block"):
-        qdev = str(dev.get("qdev", ""))
-        alias = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else qdev
-        if alias in by_alias and "inserted" in dev:
-            out[by_alias[alias]] = dev["inserted"]
-    return out
-
-
-def _image_chain(node: dict[str, Any]) -> list[dict[str, str]]:
-    """The image and its backing files, as ``qemu-img info --backing-chain`` names them (no process to run)."""
-    out = []
-    image = node.get("image")
-    while isinstance(image, dict):
-        out.append({"filename": str(image.get("filename", "")), "format": str(image.get("format", ""))})
-        image = image.get("backing-image")
-    return out
-
-
-def _bitmaps(node: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {b["name"]: b for b in node.get("dirty-bitmaps", []) if "name" in b}
-
-
 def _has_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
     try:
         dom.checkpointLookupByName(name)
@@ -358,7 +314,7 @@ def _plan_disks(p: DomainPoint) -> None:
     """Decide per disk: incremental from the parent's checkpoint or bitmap, or a full read and why."""
     parent = p.parent
     try:
-        nodes: dict[str, dict[str, Any]] | None = _top_nodes(p.domain)
+        nodes: dict[str, dict[str, Any]] | None = top_nodes(p.domain)
         qmp_error = ""
     except (QmpError, libvirt.libvirtError) as exc:
         nodes, qmp_error = None, str(exc)
@@ -369,12 +325,12 @@ def _plan_disks(p: DomainPoint) -> None:
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
     for disk in p.disks:
         node = (nodes or {}).get(disk.target)
-        bitmaps = _bitmaps(node) if node else {}
+        bitmaps = node_bitmaps(node) if node else {}
         if tracked(disk):
             node_name = str(node["node-name"]) if node else None
             plan = p.plans[disk.target] = DiskPlan(CHECKPOINT, node=node_name,
                                                    size=int((node or {}).get("image", {}).get("virtual-size", 0)),
-                                                   chain=_image_chain(node) if node else None)
+                                                   chain=image_chain(node) if node else None)
             plan.granularity = bitmap_granularity(plan.size)
             if idle:
                 _drop_leftovers(p, plan, bitmaps)
@@ -393,7 +349,7 @@ def _plan_disks(p: DomainPoint) -> None:
                 plan.incremental = True
                 plan.note = f"checkpoint {parent} dirty bitmap"
                 fine = bitmaps.get(parent + FINE_SUFFIX)
-                if fine is not None and _usable(fine):
+                if fine is not None and recording(fine):
                     plan.fine_parent = True
                     plan.granularity = int(fine.get("granularity", plan.granularity))
                     plan.note += f", refined by {parent}{FINE_SUFFIX} ({plan.granularity // 1024} KiB granularity)"
@@ -406,7 +362,7 @@ def _plan_disks(p: DomainPoint) -> None:
             continue
         plan = p.plans[disk.target] = DiskPlan(QEMU_BITMAP, node=str(node["node-name"]),
                                                size=int(node.get("image", {}).get("virtual-size", 0)),
-                                               chain=_image_chain(node))
+                                               chain=image_chain(node))
         plan.granularity = bitmap_granularity(plan.size)
         if idle:
             _drop_leftovers(p, plan, bitmaps)
@@ -416,7 +372,7 @@ def _plan_disks(p: DomainPoint) -> None:
         elif base is None:
             plan.note = (f"full read: QEMU dirty bitmap {parent} not found on {disk.path} (QEMU was restarted "
                          "or the VM migrated since that run; the bitmap is not persistent)")
-        elif not _usable(base):
+        elif not recording(base):
             plan.note = f"full read: QEMU dirty bitmap {parent} on {disk.path} is not usable ({base})"
         else:
             plan.incremental = True
@@ -424,10 +380,6 @@ def _plan_disks(p: DomainPoint) -> None:
             plan.note = f"QEMU dirty bitmap {parent} ({plan.granularity // 1024} KiB granularity, non-persistent)"
     if any(p.plans[d.target].method == CHECKPOINT and p.plans[d.target].incremental for d in p.disks):
         p.parent_checkpoint = parent
-
-
-def _usable(bitmap: dict[str, Any]) -> bool:
-    return not bitmap.get("inconsistent") and bool(bitmap.get("recording", True)) and not bitmap.get("busy")
 
 
 def _checkpoint_granularity(bitmap: dict[str, Any] | None) -> str:
@@ -441,15 +393,7 @@ def _drop_leftovers(p: DomainPoint, plan: DiskPlan, bitmaps: dict[str, dict[str,
     for name, info in bitmaps.items():
         if (name == plan.own_bitmap(p.checkpoint) or (name.startswith("raksha-") and name.endswith(READ_SUFFIX))) \
                 and not info.get("busy"):
-            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
-
-
-def _try(dom: libvirt.virDomain, command: str, **arguments: Any) -> bool:
-    try:
-        qmp(dom, command, **arguments)
-    except QmpError:
-        return False
-    return True
+            try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
 
 
 def _add_bitmaps(p: DomainPoint) -> None:
@@ -501,39 +445,6 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
                 plan.note = f"full read: reading QEMU dirty bitmap {parent} failed: {exc}"
 
 
-def read_bitmap(dom: libvirt.virDomain, socket: str, node: str, bitmap: str, export: str, *,
-                granularity: int | None = None) -> ExtentArray:
-    """The extents QEMU bitmap ``bitmap`` of block node ``node`` marks, read through a disabled copy (QEMU
-    exports no enabled bitmap read-only; the bitmap itself keeps recording) exported as ``export`` on the
-    domain's NBD server at ``socket``. Raises QmpError or RakshaError."""
-    copy = bitmap + READ_SUFFIX
-    added = exported = False
-    try:
-        qmp(dom, "transaction", actions=[
-            {"type": "block-dirty-bitmap-add",
-             "data": {"node": node, "name": copy, "persistent": False, "disabled": True,
-                      **({"granularity": granularity} if granularity else {})}},
-            {"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": copy, "bitmaps": [bitmap]}}])
-        added = True
-        qmp(dom, "block-export-add", type="nbd", id=export, name=export, writable=False, bitmaps=[copy],
-            **{"node-name": node})
-        exported = True
-        src = NbdSource(socket, path=f"{dom.name()}:{node} bitmap", fmt="raw", export_name=export,
-                        dirty_bitmap=f"qemu:dirty-bitmap:{copy}")
-        try:
-            return src.dirty_extents()
-        finally:
-            src.close()
-    finally:
-        if exported:
-            _try(dom, "block-export-del", id=export, mode="hard")
-        if added:
-            for _ in range(50):  # the export lets go of the bitmap once its last client is gone
-                if _try(dom, "block-dirty-bitmap-remove", node=node, name=copy):
-                    break
-                time.sleep(0.02)
-
-
 def _settle(p: DomainPoint, ok: bool) -> list[str]:
     """Keep one base per disk: after a good run this run's (the parent's and the retired runs' go), after a
     failed one the parent's. Returns, after a good run, what should have gone and is still there: the
@@ -546,16 +457,16 @@ def _settle(p: DomainPoint, ok: bool) -> list[str]:
             continue
         if ok:
             for old in olds:
-                _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
+                try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
         elif plan.added:
-            _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.checkpoint))
+            try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.checkpoint))
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
     for old in olds if ok else []:
         if _delete_checkpoint(p.domain, old, metadata_fallback=True):
             # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of it.
             for plan in p.plans.values():
                 if plan.method == CHECKPOINT and plan.node is not None:
-                    _try(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=old)
+                    try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=old)
     if not ok and p.started and not vm_gone(p.domain):
         # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
         # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.
@@ -570,7 +481,7 @@ def _leftovers(p: DomainPoint, olds: list[str]) -> list[str]:
     out = [f"{name}: checkpoint {old} could not be deleted and stays on the domain "
            f"(virsh checkpoint-delete {name} {old})" for old in olds if _has_checkpoint(p.domain, old)]
     try:
-        nodes = _top_nodes(p.domain)
+        nodes = top_nodes(p.domain)
     except (QmpError, libvirt.libvirtError):
         return out  # the domain went away meanwhile: nothing of it is left to cost anything
     for disk in p.disks:
@@ -578,9 +489,9 @@ def _leftovers(p: DomainPoint, olds: list[str]) -> list[str]:
         node = nodes.get(disk.target)
         if plan is None or node is None:
             continue
-        stale = sorted(set(_bitmaps(node)) & {n for old in olds for n in (old, plan.own_bitmap(old))})
+        stale = sorted(set(node_bitmaps(node)) & {n for old in olds for n in (old, plan.own_bitmap(old))})
         if stale:
-            busy = [b for b in stale if _bitmaps(node)[b].get("busy")]
+            busy = [b for b in stale if node_bitmaps(node)[b].get("busy")]
             out.append(f"{name}:{disk.target}: dirty bitmap(s) {', '.join(stale)} could not be removed"
                        f"{' (in use by another job or export)' if busy else ''} and stay on the disk, costing "
                        f"its writes a little until removed (QMP block-dirty-bitmap-remove, node {plan.node})")
@@ -620,7 +531,7 @@ def qemu_owner(domain_xml: str) -> tuple[int, int] | None:
     return None
 
 
-def _make_workdir() -> str:
+def make_workdir() -> str:
     """This run's work directory: QEMU may pass through it (0711) to its domain's own directory."""
     base = pull_dir()
     _sweep_workdirs(base)
@@ -635,7 +546,7 @@ def _make_workdir() -> str:
     return workdir
 
 
-def _domain_dir(workdir: str, uuid: str, owner: tuple[int, int] | None) -> str:
+def domain_dir(workdir: str, uuid: str, owner: tuple[int, int] | None) -> str:
     """A domain's export socket and scratch images: a directory of QEMU's own (it creates the socket there),
     private to it and root."""
     path = os.path.join(workdir, uuid)
@@ -767,7 +678,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     """
     for dom, _parent in domains:
         end_stale_job(dom)
-    workdir = _make_workdir()
+    workdir = make_workdir()
     points = []
     try:
         for dom, parent in domains:
@@ -775,9 +686,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             xml = dom.XMLDesc(0)
             disks = domain_disks(xml)
             owner = qemu_owner(xml)
-            domain_dir = _domain_dir(workdir, dom.UUIDString(), owner)
+            own_dir = domain_dir(workdir, dom.UUIDString(), owner)
             points.append(DomainPoint(dom, [d for d in disks if d.target not in skip],
-                                      os.path.join(domain_dir, "nbd.sock"), checkpoint, None,
+                                      os.path.join(own_dir, "nbd.sock"), checkpoint, None,
                                       excluded=[d for d in disks if d.target in skip], parent=parent,
                                       retire=list(retire or ()), qemu_owner=owner))
     except BaseException:

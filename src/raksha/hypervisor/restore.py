@@ -54,7 +54,9 @@ from raksha.vault.engine.progress import Progress, ProgressCallback, ProgressEve
 from raksha.vault.engine.restore import blobs_to_verify, restore_backup, restore_chunks
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
+from raksha.vault.operations.compare import compare_image
 from raksha.vault.repository import Vault
+from raksha.vault.sources.open import open_source
 
 NEW_VM, FILES, IN_PLACE = "new_vm", "files", "in_place"
 RESTORE_TYPES = (NEW_VM, FILES, IN_PLACE)
@@ -80,6 +82,8 @@ class RestoreRequest:
     # in_place: write only the chunks that differ where the disks' dirty bitmaps allow it (rollback.py);
     # False rewrites every disk whole
     changed_only: bool = True
+    # every restored disk read back and compared with its backup, chunk by chunk (costs a read of its data)
+    read_back: bool = False
     threads: int | None = None
 
 
@@ -98,6 +102,7 @@ class RestoredDisk:
     # chunks that differ, in place; ``how`` says which and why the rest already held the point)
     method: str = "whole"
     how: str = ""
+    read_back: bool | None = None  # True: read back after the restore and identical; None: not read back
 
     @property
     def verified(self) -> bool:
@@ -107,7 +112,8 @@ class RestoredDisk:
         return {"target": self.target, "backup_id": self.backup_id, "path": self.path, "format": self.format,
                 "virtual_size": self.virtual_size, "bytes_written": self.bytes_written, "chunks": self.chunks,
                 "chunks_verified": self.chunks_verified, "verified": self.verified,
-                "content_digest": self.content_digest, "method": self.method, "how": self.how}
+                "content_digest": self.content_digest, "method": self.method, "how": self.how,
+                "read_back": self.read_back}
 
 
 @dataclass
@@ -561,6 +567,20 @@ def _restore_disk(vault: Vault, d: _DiskPlan, meter: _Meter, *, overwrite: bool,
     return disk
 
 
+def _read_back(vault: Vault, disk: RestoredDisk) -> None:
+    """Prove a restored disk by reading it back: RESTORE_MISMATCH unless it holds its backup chunk by chunk."""
+    source = open_source(disk.path, disk.format)
+    try:
+        report = compare_image(vault, BackupId.parse(disk.backup_id), source)
+    finally:
+        source.close()
+    disk.read_back = report.identical
+    if not report.identical:
+        raise VaultCorrupt(f"{disk.path}, read back, differs from backup {disk.backup_id}: {report.summary()}",
+                           code="RESTORE_MISMATCH", backup=disk.backup_id, output=disk.path,
+                           chunks=report.first_differing[:10])
+
+
 def _remove(paths: list[str]) -> None:
     for p in paths:
         try:
@@ -576,6 +596,8 @@ def _do_new_vm(conn: libvirt.virConnect, vault: Vault, req: RestoreRequest, vm: 
     try:
         for d in vm.disks:
             out.disks.append(_restore_disk(vault, d, meter, overwrite=False, threads=req.threads))
+            if req.read_back:
+                _read_back(vault, out.disks[-1])
             made.append(d.output)
         xml = new_domain_xml(vm.hints["domain_xml"], vm.new_name, {d.id.resource: (d.output, d.fmt)
                                                                   for d in vm.disks}, keep_macs=req.keep_macs)
@@ -606,6 +628,8 @@ def _do_files(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) -> 
     try:
         for d in vm.disks:
             out.disks.append(_restore_disk(vault, d, meter, overwrite=False, threads=req.threads))
+            if req.read_back:
+                _read_back(vault, out.disks[-1])
         for path, content in vm.files.items():
             try:
                 f = open(path, "x", encoding="utf-8")  # noqa: SIM115 - "x": never clobber a file that appeared
@@ -707,6 +731,8 @@ def _do_in_place(vault: Vault, req: RestoreRequest, vm: _VmPlan, meter: _Meter) 
             else:
                 out.disks.append(_restore_disk(vault, d, meter, overwrite=True, threads=req.threads))
                 out.disks[-1].how = whys.get(d.id.resource, "")
+            if req.read_back:
+                _read_back(vault, out.disks[-1])
     finally:
         for left in rollbacks.values():
             left.target.close()

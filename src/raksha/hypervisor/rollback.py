@@ -39,21 +39,8 @@ from typing import Any
 import libvirt
 
 from raksha.domain.errors import NotFound, RakshaError
-from raksha.hypervisor.pull import (
-    FINE_SUFFIX,
-    READ_SUFFIX,
-    QmpError,
-    _bitmaps,
-    _domain_dir,
-    _make_workdir,
-    _top_nodes,
-    qemu_owner,
-    qmp,
-    read_bitmap,
-)
-from raksha.hypervisor.pull import (
-    _usable as _recording,
-)
+from raksha.hypervisor.pull import FINE_SUFFIX, domain_dir, make_workdir, qemu_owner
+from raksha.hypervisor.qemu_blocks import READ_SUFFIX, QmpError, node_bitmaps, qmp, read_bitmap, recording, top_nodes
 from raksha.vault.engine.changes import Ranges, chunks_to_roll_back
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
@@ -165,13 +152,13 @@ def read_raw_bitmaps(dom: libvirt.virDomain, job: str, targets: list[str]) -> Ra
         if not dom.isActive():
             return {t: "the domain was not running: its QEMU dirty bitmap was gone" for t in targets}
         dom.suspend()
-        nodes = _top_nodes(dom)
+        nodes = top_nodes(dom)
     except (libvirt.libvirtError, QmpError) as exc:
         return {t: f"its QEMU dirty bitmap cannot be read: {exc}" for t in targets}
     prefix = f"raksha-{job}-"
     out: RawBitmaps = {}
-    workdir = _make_workdir()
-    socket = os.path.join(_domain_dir(workdir, dom.UUIDString(), qemu_owner(dom.XMLDesc(0))), "rollback.sock")
+    workdir = make_workdir()
+    socket = os.path.join(domain_dir(workdir, dom.UUIDString(), qemu_owner(dom.XMLDesc(0))), "rollback.sock")
     try:
         qmp(dom, "nbd-server-start", addr={"type": "unix", "data": {"path": socket}})
     except QmpError as exc:
@@ -183,8 +170,8 @@ def read_raw_bitmaps(dom: libvirt.virDomain, job: str, targets: list[str]) -> Ra
             if node is None:
                 out[target] = "QEMU reports no block node for it"
                 continue
-            found = {name: b for name, b in _bitmaps(node).items()
-                     if name.startswith(prefix) and not name.endswith(READ_SUFFIX) and _recording(b)}
+            found = {name: b for name, b in node_bitmaps(node).items()
+                     if name.startswith(prefix) and not name.endswith(READ_SUFFIX) and recording(b)}
             if not found:
                 out[target] = f"QEMU holds no usable dirty bitmap of job {job} for it"
                 continue

@@ -408,6 +408,7 @@ class Orchestrator:
             target_dir=directory,
             fmt=target.get("format", "qcow2"), keep_macs=bool(target.get("keep_macs", False)),
             start=bool(target.get("start", True)), changed_only=not target.get("rewrite_whole", False),
+            read_back=bool(target.get("read_back", False)),
             names=_new_names(run, vms, prefix) if r.restore_type == "new_vm" else {})
 
         last = [0.0]

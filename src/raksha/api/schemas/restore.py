@@ -24,6 +24,7 @@ RESTORE = {
                         "keep_macs": {"type": "boolean"},
                         "start": {"type": "boolean"},
                         "rewrite_whole": {"type": "boolean"},
+                        "read_back": {"type": "boolean"},
                     },
                     "additionalProperties": False,
                 },
