@@ -14,7 +14,7 @@ LINT_DIRS := $(wildcard src tests bench scripts)
 help:
 	@echo "Raksha make targets (run as root on Debian 12):"
 	@echo "  make demo       set up, then the main job: raksha serve protects two running VMs (full, incremental)"
-	@echo "                  and restores them as new VMs that boot with the data (~1 min)"
+	@echo "                  and restores them as new VMs that boot with the data, then undoes a mistake in place (~1 min)"
 	@echo "  make demo-vault set up, then the vault alone on a 1 GiB image (full, 1% change, incremental, restore)"
 	@echo "  make test       set up, then lint + the whole test suite, slow tests included (what CI runs)"
 	@echo "  make test-fast  set up, then the tests not marked slow (inner loop)"

@@ -79,7 +79,11 @@ def main() -> int:
     env = {**os.environ, "RAKSHA_URL": f"http://127.0.0.1:{port}", "RAKSHA_PROJECT": "demo"}
     restored: list[GuestDomain] = []
     try:
-        with GuestDomain(conn, guest, [(disks[0], "qcow2")], data / "guests", name="raksha-demo-web") as web, \
+        # web is defined (persistent): it is restored in place at the end, which keeps the same domain.
+        web_dom = conn.defineXML(GuestDomain(conn, guest, [(disks[0], "qcow2")], data / "guests",
+                                             name="raksha-demo-web").xml)
+        web_dom.create()
+        with GuestDomain.attached(conn, web_dom, data / "guests") as web, \
                 GuestDomain(conn, guest, [(disks[1], "raw")], data / "guests", name="raksha-demo-db") as db:
             def boot() -> float:
                 return max(web.wait_for_agent(timeout=300), db.wait_for_agent(timeout=300))
@@ -139,6 +143,26 @@ def main() -> int:
                 return "both files match in both VMs"
 
             step("boot the restored VMs and read the data back through their agents", check, lambda s: s)
+
+            def mistake() -> None:
+                code, _ = web.exec("rm /mnt/vda/tuesday.bin && sync")
+                assert code == 0, "deleting tuesday.bin in raksha-demo-web failed"
+
+            step("delete /mnt/vda/tuesday.bin in raksha-demo-web (the mistake)", mistake)
+            undo = step("raksha restore start <incremental> --type in_place --vm raksha-demo-web --wait",
+                        lambda: cli("restore", "start", incr["id"], "--type", "in_place", "--vm", "raksha-demo-web",
+                                    "--wait", env=env), _in_place_detail)
+            if undo["status"] != "available":
+                sys.exit(f"demo: in-place restore ended {undo['status']}: {undo.get('fail_reason')}")
+
+            def check_undo() -> str:
+                web.wait_for_agent(timeout=300)
+                code, out = web.exec("cat /mnt/vda/tuesday.bin")
+                if code != 0 or out.hex() != tuesday["raksha-demo-web"]:
+                    sys.exit("demo: raksha-demo-web: /mnt/vda/tuesday.bin is not back")
+                return "tuesday.bin is back"
+
+            step("raksha-demo-web boots again; read tuesday.bin through its agent", check_undo, lambda s: s)
     finally:
         for copy in restored:
             copy.__exit__(None, None, None)
@@ -149,13 +173,20 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
 
-    print("\nRaksha demo: two running VMs protected, changed, and brought back as new VMs\n")
+    print("\nRaksha demo: two running VMs protected, changed, brought back as new VMs, and one mistake undone "
+          "in place\n")
     width = max(len(s[0]) for s in steps)
     for name, seconds, detail in steps:
         print(f"  {name.ljust(width)}  {seconds:7.2f} s  {detail}")
     print(f"\n  full: {_run_detail(full)}\n  incremental: {_run_detail(incr)}")
     print(f"  total {time.monotonic() - started:.1f} s; server data and log in {data}")
     return 0
+
+
+def _in_place_detail(restore: dict[str, Any]) -> str:
+    disks = [d for vm in restore.get("results") or [] for d in vm["disks"]]
+    return ", ".join(f"{d['target']}: {d['bytes_written'] / 2**10:.0f} KiB written"
+                     + (" (only what differs)" if d["method"] == "changed" else " (whole disk)") for d in disks)
 
 
 def _run_detail(run: dict[str, Any]) -> str:

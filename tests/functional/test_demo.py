@@ -1,5 +1,6 @@
 """`make demo`'s main job as a test: the CLI drives `raksha serve` through a full, an incremental and a
-restore to new VMs of two real guests, which boot with the data (scripts/demo.py exits non-zero otherwise)."""
+restore to new VMs of two real guests, which boot with the data, and a mistake undone in place (scripts/demo.py
+exits non-zero otherwise)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,4 @@ def test_the_demo_protects_two_guests_and_brings_them_back(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "both files match in both VMs" in proc.stdout
     assert "incremental available" in proc.stdout
+    assert "written (only what differs)" in proc.stdout and "tuesday.bin is back" in proc.stdout  # undone in place
