@@ -123,8 +123,8 @@ def leave_in_use(path: Path) -> None:
         proc.wait()
 
 
-def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: libvirt.virConnect,
-                                                                       tmp_path: Path) -> None:
+def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: libvirt.virConnect, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     vault = new_vault(tmp_path)
     vda = make_data_disk(tmp_path / "vda.qcow2", "32M")
     raw = RawDisk(tmp_path / "vdb.raw", seed=1)
@@ -205,8 +205,29 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert disk(r8, "vda").kind == "incremental" and disk(r8, "vdb").kind == "incremental"
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r8"]
 
+        # libvirt refuses this run's checkpoint (made before the freeze window): the backup is good all the same,
+        # incremental from r8's, and says that the next run reads the qcow2 disks whole. That one does, and
+        # tracks them again.
+        made = libvirt.virDomain.checkpointCreateXML
+
+        def refused(_dom: libvirt.virDomain, _xml: str, _flags: int = 0) -> None:
+            raise libvirt.libvirtError("checkpoint refused by the test")
+
+        monkeypatch.setattr(libvirt.virDomain, "checkpointCreateXML", refused)
+        r8b = run("r8b", "r8", extents=5)
+        monkeypatch.setattr(libvirt.virDomain, "checkpointCreateXML", made)
+        for target in ("vda", "vdc", "vdd"):
+            assert disk(r8b, target).kind == "incremental"
+            assert "checkpoint raksha-job-r8b could not be made: checkpoint refused" in disk(r8b, target).tracking
+        assert disk(r8b, "vdb").kind == "incremental" and vm.dom.listAllCheckpoints() == []
+        r8c = run("r8c", "r8b", extents=5)
+        assert {d.target: d.kind for d in r8c.disks} == {"vda": "full", "vdb": "incremental",
+                                                         "vdc": "full", "vdd": "full"}
+        assert "checkpoint raksha-job-r8b missing" in disk(r8c, "vda").tracking
+        assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r8c"]
+
         # A full run starts a new chain: once it succeeded, the old chain's checkpoint and bitmaps are gone.
-        r9 = run("r9", None, extents=5, retire=("r8",))
+        r9 = run("r9", None, extents=5, retire=("r8c",))
         assert {d.kind for d in r9.disks} == {"full"}
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r9"]
         (vdb_node,) = [dev["inserted"] for dev in qmp(vm.dom, "query-block")

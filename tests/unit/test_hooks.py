@@ -43,3 +43,74 @@ def test_an_unknown_wanted_level_is_refused() -> None:
     with pytest.raises(InvalidInput) as err:
         backup_domains(None, [], None, "job", "run", consistency="app")  # type: ignore[arg-type]
     assert err.value.code == "INVALID_CONSISTENCY"
+
+
+class _Agent:
+    """The guest agent at its one seam (libvirt_qemu.qemuAgentCommand): a guest holding ``files``."""
+
+    def __init__(self, files: set[str], refuse_open: str = "") -> None:
+        self.files, self.refuse_open, self.calls = files, refuse_open, []  # type: list[str]
+
+    def __call__(self, _dom: object, cmd: str, _timeout: int, _flags: int) -> str:
+        import json
+
+        import libvirt
+
+        c = json.loads(cmd)
+        name, args = c["execute"], c.get("arguments", {})
+        self.calls.append(name)
+        missing = libvirt.libvirtError(f"failed to open file '{args.get('path')}': No such file or directory")
+        missing.err = (1, 0, missing.args[0], 0, "", None, None, 0, 0)  # what get_error_message() reads
+        if name == "guest-file-open":
+            if self.refuse_open:
+                err = libvirt.libvirtError(self.refuse_open)
+                err.err = (1, 0, self.refuse_open, 0, "", None, None, 0, 0)
+                raise err
+            if args["path"] not in self.files:
+                raise missing
+            return json.dumps({"return": 7})
+        if name == "guest-file-close":
+            return json.dumps({"return": {}})
+        if name == "guest-exec":
+            if args["path"] not in self.files:
+                raise missing
+            return json.dumps({"return": {"pid": 42}})
+        assert name == "guest-exec-status"
+        return json.dumps({"return": {"exited": True, "exitcode": 0}})
+
+
+@pytest.mark.parametrize(("files", "refuse", "calls", "outcome"), [
+    # No hook: one open(2) in the agent answers, and nothing is forked to find out.
+    (set(), "", ["guest-file-open"], "missing"),
+    # A hook: looked at, then run.
+    ({"/etc/raksha/hooks/pre-freeze"}, "", ["guest-file-open", "guest-file-close", "guest-exec", "guest-exec-status"],
+     "ok"),
+    # An agent that refuses the look (blocked command): guest-exec decides.
+    (set(), "Command guest-file-open has been disabled", ["guest-file-open", "guest-exec"], "missing"),
+])
+def test_a_missing_hook_is_found_without_running_anything(monkeypatch: pytest.MonkeyPatch, files: set[str],
+                                                          refuse: str, calls: list[str], outcome: str) -> None:
+    import libvirt_qemu
+
+    from raksha.hypervisor import strategy
+
+    agent = _Agent(files, refuse)
+    monkeypatch.setattr(libvirt_qemu, "qemuAgentCommand", agent)
+
+    class Guest:
+        domain, why = object(), ""
+
+    guest = Guest()
+    assert strategy._run_hook(guest, "/etc/raksha/hooks/pre-freeze", "pre-freeze", "freeze", 5) == outcome
+    assert agent.calls == calls
+    assert ("no pre-freeze hook at" in guest.why) == (outcome == "missing")
+
+
+def test_a_hook_named_without_a_path_is_looked_up_by_guest_exec(monkeypatch: pytest.MonkeyPatch) -> None:
+    import libvirt_qemu
+
+    from raksha.hypervisor.strategy import guest_file_missing
+
+    agent = _Agent(set())
+    monkeypatch.setattr(libvirt_qemu, "qemuAgentCommand", agent)
+    assert guest_file_missing(object(), "quiesce") is False and agent.calls == []  # type: ignore[arg-type]

@@ -171,6 +171,7 @@ class DomainPoint:
     started: bool = False
     qemu_owner: tuple[int, int] | None = None  # uid, gid QEMU runs as (None: unknown)
     scratch_made: bool = False  # its disks' scratch images are ready: libvirt reuses them
+    checkpoint_made: bool = False  # this run's libvirt checkpoint exists (made before the window)
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
@@ -467,7 +468,7 @@ def _settle(p: DomainPoint, ok: bool) -> list[str]:
             for plan in p.plans.values():
                 if plan.method == CHECKPOINT and plan.node is not None:
                     try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=old)
-    if not ok and p.started and not vm_gone(p.domain):
+    if not ok and p.checkpoint_made and not vm_gone(p.domain):
         # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
         # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=False)
@@ -629,18 +630,39 @@ def _remove_scratch(p: DomainPoint, scratch_dir: str) -> None:
             pass
 
 
+def _make_checkpoint(p: DomainPoint) -> None:
+    """This run's libvirt checkpoint, made before the freeze window rather than by ``backupBegin`` inside it.
+
+    Its bitmaps then record from a moment before the point in time, as the run's own bitmaps do
+    (``_add_bitmaps``): the next run reads the few writes in between once more, and libvirt's schema check
+    of the checkpoint and its metadata are no longer part of the guests' freeze. Where it cannot be made,
+    the backup goes on and the next run reads the disks whole, saying why."""
+    xml = _checkpoint_xml(p.checkpoint, p)
+    if xml is None:
+        return
+    try:
+        p.domain.checkpointCreateXML(xml, 0)
+    except libvirt.libvirtError as exc:
+        for d in p.disks:
+            plan = p.plan(d)
+            if plan.method == CHECKPOINT:
+                plan.note += f" (the next run reads it whole: checkpoint {p.checkpoint} could not be made: " \
+                             f"{exc.get_error_message() or exc})"
+        return
+    p.checkpoint_made = True
+
+
 def _begin_job(p: DomainPoint, scratch: str) -> None:
     if p.scratch_made:
         try:
-            p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p),
-                                 libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
+            p.domain.backupBegin(_backup_xml(p, scratch), None, libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
             return
         except libvirt.libvirtError as exc:
             # Whatever it was, libvirt making the scratch images tells.
             log.info("%s: backup job with ready scratch images refused (%s); libvirt makes them",
                      p.domain.name(), exc.get_error_message())
             _remove_scratch(p, scratch)
-    p.domain.backupBegin(_backup_xml(p, scratch), _checkpoint_xml(p.checkpoint, p), 0)
+    p.domain.backupBegin(_backup_xml(p, scratch), None, 0)
 
 
 def _begin(p: DomainPoint, scratch: str) -> None:
@@ -707,6 +729,8 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         live = [p for p in points if p.error is None]
         scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
         making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)  # while the guests are asked below
+        for p in live:
+            _make_checkpoint(p)
         if freeze:
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
         for p, procs in zip(live, making, strict=True):

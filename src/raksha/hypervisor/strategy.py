@@ -263,6 +263,27 @@ def guest_exec(dom: libvirt.virDomain, path: str, args: Sequence[str], timeout: 
         time.sleep(HOOK_POLL_S)
 
 
+def guest_file_missing(dom: libvirt.virDomain, path: str) -> bool:
+    """Whether the agent finds no file at ``path``: ``guest-file-open`` is an open(2) in the agent, where a
+    ``guest-exec`` of a missing file forks first (TCG guest: 2-4 ms against 4-14 ms, on every run of a
+    guest without a hook). False when it cannot tell: a bare name (``guest-exec`` looks it up in PATH), an
+    agent that refuses the command (frozen, or it is blocked); ``guest-exec`` then says."""
+    if not path.startswith("/"):
+        return False
+    cmd = {"execute": "guest-file-open", "arguments": {"path": path, "mode": "r"}}
+    try:
+        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0)
+    except libvirt.libvirtError as exc:
+        return "No such file or directory" in (exc.get_error_message() or "")
+    try:
+        handle = json.loads(reply)["return"]
+        libvirt_qemu.qemuAgentCommand(
+            dom, json.dumps({"execute": "guest-file-close", "arguments": {"handle": handle}}), 10, 0)
+    except (libvirt.libvirtError, KeyError, ValueError):
+        pass  # the agent closes what it opened when it restarts; guest-exec runs the hook either way
+    return False
+
+
 def _kill(dom: libvirt.virDomain, pid: int) -> None:
     """Kill a guest-exec'd process and its children (a hook's ``sleep``, found in /proc: no pkill in busybox);
     plain ``kill`` where there is no sh."""
@@ -282,6 +303,8 @@ def _run_hook(p: Freezable, path: str, phase: str, arg: str, timeout: float) -> 
     what happened."""
     t0 = time.monotonic()
     try:
+        if guest_file_missing(p.domain, path):
+            raise HookMissing(path)
         try:
             code, err = guest_exec(p.domain, path, [arg], timeout)
         except libvirt.libvirtError as exc:
