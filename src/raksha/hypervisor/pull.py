@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +175,7 @@ class DomainPoint:
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
+    _later: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
 
     def plan(self, disk: DiskInfo) -> DiskPlan:
         return self.plans.setdefault(disk.target, DiskPlan(CHECKPOINT if tracked(disk) else UNTRACKED))
@@ -213,7 +214,15 @@ class DomainPoint:
             self._ending.join()
         return self._end_errors
 
+    def later(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (QMP clean-up that nothing waits for) beside the transfer; the job's end waits for it."""
+        t = threading.Thread(target=fn, name=f"raksha-later-{self.domain.name()}", daemon=True)
+        t.start()
+        self._later.append(t)
+
     def _end_job(self) -> None:
+        for t in self._later:
+            t.join()
         try:
             self.domain.abortJob()
         except libvirt.libvirtError as exc:
@@ -436,7 +445,7 @@ def _read_parent_bitmaps(p: DomainPoint) -> None:
         parent = plan.own_bitmap(p.parent)
         try:
             plan.extents = read_bitmap(p.domain, p.socket, plan.node, parent, f"raksha-bitmap-{disk.target}",
-                                       granularity=plan.granularity)
+                                       granularity=plan.granularity, release=p.later)
         except (QmpError, RakshaError) as exc:
             plan.extents = None
             if plan.method == CHECKPOINT:  # the checkpoint's own bitmap still says what changed
@@ -452,18 +461,20 @@ def _settle(p: DomainPoint, ok: bool) -> list[str]:
     backup stays good, but a leftover bitmap costs the guest's writes until someone removes it, so it is
     said ("<domain>[:<disk>]: ...")."""
     olds = ([p.parent] if p.parent else []) + [r for r in p.retire if r not in (p.parent, p.checkpoint)]
+    removed = True  # every bitmap of the olds was there and is gone: nothing can be left to look for
     for disk in p.disks:
         plan = p.plans.get(disk.target)
         if plan is None or plan.node is None:
             continue
         if ok:
             for old in olds:
-                try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
+                removed &= try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
         elif plan.added:
             try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.checkpoint))
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
     for old in olds if ok else []:
         if _delete_checkpoint(p.domain, old, metadata_fallback=True):
+            removed = False
             # libvirt could only forget it (its bitmap was missing or inconsistent): drop what is left of it.
             for plan in p.plans.values():
                 if plan.method == CHECKPOINT and plan.node is not None:
@@ -472,7 +483,8 @@ def _settle(p: DomainPoint, ok: bool) -> list[str]:
         # A VM that stopped keeps the failed run's checkpoint (and its bitmap, saved in the image): forgetting
         # only the metadata would leave an orphan bitmap; the next good run from the parent is right either way.
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=False)
-    return _leftovers(p, olds) if ok and olds else []
+    # Looked for only when a removal failed: a checkpoint that is not found, or is deleted, leaves nothing.
+    return _leftovers(p, olds) if ok and olds and not removed else []
 
 
 def _leftovers(p: DomainPoint, olds: list[str]) -> list[str]:

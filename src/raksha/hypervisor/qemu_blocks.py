@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import Any
 
 import libvirt
@@ -86,12 +87,28 @@ def try_qmp(dom: libvirt.virDomain, command: str, **arguments: Any) -> bool:
 
 
 def read_bitmap(dom: libvirt.virDomain, socket: str, node: str, bitmap: str, export: str, *,
-                granularity: int | None = None) -> ExtentArray:
+                granularity: int | None = None,
+                release: Callable[[Callable[[], None]], None] | None = None) -> ExtentArray:
     """The extents QEMU bitmap ``bitmap`` of block node ``node`` marks, read through a disabled copy (QEMU
     exports no enabled bitmap read-only; the bitmap itself keeps recording) exported as ``export`` on the
-    domain's NBD server at ``socket``. Raises QmpError or RakshaError."""
+    domain's NBD server at ``socket``. Raises QmpError or RakshaError.
+
+    ``release``: given the removal of the export and the copy once the extents are read, to run it later
+    (two QMP round trips a disk that need not delay a backup's reads); by default it runs before returning,
+    and always when the read failed."""
     copy = bitmap + READ_SUFFIX
     added = exported = False
+
+    def remove() -> None:
+        if exported:
+            try_qmp(dom, "block-export-del", id=export, mode="hard")
+        if added:
+            for _ in range(50):  # the export lets go of the bitmap once its last client is gone
+                if try_qmp(dom, "block-dirty-bitmap-remove", node=node, name=copy):
+                    break
+                time.sleep(0.02)
+
+    read = False
     try:
         qmp(dom, "transaction", actions=[
             {"type": "block-dirty-bitmap-add",
@@ -105,14 +122,13 @@ def read_bitmap(dom: libvirt.virDomain, socket: str, node: str, bitmap: str, exp
         src = NbdSource(socket, path=f"{dom.name()}:{node} bitmap", fmt="raw", export_name=export,
                         dirty_bitmap=f"qemu:dirty-bitmap:{copy}")
         try:
-            return src.dirty_extents()
+            extents = src.dirty_extents()
         finally:
             src.close()
+        read = True
+        return extents
     finally:
-        if exported:
-            try_qmp(dom, "block-export-del", id=export, mode="hard")
-        if added:
-            for _ in range(50):  # the export lets go of the bitmap once its last client is gone
-                if try_qmp(dom, "block-dirty-bitmap-remove", node=node, name=copy):
-                    break
-                time.sleep(0.02)
+        if read and release is not None:
+            release(remove)
+        else:
+            remove()
