@@ -16,6 +16,7 @@ import pytest
 from conftest import MIB, PASSWORD, RunCli, blake3_file, error_of
 from raksha.cli.main import build_parser
 from raksha.domain.errors import (
+    EXIT_BUSY,
     EXIT_DAMAGED,
     EXIT_ERROR,
     EXIT_KEY,
@@ -245,6 +246,33 @@ def test_restore_over_refuses_what_cannot_be_right(cli_json: CliJson, vault: Pat
         err = cli_json("vault", "restore", vault, FULL, output, *args, expect=rc)["error"]
         assert err["code"] == code, (args, err)
     assert blake3_file(image) == before
+
+
+def test_an_image_open_in_qemu_is_never_written_over(cli_json: CliJson, vault: Path, make_image: MakeImage,
+                                                     tmp_path: Path) -> None:
+    """QEMU's own image locks say a VM (here a writable qemu-nbd, which locks as a VM's disk does) has it open."""
+    from raksha.vault.sources.nbd import QemuNbdExport
+
+    image = make_image("disk.img", 4 * MIB)
+    cli_json("vault", "backup", vault, image, "--id", FULL)
+    in_use = tmp_path / "in-use.img"
+    in_use.write_bytes(b"\xab" * (4 * MIB))
+    export = QemuNbdExport(str(in_use), "raw", writable=True)
+    try:
+        for args in (("--since", FULL), ("--force",)):
+            err = cli_json("vault", "restore", vault, FULL, in_use, *args, expect=EXIT_BUSY)["error"]
+            assert err["code"] == "IMAGE_IN_USE" and "shut the VM off" in err["message"], (args, err)
+    finally:
+        export.close()
+    assert in_use.read_bytes() == b"\xab" * (4 * MIB)
+    cli_json("vault", "restore", vault, FULL, in_use, "--since", FULL, "--changed-extents", _all(tmp_path))
+    assert blake3_file(in_use) == blake3_file(image)  # once QEMU let go of it
+
+
+def _all(tmp_path: Path) -> Path:
+    extents = tmp_path / "all.json"
+    extents.write_text(json.dumps([[0, 4 * MIB]]))
+    return extents
 
 
 def test_compare_reads_an_image_back_against_a_backup(cli_json: CliJson, encrypted_vault: Path,

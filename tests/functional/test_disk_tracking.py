@@ -35,6 +35,7 @@ from raksha.vault.engine.restore import restore_backup  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
 from raksha.vault.format.naming import BackupId  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
+from raksha.vault.sources.image_locks import image_in_use  # noqa: E402
 
 BLOCK = 4096
 RAW_SIZE = 32 << 20
@@ -157,6 +158,8 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
 
         r1 = run("r1", None)
         assert disk(r1, "vdb").kind == "full" and disk(r1, "vdb").method == "qemu-dirty-bitmap"
+        # A restore would never write over them while the VM runs: QEMU's image locks say it has them open.
+        assert image_in_use(str(raw.path)) and image_in_use(str(plain.path))
         assert "starts tracking" in disk(r1, "vdb").tracking
 
         r2 = run("r2", "r1", extents=40)  # 40 x 16 KiB = 640 KiB
@@ -234,6 +237,7 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
                        if dev.get("inserted", {}).get("file", "").endswith("vdb.raw")]
         assert [b["name"] for b in vdb_node.get("dirty-bitmaps", [])] == ["raksha-job-r9"]
         vm.dom.destroy()
+        assert not image_in_use(str(raw.path)) and not image_in_use(str(plain.path))
         # No stale or inconsistent bitmap left behind.
         for image in (vda, vdc, plain.path):
             assert sorted(image_bitmaps(image)) == ["raksha-job-r9", "raksha-job-r9~fine"], image

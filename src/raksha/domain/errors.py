@@ -90,6 +90,13 @@ class Conflict(PermanentError):
     code = "CONFLICT"
 
 
+class ImageInUse(Conflict):
+    """A disk image to be written over is open in QEMU (a running VM, an export): stop that first."""
+
+    code = "IMAGE_IN_USE"
+    exit_status = EXIT_BUSY
+
+
 class InvalidStateTransition(Conflict):
     """A status change the resource's state machine (raksha.domain.states) does not allow."""
 

@@ -31,7 +31,7 @@ from raksha.vault.malloc import anonymous_map
 from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import InPlaceTarget
 from raksha.vault.sources.nbd import NbdInPlace
-from raksha.vault.sources.open import create_target
+from raksha.vault.sources.open import create_target, refuse_if_in_use
 from raksha.vault.sources.raw import RawTarget
 
 # Blobs next to each other in a pack are fetched with one read of up to READ_SPAN bytes (skipping gaps
@@ -351,6 +351,7 @@ def restore_over(
         raise InvalidInput(f"restore format {fmt!r} is not supported (raw or qcow2)", code="INVALID_FORMAT")
     if not os.path.exists(output):
         raise NotFound(f"{output}: no such image to restore over", code="OUTPUT_NOT_FOUND")
+    refuse_if_in_use(output)
     target: NbdInPlace | RawTarget = NbdInPlace(output, fmt) if fmt == "qcow2" else \
         RawTarget(output, point.virtual_size, fresh=False)
     try:

@@ -10,8 +10,9 @@ import struct
 import subprocess
 from collections.abc import Sequence
 
-from raksha.domain.errors import AlreadyExists, ImageInvalid, InvalidInput, NotFound
+from raksha.domain.errors import AlreadyExists, ImageInUse, ImageInvalid, InvalidInput, NotFound
 from raksha.vault.sources.base import DiskSource, DiskTarget
+from raksha.vault.sources.image_locks import image_in_use
 from raksha.vault.sources.nbd import NbdSource, NbdTarget, QemuNbdExport
 from raksha.vault.sources.qcow2 import CLUSTER, Qcow2Layout, Qcow2Target
 from raksha.vault.sources.raw import RawSource, RawTarget
@@ -130,6 +131,13 @@ def open_source(path: str, fmt: str = "auto") -> DiskSource:
     return NbdSource(export.socket, path=path, fmt=detected, export=export)
 
 
+def refuse_if_in_use(path: str) -> None:
+    """Raise ``IMAGE_IN_USE`` if QEMU has ``path`` open (image_locks.py): never written over under a VM."""
+    if image_in_use(path):
+        raise ImageInUse(f"{path} is open in QEMU (a running VM or an export holds its write lock): "
+                         "shut the VM off or end the export first", path=path)
+
+
 def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False,
                   data_chunks: tuple[int, Sequence[int]] | None = None) -> DiskTarget:
     """A target for a restore to ``path``.
@@ -148,6 +156,7 @@ def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False,
     if os.path.exists(path):
         if not overwrite:
             raise AlreadyExists(f"{path} exists; choose a new path or pass --force", code="OUTPUT_EXISTS")
+        refuse_if_in_use(path)
         mode = os.stat(path).st_mode
         if stat.S_ISBLK(mode):
             if fmt != "raw":
