@@ -248,8 +248,8 @@ def test_restore_over_refuses_what_cannot_be_right(cli_json: CliJson, vault: Pat
     assert blake3_file(image) == before
 
 
-def test_an_image_open_in_qemu_is_never_written_over(cli_json: CliJson, vault: Path, make_image: MakeImage,
-                                                     tmp_path: Path) -> None:
+def test_an_image_open_in_qemu_is_neither_written_over_nor_backed_up(cli_json: CliJson, vault: Path,
+                                                                     make_image: MakeImage, tmp_path: Path) -> None:
     """QEMU's own image locks say a VM (here a writable qemu-nbd, which locks as a VM's disk does) has it open."""
     from raksha.vault.sources.nbd import QemuNbdExport
 
@@ -262,6 +262,10 @@ def test_an_image_open_in_qemu_is_never_written_over(cli_json: CliJson, vault: P
         for args in (("--since", FULL), ("--force",)):
             err = cli_json("vault", "restore", vault, FULL, in_use, *args, expect=EXIT_BUSY)["error"]
             assert err["code"] == "IMAGE_IN_USE" and "shut the VM off" in err["message"], (args, err)
+        # Nor read as if it held one point in time, as qemu-img refuses too.
+        for command in (("backup", vault, in_use, "--id", INC), ("compare", vault, FULL, in_use)):
+            err = cli_json("vault", *command, expect=EXIT_BUSY)["error"]
+            assert err["code"] == "IMAGE_IN_USE" and "freezes it" in err["message"], (command, err)
     finally:
         export.close()
     assert in_use.read_bytes() == b"\xab" * (4 * MIB)

@@ -112,7 +112,12 @@ def _qemu_img_probe(path: str) -> tuple[str | None, str | None]:
 
 def open_source(path: str, fmt: str = "auto") -> DiskSource:
     """The disk image at ``path``: of the format the caller says (trusted, no guessing: a raw disk is
-    read as raw whatever its guest wrote at its start), or of the one ``detect_format`` guesses."""
+    read as raw whatever its guest wrote at its start), or of the one ``detect_format`` guesses.
+
+    Not while QEMU has it open for writing (``IMAGE_IN_USE``), as ``qemu-img`` refuses without ``-U``: what a
+    running VM writes during the read would make a backup of no point in time (the driver freezes the VM
+    and reads a point-in-time export instead)."""
+    refuse_if_in_use(path, reading=True)
     if fmt == "raw":
         st = _stat_image(path)
         _check_raw_size(path, st)
@@ -131,11 +136,14 @@ def open_source(path: str, fmt: str = "auto") -> DiskSource:
     return NbdSource(export.socket, path=path, fmt=detected, export=export)
 
 
-def refuse_if_in_use(path: str) -> None:
-    """Raise ``IMAGE_IN_USE`` if QEMU has ``path`` open (image_locks.py): never written over under a VM."""
+def refuse_if_in_use(path: str, *, reading: bool = False) -> None:
+    """Raise ``IMAGE_IN_USE`` if QEMU has ``path`` open for writing (image_locks.py): never written over under
+    a VM, nor read as if it held one point in time."""
     if image_in_use(path):
+        why = ("reading it now would mix what the VM writes meanwhile into it; back the VM up through the "
+               "driver (raksha serve), which freezes it and reads a point in time, or " if reading else "")
         raise ImageInUse(f"{path} is open in QEMU (a running VM or an export holds its write lock): "
-                         "shut the VM off or end the export first", path=path)
+                         f"{why}shut the VM off or end the export first", path=path)
 
 
 def create_target(path: str, fmt: str, size: int, *, overwrite: bool = False,
