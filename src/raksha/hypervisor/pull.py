@@ -741,8 +741,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         live = [p for p in points if p.error is None]
         scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
         making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)  # while the guests are asked below
-        for p in live:
-            _make_checkpoint(p)
+        for err in each(_make_checkpoint, live):  # libvirt makes each domain's at once
+            if err is not None:
+                raise err
         if freeze:
             group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
         for p, procs in zip(live, making, strict=True):
