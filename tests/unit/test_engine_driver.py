@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from conftest import load_bench
@@ -41,3 +42,17 @@ def test_the_api_incremental_runs_its_trials_from_the_same_vault_state(tmp_path:
     assert sorted(p.name for p in tool.root.iterdir() if p.name.startswith("vault-after")) == ["vault-after-full"]
     vault = Vault.open(LocalBackend(tool.api_repo), Secret(passphrase=run.PASSWORD.encode()))
     assert vault.has_backup(BackupId.parse(incr.raksha_id))
+
+
+def test_the_warm_up_leaves_a_backups_buffers_for_the_measured_one_and_nothing_else(tmp_path: Path) -> None:
+    """The agent has backed up before: the measured backup finds the pool as the agent's would."""
+    from raksha.vault import malloc
+    from raksha.vault.format.config import VaultConfig
+
+    driver = load_bench("engine_driver")
+    malloc.POOL.clear()
+    before = set(os.listdir(tempfile.gettempdir()))
+    driver.warm_up(VaultConfig.new(encrypted=True), size=4 * MIB)
+    assert malloc.POOL.held >= 16 * MIB + 8 * MIB  # the pipeline's buffers and the packer's
+    assert set(os.listdir(tempfile.gettempdir())) <= before  # its image and scratch vault are gone
+    malloc.POOL.clear()

@@ -160,3 +160,28 @@ def _stage(backend: LocalBackend, data: bytes) -> Path:
     path = backend.staging_dir() / "staged.part"
     path.write_bytes(data)
     return path
+
+
+def test_a_new_object_makes_its_new_directories_durable_and_no_more(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new directory's entry is in its parent: the parents of the directories a put made are
+    fsynced, up to the first that was there already (a backup's run, VM and disk directories: the
+    job's directory last; not the vault's root or ``backups/``, whose entries are old)."""
+    from raksha.vault.backends import local
+
+    backend = LocalBackend(tmp_path / "vault", create=True)
+    backend.put("backups/job/run1/vm/vda/Backup", b"first")
+    synced: list[str] = []
+    real = local._fsync
+
+    def record(path: Path, flags: int = os.O_RDONLY) -> None:
+        if flags != os.O_RDONLY:
+            synced.append(str(Path(path).relative_to(tmp_path / "vault")))
+        real(path, flags)
+
+    monkeypatch.setattr(local, "_fsync", record)
+    backend.put("backups/job/run2/vm/vda/Backup", b"second")  # run2, vm and vda are new
+    assert synced == ["backups/job/run2/vm/vda", "backups/job/run2/vm", "backups/job/run2", "backups/job"]
+    synced.clear()
+    backend.put("backups/job/run2/vm/vda/BackupMetadata", b"meta")  # its directory was there
+    assert synced == ["backups/job/run2/vm/vda"]

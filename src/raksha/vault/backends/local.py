@@ -107,7 +107,7 @@ class LocalBackend:
         final = self._root / key
         op: Callable[[Path, Path], None] = os.replace if overwrite else os.link
         try:
-            created = False
+            top: Path | None = None  # the highest directory that already held the new ones we made
             for attempt in range(3):
                 try:
                     op(tmp, final)
@@ -116,14 +116,19 @@ class LocalBackend:
                     # Parent missing (or pruned by a concurrent delete): create it and retry.
                     if attempt == 2 or not tmp.exists():
                         raise
+                    held = final.parent
+                    while held != self._root and not held.exists():
+                        held = held.parent
+                    if top is None or held in top.parents:
+                        top = held
                     final.parent.mkdir(parents=True, exist_ok=True)
-                    created = True
-            # fsync the directory to make the new entry durable; new directories need theirs too.
+            # fsync the directory to make the new entry durable; a new directory's entry is in its parent,
+            # so the parents of those made here need theirs too (and none above: their entries are old).
             _fsync(final.parent, _DIR)
-            if created:
+            if top is not None:
                 for parent in final.parent.parents:
                     _fsync(parent, _DIR)
-                    if parent == self._root:
+                    if parent == top or parent == self._root:
                         break
         except FileExistsError as exc:
             raise AlreadyExists(

@@ -34,7 +34,7 @@ from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import LockKind
-from raksha.vault.malloc import anonymous_map
+from raksha.vault.malloc import POOL
 from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import DiskSource, Extent
 
@@ -168,6 +168,7 @@ class _Backup:
         self.stats = BackupStats(virtual_size=self.size)
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: a BlobEncoder, a BlobDecoder
+        self._encoders: list[BlobEncoder] = []  # all of them, to release once the pipeline ends
         self._zero_ids: dict[int, bytes] = {}
         self.condemned: IdSet | DiskIdSet = IdSet()  # what a running gc will delete: stored again if used
         # Chunks changed in part: rebuilt whole on the parent's copy (patch), or stored as a new layer of
@@ -214,10 +215,15 @@ class _Backup:
         self.progress = Progress("backup", work, self.callback)
         workers = max(1, self.threads - max(1, self.threads // 2))
         readers = reader_count(self.threads, len(to_read), work, limit=self.max_readers)
-        buffers = [anonymous_map(self.chunk_size)  # page-aligned: sources read into them with O_DIRECT
+        buffers = [POOL.take(self.chunk_size)  # page-aligned: sources read into them with O_DIRECT
                    for _ in range(max(readers + workers, PREFETCH_BYTES // self.chunk_size))]
         try:
-            run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers)
+            try:
+                run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers)
+            finally:  # every reader and worker has ended: their buffers go to the next backup of the process
+                POOL.give(*buffers)
+                for encoder in self._encoders:
+                    encoder.release()
             if self.reads_done is not None:
                 self.reads_done()
             self.packer.flush()
@@ -499,6 +505,8 @@ class _Backup:
         if encoder is None:  # zstandard objects are not thread-safe, and the buffers are reused: one per thread
             encoder = self._local.encoder = BlobEncoder(
                 self.vault.crypto, self.vault.config.compression_level, self.chunk_size)
+            with self._lock:
+                self._encoders.append(encoder)
         blob = encoder.encode(data, cid)
         self.packer.add(cid, blob, len(data))
         with self._lock:

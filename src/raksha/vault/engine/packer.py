@@ -16,7 +16,7 @@ from raksha.domain.errors import AlreadyExists, BackendError, RakshaError, Stora
 from raksha.vault.directio import WRITE_BUFFERS, SequentialFile
 from raksha.vault.format.index import INDEX_ROW_SIZE, Location, index_key, index_rows
 from raksha.vault.format.pack import PackEntry, encode_pack_trailer, new_pack_preamble, pack_key
-from raksha.vault.malloc import anonymous_map
+from raksha.vault.malloc import POOL
 from raksha.vault.repository import Vault
 
 
@@ -79,6 +79,7 @@ class Packer:
             self._submit(pack)
         self._wait(0)
         self._stop()
+        self._give_back()
         self._merge()
 
     def _merge(self) -> None:
@@ -110,13 +111,16 @@ class Packer:
         """Remove staged files of an unfinished backup; stored packs stay (a rerun reuses them)."""
         with self._lock:
             if self._current is not None:
-                self._current.file.close()
+                self._current.file.close()  # its writer thread ended: nothing uses its buffers
+                with self._books:
+                    self._spare.append(self._current.buffers)
                 self._current = None
         try:
             self._wait(0)
         except BaseException:
             pass  # the error that made us abort is already on its way
         self._stop()
+        self._give_back()
         with self._books:
             for p in self._staged:
                 p.unlink(missing_ok=True)
@@ -146,13 +150,19 @@ class Packer:
         if sealer is not None:
             sealer.shutdown(wait=True)
 
+    def _give_back(self) -> None:
+        """The write buffers, once no pack is open or being sealed: to the next packer of the process."""
+        with self._books:
+            spare, self._spare = self._spare, []
+        POOL.give(*(buf for buffers in spare for buf in buffers))
+
     def _open(self) -> _OpenPack:
         path = self._vault.backend.staging_dir() / f"pack-{os.getpid()}-{os.urandom(8).hex()}.partial"
         try:
             hasher = blake3.blake3()
             with self._books:
                 spare = self._spare.pop() if self._spare else None
-            buffers = spare or [anonymous_map(WRITE_BUFFER) for _ in range(WRITE_BUFFERS)]
+            buffers = spare or [POOL.take(WRITE_BUFFER) for _ in range(WRITE_BUFFERS)]
             pack = _OpenPack(SequentialFile(path, hasher=hasher, buffers=buffers), hasher, buffers)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

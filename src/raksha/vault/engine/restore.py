@@ -27,7 +27,7 @@ from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
 from raksha.vault.locks import LockKind
-from raksha.vault.malloc import anonymous_map
+from raksha.vault.malloc import POOL, anonymous_map
 from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import InPlaceTarget
 from raksha.vault.sources.nbd import NbdInPlace
@@ -146,6 +146,7 @@ def restore_backup(
     threads: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> RestoreResult:
+    POOL.clear()  # a backup's idle buffers, not used here: a restore's own are the process's peak
     with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)

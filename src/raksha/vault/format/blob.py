@@ -13,7 +13,7 @@ import zstandard
 from raksha.domain.errors import VaultCorrupt
 from raksha.vault.format.constants import BLOB_RAW, BLOB_ZSTD, NONCE_SIZE, TAG_SIZE
 from raksha.vault.format.crypto import Crypto
-from raksha.vault.malloc import anonymous_map
+from raksha.vault.malloc import POOL, anonymous_map
 
 Buffer = bytes | bytearray | memoryview
 
@@ -60,12 +60,21 @@ class BlobEncoder:
         self._probe = probe
         # Anonymous maps, not bytearrays: their pages are touched only as far as blobs fill them, and
         # not zeroed first (an incremental of 100 kB layers touched 2 MiB per thread, in page faults).
-        self._inner = anonymous_map(1 + max_length)
-        self._sealed = anonymous_map(NONCE_SIZE + 1 + max_length + TAG_SIZE) if crypto.encrypted else None
+        self._inner = POOL.take(1 + max_length)
+        self._sealed = POOL.take(NONCE_SIZE + 1 + max_length + TAG_SIZE) if crypto.encrypted else None
+        self._released = False
         self.stored_raw = 0  # chunks stored uncompressed (probe or no gain)
         self.probe_skipped = 0  # of those, chunks the probe kept from being compressed at all
 
+    def release(self) -> None:
+        """Give the buffers to the next encoder of the process; this one must not be used again."""
+        if not self._released:
+            self._released = True
+            POOL.give(*(m for m in (self._inner, self._sealed) if m is not None))
+
     def encode(self, data: Buffer, chunk_id: bytes) -> memoryview:
+        if self._released:
+            raise RuntimeError("BlobEncoder used after release()")  # its buffers are another's now
         n = len(data)
         inner = memoryview(self._inner)
         kind = BLOB_RAW

@@ -40,6 +40,7 @@ from raksha.vault.format.rows_by_pack import RowsByPack
 from raksha.vault.format.scratch import Partitions
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import Lock, LockKind
+from raksha.vault.malloc import POOL
 from raksha.vault.processes import owner_alive
 from raksha.vault.repository import (
     CONDEMNED_SUFFIX,
@@ -189,6 +190,7 @@ def collect_garbage(vault: Vault, *, grace: float = 3600.0, max_wait: float = 60
                     clock: Callable[[], float] = time.time, progress: ProgressCallback | None = None) -> GcReport:
     """``progress`` hears of the mark ("gc: mark", backups read) and the repack ("gc: repack", bytes
     copied), the two phases that take long on a large vault."""
+    POOL.clear()  # a backup's idle buffers: gc's index and marks are the process's peak
     with vault.locks.acquire(LockKind.MAINTENANCE, "gc") as lock:
         return _Gc(vault, grace, max_wait, repack_threshold, dry_run, poll, clock, lock, progress).run()
 

@@ -39,6 +39,7 @@ from raksha.vault.format.pack import check_preamble, pack_key
 from raksha.vault.format.rows_by_pack import PackRows, RowsByPack
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import LockKind
+from raksha.vault.malloc import POOL
 from raksha.vault.repository import Vault, new_id_set, retry_index_read
 
 
@@ -88,6 +89,7 @@ def verify_vault(vault: Vault, *, read_data: bool = True, subset: DataSubset | N
     """``subset``: read only those packs' data (``DataSubset``); ``rng`` draws a percentage's packs."""
     if subset is not None and not read_data:
         raise InvalidInput("a data subset needs the data read: read_data is off", code="SUBSET_INVALID")
+    POOL.clear()  # a backup's idle buffers, not used here
     with vault.locks.acquire(LockKind.SHARED, "verify"):
         # A piece of a pack (READ_PIECE) in memory per thread: one thread per core keeps RSS bounded.
         return _Verify(vault, read_data, threads or os.cpu_count() or 2, progress, subset, rng).run()
