@@ -36,6 +36,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -741,11 +742,16 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         live = [p for p in points if p.error is None]
         scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
         making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)  # while the guests are asked below
-        for err in each(_make_checkpoint, live):  # libvirt makes each domain's at once
-            if err is not None:
-                raise err
-        if freeze:
-            group.hooks = pre_freeze(live, hooks)  # before the window: their time is not the guests' freeze
+        # Before the window, so that their time is not the guests' freeze, and side by side: the checkpoints
+        # (libvirt makes each domain's at once) and the pre-freeze hooks (or the probes for them) in the guests.
+        with ThreadPoolExecutor(1, thread_name_prefix="raksha-pre-freeze") as side:
+            hook_run = side.submit(pre_freeze, live, hooks) if freeze else None
+            made = each(_make_checkpoint, live)
+            if hook_run is not None:
+                group.hooks = hook_run.result()
+        if any(err is not None for err in made):
+            post_thaw(group.hooks, hooks)  # what the pre-freeze hooks did is undone, as after a window
+            raise next(err for err in made if err is not None)
         for p, procs in zip(live, making, strict=True):
             _finish_scratch(p, procs, scratch_dirs[id(p)])
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.

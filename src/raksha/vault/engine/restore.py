@@ -290,6 +290,7 @@ def restore_chunks(
     knows which chunks those are; of a chunk in ``parts``, only those [start, end) ranges inside it).
     All-zero data is written as zeroes, every blob is checked against its id, and ``chunks_verified``
     counts the distinct blobs the written chunks needed. The caller closes ``target``."""
+    POOL.clear()  # as restore_backup
     with vault.locks.acquire(LockKind.SHARED, f"restore {backup_id}"):
         start = time.monotonic()
         manifest = vault.read_manifest(backup_id)
