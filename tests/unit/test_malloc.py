@@ -78,6 +78,15 @@ def test_a_map_given_back_is_handed_out_again_to_a_caller_asking_its_size() -> N
     assert pool.take(1 << 20) is not first  # nothing kept: a new map
 
 
+def test_a_map_given_twice_is_kept_once() -> None:
+    pool = malloc.MapPool(limit=8 << 20)
+    m = pool.take(1 << 20)
+    pool.give(m, m)
+    pool.give(m)
+    assert pool.held == 1 << 20
+    assert pool.take(1 << 20) is m and pool.take(1 << 20) is not m
+
+
 def test_a_miss_unmaps_what_the_pool_keeps_of_other_sizes() -> None:
     """The pool keeps what the last kind of operation used: a restore's buffers never sit beside a
     backup's idle ones."""

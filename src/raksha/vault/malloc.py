@@ -102,9 +102,12 @@ class MapPool:
             if m.closed:
                 continue
             with self._lock:
+                same = self._free.setdefault(len(m), [])
+                if any(kept is m for kept in same):
+                    continue  # given twice: kept once, or two takers would share it
                 keep = self._bytes + len(m) <= self._limit
                 if keep:
-                    self._free.setdefault(len(m), []).append(m)
+                    same.append(m)
                     self._bytes += len(m)
             if not keep:
                 _unmap(m)
