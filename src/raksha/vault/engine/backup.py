@@ -361,9 +361,11 @@ class _Backup:
         assert parent is not None
         bad = {i for i in {common - 1, n - 1} if 0 <= i < common and parent.chunk_length(i) != self._length(i)}
         stored, condemned = self.stored_ids, self.condemned
+        # No gc running (nearly always): one lookup an id, not two; this walks every chunk of the disk.
+        none_condemned = isinstance(condemned, IdSet) and not len(condemned)
 
         def gone(cid: bytes) -> bool:
-            return cid != ZERO_ID and (cid not in stored or cid in condemned)
+            return cid != ZERO_ID and (cid not in stored or (not none_condemned and cid in condemned))
 
         # One pass over the ids as they are (from their file on a large disk), no set of them: a dense
         # disk's distinct ids would take ~58 bytes each.
