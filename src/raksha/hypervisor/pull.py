@@ -749,9 +749,10 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             made = each(_make_checkpoint, live)
             if hook_run is not None:
                 group.hooks = hook_run.result()
-        if any(err is not None for err in made):
+        failed = [err for err in made if err is not None]
+        if failed:
             post_thaw(group.hooks, hooks)  # what the pre-freeze hooks did is undone, as after a window
-            raise next(err for err in made if err is not None)
+            raise failed[0]
         for p, procs in zip(live, making, strict=True):
             _finish_scratch(p, procs, scratch_dirs[id(p)])
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.
