@@ -1,9 +1,12 @@
-"""Pure parts of the pull strategy: bitmap granularity, libvirt error translation, QEMU's user, work directories."""
+"""Pure parts of the pull strategy: bitmap granularity, libvirt error translation, QEMU's user, work directories,
+scratch images."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,12 +14,15 @@ import pytest
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by scripts/setup.sh")
 
 from raksha.domain.errors import HypervisorError, NotFound, VmGone  # noqa: E402
+from raksha.hypervisor import pull  # noqa: E402
+from raksha.hypervisor.disks import DiskInfo  # noqa: E402
 from raksha.hypervisor.errors import translate  # noqa: E402
 from raksha.hypervisor.pull import (  # noqa: E402
     _SOCKET_OWNER,
     MAX_BITMAP_BYTES,
     PULL_DIR_ENV,
     WORKDIR_PREFIX,
+    DomainPoint,
     bitmap_granularity,
     make_workdir,
     qemu_owner,
@@ -107,3 +113,43 @@ def test_an_unusable_pull_directory_is_a_permanent_error(tmp_path: Path, monkeyp
     with pytest.raises(HypervisorError) as err:
         make_workdir()
     assert err.value.code == "PULL_DIR_UNUSABLE" and not err.value.retryable and PULL_DIR_ENV in str(err.value)
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def name(self) -> str:
+        return self._name
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is installed by scripts/setup.sh")
+def test_scratch_images_after_the_first_are_qemu_img_s_bytes_without_qemu_img(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first run of a process asks qemu-img for each size; later ones write what it made, byte for byte."""
+    monkeypatch.setattr(pull, "_SCRATCH_TEMPLATES", {})
+    size = 3 * GIB + 65536
+    vda = DiskInfo(target="vda", path="/images/a.qcow2", source_type="file", format="qcow2", bus="virtio",
+                   device="disk")
+    point = DomainPoint(_Named("vm"), [vda], str(tmp_path / "nbd.sock"), "c1", None)
+    point.plan(vda).size = size
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d in (first, second):
+        d.mkdir()
+    procs = pull._start_scratch(point, str(first))
+    assert [type(p) for p in procs] == [subprocess.Popen]
+    pull._finish_scratch(point, procs, str(first))
+    assert point.scratch_made and size in pull._SCRATCH_TEMPLATES
+
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", None)  # qemu-img is not run again
+        procs = pull._start_scratch(point, str(second))
+    assert procs == [None]
+    pull._finish_scratch(point, procs, str(second))
+    made = second / "vda.scratch"
+    assert point.scratch_made and stat.S_IMODE(made.stat().st_mode) == 0o600
+    assert made.read_bytes() == (first / "vda.scratch").read_bytes()
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(made)], capture_output=True, text=True, check=True)
+    assert f'"virtual-size": {size}' in info.stdout and '"format": "qcow2"' in info.stdout
+    subprocess.run(["qemu-img", "check", "-q", str(made)], check=True)

@@ -175,10 +175,11 @@ def _vm_error(dom: libvirt.virDomain, name: str, exc: Exception) -> RakshaError:
 
 
 def _last_read(source: NbdSource, p: DomainPoint) -> Callable[[], None]:
-    """After the domain's last disk is read: let go of its export, so the job can end while the vault commits."""
+    """After the domain's last disk is read: the job starts ending (while the vault commits), then the export
+    is let go of (ending the job closes the NBD server: the disconnect is only courtesy)."""
     def done() -> None:
-        source.close()
         p.reads_done()
+        source.close()
 
     return done
 
