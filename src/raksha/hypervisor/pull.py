@@ -173,6 +173,8 @@ class DomainPoint:
     qemu_owner: tuple[int, int] | None = None  # uid, gid QEMU runs as (None: unknown)
     scratch_made: bool = False  # its disks' scratch images are ready: libvirt reuses them
     checkpoint_made: bool = False  # this run's libvirt checkpoint exists (made before the window)
+    checkpoint_refused: str = ""  # why libvirt would not make it (the next run reads the qcow2 disks whole)
+    idle: bool = True  # no backup job was running on the domain when the run began
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
@@ -331,10 +333,7 @@ def _plan_disks(p: DomainPoint) -> None:
     except (QmpError, libvirt.libvirtError) as exc:
         nodes, qmp_error = None, str(exc)
     has_checkpoint = parent is not None and any(map(tracked, p.disks)) and _has_checkpoint(p.domain, parent)
-    idle = not _has_job(p.domain)
-    if idle and p.checkpoint != parent and _has_checkpoint(p.domain, p.checkpoint):
-        # Left by a killed attempt at this same run: deleting it merges its bitmaps into its parent's.
-        _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
+    idle = p.idle
     for disk in p.disks:
         node = (nodes or {}).get(disk.target)
         bitmaps = node_bitmaps(node) if node else {}
@@ -688,11 +687,7 @@ def _make_checkpoint(p: DomainPoint) -> None:
     try:
         p.domain.checkpointCreateXML(xml, 0)
     except libvirt.libvirtError as exc:
-        for d in p.disks:
-            plan = p.plan(d)
-            if plan.method == CHECKPOINT:
-                plan.note += f" (the next run reads it whole: checkpoint {p.checkpoint} could not be made: " \
-                             f"{exc.get_error_message() or exc})"
+        p.checkpoint_refused = exc.get_error_message() or str(exc)  # said on the disks once they are planned
         return
     p.checkpoint_made = True
 
@@ -728,15 +723,40 @@ def _begin(p: DomainPoint, scratch: str) -> None:
     p.started = True
 
 
-def _prepare(points: list[DomainPoint]) -> list[DomainPoint]:
-    """Plan each domain's disks and add this run's bitmaps; the domains that could be prepared."""
+def _clear_attempt(p: DomainPoint) -> None:
+    """Before this run's checkpoint is made: one of its name, left by a killed attempt at this same run, goes
+    (deleting it merges its bitmaps into its parent's). Only with no backup job on the domain."""
+    p.idle = not _has_job(p.domain)
+    if p.idle and p.checkpoint != p.parent and _has_checkpoint(p.domain, p.checkpoint):
+        _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
+
+
+def _prepare(points: list[DomainPoint]) -> tuple[list[DomainPoint], list[BaseException | None]]:
+    """Plan each domain's disks and add this run's bitmaps, while libvirt makes the checkpoints: it checks
+    each one's XML against its schema (~10 ms) before it needs the domain. The domains that could be
+    prepared, and per domain what making its checkpoint raised (None: made, or refused and said why)."""
     for p in points:
         try:
-            _plan_disks(p)
-            _add_bitmaps(p)
+            _clear_attempt(p)
         except libvirt.libvirtError as exc:
             p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
-    return [p for p in points if p.error is None]
+    ready = [p for p in points if p.error is None]
+    with ThreadPoolExecutor(1, thread_name_prefix="raksha-checkpoints") as side:
+        checkpoints = side.submit(each, _make_checkpoint, ready)
+        for p in ready:
+            try:
+                _plan_disks(p)
+                _add_bitmaps(p)
+            except libvirt.libvirtError as exc:
+                p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
+        made = checkpoints.result()
+    for p in ready:
+        for d in p.disks if p.checkpoint_refused else ():
+            plan = p.plan(d)
+            if plan.method == CHECKPOINT:
+                plan.note += f" (the next run reads it whole: checkpoint {p.checkpoint} could not be made: " \
+                             f"{p.checkpoint_refused})"
+    return [p for p in points if p.error is None], made
 
 
 @contextmanager
@@ -777,15 +797,15 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     making: list[list[subprocess.Popen[bytes] | None]] = []
     try:
         # Before the window, so that their time is not the guests' freeze, and side by side: the pre-freeze
-        # hooks (or the probes for them) in the guests, and the planning, the run's bitmaps and checkpoints
-        # (libvirt makes each domain's at once). A domain whose planning fails has its hook undone below.
+        # hooks (or the probes for them) in the guests, the planning and the run's bitmaps, and the run's
+        # checkpoints (libvirt makes each domain's at once). A domain whose planning fails has its hook
+        # undone after the window, and its checkpoint deleted as the group ends.
         with ThreadPoolExecutor(1, thread_name_prefix="raksha-pre-freeze") as side:
             hook_run = side.submit(pre_freeze, points, hooks) if freeze else None
             try:
-                live = _prepare(points)
+                live, made = _prepare(points)
                 scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
                 making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)
-                made = each(_make_checkpoint, live)
             except BaseException:
                 if hook_run is not None:
                     post_thaw(hook_run.result(), hooks)
