@@ -24,10 +24,11 @@ PROBE_SAMPLES = 4
 PROBE_SAMPLE_SIZE = 4096
 PROBE_MIN_GAIN = 0.03
 # Smaller data (an incremental's layers of ~100 kB, chunks of small-chunk vaults) is compressed whole: zstd
-# gives random data up about as fast as the four samples take, and each sample is a call that lets go of
-# the GIL and must win it back. 200 random 100 KiB layers of a live VM's incremental: the pipeline took
-# 54 ms (median of 14) against 63 ms probed, on 2 cores shared with the VM's QEMU.
-PROBE_MIN_LENGTH = 256 << 10
+# -1 gives random data up in about the time the four samples take (64 KiB: 13 us against 13; 100 KiB: 17
+# against 15; 256 KiB: 47 against 15), and each sample is a call that lets go of the GIL and must win it
+# back. 200 random 100 KiB layers of a live VM's incremental: the pipeline took 54 ms (median of 14)
+# against 63 ms probed, on 2 cores shared with the VM's QEMU.
+PROBE_MIN_LENGTH = 128 << 10
 
 
 def encode_blob(data: bytes, chunk_id: bytes, crypto: Crypto, compressor: zstandard.ZstdCompressor) -> bytes:
