@@ -175,22 +175,21 @@ def test_a_guest_whose_agent_hangs_is_not_frozen_and_does_not_hold_the_window(co
 
 def test_a_run_that_fails_beside_the_pre_freeze_hooks_has_them_undone(conn: libvirt.virConnect, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pre-freeze hooks run while libvirt makes the run's checkpoints. When making one fails with an
-    error of Raksha's own (libvirt's refusal only notes that the next run reads whole), the run fails
-    before any guest is frozen, and the post-thaw hooks undo what the pre-freeze ones did."""
+    """The pre-freeze hooks run while the run is planned. When the planning fails with an error of Raksha's
+    own, the run fails before any guest is frozen, and the post-thaw hooks undo what the pre-freeze ones did."""
     from raksha.hypervisor import pull
 
     def broken(_p: object) -> None:
         time.sleep(1.0)  # the hook has run by now: it is undone, not skipped
-        raise RuntimeError("checkpoint bookkeeping broke")
+        raise RuntimeError("planning broke")
 
-    monkeypatch.setattr(pull, "_make_checkpoint", broken)
+    monkeypatch.setattr(pull, "_plan_disks", broken)
     vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
     with GuestDomain(conn, build_guest(), [(make_data_disk(tmp_path / "app.raw", "24M", fmt="raw"), "raw")],
                      tmp_path, name="raksha-ac3-app") as app:
         app.wait_for_agent()
         install(app, HOOKS["app"])
-        with pytest.raises(RuntimeError, match="checkpoint bookkeeping broke"):
+        with pytest.raises(RuntimeError, match="planning broke"):
             backup_domains(conn, ["raksha-ac3-app"], vault, "ac3", "r1", hooks=Hooks(timeout=TIMEOUT))
         _, log = app.exec("cat /mnt/vda/hooks.log")
         assert app.agent("guest-fsfreeze-status") == "thawed"

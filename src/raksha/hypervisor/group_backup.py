@@ -187,7 +187,7 @@ def _last_read(source: NbdSource, p: DomainPoint) -> Callable[[], None]:
 def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, parent_run: str | None,
                freeze_ms: float, threads: int | None, progress: ProgressHook | None) -> None:
     # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
-    xml = p.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE)
+    xml = p.definition()
     described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
     for n, disk in enumerate(p.disks, 1):
         bid = BackupId(job, run, vm.uuid, disk.target)

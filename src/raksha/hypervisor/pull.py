@@ -25,6 +25,7 @@ checkpoint and bitmap are dropped, the old ones kept.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -172,9 +173,10 @@ class DomainPoint:
     started: bool = False
     qemu_owner: tuple[int, int] | None = None  # uid, gid QEMU runs as (None: unknown)
     scratch_made: bool = False  # its disks' scratch images are ready: libvirt reuses them
-    checkpoint_made: bool = False  # this run's libvirt checkpoint exists (made before the window)
-    checkpoint_refused: str = ""  # why libvirt would not make it (the next run reads the qcow2 disks whole)
+    checkpoint_made: bool = False  # this run's libvirt checkpoint exists (made before the window or beside the reads)
+    checkpoint_refused: str = ""  # why it could not be made (the next run reads the qcow2 disks whole)
     idle: bool = True  # no backup job was running on the domain when the run began
+    inactive_xml: str = ""  # the domain's definition (secure) as the run began
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
@@ -197,6 +199,11 @@ class DomainPoint:
         """From QEMU's view of the disk when the run was planned, else from the image files."""
         plan = self.plans.get(disk.target)
         return plan.chain if plan is not None and plan.chain is not None else backing_chain(disk.path)
+
+    def definition(self) -> str:
+        """Fetched as the run began: asked for during the transfer, libvirt would make it wait for the
+        domain's job of making the run's checkpoint."""
+        return self.inactive_xml
 
     def reads_done(self) -> None:
         """Every disk of this domain has been read: its pull job ends now, while the vault commits. The
@@ -675,21 +682,47 @@ def _remove_scratch(p: DomainPoint, scratch_dir: str) -> None:
 
 
 def _make_checkpoint(p: DomainPoint) -> None:
-    """This run's libvirt checkpoint, made before the freeze window rather than by ``backupBegin`` inside it.
-
-    Its bitmaps then record from a moment before the point in time, as the run's own bitmaps do
-    (``_add_bitmaps``): the next run reads the few writes in between once more, and libvirt's schema check
-    of the checkpoint and its metadata are no longer part of the guests' freeze. Where it cannot be made,
-    the backup goes on and the next run reads the disks whole, saying why."""
+    """This run's libvirt checkpoint (none when no disk of the job is tracked by one). Where it cannot be
+    made, the backup goes on and the next run reads the qcow2 disks whole; ``checkpoint_refused`` says why."""
     xml = _checkpoint_xml(p.checkpoint, p)
     if xml is None:
         return
     try:
         p.domain.checkpointCreateXML(xml, 0)
     except libvirt.libvirtError as exc:
-        p.checkpoint_refused = exc.get_error_message() or str(exc)  # said on the disks once they are planned
+        p.checkpoint_refused = exc.get_error_message() or str(exc)
         return
     p.checkpoint_made = True
+
+
+def _checkpoint_after(p: DomainPoint) -> bool:
+    """Whether this run's checkpoint can be made after the window, beside the transfer: every disk it tracks
+    has the run's fine bitmap, recording since before the point in time, to give it the writes in between."""
+    plans = [p.plan(d) for d in p.disks if tracked(d)]
+    return bool(plans) and all(plan.added for plan in plans)
+
+
+def _make_checkpoint_after(p: DomainPoint) -> None:
+    """This run's checkpoint, made while the disks are read (``_checkpoint_after``): libvirt checks its XML
+    against the schema, takes the domain's job and writes its metadata (~20 ms) outside the run's critical
+    path. Its bitmaps start recording after the point in time; the run's fine bitmaps, merged into them,
+    bring the writes since before it, so each marks at least what changed since the point. A checkpoint
+    that cannot take them is deleted (its parent's bitmaps get its bits): the next run reads whole."""
+    _make_checkpoint(p)
+    if not p.checkpoint_made:
+        return
+    actions = [{"type": "block-dirty-bitmap-merge",
+                "data": {"node": plan.node, "target": p.checkpoint, "bitmaps": [plan.own_bitmap(p.checkpoint)]}}
+               for d in p.disks if (plan := p.plan(d)).method == CHECKPOINT]
+    try:
+        qmp(p.domain, "transaction", actions=actions)
+    except (QmpError, libvirt.libvirtError) as exc:
+        p.checkpoint_refused = f"its bitmaps could not be given the writes since the point in time ({exc})"
+        try:
+            _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
+            p.checkpoint_made = False
+        except libvirt.libvirtError as err:
+            p.checkpoint_refused += f", nor could it be deleted ({err.get_error_message()})"
 
 
 def _begin_job(p: DomainPoint, scratch: str) -> None:
@@ -731,32 +764,22 @@ def _clear_attempt(p: DomainPoint) -> None:
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
 
 
-def _prepare(points: list[DomainPoint]) -> tuple[list[DomainPoint], list[BaseException | None]]:
-    """Plan each domain's disks and add this run's bitmaps, while libvirt makes the checkpoints: it checks
-    each one's XML against its schema (~10 ms) before it needs the domain. The domains that could be
-    prepared, and per domain what making its checkpoint raised (None: made, or refused and said why)."""
+def _prepare(points: list[DomainPoint]) -> list[DomainPoint]:
+    """Plan each domain's disks and add this run's bitmaps; the domains that could be prepared. A domain
+    whose checkpoint cannot wait for the window to pass (a tracked disk without its fine bitmap) has it
+    made now, so that its bitmaps record from before the point in time."""
     for p in points:
         try:
             _clear_attempt(p)
+            _plan_disks(p)
+            _add_bitmaps(p)
         except libvirt.libvirtError as exc:
             p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
     ready = [p for p in points if p.error is None]
-    with ThreadPoolExecutor(1, thread_name_prefix="raksha-checkpoints") as side:
-        checkpoints = side.submit(each, _make_checkpoint, ready)
-        for p in ready:
-            try:
-                _plan_disks(p)
-                _add_bitmaps(p)
-            except libvirt.libvirtError as exc:
-                p.error = translate(exc, f"{p.domain.name()}: preparing the backup")
-        made = checkpoints.result()
-    for p in ready:
-        for d in p.disks if p.checkpoint_refused else ():
-            plan = p.plan(d)
-            if plan.method == CHECKPOINT:
-                plan.note += f" (the next run reads it whole: checkpoint {p.checkpoint} could not be made: " \
-                             f"{p.checkpoint_refused})"
-    return [p for p in points if p.error is None], made
+    errors = each(_make_checkpoint, [p for p in ready if not _checkpoint_after(p)])
+    if err := next((e for e in errors if e is not None), None):
+        raise err
+    return ready
 
 
 @contextmanager
@@ -788,7 +811,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             points.append(DomainPoint(dom, [d for d in disks if d.target not in skip],
                                       os.path.join(own_dir, "nbd.sock"), checkpoint, None,
                                       excluded=[d for d in disks if d.target in skip], parent=parent,
-                                      retire=list(retire or ()), qemu_owner=owner))
+                                      retire=list(retire or ()), qemu_owner=owner,
+                                      inactive_xml=dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE
+                                                               | libvirt.VIR_DOMAIN_XML_INACTIVE)))
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -803,7 +828,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         with ThreadPoolExecutor(1, thread_name_prefix="raksha-pre-freeze") as side:
             hook_run = side.submit(pre_freeze, points, hooks) if freeze else None
             try:
-                live, made = _prepare(points)
+                live = _prepare(points)
                 scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
                 making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)
             except BaseException:
@@ -812,10 +837,6 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                 raise
             if hook_run is not None:
                 group.hooks = hook_run.result()
-        failed = [err for err in made if err is not None]
-        if failed:
-            post_thaw(group.hooks, hooks)  # what the pre-freeze hooks did is undone, as after a window
-            raise failed[0]
         for p, procs in zip(live, making, strict=True):
             _finish_scratch(p, procs, scratch_dirs[id(p)])
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.
@@ -843,6 +864,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         errors = each(_read_parent_bitmaps, [p for p in points if p.started])
         if err := next((e for e in errors if e is not None), None):
             raise err
+        for p in points:  # after the parent bitmaps' QMP calls, which would wait for its job
+            if p.started and not p.checkpoint_made and _checkpoint_after(p):
+                p.later(functools.partial(_make_checkpoint_after, p))
         yield group
         ok = True
     except libvirt.libvirtError as exc:
@@ -852,8 +876,12 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             p.end_job_soon()
         for p in points:
             group.cleanup_errors.extend(p.end_job())
+            good = ok and p.started and p.error is None
+            if good and p.checkpoint_refused:
+                group.cleanup_errors.append(f"{p.domain.name()}: checkpoint {p.checkpoint} could not be made: "
+                                            f"{p.checkpoint_refused}; the next run reads its qcow2 disks whole")
             try:
-                group.cleanup_errors.extend(_settle(p, ok and p.started and p.error is None))
+                group.cleanup_errors.extend(_settle(p, good))
             except libvirt.libvirtError as exc:
                 if not vm_gone(p.domain):
                     group.cleanup_errors.append(f"{p.domain.name()}: dropping old checkpoints and bitmaps failed: "

@@ -169,6 +169,9 @@ class SnapshotDomainPoint:
     def backing_chain(self, disk: DiskInfo) -> list[dict[str, str]]:
         return backing_chain(disk.path)
 
+    def definition(self) -> str:
+        return str(self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE))
+
     def reads_done(self) -> None:
         """Nothing to end early: the overlays are committed back when the group closes."""
 

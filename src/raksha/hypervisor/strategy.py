@@ -76,6 +76,8 @@ class DomainPoint(Protocol):
 
     def backing_chain(self, disk: DiskInfo) -> list[dict[str, str]]: ...  # the image, then its backing files
 
+    def definition(self) -> str: ...  # the domain's inactive XML (secure): enough to define it again
+
     def reads_done(self) -> None: ...  # every disk of the domain is read; the vault commits next
 
     def fail(self, error: RakshaError) -> None: ...
