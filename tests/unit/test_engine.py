@@ -35,6 +35,7 @@ from raksha.vault.format.keys import KdfParams, Secret
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.pack import pack_key
+from raksha.vault.locks import LockKind
 from raksha.vault.operations.gc import collect_garbage
 from raksha.vault.repository import Vault
 from raksha.vault.sources.base import DiskSource
@@ -169,6 +170,30 @@ def test_a_backup_id_is_written_once(new_vault: MakeVault, make_image: Callable[
     with pytest.raises(AlreadyExists) as caught:
         backup(vault, image, "job1/run1/vm1/vda")
     assert caught.value.code == "BACKUP_EXISTS"
+
+
+def test_backups_under_a_lock_the_caller_holds_take_none_of_their_own(new_vault: MakeVault,
+                                                                      make_image: Callable[..., Path]) -> None:
+    """A group's run holds one shared lock for all its disks; a backup given a lock that is not a held
+    shared one refuses to start."""
+    image = make_image("disk.img", 4 * MIB)
+    vault = new_vault()
+    taken = []
+    acquire = vault.locks.acquire
+    vault.locks.acquire = lambda *a, **k: taken.append(a) or acquire(*a, **k)  # type: ignore[method-assign]
+    with acquire(LockKind.SHARED, "backup run job1/run1") as lock:
+        backup(vault, image, "job1/run1/vm1/vda", lock=lock)
+        backup(vault, image, "job1/run1/vm1/vdb", lock=lock)
+        assert [info.operation for info in vault.locks.active()] == ["backup run job1/run1"]
+    assert taken == []
+    with acquire(LockKind.MAINTENANCE, "prune") as maintenance:
+        for refused in (lock, maintenance):  # released; not a shared one
+            with pytest.raises(InvalidInput) as caught:
+                backup(vault, image, "job1/run2/vm1/vda", lock=refused)
+            assert caught.value.code == "LOCK_NOT_HELD"
+    backup(vault, image, "job1/run2/vm1/vda")
+    assert [a[1] for a in taken] == ["backup job1/run2/vm1/vda"]
+    assert [str(i) for i in vault.backup_ids()] == ["job1/run1/vm1/vda", "job1/run1/vm1/vdb", "job1/run2/vm1/vda"]
 
 
 @pytest.mark.parametrize("chunk_size", [K64, 4 * MIB], ids=["64K", "4M"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +32,12 @@ from raksha.hypervisor.disks import domain_interfaces
 from raksha.hypervisor.errors import translate, vm_gone
 from raksha.hypervisor.pull import consistency_group
 from raksha.hypervisor.snapshot import snapshot_group
-from raksha.hypervisor.strategy import LEVELS, STRATEGIES, DomainPoint, GroupPoint, Hooks
+from raksha.hypervisor.strategy import LEVELS, STRATEGIES, DomainPoint, GroupPoint, HookRun, Hooks
 from raksha.vault.engine.backup import backup_disk
 from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.naming import BackupId
+from raksha.vault.locks import Lock, LockKind
 from raksha.vault.repository import Vault
 from raksha.vault.sources.nbd import NbdSource
 
@@ -123,7 +125,7 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         except libvirt.libvirtError:
             raise NotFound(f"no domain {name!r} on {conn.getURI()}", code="VM_NOT_FOUND") from None
     parent_cp = checkpoint_name(job, parent_run) if parent_run else None
-    results = []
+    results: list[VmResult] = []
     # Each domain's disks are tracked from the parent run's checkpoint (qcow2) or QEMU bitmap (raw);
     # the group decides per disk whether that base is usable (pull.py) and keeps only the newest one.
     group: AbstractContextManager[GroupPoint] = (
@@ -133,27 +135,17 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude,
                           freeze=freeze, hooks=run_hooks,
                           retire=[checkpoint_name(job, r) for r in retire_runs]))
-    with group as point:
-        for p in point.domains:
-            vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, wanted_note + p.why)
-            vm.excluded = [d.target for d in p.excluded]
-            results.append(vm)
-
-        def transfer(item: tuple[DomainPoint, VmResult]) -> None:
-            p, vm = item
-            try:
-                _backup_vm(vault, p, vm, job, run, parent_run, point.freeze_ms, threads, progress)
-            except (RakshaError, libvirt.libvirtError) as exc:
-                p.fail(_vm_error(p.domain, vm.name, exc))
-
-        # The VMs' transfers run side by side (each disk's own pipeline is parallel too): small
-        # incrementals wait on the disks and on QEMU more than they compute.
-        live = [(p, vm) for p, vm in zip(point.domains, results, strict=True) if p.error is None]
-        run_parallel(live, transfer, max(1, min(len(live), parallel_vms or default_parallel_vms())))
-        for p, vm in zip(point.domains, results, strict=True):
-            if p.error is not None:
-                vm.error = p.error.to_dict()
-        freeze_ms, hook_run = point.freeze_ms, point.hooks
+    # One shared vault lock for the run's disks, taken beside the point in time (on a remote vault it is a
+    # few round trips; per disk, each transfer would wait for them).
+    with ThreadPoolExecutor(1, thread_name_prefix="raksha-vault-lock") as side:
+        locking = side.submit(vault.locks.acquire, LockKind.SHARED, f"backup run {job}/{run}")
+        try:
+            with group as point:
+                lock = locking.result()
+                results, freeze_ms, hook_run = _transfer(vault, point, job, run, parent_run, threads, progress,
+                                                         parallel_vms, wanted_note, lock)
+        finally:
+            _release(locking)
     # Clean-up after the backups (the snapshot strategy's block commits) ran as the group closed: a failure
     # there keeps the backup good and is said on its VM ("<domain>:<disk>: ...").
     for msg in point.cleanup_errors:
@@ -161,6 +153,42 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
             if msg.startswith(f"{vm.name}:"):
                 vm.warnings.append(msg)
     return GroupResult(job, run, freeze_ms, results, hook_run.pre_freeze_ms, hook_run.post_thaw_ms)
+
+
+def _release(locking: Future[Lock]) -> None:
+    """Release the run's lock once it is taken (the run may have failed before it was waited for)."""
+    try:
+        lock = locking.result()
+    except RakshaError:
+        return  # never taken: the run already failed for it, or failed before and says why
+    lock.release()
+
+
+def _transfer(vault: Vault, point: GroupPoint, job: str, run: str, parent_run: str | None, threads: int | None,
+              progress: ProgressHook | None, parallel_vms: int | None, wanted_note: str,
+              lock: Lock) -> tuple[list[VmResult], float, HookRun]:
+    """Every VM's disks into the vault, the VMs side by side; per VM its result."""
+    results = []
+    for p in point.domains:
+        vm = VmResult(p.domain.name(), p.domain.UUIDString(), p.consistency, wanted_note + p.why)
+        vm.excluded = [d.target for d in p.excluded]
+        results.append(vm)
+
+    def transfer(item: tuple[DomainPoint, VmResult]) -> None:
+        p, vm = item
+        try:
+            _backup_vm(vault, p, vm, job, run, parent_run, point.freeze_ms, threads, progress, lock)
+        except (RakshaError, libvirt.libvirtError) as exc:
+            p.fail(_vm_error(p.domain, vm.name, exc))
+
+    # The VMs' transfers run side by side (each disk's own pipeline is parallel too): small
+    # incrementals wait on the disks and on QEMU more than they compute.
+    live = [(p, vm) for p, vm in zip(point.domains, results, strict=True) if p.error is None]
+    run_parallel(live, transfer, max(1, min(len(live), parallel_vms or default_parallel_vms())))
+    for p, vm in zip(point.domains, results, strict=True):
+        if p.error is not None:
+            vm.error = p.error.to_dict()
+    return results, point.freeze_ms, point.hooks
 
 
 def _vm_error(dom: libvirt.virDomain, name: str, exc: Exception) -> RakshaError:
@@ -185,7 +213,7 @@ def _last_read(source: NbdSource, p: DomainPoint) -> Callable[[], None]:
 
 
 def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, parent_run: str | None,
-               freeze_ms: float, threads: int | None, progress: ProgressHook | None) -> None:
+               freeze_ms: float, threads: int | None, progress: ProgressHook | None, lock: Lock) -> None:
     # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
     xml = p.definition()
     described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
@@ -210,6 +238,7 @@ def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, p
                        "disk_path": disk.path, "disk_format": disk.format, "bus": disk.bus,
                        "backing_chain": json.dumps(p.backing_chain(disk)), **described},
                 reads_done=_last_read(source, p) if n == len(p.disks) else None,
+                lock=lock,
             )
         finally:
             source.close()

@@ -33,7 +33,7 @@ from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, 
 from raksha.vault.format.manifest import Manifest
 from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sorted_ids import DiskIdSet
-from raksha.vault.locks import LockKind
+from raksha.vault.locks import Lock, LockKind
 from raksha.vault.malloc import POOL
 from raksha.vault.repository import ChunkIndex, Vault
 from raksha.vault.sources.base import DiskSource, Extent
@@ -128,16 +128,25 @@ def backup_disk(
     progress: ProgressCallback | None = None,
     hints: dict[str, str] | None = None,
     reads_done: Callable[[], None] | None = None,
+    lock: Lock | None = None,
 ) -> BackupResult:
     """Back ``source`` up as ``backup_id``: whole, or with ``parent`` and ``changed_extents`` only what
     changed. ``reads_done`` is called once the source will not be read again, before the last pack is
-    sealed and the backup committed: a live VM's backup job can end while the vault commits."""
+    sealed and the backup committed: a live VM's backup job can end while the vault commits.
+
+    ``lock``: a shared vault lock the caller holds for this backup and others (a group's run takes one for
+    all its disks, beside its point in time); without one, the backup takes its own."""
     if changed_extents is not None and parent is None:
         raise InvalidInput("changed extents need a parent backup to apply to", code="PARENT_REQUIRED")
     if vault.has_backup(backup_id):
         raise AlreadyExists(f"backup {backup_id} already exists", code="BACKUP_EXISTS")
+    backup = _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints, reads_done)
+    if lock is not None:
+        if lock.released or lock.info.kind is not LockKind.SHARED:
+            raise InvalidInput(f"backup {backup_id} needs a held shared lock, not {lock!r}", code="LOCK_NOT_HELD")
+        return backup.run()
     with vault.locks.acquire(LockKind.SHARED, f"backup {backup_id}"):
-        return _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints, reads_done).run()
+        return backup.run()
 
 
 class _Backup:
