@@ -592,8 +592,8 @@ def _scratch_path(disk: DiskInfo, scratch_dir: str) -> str:
 
 
 # Empty qcow2 scratch images by virtual size, as qemu-img made them (the same bytes every time). A later run
-# of the process writes one in well under a millisecond where qemu-img takes ~7 ms, which a domain of raw
-# disks (no checkpoint to make meanwhile) waits for before its window.
+# of the process writes one in well under a millisecond where qemu-img takes ~7 ms, which a domain would
+# wait for before its window.
 _SCRATCH_TEMPLATES: dict[int, bytes] = {}
 _SCRATCH_TEMPLATE_MAX = 4 << 20  # an empty image's metadata: ~200 KiB for 2 GiB, ~260 KiB for 1 TiB
 
@@ -822,9 +822,9 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     making: list[list[subprocess.Popen[bytes] | None]] = []
     try:
         # Before the window, so that their time is not the guests' freeze, and side by side: the pre-freeze
-        # hooks (or the probes for them) in the guests, the planning and the run's bitmaps, and the run's
-        # checkpoints (libvirt makes each domain's at once). A domain whose planning fails has its hook
-        # undone after the window, and its checkpoint deleted as the group ends.
+        # hooks (or the probes for them) in the guests, and the planning and the run's bitmaps (the run's
+        # checkpoints come beside the reads, ADR 0025). A domain whose planning fails has its hook undone
+        # after the window.
         with ThreadPoolExecutor(1, thread_name_prefix="raksha-pre-freeze") as side:
             hook_run = side.submit(pre_freeze, points, hooks) if freeze else None
             try:
