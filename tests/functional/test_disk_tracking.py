@@ -28,7 +28,7 @@ from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E40
 
 from raksha.hypervisor.group_backup import GroupResult, VmResult, backup_domains  # noqa: E402
 from raksha.hypervisor.lifecycle import undefine_domain  # noqa: E402
-from raksha.hypervisor.qemu_blocks import qmp  # noqa: E402
+from raksha.hypervisor.qemu_blocks import QmpError, qmp  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.progress import ProgressEvent  # noqa: E402
 from raksha.vault.engine.restore import restore_backup  # noqa: E402
@@ -364,4 +364,29 @@ def test_the_checkpoint_made_beside_the_reads_marks_the_writes_made_before_it(
         plain.mark("r3")
         assert r3.error is None and disk(r3, "vda").kind == "incremental"
         assert "no usable ~fine bitmap" in disk(r3, "vda").tracking
+
+        # QEMU refuses the merge: the checkpoint, short of the writes in between, is deleted; the backup is good
+        # and warns that the next run reads whole, which it does.
+        real_qmp = pull.qmp
+
+        def no_merge(dom: libvirt.virDomain, command: str, **arguments: object) -> object:
+            actions = arguments.get("actions") or []
+            if any(a["type"] == "block-dirty-bitmap-merge" for a in actions):
+                raise QmpError("merge refused by the test")
+            return real_qmp(dom, command, **arguments)
+
+        plain.write(vm, "vda", 3, 4)
+        monkeypatch.setattr(pull, "qmp", no_merge)
+        (r4,) = backup_domains(conn, [vm.name], vault, "job", "r4", parent_run="r3").vms
+        monkeypatch.setattr(pull, "qmp", real_qmp)
+        plain.mark("r4")
+        assert r4.error is None and disk(r4, "vda").kind == "incremental"
+        assert r4.warnings == [f"{vm.name}: checkpoint raksha-job-r4's bitmaps could not be given the writes since "
+                               "the point in time (merge refused by the test); it was deleted: the next run reads "
+                               "its qcow2 disks whole"]
+        assert vm.dom.listAllCheckpoints() == []
+        (r5,) = backup_domains(conn, [vm.name], vault, "job", "r5", parent_run="r4").vms
+        plain.mark("r5")
+        assert disk(r5, "vda").kind == "full" and "checkpoint raksha-job-r4 missing" in disk(r5, "vda").tracking
+        assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r5"]
     check_restores(vault, tmp_path, r2.uuid, "vda", plain)

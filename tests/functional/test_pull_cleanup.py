@@ -18,11 +18,13 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E402
 
+from raksha.domain.errors import VaultLocked  # noqa: E402
 from raksha.hypervisor import pull  # noqa: E402
 from raksha.hypervisor.group_backup import backup_domains  # noqa: E402
 from raksha.hypervisor.qemu_blocks import node_bitmaps, top_nodes  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.format.config import VaultConfig  # noqa: E402
+from raksha.vault.locks import LockKind  # noqa: E402
 from raksha.vault.repository import Vault  # noqa: E402
 
 
@@ -70,3 +72,28 @@ def test_old_bases_that_stay_after_a_good_run_are_warnings(conn: libvirt.virConn
         assert code == 0
         third = backup_domains(conn, [vm.name], vault, "job", "r3", parent_run="r2")
         assert third.vms[0].error is None and third.vms[0].warnings == []  # nothing of r2 stays
+
+
+def test_a_run_that_cannot_lock_the_vault_fails_whole_and_leaves_the_vm_as_it_was(conn: libvirt.virConnect,
+                                                                                   tmp_path: Path) -> None:
+    """A group's run takes one shared vault lock beside its point in time. When another holds the vault
+    exclusively, the run fails with VAULT_LOCKED before a disk is stored: the guest is thawed, the pull job
+    ended, this run's checkpoint and bitmaps dropped, and the next run is incremental from the last good one."""
+    vault = Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(chunk_size=64 << 10))
+    vda = make_data_disk(tmp_path / "vda.qcow2", "16M")
+    with GuestDomain(conn, build_guest(), [(vda, "qcow2")], tmp_path, name="raksha-locked") as vm:
+        vm.wait_for_agent()
+        assert backup_domains(conn, [vm.name], vault, "job", "r1").vms[0].error is None
+        assert vm.dom is not None
+        with vault.locks.acquire(LockKind.EXCLUSIVE, "offline repair"), pytest.raises(VaultLocked) as caught:
+            backup_domains(conn, [vm.name], vault, "job", "r2", parent_run="r1")
+        assert caught.value.code == "VAULT_LOCKED" and "offline repair" in caught.value.message
+        assert vm.agent("guest-fsfreeze-status") == "thawed"
+        assert vm.dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+        assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r1"]
+        assert bitmaps(vm.dom) == {"vda": {"raksha-job-r1", "raksha-job-r1~fine"}}
+        assert [str(b) for b in vault.backup_ids()] == [f"job/r1/{vm.dom.UUIDString()}/vda"]
+        assert vault.locks.active() == []
+
+        (again,) = backup_domains(conn, [vm.name], vault, "job", "r2", parent_run="r1").vms
+        assert again.error is None and [d.kind for d in again.disks] == ["incremental"]

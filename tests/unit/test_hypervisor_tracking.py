@@ -153,3 +153,23 @@ def test_scratch_images_after_the_first_are_qemu_img_s_bytes_without_qemu_img(
     info = subprocess.run(["qemu-img", "info", "--output=json", str(made)], capture_output=True, text=True, check=True)
     assert f'"virtual-size": {size}' in info.stdout and '"format": "qcow2"' in info.stdout
     subprocess.run(["qemu-img", "check", "-q", str(made)], check=True)
+
+
+def test_the_checkpoint_waits_for_the_reads_only_where_every_qcow2_disk_has_its_fine_bitmap(tmp_path: Path) -> None:
+    """ADR 0025: made beside the reads, a checkpoint gets the writes in between from the run's ~fine bitmaps;
+    a qcow2 disk without one needs its checkpoint before the window. A domain of raw disks makes none."""
+    def disk(target: str, fmt: str) -> DiskInfo:
+        return DiskInfo(target=target, path=f"/images/{target}.{fmt}", source_type="file", format=fmt, bus="virtio",
+                        device="disk")
+
+    vda, vdb, vdc = disk("vda", "qcow2"), disk("vdb", "raw"), disk("vdc", "qcow2")
+    point = DomainPoint(_Named("vm"), [vda, vdb, vdc], str(tmp_path / "nbd.sock"), "c1", None)
+    point.plan(vdb).added = True  # a raw disk's own bitmap: no checkpoint tracks it
+    assert not pull._checkpoint_after(point)
+    point.plan(vda).added = True
+    assert not pull._checkpoint_after(point)  # vdc's ~fine is missing
+    point.plan(vdc).added = True
+    assert pull._checkpoint_after(point)
+    raw_only = DomainPoint(_Named("vm"), [vdb], str(tmp_path / "nbd.sock"), "c1", None)
+    raw_only.plan(vdb).added = True
+    assert not pull._checkpoint_after(raw_only) and pull._checkpoint_xml("c1", raw_only) is None

@@ -174,7 +174,7 @@ class DomainPoint:
     qemu_owner: tuple[int, int] | None = None  # uid, gid QEMU runs as (None: unknown)
     scratch_made: bool = False  # its disks' scratch images are ready: libvirt reuses them
     checkpoint_made: bool = False  # this run's libvirt checkpoint exists (made before the window or beside the reads)
-    checkpoint_refused: str = ""  # why it could not be made (the next run reads the qcow2 disks whole)
+    checkpoint_refused: str = ""  # what went wrong making it, and what the next run does for it (a warning)
     idle: bool = True  # no backup job was running on the domain when the run began
     inactive_xml: str = ""  # the domain's definition (secure) as the run began
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
@@ -690,7 +690,8 @@ def _make_checkpoint(p: DomainPoint) -> None:
     try:
         p.domain.checkpointCreateXML(xml, 0)
     except libvirt.libvirtError as exc:
-        p.checkpoint_refused = exc.get_error_message() or str(exc)
+        p.checkpoint_refused = (f"checkpoint {p.checkpoint} could not be made: {exc.get_error_message() or exc}; "
+                                "the next run reads its qcow2 disks whole")
         return
     p.checkpoint_made = True
 
@@ -711,18 +712,22 @@ def _make_checkpoint_after(p: DomainPoint) -> None:
     _make_checkpoint(p)
     if not p.checkpoint_made:
         return
+    plans = [plan for d in p.disks if (plan := p.plan(d)).method == CHECKPOINT]
     actions = [{"type": "block-dirty-bitmap-merge",
                 "data": {"node": plan.node, "target": p.checkpoint, "bitmaps": [plan.own_bitmap(p.checkpoint)]}}
-               for d in p.disks if (plan := p.plan(d)).method == CHECKPOINT]
+               for plan in plans]
     try:
         qmp(p.domain, "transaction", actions=actions)
     except (QmpError, libvirt.libvirtError) as exc:
-        p.checkpoint_refused = f"its bitmaps could not be given the writes since the point in time ({exc})"
-        try:
-            _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
-            p.checkpoint_made = False
-        except libvirt.libvirtError as err:
-            p.checkpoint_refused += f", nor could it be deleted ({err.get_error_message()})"
+        if _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True):  # only forgotten: drop its bitmaps
+            for plan in plans:
+                try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
+        p.checkpoint_made = _has_checkpoint(p.domain, p.checkpoint)
+        p.checkpoint_refused = (
+            f"checkpoint {p.checkpoint}'s bitmaps could not be given the writes since the point in time ({exc}); "
+            + ("it was deleted: the next run reads its qcow2 disks whole" if not p.checkpoint_made else
+               "nor could it be deleted: the next run reads what the run's ~fine bitmaps mark, and only they are "
+               f"right (virsh checkpoint-delete {p.domain.name()} {p.checkpoint})"))
 
 
 def _begin_job(p: DomainPoint, scratch: str) -> None:
@@ -878,8 +883,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             group.cleanup_errors.extend(p.end_job())
             good = ok and p.started and p.error is None
             if good and p.checkpoint_refused:
-                group.cleanup_errors.append(f"{p.domain.name()}: checkpoint {p.checkpoint} could not be made: "
-                                            f"{p.checkpoint_refused}; the next run reads its qcow2 disks whole")
+                group.cleanup_errors.append(f"{p.domain.name()}: {p.checkpoint_refused}")
             try:
                 group.cleanup_errors.extend(_settle(p, good))
             except libvirt.libvirtError as exc:
