@@ -186,8 +186,10 @@ def test_backups_under_a_lock_the_caller_holds_take_none_of_their_own(new_vault:
         backup(vault, image, "job1/run1/vm1/vdb", lock=lock)
         assert [info.operation for info in vault.locks.active()] == ["backup run job1/run1"]
     assert taken == []
-    with acquire(LockKind.MAINTENANCE, "prune") as maintenance:
-        for refused in (lock, maintenance):  # released; not a shared one
+    other = new_vault()
+    with acquire(LockKind.MAINTENANCE, "prune") as maintenance, \
+            other.locks.acquire(LockKind.SHARED, "backup run job1/run2") as others:
+        for refused in (lock, maintenance, others):  # released; not a shared one; another vault's
             with pytest.raises(InvalidInput) as caught:
                 backup(vault, image, "job1/run2/vm1/vda", lock=refused)
             assert caught.value.code == "LOCK_NOT_HELD"

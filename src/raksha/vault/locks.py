@@ -184,6 +184,10 @@ class Lock:
     def released(self) -> bool:
         return self._released
 
+    def held_in(self, manager: LockManager, kind: LockKind) -> bool:
+        """Whether this is a ``kind`` lock of ``manager``'s vault, not released."""
+        return not self._released and self._manager.backend is manager.backend and self._info.kind is kind
+
     def _write(self, extra: dict[str, Any]) -> None:
         with self._mutex:
             if self._released:

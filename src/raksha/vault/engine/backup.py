@@ -142,8 +142,9 @@ def backup_disk(
         raise AlreadyExists(f"backup {backup_id} already exists", code="BACKUP_EXISTS")
     backup = _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints, reads_done)
     if lock is not None:
-        if lock.released or lock.info.kind is not LockKind.SHARED:
-            raise InvalidInput(f"backup {backup_id} needs a held shared lock, not {lock!r}", code="LOCK_NOT_HELD")
+        if not lock.held_in(vault.locks, LockKind.SHARED):
+            raise InvalidInput(f"backup {backup_id} needs a held shared lock of its vault, not {lock!r}",
+                               code="LOCK_NOT_HELD")
         return backup.run()
     with vault.locks.acquire(LockKind.SHARED, f"backup {backup_id}"):
         return backup.run()
