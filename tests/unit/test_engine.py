@@ -175,7 +175,7 @@ def test_a_backup_id_is_written_once(new_vault: MakeVault, make_image: Callable[
 def test_backups_under_a_lock_the_caller_holds_take_none_of_their_own(new_vault: MakeVault,
                                                                       make_image: Callable[..., Path]) -> None:
     """A group's run holds one shared lock for all its disks; a backup given a lock that is not a held
-    shared one refuses to start."""
+    shared lock of its own vault refuses to start."""
     image = make_image("disk.img", 4 * MIB)
     vault = new_vault()
     taken = []
