@@ -125,7 +125,6 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         except libvirt.libvirtError:
             raise NotFound(f"no domain {name!r} on {conn.getURI()}", code="VM_NOT_FOUND") from None
     parent_cp = checkpoint_name(job, parent_run) if parent_run else None
-    results: list[VmResult] = []
     # Each domain's disks are tracked from the parent run's checkpoint (qcow2) or QEMU bitmap (raw);
     # the group decides per disk whether that base is usable (pull.py) and keeps only the newest one.
     group: AbstractContextManager[GroupPoint] = (
