@@ -198,6 +198,60 @@ def test_backups_under_a_lock_the_caller_holds_take_none_of_their_own(new_vault:
     assert [str(i) for i in vault.backup_ids()] == ["job1/run1/vm1/vda", "job1/run1/vm1/vdb", "job1/run2/vm1/vda"]
 
 
+def test_what_a_run_reads_ahead_gives_the_backups_it_would_have_read(
+        new_vault: MakeVault, make_image: Callable[..., Path],
+        make_changed_copy: Callable[..., tuple[Path, list[list[int]]]], outputs: Path) -> None:
+    """A group's run reads the stored ids and the parents' manifests under its lock while its VMs are frozen
+    (``preread``). Its backups give what they give without it; chunks another disk of the run stored after
+    the read ahead are still stored once; a parent that was not read ahead is read as before."""
+    base = make_image("base.img", 16 * MIB, seed=5)
+    changed, extents = make_changed_copy(base, "changed.img", 0.02)
+    vault = new_vault()
+    backup(vault, base, "job1/run1/vm1/vda")
+    backup(vault, base, "job1/run1/vm1/vdb")
+    ids = [BackupId.parse("job1/run1/vm1/vda"), BackupId.parse("job1/run1/vm1/nothing-here")]
+    with vault.locks.acquire(LockKind.SHARED, "backup run job1/run2") as lock:
+        ahead = backup_module.preread(vault, ids, lock)
+        assert ahead is not None and ahead.has(ids[0]) and not ahead.has(ids[1])
+        try:
+            incr = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", lock=lock,
+                          changed_extents=[tuple(e) for e in extents], read_ahead=ahead)
+            # vdb's parent was not read ahead: read now; its change is vda's, which vda's backup just stored
+            again = backup(vault, changed, "job1/run2/vm1/vdb", parent="job1/run1/vm1/vdb", lock=lock,
+                           changed_extents=[tuple(e) for e in extents], read_ahead=ahead)
+            copy = backup(vault, base, "job1/run2/vm2/vda", lock=lock, read_ahead=ahead)
+        finally:
+            ahead.close()
+    assert incr.kind == "incremental" and incr.stats.bytes_stored > 0
+    assert again.stats.bytes_stored == 0 and again.stats.chunks_deduplicated == incr.stats.chunks_new
+    assert copy.stats.bytes_stored == 0
+    restore(vault, "job1/run2/vm1/vdb", outputs / "vdb.img")
+    assert blake3_file(outputs / "vdb.img") == blake3_file(changed)
+    alone = new_vault()
+    backup(alone, base, "job1/run1/vm1/vda")
+    without = backup(alone, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda",
+                     changed_extents=[tuple(e) for e in extents])
+    assert incr.content_digest == without.content_digest
+    assert (incr.stats.bytes_read, incr.stats.chunks_new) == (without.stats.bytes_read, without.stats.chunks_new)
+
+
+def test_reading_ahead_needs_the_run_s_lock(new_vault: MakeVault, make_image: Callable[..., Path]) -> None:
+    image = make_image("disk.img", 4 * MIB)
+    vault, other = new_vault(), new_vault()
+    with vault.locks.acquire(LockKind.SHARED, "backup run job1/run1") as lock:
+        ahead = backup_module.preread(vault, [], lock)
+        assert ahead is not None
+        with pytest.raises(InvalidInput) as caught:  # what was read ahead goes with the lock it was read under
+            backup(vault, image, "job1/run1/vm1/vda", read_ahead=ahead)
+        assert caught.value.code == "LOCK_NOT_HELD"
+        with other.locks.acquire(LockKind.SHARED, "backup run job1/run1") as others, pytest.raises(InvalidInput):
+            backup(other, image, "job1/run1/vm1/vda", lock=others, read_ahead=ahead)
+        ahead.close()
+    with pytest.raises(InvalidInput) as caught:
+        backup_module.preread(vault, [], lock)  # released
+    assert caught.value.code == "LOCK_NOT_HELD"
+
+
 @pytest.mark.parametrize("chunk_size", [K64, 4 * MIB], ids=["64K", "4M"])
 def test_chunk_sizes(new_vault: MakeVault, make_image: Callable[..., Path], outputs: Path, chunk_size: int) -> None:
     image = make_image("disk.img", 24 * MIB, seed=3)

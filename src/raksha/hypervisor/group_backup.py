@@ -33,7 +33,7 @@ from raksha.hypervisor.errors import translate, vm_gone
 from raksha.hypervisor.pull import consistency_group
 from raksha.hypervisor.snapshot import snapshot_group
 from raksha.hypervisor.strategy import LEVELS, STRATEGIES, DomainPoint, GroupPoint, HookRun, Hooks
-from raksha.vault.engine.backup import backup_disk
+from raksha.vault.engine.backup import Preread, backup_disk, preread
 from raksha.vault.engine.progress import ProgressEvent
 from raksha.vault.engine.workers import run_parallel
 from raksha.vault.format.naming import BackupId
@@ -134,15 +134,17 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
         consistency_group([(dom, parent_cp) for dom in doms], checkpoint_name(job, run), exclude=exclude,
                           freeze=freeze, hooks=run_hooks,
                           retire=[checkpoint_name(job, r) for r in retire_runs]))
-    # One shared vault lock for the run's disks, taken beside the point in time (on a remote vault it is a
-    # few round trips; per disk, each transfer would wait for them).
+    # One shared vault lock for the run's disks, and under it what the backups read of the vault before their
+    # disks (ADR 0026), beside the point in time: on a remote vault that is a few round trips, and after the
+    # thaw every disk's transfer would wait for them.
     with ThreadPoolExecutor(1, thread_name_prefix="raksha-vault-lock") as side:
-        locking = side.submit(vault.locks.acquire, LockKind.SHARED, f"backup run {job}/{run}")
+        locking = side.submit(_lock_and_read_ahead, vault, f"backup run {job}/{run}",
+                              [f"{job}/{parent_run}/{dom.UUIDString()}/" for dom in doms] if parent_run else [])
         try:
             with group as point:
-                lock = locking.result()
+                lock, ahead = locking.result()
                 results, freeze_ms, hook_run = _transfer(vault, point, job, run, parent_run, threads, progress,
-                                                         parallel_vms, wanted_note, lock)
+                                                         parallel_vms, wanted_note, lock, ahead)
         finally:
             _release(locking)
     # Clean-up after the backups (the snapshot strategy's block commits) ran as the group closed: a failure
@@ -154,18 +156,33 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
     return GroupResult(job, run, freeze_ms, results, hook_run.pre_freeze_ms, hook_run.post_thaw_ms)
 
 
-def _release(locking: Future[Lock]) -> None:
+def _lock_and_read_ahead(vault: Vault, purpose: str, parent_prefixes: list[str]) -> tuple[Lock, Preread | None]:
+    """The run's shared lock, then the stored ids and the parent run's manifests under ``parent_prefixes``."""
+    lock = vault.locks.acquire(LockKind.SHARED, purpose)
+    try:
+        parents = [bid for prefix in parent_prefixes for bid in vault.backup_ids(prefix)]
+        return lock, preread(vault, parents, lock)
+    except RakshaError:
+        return lock, None  # each backup reads what it needs itself, and says what is wrong
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _release(locking: Future[tuple[Lock, Preread | None]]) -> None:
     """Release the run's lock once it is taken (the run may have failed before it was waited for)."""
     try:
-        lock = locking.result()
+        lock, ahead = locking.result()
     except RakshaError:
         return  # never taken: the run already failed for it, or failed before and says why
+    if ahead is not None:
+        ahead.close()
     lock.release()
 
 
 def _transfer(vault: Vault, point: GroupPoint, job: str, run: str, parent_run: str | None, threads: int | None,
               progress: ProgressHook | None, parallel_vms: int | None, wanted_note: str,
-              lock: Lock) -> tuple[list[VmResult], float, HookRun]:
+              lock: Lock, ahead: Preread | None) -> tuple[list[VmResult], float, HookRun]:
     """Every VM's disks into the vault, the VMs side by side; per VM its result."""
     results = []
     for p in point.domains:
@@ -176,7 +193,7 @@ def _transfer(vault: Vault, point: GroupPoint, job: str, run: str, parent_run: s
     def transfer(item: tuple[DomainPoint, VmResult]) -> None:
         p, vm = item
         try:
-            _backup_vm(vault, p, vm, job, run, parent_run, point.freeze_ms, threads, progress, lock)
+            _backup_vm(vault, p, vm, job, run, parent_run, point.freeze_ms, threads, progress, lock, ahead)
         except (RakshaError, libvirt.libvirtError) as exc:
             p.fail(_vm_error(p.domain, vm.name, exc))
 
@@ -212,7 +229,8 @@ def _last_read(source: NbdSource, p: DomainPoint) -> Callable[[], None]:
 
 
 def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, parent_run: str | None,
-               freeze_ms: float, threads: int | None, progress: ProgressHook | None, lock: Lock) -> None:
+               freeze_ms: float, threads: int | None, progress: ProgressHook | None, lock: Lock,
+               ahead: Preread | None) -> None:
     # Enough to recreate the VM: its definition and its network mappings (seed: "network mappings").
     xml = p.definition()
     described = {"domain_xml": xml, "interfaces": json.dumps(domain_interfaces(xml))}
@@ -221,7 +239,8 @@ def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, p
         parent = BackupId(job, parent_run, vm.uuid, disk.target) if parent_run else None
         plan = p.plan(disk)
         tracking = plan.note
-        incremental = plan.incremental and parent is not None and vault.has_backup(parent)
+        incremental = plan.incremental and parent is not None and (
+            (ahead is not None and ahead.has(parent)) or vault.has_backup(parent))
         if plan.incremental and not incremental:
             tracking = f"full read: parent backup {parent} not in the vault"
         source = p.source(disk)
@@ -237,7 +256,7 @@ def _backup_vm(vault: Vault, p: DomainPoint, vm: VmResult, job: str, run: str, p
                        "disk_path": disk.path, "disk_format": disk.format, "bus": disk.bus,
                        "backing_chain": json.dumps(p.backing_chain(disk)), **described},
                 reads_done=_last_read(source, p) if n == len(p.disks) else None,
-                lock=lock,
+                lock=lock, read_ahead=ahead,
             )
         finally:
             source.close()

@@ -402,6 +402,23 @@ class Vault:
             raise
         return index
 
+    def index_keys(self) -> set[str]:
+        """The keys of every index object now."""
+        return {info.key for info in self.backend.list(INDEX_PREFIX)}
+
+    def ids_in_index(self, keys: list[str]) -> IdSet:
+        """The chunk ids the index objects ``keys`` list. An object gone meanwhile (merged into another) or
+        unreadable lists none: its chunks then look absent, so they are stored again, never referenced unseen."""
+        ids = IdSet()
+        for key in keys:
+            try:
+                f = self._read_index_or_error(key)
+            except NotFound:
+                continue
+            if not isinstance(f, str):
+                ids.update(map(itemgetter(0), f.rows()))
+        return ids
+
     def scan_index(self, damaged: dict[str, str] | None = None, *, check_names: bool = False) -> IndexScan:
         """Every index object read once, to learn which are superseded; ``live()`` then gives the others
         one at a time. An object that does not decode raises VAULT_CORRUPT, or with ``damaged`` given is

@@ -12,7 +12,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -72,6 +72,65 @@ class BackupResult:
                 "content_digest": self.content_digest, **asdict(s), "read_mb_s": round(mb_s, 1)}
 
 
+@dataclass
+class Preread:
+    """What a run's backups read of the vault before any disk can be read (ADR 0026): the chunk ids stored,
+    from one scan of the index for all the run's disks, and the parents' manifests. Read under the run's
+    shared lock while the VMs are frozen and their jobs start, not after. The ids are shared; each
+    manifest goes to the backup of its disk, whose ids it becomes. ``close`` once the run's backups end."""
+
+    vault: Vault
+    stored: ChunkIndex  # every stored chunk id, no locations
+    parents: dict[BackupId, Manifest]
+    index_keys: set[str]  # the index objects listed before ``stored`` was read
+
+    def stored_now(self) -> Container[bytes]:
+        """Every chunk id stored: those read ahead, and those of index objects written since."""
+        assert self.stored.ids is not None
+        keys = [k for k in self.vault.index_keys() if k not in self.index_keys]
+        return _Either(self.stored.ids, self.vault.ids_in_index(keys)) if keys else self.stored.ids
+
+    def has(self, backup_id: BackupId) -> bool:
+        """Whether this backup's manifest was read (a missing or unreadable one is looked for again)."""
+        return backup_id in self.parents
+
+    def take_parent(self, backup_id: BackupId) -> Manifest | None:
+        return self.parents.pop(backup_id, None)
+
+    def close(self) -> None:
+        self.stored.close()
+
+
+def preread(vault: Vault, parents: Sequence[BackupId], lock: Lock) -> Preread | None:
+    """The run's :class:`Preread`, under ``lock`` (a held shared lock of ``vault``: a gc that condemned chunks
+    before has published them, one after waits). None when the index cannot be read: each backup then
+    reads what it needs itself and says what is wrong; a parent that cannot be read is left to its backup."""
+    if not lock.held_in(vault.locks, LockKind.SHARED):
+        raise InvalidInput(f"reading ahead needs a held shared lock of the vault, not {lock!r}", code="LOCK_NOT_HELD")
+    try:
+        keys = vault.index_keys()
+        stored = vault.load_index(tolerant=True, only=IdSet(), ids=True)
+    except RakshaError:
+        return None
+    manifests = {}
+    for backup_id in parents:
+        try:
+            manifests[backup_id] = vault.read_manifest(backup_id)
+        except RakshaError:
+            continue
+    return Preread(vault, stored, manifests, keys)
+
+
+class _Either(Container[bytes]):
+    """In one set of chunk ids or the other."""
+
+    def __init__(self, a: Container[bytes], b: Container[bytes]) -> None:
+        self._a, self._b = a, b
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._a or cid in self._b
+
+
 def _keep_none(_index: int) -> bool:
     return False
 
@@ -129,18 +188,24 @@ def backup_disk(
     hints: dict[str, str] | None = None,
     reads_done: Callable[[], None] | None = None,
     lock: Lock | None = None,
+    read_ahead: Preread | None = None,
 ) -> BackupResult:
     """Back ``source`` up as ``backup_id``: whole, or with ``parent`` and ``changed_extents`` only what
     changed. ``reads_done`` is called once the source will not be read again, before the last pack is
     sealed and the backup committed: a live VM's backup job can end while the vault commits.
 
     ``lock``: a shared vault lock the caller holds for this backup and others (a group's run takes one for
-    all its disks, beside its point in time); without one, the backup takes its own."""
+    all its disks, beside its point in time); without one, the backup takes its own. ``read_ahead``: what the
+    caller read of the vault under that lock before the source was ready (``preread``)."""
     if changed_extents is not None and parent is None:
         raise InvalidInput("changed extents need a parent backup to apply to", code="PARENT_REQUIRED")
     if vault.has_backup(backup_id):
         raise AlreadyExists(f"backup {backup_id} already exists", code="BACKUP_EXISTS")
-    backup = _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints, reads_done)
+    backup = _Backup(vault, source, backup_id, parent, changed_extents, threads, progress, hints, reads_done,
+                     read_ahead)
+    if read_ahead is not None and (lock is None or read_ahead.vault is not vault):
+        raise InvalidInput(f"backup {backup_id}: what was read ahead must be of its vault, under the lock given",
+                           code="LOCK_NOT_HELD")
     if lock is not None:
         if not lock.held_in(vault.locks, LockKind.SHARED):
             raise InvalidInput(f"backup {backup_id} needs a held shared lock of its vault, not {lock!r}",
@@ -162,8 +227,10 @@ class _Backup:
         progress: ProgressCallback | None,
         hints: dict[str, str] | None,
         reads_done: Callable[[], None] | None = None,
+        read_ahead: Preread | None = None,
     ) -> None:
         self.vault = vault
+        self.read_ahead = read_ahead
         self.reads_done = reads_done
         self.source = source
         self.id = backup_id
@@ -199,19 +266,30 @@ class _Backup:
         # An unreadable index only hides chunks: they are stored again, never referenced unseen.
         # Every stored id, to deduplicate against; locations only of the parent's chunks that changes
         # will rebuild or layer (the index is the largest structure in memory).
-        self.parent = self._read_parent()
-        index = self.vault.load_index(tolerant=True, only=self._parent_blobs_to_read(), ids=True)
+        ahead = self.read_ahead
+        if ahead is None:
+            self.parent = self._read_parent()
+            index = self.vault.load_index(tolerant=True, only=self._parent_blobs_to_read(), ids=True)
+            assert index.ids is not None
+            stored: Container[bytes] = index.ids
+        else:
+            # The ids were read ahead; those of index objects written since (this run's other disks' packs)
+            # now, so that identical chunks across its disks are still stored once; the locations of the
+            # parent's blobs a change rebuilds on, if any, now too.
+            self.parent = self._read_parent(ahead.take_parent(self.parent_id) if self.parent_id else None)
+            wanted = self._parent_blobs_to_read()
+            index = self.vault.load_index(tolerant=True, only=wanted) if wanted else ChunkIndex()
+            stored = ahead.stored_now()
         try:
-            return self._run(start, index)
+            return self._run(start, index, stored)
         finally:
-            index.close()  # a large vault's ids are in a temporary file
+            index.close()  # a large vault's ids are in a temporary file (those read ahead are the caller's)
             if isinstance(self.condemned, DiskIdSet):
                 self.condemned.close()  # so are a large prune's condemned ids
 
-    def _run(self, start: float, index: ChunkIndex) -> BackupResult:
-        assert index.ids is not None
+    def _run(self, start: float, index: ChunkIndex, stored: Container[bytes]) -> BackupResult:
         condemned = self.vault.condemned_chunks()
-        self.stored_ids, self.condemned = index.ids, condemned
+        self.stored_ids, self.condemned = stored, condemned
         # Each blob read as it is: a chunk's base and layers lie in as many packs, so a piece of one read
         # ahead was gone before the next chunk (merges of ~170 chunks: 0.41-0.46 s against 0.50-0.51 s).
         self._chunks = ChunkReader(self.vault, index.locations, self.chunk_size, read_ahead=0)
@@ -269,10 +347,11 @@ class _Backup:
         assert self.parent is not None and self.changed is not None
         return live_layers(self.parent.deltas.get(i, []), self.changed.ranges(i))
 
-    def _read_parent(self) -> Manifest | None:
+    def _read_parent(self, read: Manifest | None = None) -> Manifest | None:
+        """The parent's manifest: as read ahead (``read``), else from the vault."""
         if self.parent_id is None:
             return None
-        parent = self.vault.read_manifest(self.parent_id)
+        parent = read or self.vault.read_manifest(self.parent_id)
         if parent.chunk_size != self.chunk_size:
             raise InvalidInput(f"parent {self.parent_id} has another chunk size", code="PARENT_MISMATCH")
         return parent
