@@ -177,6 +177,8 @@ class DomainPoint:
     checkpoint_refused: str = ""  # what went wrong making it, and what the next run does for it (a warning)
     idle: bool = True  # no backup job was running on the domain when the run began
     inactive_xml: str = ""  # the domain's definition (secure) as the run began
+    live_xml: str = ""  # the running domain's XML as the run began (its disks' device aliases)
+    checkpoints: set[str] | None = None  # the names of the domain's checkpoints, listed as the run was planned
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
     _ending: threading.Thread | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
@@ -335,11 +337,12 @@ def _plan_disks(p: DomainPoint) -> None:
     """Decide per disk: incremental from the parent's checkpoint or bitmap, or a full read and why."""
     parent = p.parent
     try:
-        nodes: dict[str, dict[str, Any]] | None = top_nodes(p.domain)
+        nodes: dict[str, dict[str, Any]] | None = top_nodes(p.domain, p.live_xml or None)
         qmp_error = ""
     except (QmpError, libvirt.libvirtError) as exc:
         nodes, qmp_error = None, str(exc)
-    has_checkpoint = parent is not None and any(map(tracked, p.disks)) and _has_checkpoint(p.domain, parent)
+    has_checkpoint = parent is not None and any(map(tracked, p.disks)) and (
+        parent in p.checkpoints if p.checkpoints is not None else _has_checkpoint(p.domain, parent))
     idle = p.idle
     for disk in p.disks:
         node = (nodes or {}).get(disk.target)
@@ -765,8 +768,15 @@ def _clear_attempt(p: DomainPoint) -> None:
     """Before this run's checkpoint is made: one of its name, left by a killed attempt at this same run, goes
     (deleting it merges its bitmaps into its parent's). Only with no backup job on the domain."""
     p.idle = not _has_job(p.domain)
-    if p.idle and p.checkpoint != p.parent and _has_checkpoint(p.domain, p.checkpoint):
+    try:  # one call for this run's checkpoint and the parent's
+        p.checkpoints = {cp.getName() for cp in p.domain.listAllCheckpoints(0)}
+    except libvirt.libvirtError:
+        p.checkpoints = None  # looked up one by one, as a driver without checkpoints answers
+    if p.idle and p.checkpoint != p.parent and (
+            p.checkpoint in p.checkpoints if p.checkpoints is not None else _has_checkpoint(p.domain, p.checkpoint)):
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
+        if p.checkpoints is not None:
+            p.checkpoints.discard(p.checkpoint)
 
 
 def _prepare(points: list[DomainPoint]) -> list[DomainPoint]:
@@ -818,7 +828,8 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
                                       excluded=[d for d in disks if d.target in skip], parent=parent,
                                       retire=list(retire or ()), qemu_owner=owner,
                                       inactive_xml=dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE
-                                                               | libvirt.VIR_DOMAIN_XML_INACTIVE)))
+                                                               | libvirt.VIR_DOMAIN_XML_INACTIVE),
+                                      live_xml=xml))
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise

@@ -45,9 +45,10 @@ def aliases(domain_xml: str) -> dict[str, str]:
     return out
 
 
-def top_nodes(dom: libvirt.virDomain) -> dict[str, dict[str, Any]]:
-    """Disk target -> the top block node QEMU writes it through (query-block's ``inserted``)."""
-    by_alias = {alias: target for target, alias in aliases(dom.XMLDesc(0)).items()}
+def top_nodes(dom: libvirt.virDomain, domain_xml: str | None = None) -> dict[str, dict[str, Any]]:
+    """Disk target -> the top block node QEMU writes it through (query-block's ``inserted``). ``domain_xml``:
+    the running domain's XML if the caller has it (the disks' aliases), else it is fetched."""
+    by_alias = {alias: target for target, alias in aliases(domain_xml or dom.XMLDesc(0)).items()}
     out = {}
     for dev in qmp(dom, "query-block"):
         qdev = str(dev.get("qdev", ""))
