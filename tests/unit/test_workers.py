@@ -68,6 +68,41 @@ def test_pipeline_stops_at_the_first_error_and_raises_it(stage: str) -> None:
     assert calls[0] < 1000  # stopped early, not after every item
 
 
+def test_the_pipeline_says_once_when_every_item_is_filled_and_not_when_a_fill_failed() -> None:
+    """A live VM's backup job starts ending as soon as the source is read whole, while the workers finish."""
+    fills, works, said = [0], [0], []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def fill(i: int, buf: bytearray) -> None:
+        with lock:
+            fills[0] += 1
+
+    def work(i: int, buf: bytearray, filled: None) -> None:
+        if i == 99:
+            assert release.wait(5)  # the last item's work waits until the pipeline has said it
+        with lock:
+            works[0] += 1
+
+    def all_filled() -> None:
+        said.append((fills[0], works[0]))
+        release.set()
+
+    run_pipeline(range(100), fill, work, [bytearray(1) for _ in range(4)], readers=3, workers=2,
+                 all_filled=all_filled)
+    assert len(said) == 1 and said[0][0] == 100 and said[0][1] < 100
+
+    def bad_fill(i: int, buf: bytearray) -> None:
+        if i == 7:
+            raise ValueError("bad read")
+
+    said.clear()
+    with pytest.raises(ValueError):
+        run_pipeline(range(100), bad_fill, lambda i, b, f: None, [bytearray(1) for _ in range(4)], readers=3,
+                     workers=2, all_filled=lambda: said.append((0, 0)))
+    assert said == []
+
+
 def test_pipeline_with_no_items_returns() -> None:
     run_pipeline([], lambda i, b: None, lambda i, b, f: None, [bytearray(1)], readers=3, workers=2)
 

@@ -191,8 +191,8 @@ def backup_disk(
     read_ahead: Preread | None = None,
 ) -> BackupResult:
     """Back ``source`` up as ``backup_id``: whole, or with ``parent`` and ``changed_extents`` only what
-    changed. ``reads_done`` is called once the source will not be read again, before the last pack is
-    sealed and the backup committed: a live VM's backup job can end while the vault commits.
+    changed. ``reads_done`` is called once the source will not be read again, while the last chunks are
+    stored and before the backup is committed: a live VM's backup job can end meanwhile.
 
     ``lock``: a shared vault lock the caller holds for this backup and others (a group's run takes one for
     all its disks, beside its point in time); without one, the backup takes its own. ``read_ahead``: what the
@@ -307,13 +307,12 @@ class _Backup:
                    for _ in range(max(readers + workers, PREFETCH_BYTES // self.chunk_size))]
         try:
             try:
-                run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers)
+                run_pipeline(to_read, self._fill, self._digest, buffers, readers=readers, workers=workers,
+                             all_filled=self.reads_done)
             finally:  # every reader and worker has ended: their buffers go to the next backup of the process
                 POOL.give(*buffers)
                 for encoder in self._encoders:
                     encoder.release()
-            if self.reads_done is not None:
-                self.reads_done()
             self.packer.flush()
         except BaseException:
             self.packer.abort()

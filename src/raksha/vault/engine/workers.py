@@ -52,9 +52,11 @@ def run_pipeline(
     *,
     readers: int,
     workers: int,
+    all_filled: Callable[[], None] | None = None,
 ) -> None:
     """For every item, ``fill(item, buffer)`` in a reader thread, then ``work(item, buffer, filled)`` in a
-    worker thread; re-raise the first exception.
+    worker thread; re-raise the first exception. ``all_filled`` is called once every item is filled, if none
+    failed, while the workers finish theirs (a live VM's backup job can start ending then).
 
     Readers take items in order, so they reach the workers roughly in order. A buffer goes back to the
     pool when ``work`` returns: at most ``len(buffers)`` items are in flight, whatever the disk size.
@@ -96,6 +98,8 @@ def run_pipeline(
             if last:
                 for _ in range(workers):
                     ready.put(None)
+                if all_filled is not None and not errors:
+                    all_filled()
 
     def work_loop() -> None:
         while True:
