@@ -211,7 +211,7 @@ def test_what_a_run_reads_ahead_gives_the_backups_it_would_have_read(
     backup(vault, base, "job1/run1/vm1/vdb")
     ids = [BackupId.parse("job1/run1/vm1/vda"), BackupId.parse("job1/run1/vm1/nothing-here")]
     with vault.locks.acquire(LockKind.SHARED, "backup run job1/run2") as lock:
-        ahead = backup_module.preread(vault, ids, lock)
+        ahead = backup_module.preread(vault, {b: 1000 for b in ids}, lock)
         assert ahead is not None and ahead.has(ids[0]) and not ahead.has(ids[1])
         try:
             incr = backup(vault, changed, "job1/run2/vm1/vda", parent="job1/run1/vm1/vda", lock=lock,
@@ -235,11 +235,35 @@ def test_what_a_run_reads_ahead_gives_the_backups_it_would_have_read(
     assert (incr.stats.bytes_read, incr.stats.chunks_new) == (without.stats.bytes_read, without.stats.chunks_new)
 
 
+def test_a_run_reads_ahead_only_the_manifests_its_first_transfers_need(
+        new_vault: MakeVault, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small manifests, a few, within a budget: a group of many VMs with large disks does not wait for (or
+    hold) all its parents' manifests before its first transfer; the others are read by their backups."""
+    image = make_image("disk.img", 2 * MIB)
+    vault = new_vault()
+    ids = [BackupId.parse(f"job1/run1/vm{k}/vda") for k in range(5)]
+    for b in ids:
+        backup(vault, image, str(b))
+    monkeypatch.setattr(backup_module, "READ_AHEAD_MANIFESTS", 3)
+    monkeypatch.setattr(backup_module, "READ_AHEAD_BYTES", 10_000)
+    sizes = {ids[0]: 1000, ids[1]: repository.MANIFEST_WHOLE + 1, ids[2]: 2000, ids[3]: 3000, ids[4]: 100}
+    with vault.locks.acquire(LockKind.SHARED, "backup run job1/run2") as lock:
+        ahead = backup_module.preread(vault, sizes, lock)
+        assert ahead is not None
+        # vm1's is too large to read whole; vm4's is past the count (three chosen: vm0, vm2, vm3)
+        assert [ahead.has(b) for b in ids] == [True, False, True, True, False]
+        ahead.close()
+        sizes[ids[2]] = 9500  # now past the bytes: reading ahead stops there, in order
+        ahead = backup_module.preread(vault, sizes, lock)
+        assert ahead is not None and [ahead.has(b) for b in ids] == [True, False, False, False, False]
+        ahead.close()
+
+
 def test_reading_ahead_needs_the_run_s_lock(new_vault: MakeVault, make_image: Callable[..., Path]) -> None:
     image = make_image("disk.img", 4 * MIB)
     vault, other = new_vault(), new_vault()
     with vault.locks.acquire(LockKind.SHARED, "backup run job1/run1") as lock:
-        ahead = backup_module.preread(vault, [], lock)
+        ahead = backup_module.preread(vault, {}, lock)
         assert ahead is not None
         with pytest.raises(InvalidInput) as caught:  # what was read ahead goes with the lock it was read under
             backup(vault, image, "job1/run1/vm1/vda", read_ahead=ahead)
@@ -248,7 +272,7 @@ def test_reading_ahead_needs_the_run_s_lock(new_vault: MakeVault, make_image: Ca
             backup(other, image, "job1/run1/vm1/vda", lock=others, read_ahead=ahead)
         ahead.close()
     with pytest.raises(InvalidInput) as caught:
-        backup_module.preread(vault, [], lock)  # released
+        backup_module.preread(vault, {}, lock)  # released
     assert caught.value.code == "LOCK_NOT_HELD"
 
 

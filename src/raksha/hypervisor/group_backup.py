@@ -160,7 +160,8 @@ def _lock_and_read_ahead(vault: Vault, purpose: str, parent_prefixes: list[str])
     """The run's shared lock, then the stored ids and the parent run's manifests under ``parent_prefixes``."""
     lock = vault.locks.acquire(LockKind.SHARED, purpose)
     try:
-        parents = [bid for prefix in parent_prefixes for bid in vault.backup_ids(prefix)]
+        parents = {bid: info.size for prefix in parent_prefixes
+                   for bid, info in sorted(vault.backup_objects(prefix).items())}
         return lock, preread(vault, parents, lock)
     except RakshaError:
         return lock, None  # each backup reads what it needs itself, and says what is wrong

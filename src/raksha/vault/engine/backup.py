@@ -13,7 +13,8 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Container, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +37,7 @@ from raksha.vault.format.naming import BackupId
 from raksha.vault.format.sorted_ids import DiskIdSet
 from raksha.vault.locks import Lock, LockKind
 from raksha.vault.malloc import POOL
-from raksha.vault.repository import ChunkIndex, Vault
+from raksha.vault.repository import MANIFEST_WHOLE, ChunkIndex, Vault
 from raksha.vault.sources.base import DiskSource, Extent
 
 
@@ -102,10 +103,20 @@ class Preread:
         self.stored.close()
 
 
-def preread(vault: Vault, parents: Sequence[BackupId], lock: Lock) -> Preread | None:
+# What a run reads ahead of its parents' manifests: small ones (a large dense disk's is read by its own backup,
+# a piece at a time), as many as the first transfers need, a few at once (a round trip each on an object store).
+READ_AHEAD_MANIFESTS = 16
+READ_AHEAD_BYTES = 16 << 20
+READ_AHEAD_THREADS = 8
+
+
+def preread(vault: Vault, parents: Mapping[BackupId, int], lock: Lock) -> Preread | None:
     """The run's :class:`Preread`, under ``lock`` (a held shared lock of ``vault``: a gc that condemned chunks
-    before has published them, one after waits). None when the index cannot be read: each backup then
-    reads what it needs itself and says what is wrong; a parent that cannot be read is left to its backup."""
+    before has published them, one after waits). ``parents``: the parents' backups, in the order their disks
+    will be backed up, with the size of each one's manifest object; those past READ_AHEAD_MANIFESTS or
+    READ_AHEAD_BYTES, or larger than MANIFEST_WHOLE, are left to their backups (so are those that cannot be
+    read: the backup says what is wrong). None when the index cannot be read: each backup then reads what
+    it needs itself."""
     if not lock.held_in(vault.locks, LockKind.SHARED):
         raise InvalidInput(f"reading ahead needs a held shared lock of the vault, not {lock!r}", code="LOCK_NOT_HELD")
     try:
@@ -113,12 +124,28 @@ def preread(vault: Vault, parents: Sequence[BackupId], lock: Lock) -> Preread | 
         stored = vault.load_index(tolerant=True, only=IdSet(), ids=True)
     except RakshaError:
         return None
-    manifests = {}
-    for backup_id in parents:
-        try:
-            manifests[backup_id] = vault.read_manifest(backup_id)
-        except RakshaError:
+    chosen: list[BackupId] = []
+    budget = READ_AHEAD_BYTES
+    for backup_id, size in parents.items():
+        if size > MANIFEST_WHOLE:
             continue
+        if len(chosen) == READ_AHEAD_MANIFESTS or size > budget:
+            break
+        chosen.append(backup_id)
+        budget -= size
+
+    def read(backup_id: BackupId) -> Manifest | None:
+        try:
+            return vault.read_manifest(backup_id)
+        except RakshaError:
+            return None
+
+    if len(chosen) > 1:
+        with ThreadPoolExecutor(min(READ_AHEAD_THREADS, len(chosen)), thread_name_prefix="raksha-read-ahead") as pool:
+            read_ones = list(pool.map(read, chosen))
+    else:
+        read_ones = [read(b) for b in chosen]
+    manifests = {b: m for b, m in zip(chosen, read_ones, strict=True) if m is not None}
     return Preread(vault, stored, manifests, keys)
 
 
