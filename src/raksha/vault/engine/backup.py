@@ -382,7 +382,7 @@ class _Backup:
         """The parent's manifest: as read ahead (``read``), else from the vault."""
         if self.parent_id is None:
             return None
-        parent = read or self.vault.read_manifest(self.parent_id)
+        parent = read if read is not None else self.vault.read_manifest(self.parent_id)
         if parent.chunk_size != self.chunk_size:
             raise InvalidInput(f"parent {self.parent_id} has another chunk size", code="PARENT_MISMATCH")
         return parent
