@@ -184,6 +184,10 @@ class DomainPoint:
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
     _later: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
 
+    def has_checkpoint(self, name: str) -> bool:
+        """Whether the domain had checkpoint ``name`` as the run was planned (asked of libvirt if not listed)."""
+        return name in self.checkpoints if self.checkpoints is not None else _has_checkpoint(self.domain, name)
+
     def plan(self, disk: DiskInfo) -> DiskPlan:
         return self.plans.setdefault(disk.target, DiskPlan(CHECKPOINT if tracked(disk) else UNTRACKED))
 
@@ -341,8 +345,7 @@ def _plan_disks(p: DomainPoint) -> None:
         qmp_error = ""
     except (QmpError, libvirt.libvirtError) as exc:
         nodes, qmp_error = None, str(exc)
-    has_checkpoint = parent is not None and any(map(tracked, p.disks)) and (
-        parent in p.checkpoints if p.checkpoints is not None else _has_checkpoint(p.domain, parent))
+    has_checkpoint = parent is not None and any(map(tracked, p.disks)) and p.has_checkpoint(parent)
     idle = p.idle
     for disk in p.disks:
         node = (nodes or {}).get(disk.target)
@@ -772,8 +775,7 @@ def _clear_attempt(p: DomainPoint) -> None:
         p.checkpoints = {cp.getName() for cp in p.domain.listAllCheckpoints(0)}
     except libvirt.libvirtError:
         p.checkpoints = None  # looked up one by one, as a driver without checkpoints answers
-    if p.idle and p.checkpoint != p.parent and (
-            p.checkpoint in p.checkpoints if p.checkpoints is not None else _has_checkpoint(p.domain, p.checkpoint)):
+    if p.idle and p.checkpoint != p.parent and p.has_checkpoint(p.checkpoint):
         _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True)
         if p.checkpoints is not None:
             p.checkpoints.discard(p.checkpoint)

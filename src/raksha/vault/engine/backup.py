@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
@@ -28,7 +27,7 @@ from raksha.vault.engine.progress import Progress, ProgressCallback
 from raksha.vault.engine.seen_ids import SeenIds
 from raksha.vault.engine.workers import run_pipeline
 from raksha.vault.format.blob import BlobEncoder
-from raksha.vault.format.chunk_ids import ZERO_PIECE, ChunkIds
+from raksha.vault.format.chunk_ids import ZERO_PIECE, ChunkIds, ids_in
 from raksha.vault.format.chunk_table import IdSet
 from raksha.vault.format.constants import ID_SIZE, ZERO_ID
 from raksha.vault.format.deltas import Deltas, Layer, MergedDeltas, NewEntries, covered_ranges, live_layers
@@ -157,9 +156,6 @@ class _Either(Container[bytes]):
 
     def __contains__(self, cid: object) -> bool:
         return cid in self._a or cid in self._b
-
-
-_ID_ROW = struct.Struct(f"{ID_SIZE}s")
 
 
 def _keep_none(_index: int) -> bool:
@@ -494,7 +490,7 @@ class _Backup:
         for piece in parent.chunk_ids.pieces(0, common):
             count = len(piece) // ID_SIZE
             if piece != ZERO_PIECE[: len(piece)]:
-                ids = [row[0] for row in _ID_ROW.iter_unpack(piece)]
+                ids = list(ids_in(piece))
                 missing = {cid for cid in set(ids) if gone(cid)}
                 if missing:
                     bad.update(i for i, cid in enumerate(ids, start) if cid in missing)

@@ -25,6 +25,11 @@ ZERO_PIECE = bytes(_PIECE)  # a piece of zero ids (holes): compared with at C sp
 _WHAT = "the chunk ids of a large disk"
 
 
+def ids_in(piece: memoryview | bytes) -> Iterator[bytes]:
+    """The ids of a piece of whole ids (one of ``ChunkIds.pieces``), at C speed."""
+    return map(operator.itemgetter(0), _ROW.iter_unpack(piece))
+
+
 class ChunkIds:
     """A fixed-length sequence of chunk ids (``bytes`` of 32): a ``bytearray``, or a temporary file.
 
@@ -95,7 +100,7 @@ class ChunkIds:
     def ids(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """The ids from chunk ``start`` to ``end``."""
         for piece in self.pieces(start, end):
-            yield from map(operator.itemgetter(0), _ROW.iter_unpack(piece))
+            yield from ids_in(piece)
 
     def __len__(self) -> int:
         return self._count
