@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import signal
 import threading
 import time
+import weakref
 
 import pytest
 
+from raksha.vault.engine import workers
 from raksha.vault.engine.workers import BufferPool, Drain, run_parallel, run_pipeline
 
 
@@ -105,6 +110,57 @@ def test_the_pipeline_says_once_when_every_item_is_filled_and_not_when_a_fill_fa
 
 def test_pipeline_with_no_items_returns() -> None:
     run_pipeline([], lambda i, b: None, lambda i, b, f: None, [bytearray(1)], readers=3, workers=2)
+
+
+def test_the_next_pool_runs_in_the_threads_the_last_one_left_and_they_keep_nothing_of_it() -> None:
+    class Held:  # what a backup's loops hold: buffers, a source
+        pass
+
+    def threads_of_a_run(held: Held | None = None) -> set[int]:
+        seen: set[int] = set()
+        lock = threading.Lock()
+        all_four = threading.Barrier(4, timeout=30)  # the first four items wait for each other: four threads
+
+        def work(i: int) -> None:
+            if i < 4:
+                all_four.wait()
+            with lock:
+                seen.add(threading.get_ident())
+                assert held is None or isinstance(held, Held)
+
+        run_parallel(range(40), work, 4)
+        return seen
+
+    held = Held()
+    first = threads_of_a_run(held)
+    ref = weakref.ref(held)
+    del held
+    gc.collect()
+    assert ref() is None  # the waiting threads dropped the loops that referred to it
+    assert len(first) == 4
+    waiting = {t.ident for t in threading.enumerate()}
+    assert threads_of_a_run() <= waiting  # no new thread started
+
+
+def test_a_forked_child_starts_its_own_threads() -> None:
+    run_parallel(range(8), lambda _i: None, 2)
+    deadline = time.monotonic() + 10
+    while workers._THREADS._waiting < 1 and time.monotonic() < deadline:  # its threads wait in the parent
+        time.sleep(0.001)
+    pid = os.fork()
+    if pid == 0:  # the child has none of them: a pool that waited for them would hang
+        try:
+            run_parallel(range(8), lambda _i: None, 2)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if waited[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child's pool waited for its parent's threads")
+    assert os.waitstatus_to_exitcode(waited[1]) == 0
 
 
 def test_a_drain_runs_every_job_and_join_waits_for_them() -> None:

@@ -25,6 +25,7 @@ checkpoint and bitmap are dropped, the old ones kept.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import logging
@@ -109,10 +110,22 @@ def end_stale_job(dom: libvirt.virDomain) -> bool:
     Only a job whose export socket lies in a dead process's work directory is touched:
     another tool's job, or a live Raksha run's, is left alone (and the new job will fail to start).
     """
+    return _end_stale_job(dom) is _Job.ENDED
+
+
+class _Job(enum.Enum):
+    """What ``_end_stale_job`` found of a domain's backup job."""
+
+    NONE = "none"
+    ENDED = "ended"  # a dead Raksha process's, ended now
+    KEPT = "kept"  # another's, still running (or one that would not end)
+
+
+def _end_stale_job(dom: libvirt.virDomain) -> _Job:
     try:
         xml = dom.backupGetXMLDesc(0)
     except libvirt.libvirtError:
-        return False  # no backup job
+        return _Job.NONE
     owner = _SOCKET_OWNER.search(xml)
     socket = re.search(r"socket='([^']+)'", xml)
     try:  # the owner made its work directory after it started, before it began the job
@@ -120,18 +133,18 @@ def end_stale_job(dom: libvirt.virDomain) -> bool:
     except OSError:
         made = time.time()
     if owner is None or owner_alive(int(owner.group(1)), made):
-        return False
+        return _Job.KEPT
     try:
         dom.abortJob()
     except libvirt.libvirtError:
         pass
-    _wait_job_end(dom)
+    ended = _wait_job_end(dom)
     try:
         if _agent(dom, "guest-fsfreeze-status") == "frozen":
             _agent(dom, "guest-fsfreeze-thaw")
     except libvirt.libvirtError:
         pass  # no agent: nothing can be frozen
-    return True
+    return _Job.ENDED if ended else _Job.KEPT
 
 
 @dataclass
@@ -769,8 +782,7 @@ def _begin(p: DomainPoint, scratch: str) -> None:
 
 def _clear_attempt(p: DomainPoint) -> None:
     """Before this run's checkpoint is made: one of its name, left by a killed attempt at this same run, goes
-    (deleting it merges its bitmaps into its parent's). Only with no backup job on the domain."""
-    p.idle = not _has_job(p.domain)
+    (deleting it merges its bitmaps into its parent's). Only with no backup job on the domain (``p.idle``)."""
     try:  # one call for this run's checkpoint and the parent's
         p.checkpoints = {cp.getName() for cp in p.domain.listAllCheckpoints(0)}
     except libvirt.libvirtError:
@@ -814,12 +826,12 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
     names of the job's older runs that are no base any more (a full run's predecessor, runs killed
     mid-way), dropped from each domain after its good run, as the parent's are.
     """
-    for dom, _parent in domains:
-        end_stale_job(dom)
+    # No backup job left on a domain (none, or a dead run's ended now): its leftovers can go (``idle``).
+    idle = [_end_stale_job(dom) is not _Job.KEPT for dom, _parent in domains]
     workdir = make_workdir()
     points = []
     try:
-        for dom, parent in domains:
+        for (dom, parent), no_job in zip(domains, idle, strict=True):
             skip = (exclude or {}).get(dom.name(), set())
             xml = dom.XMLDesc(0)
             disks = domain_disks(xml)
@@ -828,7 +840,7 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
             points.append(DomainPoint(dom, [d for d in disks if d.target not in skip],
                                       os.path.join(own_dir, "nbd.sock"), checkpoint, None,
                                       excluded=[d for d in disks if d.target in skip], parent=parent,
-                                      retire=list(retire or ()), qemu_owner=owner,
+                                      retire=list(retire or ()), qemu_owner=owner, idle=no_job,
                                       inactive_xml=dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE
                                                                | libvirt.VIR_DOMAIN_XML_INACTIVE),
                                       live_xml=xml))

@@ -9,6 +9,8 @@ and sealing a 2 GiB image took 1.21-1.33 s with 2 readers + 2 workers against 1.
 
 from __future__ import annotations
 
+import functools
+import os
 import queue
 import threading
 import time
@@ -201,27 +203,22 @@ def _run(loops: list[Callable[[], None]], errors: list[BaseException]) -> None:
     to stop early) and the first one is re-raised once every thread has ended."""
     ended = [threading.Event() for _ in loops]
 
-    def guarded(loop: Callable[[], None], end: threading.Event) -> None:
+    def guarded(loop: Callable[[], None], name: str) -> None:
+        threading.current_thread().name = name
         try:
             loop()
         except BaseException as exc:
             errors.append(exc)
-        finally:
-            end.set()
 
-    pool = [threading.Thread(target=guarded, args=(loop, end), name=f"raksha-worker-{i}", daemon=True)
-            for i, (loop, end) in enumerate(zip(loops, ended, strict=True))]
-    for t in pool:
-        t.start()
+    for i, (loop, end) in enumerate(zip(loops, ended, strict=True)):
+        _THREADS.start(functools.partial(guarded, loop, f"raksha-worker-{i}"), end)
     try:
-        for t in pool:
-            while t.is_alive():
-                t.join(0.5)  # short joins keep Ctrl-C responsive
+        for end in ended:
+            while not end.wait(0.5):  # short waits keep Ctrl-C responsive
+                pass
     except BaseException as exc:
         errors.append(exc)
         # Wait for every thread to finish its item before the caller closes what they write to.
-        # Not with Thread.join: a join interrupted by a signal handler's exception can leave a thread
-        # that is still running marked as stopped (seen with CPython 3.11.2), and join returns at once.
         while not all(end.is_set() for end in ended):
             try:
                 time.sleep(0.01)
@@ -230,3 +227,47 @@ def _run(loops: list[Callable[[], None]], errors: list[BaseException]) -> None:
         raise
     if errors:
         raise errors[0]
+
+
+class _Threads:
+    """Threads that outlive their job: one that has run a job waits for the next (up to ``keep`` of them),
+    so the process's next pipeline does not start its ten threads anew. Those starts cost a small
+    incremental of a live VM 5-7 ms of its ~120 on two busy cores (performance.md §30)."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has none of the parent's threads
+
+    def _reset(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
+        self._waiting = 0  # threads blocked on ``_jobs``, or about to be
+
+    def start(self, job: Callable[[], None], done: threading.Event) -> None:
+        """Run ``job`` in a waiting thread, else in a new one; set ``done`` once the thread holds nothing of
+        it. ``job`` must not raise."""
+        with self._lock:
+            reuse = self._waiting > 0
+            if reuse:
+                self._waiting -= 1
+        # Through the queue also for a new thread: a Thread keeps its arguments until its target returns.
+        self._jobs.put((job, done))
+        if not reuse:
+            threading.Thread(target=self._serve, name="raksha-worker", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            job: Callable[[], None] | None
+            job, done = self._jobs.get()
+            job()
+            job = None  # what the job held (a backup's buffers, its source) is not kept while waiting
+            threading.current_thread().name = "raksha-worker-idle"
+            done.set()
+            with self._lock:
+                if self._waiting >= self._keep:
+                    return
+                self._waiting += 1
+
+
+_THREADS = _Threads(keep=32)
