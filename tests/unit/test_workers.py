@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 
-from raksha.vault.engine import workers
+from raksha.vault import threads
 from raksha.vault.engine.workers import BufferPool, Drain, run_parallel, run_pipeline
 
 
@@ -145,7 +145,7 @@ def test_the_next_pool_runs_in_the_threads_the_last_one_left_and_they_keep_nothi
 def test_a_forked_child_starts_its_own_threads() -> None:
     run_parallel(range(8), lambda _i: None, 2)
     deadline = time.monotonic() + 10
-    while workers._THREADS._waiting < 1 and time.monotonic() < deadline:  # its threads wait in the parent
+    while threads.waiting() < 1 and time.monotonic() < deadline:  # its threads wait in the parent
         time.sleep(0.001)
     pid = os.fork()
     if pid == 0:  # the child has none of them: a pool that waited for them would hang

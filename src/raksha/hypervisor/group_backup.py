@@ -17,10 +17,11 @@ VMs of the group complete, and the failed VM keeps its previous base.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ from raksha.vault.format.naming import BackupId
 from raksha.vault.locks import Lock, LockKind
 from raksha.vault.repository import Vault
 from raksha.vault.sources.nbd import NbdSource
+from raksha.vault.threads import spawn
 
 
 @dataclass
@@ -137,16 +139,16 @@ def backup_domains(conn: libvirt.virConnect, names: list[str], vault: Vault, job
     # One shared vault lock for the run's disks, and under it what the backups read of the vault before their
     # disks (ADR 0026), beside the point in time: on a remote vault that is a few round trips, and after the
     # thaw every disk's transfer would wait for them.
-    with ThreadPoolExecutor(1, thread_name_prefix="raksha-vault-lock") as side:
-        locking = side.submit(_lock_and_read_ahead, vault, f"backup run {job}/{run}",
-                              [f"{job}/{parent_run}/{dom.UUIDString()}/" for dom in doms] if parent_run else [])
-        try:
-            with group as point:
-                lock, ahead = locking.result()
-                results, freeze_ms, hook_run = _transfer(vault, point, job, run, parent_run, threads, progress,
-                                                         parallel_vms, wanted_note, lock, ahead)
-        finally:
-            _release(locking)
+    parents = [f"{job}/{parent_run}/{dom.UUIDString()}/" for dom in doms] if parent_run else []
+    locking = spawn(functools.partial(_lock_and_read_ahead, vault, f"backup run {job}/{run}", parents),
+                    name="raksha-vault-lock")
+    try:
+        with group as point:
+            lock, ahead = locking.result()
+            results, freeze_ms, hook_run = _transfer(vault, point, job, run, parent_run, threads, progress,
+                                                     parallel_vms, wanted_note, lock, ahead)
+    finally:
+        _release(locking)
     # Clean-up after the backups (the snapshot strategy's block commits) ran as the group closed: a failure
     # there keeps the backup good and is said on its VM ("<domain>:<disk>: ...").
     for msg in point.cleanup_errors:

@@ -34,11 +34,10 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +74,7 @@ from raksha.hypervisor.strategy import (
 from raksha.vault.processes import owner_alive, remove_dirs_of_dead_owners
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
+from raksha.vault.threads import spawn
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,9 @@ class DomainPoint:
     live_xml: str = ""  # the running domain's XML as the run began (its disks' device aliases)
     checkpoints: set[str] | None = None  # the names of the domain's checkpoints, listed as the run was planned
     # Ends the pull job: early (reads_done) or at the group's exit; and what went wrong doing it.
-    _ending: threading.Thread | None = field(default=None, init=False, repr=False)
+    _ending: Future[None] | None = field(default=None, init=False, repr=False)
     _end_errors: list[str] = field(default_factory=list, init=False, repr=False)
-    _later: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
+    _later: list[Future[None]] = field(default_factory=list, init=False, repr=False)
 
     def has_checkpoint(self, name: str) -> bool:
         """Whether the domain had checkpoint ``name`` as the run was planned (asked of libvirt if not listed)."""
@@ -232,26 +232,23 @@ class DomainPoint:
     def end_job_soon(self) -> None:
         """Start ending the pull job in the background, once."""
         if self.started and self._ending is None:
-            self._ending = threading.Thread(target=self._end_job, name=f"raksha-end-{self.domain.name()}",
-                                            daemon=True)
-            self._ending.start()
+            self._ending = spawn(self._end_job, name=f"raksha-end-{self.domain.name()}")
 
     def end_job(self) -> list[str]:
         """End the pull job (unless under way already) and wait until it has ended; what went wrong."""
         self.end_job_soon()
-        if self._ending is not None:
-            self._ending.join()
+        if self._ending is not None and (exc := self._ending.exception()) is not None:
+            self._end_errors.append(f"{self.domain.name()}: ending the pull job failed: {exc}")
         return self._end_errors
 
     def later(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (QMP clean-up that nothing waits for) beside the transfer; the job's end waits for it."""
-        t = threading.Thread(target=fn, name=f"raksha-later-{self.domain.name()}", daemon=True)
-        t.start()
-        self._later.append(t)
+        self._later.append(spawn(fn, name=f"raksha-later-{self.domain.name()}"))
 
     def _end_job(self) -> None:
         for t in self._later:
-            t.join()
+            if (exc := t.exception()) is not None:  # nothing waited for it: a leftover at worst, said
+                log.warning("%s: clean-up beside the transfer failed: %s", self.domain.name(), exc)
         try:
             self.domain.abortJob()
         except libvirt.libvirtError as exc:
@@ -855,18 +852,17 @@ def consistency_group(domains: list[tuple[libvirt.virDomain, str | None]], check
         # hooks (or the probes for them) in the guests, and the planning and the run's bitmaps (the run's
         # checkpoints come beside the reads, ADR 0025). A domain whose planning fails has its hook undone
         # after the window.
-        with ThreadPoolExecutor(1, thread_name_prefix="raksha-pre-freeze") as side:
-            hook_run = side.submit(pre_freeze, points, hooks) if freeze else None
-            try:
-                live = _prepare(points)
-                scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
-                making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)
-            except BaseException:
-                if hook_run is not None:
-                    post_thaw(hook_run.result(), hooks)
-                raise
+        hook_run = spawn(functools.partial(pre_freeze, points, hooks), name="raksha-pre-freeze") if freeze else None
+        try:
+            live = _prepare(points)
+            scratch_dirs = {id(p): os.path.dirname(p.socket) for p in live}
+            making.extend(_start_scratch(p, scratch_dirs[id(p)]) for p in live)
+        except BaseException:
             if hook_run is not None:
-                group.hooks = hook_run.result()
+                post_thaw(hook_run.result(), hooks)
+            raise
+        if hook_run is not None:
+            group.hooks = hook_run.result()
         for p, procs in zip(live, making, strict=True):
             _finish_scratch(p, procs, scratch_dirs[id(p)])
         # The window: every guest frozen at once, every domain's job started at once, every guest thawed at once.

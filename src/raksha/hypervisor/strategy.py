@@ -17,10 +17,10 @@ else ``crash`` (docs/adr/0008-application-consistency.md).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -31,6 +31,7 @@ from raksha.domain.errors import RakshaError
 from raksha.hypervisor.disks import DiskInfo
 from raksha.vault.sources.base import Extent
 from raksha.vault.sources.nbd import NbdSource
+from raksha.vault.threads import spawn
 
 STRATEGIES = ("pull", "snapshot")
 T = TypeVar("T")
@@ -119,8 +120,8 @@ def each(fn: Callable[[T], object], items: Sequence[T]) -> list[BaseException | 
 
     if len(items) <= 1:
         return [run(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(len(items), 16)) as pool:
-        return list(pool.map(run, items))
+    running = [spawn(functools.partial(run, item), name="raksha-each") for item in items]
+    return [f.result() for f in running]
 
 
 def thawed_leftover(p: Freezable, exc: libvirt.libvirtError, timeout: int = 10) -> bool:

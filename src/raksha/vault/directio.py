@@ -16,11 +16,13 @@ import mmap
 import os
 import queue
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
 from raksha.domain.errors import BackendError, StorageFull
 from raksha.vault.malloc import anonymous_map
+from raksha.vault.threads import spawn
 
 ALIGN = 4096
 WRITE_BUFFERS = 4  # per SequentialFile: one filling, the others queued or being written
@@ -104,7 +106,7 @@ class SequentialFile:
         self._fill = 0
         self._flushed = 0
         self._queue: queue.SimpleQueue[tuple[mmap.mmap, int, int, int] | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self._writer: Future[None] | None = None
         self._error: BaseException | None = None
         self.size = 0
 
@@ -125,8 +127,7 @@ class SequentialFile:
         """Queue the current buffer's first ``length`` bytes (``logical`` of them data) for writing."""
         self._raise_error()
         if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="raksha-pack-writer", daemon=True)
-            self._writer.start()
+            self._writer = spawn(self._write_loop, name="raksha-pack-writer")
         self._queue.put((self._buf, length, logical, self._flushed))
         self._flushed += length
 
@@ -158,7 +159,7 @@ class SequentialFile:
         """Wait until every queued buffer is written; never unmap or close under a running write."""
         if self._writer is not None:
             self._queue.put(None)
-            self._writer.join()
+            self._writer.result()
             self._writer = None
 
     def finish(self) -> None:

@@ -75,9 +75,9 @@ class Packer:
     def flush(self) -> None:
         with self._lock:
             pack, self._current = self._current, None
-        if pack is not None:
-            self._submit(pack)
         self._wait(0)
+        if pack is not None:  # the last pack in this thread, as it would wait for it anyway: no hand-off
+            self._seal(pack)
         self._stop()
         self._give_back()
         self._merge()

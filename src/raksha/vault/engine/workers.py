@@ -10,12 +10,14 @@ and sealing a 2 GiB image took 1.21-1.33 s with 2 readers + 2 workers against 1.
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import wait
 from typing import Any, Generic, TypeVar
+
+from raksha.vault.threads import spawn
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -126,10 +128,7 @@ class Drain:
         self.errors: list[BaseException] = []
         self._pending = 0
         self._idle = threading.Condition()
-        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
-                         for i in range(max(1, threads))]
-        for t in self._threads:
-            t.start()
+        self._threads = [spawn(self._loop, name=f"{name}-{i}") for i in range(max(1, threads))]
 
     def _loop(self) -> None:
         while True:
@@ -170,9 +169,8 @@ class Drain:
             self.errors.append(RuntimeError("aborted"))
         for _ in self._threads:
             self._jobs.put(None)
-        for t in self._threads:
-            while t.is_alive():
-                t.join(0.5)
+        while wait(self._threads, timeout=0.5).not_done:  # short waits keep Ctrl-C responsive
+            pass
         if not abort:
             self.check()
 
@@ -199,27 +197,24 @@ class BufferPool(Generic[B]):
 
 
 def _run(loops: list[Callable[[], None]], errors: list[BaseException]) -> None:
-    """Run each loop in a thread of its own; a loop's exception goes to ``errors`` (which the loops watch
-    to stop early) and the first one is re-raised once every thread has ended."""
-    ended = [threading.Event() for _ in loops]
+    """Run each loop in a thread of its own (kept for the process's next loops: vault/threads.py); a loop's
+    exception goes to ``errors`` (which the loops watch to stop early) and the first one is re-raised once
+    every thread has ended."""
 
-    def guarded(loop: Callable[[], None], name: str) -> None:
-        threading.current_thread().name = name
+    def guarded(loop: Callable[[], None]) -> None:
         try:
             loop()
         except BaseException as exc:
             errors.append(exc)
 
-    for i, (loop, end) in enumerate(zip(loops, ended, strict=True)):
-        _THREADS.start(functools.partial(guarded, loop, f"raksha-worker-{i}"), end)
+    running = [spawn(functools.partial(guarded, loop), name=f"raksha-worker-{i}") for i, loop in enumerate(loops)]
     try:
-        for end in ended:
-            while not end.wait(0.5):  # short waits keep Ctrl-C responsive
-                pass
+        while wait(running, timeout=0.5).not_done:  # short waits keep Ctrl-C responsive
+            pass
     except BaseException as exc:
         errors.append(exc)
         # Wait for every thread to finish its item before the caller closes what they write to.
-        while not all(end.is_set() for end in ended):
+        while not all(f.done() for f in running):
             try:
                 time.sleep(0.01)
             except BaseException:
@@ -227,47 +222,3 @@ def _run(loops: list[Callable[[], None]], errors: list[BaseException]) -> None:
         raise
     if errors:
         raise errors[0]
-
-
-class _Threads:
-    """Threads that outlive their job: one that has run a job waits for the next (up to ``keep`` of them),
-    so the process's next pipeline does not start its ten threads anew. Those starts cost a small
-    incremental of a live VM 5-7 ms of its ~120 on two busy cores (performance.md §30)."""
-
-    def __init__(self, keep: int) -> None:
-        self._keep = keep
-        self._lock = threading.Lock()
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)  # a forked child has none of the parent's threads
-
-    def _reset(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
-        self._waiting = 0  # threads blocked on ``_jobs``, or about to be
-
-    def start(self, job: Callable[[], None], done: threading.Event) -> None:
-        """Run ``job`` in a waiting thread, else in a new one; set ``done`` once the thread holds nothing of
-        it. ``job`` must not raise."""
-        with self._lock:
-            reuse = self._waiting > 0
-            if reuse:
-                self._waiting -= 1
-        # Through the queue also for a new thread: a Thread keeps its arguments until its target returns.
-        self._jobs.put((job, done))
-        if not reuse:
-            threading.Thread(target=self._serve, name="raksha-worker", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            job: Callable[[], None] | None
-            job, done = self._jobs.get()
-            job()
-            job = None  # what the job held (a backup's buffers, its source) is not kept while waiting
-            threading.current_thread().name = "raksha-worker-idle"
-            done.set()
-            with self._lock:
-                if self._waiting >= self._keep:
-                    return
-                self._waiting += 1
-
-
-_THREADS = _Threads(keep=32)
