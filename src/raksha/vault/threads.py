@@ -3,7 +3,7 @@
 A live VM's small incremental starts about twenty short-lived threads (the pipeline's readers and workers,
 the pack's writer, the pull job's end, the pre-freeze hooks' side thread...). Each start costs 0.1-1 ms
 on two cores shared with QEMU and libvirtd, and most of them lie on the run's path: started anew, the
-pipeline's ten alone cost such a run 5-7 ms of its ~120 (performance.md §30). A thread kept waiting costs
+pipeline's ten alone cost such a run 5-7 ms of its ~120 (performance.md §29). A thread kept waiting costs
 its stack's touched pages and nothing else.
 
 Unlike a ``ThreadPoolExecutor``, a task never queues behind another: with no thread waiting, a new one
