@@ -29,11 +29,11 @@ _Task = tuple[Callable[[], Any], "Future[Any]", str]
 class _Threads:
     def __init__(self, keep: int) -> None:
         self._keep = keep
-        self._lock = threading.Lock()
         self._reset()
         os.register_at_fork(after_in_child=self._reset)  # a forked child has none of the parent's threads
 
     def _reset(self) -> None:
+        self._lock = threading.Lock()  # in a child, one a parent's thread held as it forked stays held
         self._tasks: queue.SimpleQueue[_Task] = queue.SimpleQueue()
         self.waiting = 0  # threads blocked on ``_tasks``, or about to be
 

@@ -199,7 +199,7 @@ class BufferPool(Generic[B]):
 def _run(loops: list[Callable[[], None]], errors: list[BaseException]) -> None:
     """Run each loop in a thread of its own (kept for the process's next loops: vault/threads.py); a loop's
     exception goes to ``errors`` (which the loops watch to stop early) and the first one is re-raised once
-    every thread has ended."""
+    every loop has ended."""
 
     def guarded(loop: Callable[[], None]) -> None:
         try:
