@@ -82,6 +82,14 @@ def test_an_id_set_is_a_set() -> None:
     assert len(s) == 3003 and s == set(ids + more)
 
 
+def test_an_id_set_says_which_of_many_ids_it_lacks_at_once() -> None:
+    held = [os.urandom(32) for _ in range(5000)]  # past several resizes: probes wrap and collide
+    s = IdSet(held)
+    absent = [os.urandom(32) for _ in range(500)]
+    assert s.missing_of(held[::7] + absent + held[:3]) == set(absent)
+    assert s.missing_of([]) == set() and IdSet().missing_of(held[:4]) == set(held[:4])
+
+
 @pytest.fixture
 def vault(tmp_path: Path) -> Vault:
     return Vault.init(LocalBackend(tmp_path / "vault", create=True), VaultConfig.new(encrypted=False), None)

@@ -12,7 +12,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Container, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -156,6 +156,15 @@ class _Either(Container[bytes]):
 
     def __contains__(self, cid: object) -> bool:
         return cid in self._a or cid in self._b
+
+    def missing_of(self, ids: Iterable[bytes]) -> set[bytes]:
+        return _missing(self._b, _missing(self._a, ids))
+
+
+def _missing(stored: Container[bytes], ids: Iterable[bytes]) -> set[bytes]:
+    """Those of ``ids`` not in ``stored``: all at once where it can (``IdSet.missing_of``)."""
+    missing_of: Callable[[Iterable[bytes]], set[bytes]] | None = getattr(stored, "missing_of", None)
+    return missing_of(ids) if missing_of is not None else {cid for cid in ids if cid not in stored}
 
 
 def _keep_none(_index: int) -> bool:
@@ -480,8 +489,13 @@ class _Backup:
         # No gc running (nearly always): one lookup an id, not two; this walks every chunk of the disk.
         none_condemned = isinstance(condemned, IdSet) and not len(condemned)
 
-        def gone(cid: bytes) -> bool:
-            return cid != ZERO_ID and (cid not in stored or (not none_condemned and cid in condemned))
+        def gone(cids: set[bytes]) -> set[bytes]:
+            """Those of ``cids`` not stored, or condemned: looked up all at once."""
+            cids.discard(ZERO_ID)
+            out = _missing(stored, cids)
+            if not none_condemned:
+                out.update(cid for cid in cids - out if cid in condemned)
+            return out
 
         # One pass over the ids a piece (2048) at a time, as they are (from their file on a large disk): no set
         # of them all, which for a dense disk would take ~58 bytes an id. Each distinct id of a piece is looked
@@ -491,12 +505,14 @@ class _Backup:
             count = len(piece) // ID_SIZE
             if piece != ZERO_PIECE[: len(piece)]:
                 ids = list(ids_in(piece))
-                missing = {cid for cid in set(ids) if gone(cid)}
+                missing = gone(set(ids))
                 if missing:
                     bad.update(i for i, cid in enumerate(ids, start) if cid in missing)
             start += count
-        bad.update(i for i, layers in parent.deltas.items()
-                   if i < common and any(gone(layer.blob_id) for layer in layers))
+        layered = [(i, layers) for i, layers in parent.deltas.items() if i < common]
+        missing = gone({layer.blob_id for _, layers in layered for layer in layers})
+        if missing:
+            bad.update(i for i, layers in layered if any(layer.blob_id in missing for layer in layers))
         return bad
 
     def _is_zero(self, cid: bytes, data: memoryview) -> bool:

@@ -145,6 +145,22 @@ class IdSet(_IdRows, Set[bytes]):
             i = (i + 1) & mask
         return False
 
+    def missing_of(self, ids: Iterable[bytes]) -> set[bytes]:
+        """Those of ``ids`` not in the set: ``__contains__`` inlined once for them all (a backup asks this of
+        every distinct id of its parent: ~1 µs an id one call at a time)."""
+        slots, mask, rows = self._slots, self._mask, self._rows
+        out = set()
+        for cid in ids:
+            i = hash(cid) & mask
+            while r := slots[i]:
+                start = (r - 1) << 5
+                if rows[start : start + 32] == cid:
+                    break
+                i = (i + 1) & mask
+            else:
+                out.add(cid)
+        return out
+
     def add(self, cid: bytes) -> None:
         if len(cid) != ID_SIZE:
             raise ValueError("a chunk id is 32 bytes")
