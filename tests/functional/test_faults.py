@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -478,9 +479,18 @@ def test_restore_to_a_full_disk(tmpfs: Callable[[str], Path], cli_json: CliJson,
 # -- killed processes -----------------------------------------------------------------------------
 
 
-def popen_cli(*args: Any, password: str | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(RAKSHA), *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(password))
+# Runs a command with Ctrl-C's default action, as from a terminal: a process started in the background of a
+# non-interactive shell (CI's) inherits SIGINT ignored, and Python then leaves it ignored.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def popen_cli(*args: Any, password: str | None = None, interruptible: bool = False) -> subprocess.Popen[str]:
+    argv = [str(RAKSHA), *map(str, args)]
+    if interruptible:
+        argv = [sys.executable, "-c", _SIGINT_DEFAULT, *argv]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(password))
 
 
 def packs(vault: Path) -> set[Path]:
@@ -530,7 +540,7 @@ def test_backup_stopped_midway(cli_json: CliJson, tmp_path: Path, make_image: Ma
     before, indexes_before = packs(vault), len(indexes(vault))
     argv = ("vault", "backup", vault, big, "--id", INC, "--threads", "1" if sig == signal.SIGKILL else "2", "--json")
 
-    proc = popen_cli(*argv)
+    proc = popen_cli(*argv, interruptible=True)
     killer.append(proc)
     # Signalled once a pack and its index are stored (the index is written after its pack).
     wait_for(lambda: len(indexes(vault)) > indexes_before, proc, "a pack and its index were stored")

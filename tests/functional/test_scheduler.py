@@ -160,7 +160,9 @@ def test_interval_schedule_full_every_retention_and_gc(conn: libvirt.virConnect,
                 if run["status"] in END and run["id"] not in churned:
                     churned.add(run["id"])
                     _churn(vm)
-            time.sleep(0.3)
+            # Often: a small run works for well under a second, and must be seen working to be raced (at 0.3 s
+            # the loop saw one or two of five runs working, and none once in CI).
+            time.sleep(0.05)
         # Enough: stop the schedule (the run in progress, if any, ends normally) and let everything settle.
         upd = api.put(f"/backupjobs/{job['id']}", {"backupjob": {"schedule": {
             "interval_hours": INTERVAL_H, "full_every": FULL_EVERY, "enabled": False}}})
