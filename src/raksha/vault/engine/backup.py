@@ -8,6 +8,7 @@ rerun deduplicates against (or that gc removes after its grace period).
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import threading
@@ -509,10 +510,12 @@ class _Backup:
                 if missing:
                     bad.update(i for i, cid in enumerate(ids, start) if cid in missing)
             start += count
-        layered = [(i, layers) for i, layers in parent.deltas.items() if i < common]
-        missing = gone({layer.blob_id for _, layers in layered for layer in layers})
-        if missing:
-            bad.update(i for i, layers in layered if any(layer.blob_id in missing for layer in layers))
+        # The layers likewise, 2048 chunks' at a time: half of a large disk's chunks may carry layers.
+        layered = ((i, layers) for i, layers in parent.deltas.items() if i < common)
+        while batch := list(itertools.islice(layered, len(ZERO_PIECE) // ID_SIZE)):
+            missing = gone({layer.blob_id for _, layers in batch for layer in layers})
+            if missing:
+                bad.update(i for i, layers in batch if any(layer.blob_id in missing for layer in layers))
         return bad
 
     def _is_zero(self, cid: bytes, data: memoryview) -> bool:
