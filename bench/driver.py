@@ -24,6 +24,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -182,11 +183,15 @@ def main() -> int:
     peak_after_restores = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     allowance = 1.1 * changed + MIB
     figures: dict[str, dict[str, tuple[float, float, bool]]] = {}
+    spread: dict[str, dict[str, float]] = {}  # every incremental against the full (the figures judge two)
     for variant, phases in out.items():
         full_s, incr_s = phases["full"]["seconds"], phases["incremental"]["seconds"]
         read = phases["incremental"]["bytes_read"]
         every = [phases["incremental"], *later[variant]]
         freeze = max(phases["full"]["freeze_ms"], *(r["freeze_ms"] for r in every))
+        ratios = sorted(r["seconds"] / full_s for r in every)
+        spread[variant] = {"incrementals": len(ratios), "within_5_percent": sum(x <= 0.05 for x in ratios),
+                           "median_time_over_full": statistics.median(ratios)}
         figures[variant] = {
             "incremental bytes read": (read, allowance, read <= allowance),
             "incremental read / changed": (read / changed, 1.1, read <= 1.1 * changed),
@@ -226,11 +231,14 @@ def main() -> int:
                   "identical to that point")
         for name, (value, target, ok) in figures[variant].items():
             print(f"  {name:37s} {value:14.3f}  target {target:14.3f}  {'PASS' if ok else 'MISS'}")
+        sp = spread[variant]
+        print(f"  incrementals within 5% of the full: {sp['within_5_percent']} of {sp['incrementals']}; "
+              f"median {100 * sp['median_time_over_full']:.1f}% (for the record: the first and the worst are judged)")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({
         "size": size, "changed_bytes": changed, "peak_rss_bytes": peak, "peak_rss_after_restores": peak_after_restores,
         "variants": {v: {"phases": out[v], "same_blocks_again": later[v], "restore": restores[v],
-                         "in_place": in_place[v],
+                         "in_place": in_place[v], "incrementals": spread[v],
                          "figures": {k: {"value": val, "target": t, "ok": ok}
                                      for k, (val, t, ok) in figures[v].items()}}
                      for v in out}}, indent=2) + "\n")
