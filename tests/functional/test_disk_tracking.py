@@ -214,6 +214,9 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         made = libvirt.virDomain.checkpointCreateXML
 
         def refused(_dom: libvirt.virDomain, _xml: str, _flags: int = 0) -> None:
+            # As libvirt's API does on entry: without it the error takes its message from the thread's last
+            # libvirt error, which in a kept thread (ADR 0027) may be an earlier task's (the hook probe's).
+            libvirt.virResetLastError()
             raise libvirt.libvirtError("checkpoint refused by the test")
 
         monkeypatch.setattr(libvirt.virDomain, "checkpointCreateXML", refused)
