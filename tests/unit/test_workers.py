@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +142,54 @@ def test_the_next_pool_runs_in_the_threads_the_last_one_left_and_they_keep_nothi
     assert len(first) == 4
     waiting = {t.ident for t in threading.enumerate()}
     assert threads_of_a_run() <= waiting  # no new thread started
+
+
+def test_a_kept_thread_holds_no_read_buffer_of_its_last_task(tmp_path: Path) -> None:
+    from raksha.vault import directio
+
+    path = tmp_path / "pack"
+    path.write_bytes(os.urandom(256 << 10))
+
+    def read() -> weakref.ref[mmap.mmap]:  # as a verify's thread reads a pack's piece
+        assert directio.pread_direct(path, 4096, 128 << 10) in (None, path.read_bytes()[4096 : 4096 + (128 << 10)])
+        buf = getattr(directio._local, "buf", None)
+        if buf is None:
+            pytest.skip("no O_DIRECT on this filesystem: no per-thread buffer")
+        return weakref.ref(buf)
+
+    ref = threads.spawn(read, name="raksha-test-read").result(timeout=30)
+    assert ref() is None  # unmapped as the task ended, not kept while the thread waits
+
+
+def test_a_kept_thread_holds_no_libvirt_error_of_its_last_task() -> None:
+    libvirt = pytest.importorskip("libvirt")
+    import raksha.hypervisor.errors  # noqa: F401  (it has the threads forget libvirt's last error)
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    # Every waiting thread, and two more, each run a task at once: a failed libvirt call...
+    k = min(threads.waiting() + 2, threads.KEEP)
+    together = threading.Barrier(k, timeout=30)
+
+    def fail() -> None:
+        together.wait()
+        with pytest.raises(libvirt.libvirtError):
+            libvirt.open("test:///no/such/file.xml")  # the test driver: no daemon needed
+        assert libvirt.virGetLastError() is not None
+
+    for f in [threads.spawn(fail, name="raksha-test-fail") for _ in range(k)]:
+        f.result(timeout=30)
+    deadline = time.monotonic() + 10
+    while threads.waiting() < k and time.monotonic() < deadline:
+        time.sleep(0.001)
+    # ...then as many at once, which find those threads waiting: an error built by hand says its own message.
+    again = threading.Barrier(k, timeout=30)
+
+    def built_by_hand() -> str:
+        again.wait()
+        return str(libvirt.libvirtError("refused by a test"))
+
+    said = {f.result(timeout=30) for f in [threads.spawn(built_by_hand, name="raksha-test-built") for _ in range(k)]}
+    assert said == {"refused by a test"}
 
 
 def test_a_forked_child_starts_its_own_threads() -> None:

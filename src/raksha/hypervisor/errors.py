@@ -15,6 +15,11 @@ from __future__ import annotations
 import libvirt
 
 from raksha.domain.errors import HypervisorError, NotFound, RakshaError, VmGone
+from raksha.vault.threads import forget_after_each_task
+
+# libvirt keeps a thread's last error until its next API call; a kept thread's next task must not find the
+# last one's (a libvirtError built without a call takes its message from it).
+forget_after_each_task(libvirt.virResetLastError)
 
 
 def vm_gone(dom: libvirt.virDomain) -> bool:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from raksha.domain.errors import BackendError, StorageFull
 from raksha.vault.malloc import anonymous_map
-from raksha.vault.threads import spawn
+from raksha.vault.threads import forget_after_each_task, spawn
 
 ALIGN = 4096
 WRITE_BUFFERS = 4  # per SequentialFile: one filling, the others queued or being written
@@ -203,6 +203,20 @@ class AlignedBuffers:
 
 
 _local = threading.local()
+
+
+def _drop_read_buffer() -> None:
+    """The thread's read buffer goes with its task (a kept thread would hold up to a verify's 4 MiB piece)."""
+    buf: mmap.mmap | None = getattr(_local, "buf", None)
+    if buf is not None:
+        _local.buf = None
+        try:
+            buf.close()
+        except BufferError:
+            pass  # still viewed by someone: unmapped when the last view goes
+
+
+forget_after_each_task(_drop_read_buffer)
 
 
 def _read_buffer(size: int) -> mmap.mmap:

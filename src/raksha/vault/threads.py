@@ -25,6 +25,24 @@ KEEP = 32  # threads left waiting at most; beyond, a thread that ends its task e
 
 _Task = tuple[Callable[[], Any], "Future[Any]", str]
 
+# What a module keeps per thread outside a task's objects (a read buffer in a module-level
+# ``threading.local``, a C library's last error), dropped by each thread as its task ends.
+_FORGET: list[Callable[[], None]] = []
+
+
+def forget_after_each_task(fn: Callable[[], None]) -> None:
+    """Have every kept thread call ``fn`` once its task has returned, before the task's future is done: a
+    thread waiting for its next task holds nothing of the last one, as a thread that ended would not."""
+    _FORGET.append(fn)
+
+
+def _forget() -> None:
+    for fn in _FORGET:
+        try:
+            fn()
+        except Exception:  # nothing to forget is no reason to fail the task that ran
+            pass
+
 
 class _Threads:
     def __init__(self, keep: int) -> None:
@@ -59,9 +77,11 @@ class _Threads:
                     result = fn()
                 except BaseException as exc:
                     fn = None  # what the task held is let go before anyone is told it ended
+                    _forget()
                     future.set_exception(exc)
                 else:
                     fn = None
+                    _forget()
                     future.set_result(result)
                     del result
             del fn, future
