@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from raksha.domain.errors import BackendError, StorageFull
-from raksha.vault.malloc import anonymous_map
+from raksha.vault.malloc import anonymous_map, unmap
 from raksha.vault.threads import forget_after_each_task, spawn
 
 ALIGN = 4096
@@ -181,11 +181,7 @@ class SequentialFile:
             os.close(self.fd)
             self.fd = -1
         for buf in self._buffers if self._owned else []:
-            if not buf.closed:
-                try:
-                    buf.close()
-                except BufferError:
-                    pass  # still viewed by someone: unmapped when the last view goes, never worth an error
+            unmap(buf)
 
 
 class AlignedBuffers:
@@ -210,10 +206,7 @@ def _drop_read_buffer() -> None:
     buf: mmap.mmap | None = getattr(_local, "buf", None)
     if buf is not None:
         _local.buf = None
-        try:
-            buf.close()
-        except BufferError:
-            pass  # still viewed by someone: unmapped when the last view goes
+        unmap(buf)
 
 
 forget_after_each_task(_drop_read_buffer)

@@ -94,7 +94,7 @@ class MapPool:
             self._free.clear()
             self._bytes = 0
         for m in others:
-            _unmap(m)
+            unmap(m)
         return anonymous_map(size)
 
     def give(self, *maps: mmap.mmap) -> None:
@@ -110,7 +110,7 @@ class MapPool:
                     same.append(m)
                     self._bytes += len(m)
             if not keep:
-                _unmap(m)
+                unmap(m)
 
     def clear(self) -> None:
         """Unmap everything kept."""
@@ -119,10 +119,11 @@ class MapPool:
             self._free.clear()
             self._bytes = 0
         for m in maps:
-            _unmap(m)
+            unmap(m)
 
 
-def _unmap(m: mmap.mmap) -> None:
+def unmap(m: mmap.mmap) -> None:
+    """Close ``m`` now, or, while something still views it, when its last view goes."""
     try:
         m.close()
     except BufferError:
