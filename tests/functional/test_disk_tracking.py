@@ -28,7 +28,7 @@ from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E40
 
 from raksha.hypervisor.group_backup import GroupResult, VmResult, backup_domains  # noqa: E402
 from raksha.hypervisor.lifecycle import undefine_domain  # noqa: E402
-from raksha.hypervisor.qemu_blocks import QmpError, qmp  # noqa: E402
+from raksha.hypervisor.qemu_blocks import qmp  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.progress import ProgressEvent  # noqa: E402
 from raksha.vault.engine.restore import restore_backup  # noqa: E402
@@ -167,16 +167,16 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert vdb.kind == "incremental" and "QEMU dirty bitmap raksha-job-r1" in vdb.tracking
         assert written["r2"] <= vdb.bytes_read <= 1.1 * written["r2"] + (64 << 10)  # reads what changed
         assert disk(r2, "vda").kind == "incremental" and disk(r2, "vdc").kind == "incremental"
-        vdd = disk(r2, "vdd")  # the checkpoint's 64 KiB bitmap would read 16 x; the fine one reads what changed
-        assert vdd.kind == "incremental" and "refined by raksha-job-r1~fine (4 KiB" in vdd.tracking
+        vdd = disk(r2, "vdd")  # libvirt's 64 KiB bitmap would read 16 x; the run's own 4 KiB one reads what changed
+        assert vdd.kind == "incremental" and "checkpoint raksha-job-r1 dirty bitmap (4 KiB granularity)" in vdd.tracking
         assert written_q["r2"] <= vdd.bytes_read <= 1.1 * written_q["r2"] + (64 << 10)
 
         restart(vm)  # QEMU restarted: the raw disk's bitmap is gone, the checkpoint's is in the qcow2
         r3 = run("r3", "r2", extents=10)
         assert disk(r3, "vdb").kind == "full" and "QEMU was restarted" in disk(r3, "vdb").tracking
         assert disk(r3, "vda").kind == "incremental"
-        vdd = disk(r3, "vdd")  # the fine bitmap is persistent too: it survived the restart in the image
-        assert vdd.kind == "incremental" and "refined by raksha-job-r2~fine" in vdd.tracking
+        vdd = disk(r3, "vdd")  # the checkpoint's bitmap is persistent: it survived the restart in the image
+        assert vdd.kind == "incremental" and "checkpoint raksha-job-r2 dirty bitmap (4 KiB" in vdd.tracking
         assert written_q["r3"] <= vdd.bytes_read <= 1.1 * written_q["r3"] + (64 << 10)
         r4 = run("r4", "r3", extents=10)
         assert disk(r4, "vdb").kind == "incremental" and disk(r4, "vda").kind == "incremental"
@@ -198,7 +198,7 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
 
         # A crash left the checkpoint's bitmap flagged in-use: QEMU loads it as inconsistent.
         vm.dom.destroy()
-        assert sorted(image_bitmaps(vda)) == sorted(image_bitmaps(vdc)) == ["raksha-job-r6", "raksha-job-r6~fine"]
+        assert sorted(image_bitmaps(vda)) == sorted(image_bitmaps(vdc)) == ["raksha-job-r6"]
         leave_in_use(vda)
         vm.dom.create()
         vm.wait_for_agent()
@@ -244,7 +244,7 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
         assert not image_in_use(str(raw.path)) and not image_in_use(str(plain.path))
         # No stale or inconsistent bitmap left behind.
         for image in (vda, vdc, plain.path):
-            assert sorted(image_bitmaps(image)) == ["raksha-job-r9", "raksha-job-r9~fine"], image
+            assert sorted(image_bitmaps(image)) == ["raksha-job-r9"], image
 
         # Undefine keeps working with checkpoints (a plain undefine is refused).
         with pytest.raises(libvirt.libvirtError, match="checkpoint"):
@@ -332,10 +332,10 @@ def test_guest_destroyed_mid_run_fails_alone_and_the_next_run_is_right(conn: lib
 
 def test_the_checkpoint_made_beside_the_reads_marks_the_writes_made_before_it(
         conn: libvirt.virConnect, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run's libvirt checkpoint is made after its point in time, while the disks are read. The guest writes
-    in between; then the run's fine bitmap is lost, so the next run reads what the checkpoint's own bitmap
-    marks: the writes in between are in it (the fine bitmap was merged into it), and that point restores
-    exactly what the guest held."""
+    """A run's libvirt checkpoint is made after its point in time, while the disks are read, over the 4 KiB
+    bitmap the run added before the point (ADR 0028). The guest writes in between: the next run, incremental
+    from that checkpoint, reads them, and each point restores exactly what the guest held. A bitmap that is
+    gone by then has libvirt refuse the checkpoint: the backup is good, warns, and the next run reads whole."""
     from raksha.hypervisor import pull
 
     vault = new_vault(tmp_path)
@@ -360,33 +360,30 @@ def test_the_checkpoint_made_beside_the_reads_marks_the_writes_made_before_it(
         assert r2.error is None and r2.warnings == [] and disk(r2, "vda").kind == "incremental"
         assert gap["bytes"] == 6 * 4 * BLOCK
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r2"]
+        (node,) = [dev["inserted"] for dev in qmp(vm.dom, "query-block") if dev.get("inserted")]
+        # One bitmap per disk: the checkpoint's is the run's own, at 4 KiB.
+        assert [(b["name"], b["granularity"]) for b in node["dirty-bitmaps"]] == [("raksha-job-r2", 4096)]
 
-        (node,) = [dev["inserted"]["node-name"] for dev in qmp(vm.dom, "query-block") if dev.get("inserted")]
-        qmp(vm.dom, "block-dirty-bitmap-remove", node=node, name="raksha-job-r2~fine")
         (r3,) = backup_domains(conn, [vm.name], vault, "job", "r3", parent_run="r2").vms
         plain.mark("r3")
         assert r3.error is None and disk(r3, "vda").kind == "incremental"
-        assert "no usable ~fine bitmap" in disk(r3, "vda").tracking
+        assert "checkpoint raksha-job-r2 dirty bitmap (4 KiB granularity)" in disk(r3, "vda").tracking
+        assert gap["bytes"] <= disk(r3, "vda").bytes_read <= 1.1 * gap["bytes"] + (64 << 10)
 
-        # QEMU refuses the merge: the checkpoint, short of the writes in between, is deleted; the backup is good
-        # and warns that the next run reads whole, which it does.
-        real_qmp = pull.qmp
-
-        def no_merge(dom: libvirt.virDomain, command: str, **arguments: object) -> object:
-            actions = arguments.get("actions") or []
-            if any(a["type"] == "block-dirty-bitmap-merge" for a in actions):
-                raise QmpError("merge refused by the test")
-            return real_qmp(dom, command, **arguments)
+        # The run's bitmap is gone before its checkpoint is made: libvirt checks the image and refuses it.
+        def bitmap_lost(p: pull.DomainPoint) -> None:
+            qmp(vm.dom, "block-dirty-bitmap-remove", node=node["node-name"], name=p.checkpoint)
+            made_after(p)
 
         plain.write(vm, "vda", 3, 4)
-        monkeypatch.setattr(pull, "qmp", no_merge)
+        monkeypatch.setattr(pull, "_make_checkpoint_after", bitmap_lost)
         (r4,) = backup_domains(conn, [vm.name], vault, "job", "r4", parent_run="r3").vms
-        monkeypatch.setattr(pull, "qmp", real_qmp)
+        monkeypatch.setattr(pull, "_make_checkpoint_after", made_after)
         plain.mark("r4")
         assert r4.error is None and disk(r4, "vda").kind == "incremental"
-        assert r4.warnings == [f"{vm.name}: checkpoint raksha-job-r4's bitmaps could not be given the writes since "
-                               "the point in time (merge refused by the test); it was deleted: the next run reads "
-                               "its qcow2 disks whole"]
+        (warning,) = r4.warnings
+        assert warning.startswith(f"{vm.name}: checkpoint raksha-job-r4 could not be made: ")
+        assert warning.endswith("the next run reads its qcow2 disks whole") and "raksha-job-r4" in warning
         assert vm.dom.listAllCheckpoints() == []
         (r5,) = backup_domains(conn, [vm.name], vault, "job", "r5", parent_run="r4").vms
         plain.mark("r5")

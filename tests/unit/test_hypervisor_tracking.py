@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -155,9 +156,10 @@ def test_scratch_images_after_the_first_are_qemu_img_s_bytes_without_qemu_img(
     subprocess.run(["qemu-img", "check", "-q", str(made)], check=True)
 
 
-def test_the_checkpoint_waits_for_the_reads_only_where_every_qcow2_disk_has_its_fine_bitmap(tmp_path: Path) -> None:
-    """ADR 0025: made beside the reads, a checkpoint gets the writes in between from the run's ~fine bitmaps;
-    a qcow2 disk without one needs its checkpoint before the window. A domain of raw disks makes none."""
+def test_the_checkpoint_waits_for_the_reads_only_where_every_qcow2_disk_has_the_runs_bitmap(tmp_path: Path) -> None:
+    """ADR 0025/0028: made beside the reads, a checkpoint is libvirt taking the run's own bitmaps, added before
+    the point in time; a qcow2 disk without one needs libvirt's checkpoint before the window. A domain of raw
+    disks makes none."""
     def disk(target: str, fmt: str) -> DiskInfo:
         return DiskInfo(target=target, path=f"/images/{target}.{fmt}", source_type="file", format=fmt, bus="virtio",
                         device="disk")
@@ -167,9 +169,28 @@ def test_the_checkpoint_waits_for_the_reads_only_where_every_qcow2_disk_has_its_
     point.plan(vdb).added = True  # a raw disk's own bitmap: no checkpoint tracks it
     assert not pull._checkpoint_after(point)
     point.plan(vda).added = True
-    assert not pull._checkpoint_after(point)  # vdc's ~fine is missing
+    assert not pull._checkpoint_after(point)  # vdc's is missing
     point.plan(vdc).added = True
     assert pull._checkpoint_after(point)
     raw_only = DomainPoint(_Named("vm"), [vdb], str(tmp_path / "nbd.sock"), "c1", None)
     raw_only.plan(vdb).added = True
     assert not pull._checkpoint_after(raw_only) and pull._checkpoint_xml("c1", raw_only) is None
+
+
+def test_a_checkpoint_made_beside_the_reads_names_the_runs_bitmaps_and_its_parent_if_there(tmp_path: Path) -> None:
+    """The redefinition libvirt is asked for (ADR 0028): each qcow2 disk's bitmap is the one the run added,
+    named as the run; raw and excluded disks are not in it; the parent only when the domain has it."""
+    def disk(target: str, fmt: str) -> DiskInfo:
+        return DiskInfo(target=target, path=f"/images/{target}.{fmt}", source_type="file", format=fmt, bus="virtio",
+                        device="disk")
+
+    point = DomainPoint(_Named("vm"), [disk("vda", "qcow2"), disk("vdb", "raw")], str(tmp_path / "nbd.sock"),
+                        "run2", None, excluded=[disk("vdc", "qcow2")], parent="run1")
+    point.checkpoints = {"run1"}
+    root = ET.fromstring(pull._redefine_xml(point))
+    assert root.findtext("name") == "run2" and root.findtext("parent/name") == "run1"
+    assert int(root.findtext("creationTime") or 0) > 0
+    assert {d.get("name"): (d.get("checkpoint"), d.get("bitmap")) for d in root.iter("disk")} == {
+        "vda": ("bitmap", "run2"), "vdb": ("no", None), "vdc": ("no", None)}
+    point.checkpoints = set()  # the parent's checkpoint is gone: the run's has none
+    assert ET.fromstring(pull._redefine_xml(point)).find("parent") is None

@@ -8,9 +8,9 @@ freeze window. Every pull job is ended (abortJob) whatever happens, and no guest
 
 How each disk's changes are found (docs/design/changed-block-tracking.md):
 
-- qcow2 disks: libvirt checkpoints (persistent dirty bitmaps in the image), refined by a persistent
-  4 KiB QEMU bitmap of Raksha's beside each checkpoint's (the checkpoint's granularity is the 64 KiB
-  cluster); the checkpoint decides whether the disk is incremental, the fine bitmap what is read.
+- qcow2 disks: libvirt checkpoints (persistent dirty bitmaps in the image). Raksha adds each run's
+  bitmap itself, at 4 KiB (libvirt's would have the 64 KiB cluster's granularity), before the point in
+  time, and has libvirt take it as the checkpoint's (a redefinition) while the disks are read (ADR 0028).
 - raw files and block devices, where libvirt refuses checkpoints: a
   non-persistent QEMU dirty bitmap per run, managed over QMP. The bitmap of run
   N is added before run N's ``backupBegin`` (the point in time); run N+1 copies
@@ -93,7 +93,9 @@ UNTRACKED = "none"  # no tracking could be set up: read in full every time
 
 BITMAP_GRANULARITY = 4096  # bytes per bit: reads equal the guest's 4 KiB writes
 MAX_BITMAP_BYTES = 32 << 20  # per bitmap; the granularity doubles past 1 TiB to stay under it
-FINE_SUFFIX = "~fine"  # a qcow2 disk's persistent 4 KiB bitmap beside checkpoint <name>'s own
+# Raksha before ADR 0028 kept a 4 KiB bitmap "<checkpoint>~fine" beside each checkpoint's own: an image may
+# still hold one. It is no base any more; it goes with its checkpoint (a restore in place still uses it).
+LEGACY_FINE_SUFFIX = "~fine"
 
 
 def bitmap_granularity(size: int) -> int:
@@ -154,17 +156,13 @@ class DiskPlan:
     method: str
     incremental: bool = False
     note: str = "full read"  # the "tracking" hint: how the disk was read, and why
-    node: str | None = None  # QEMU node holding a raw disk's bitmaps
+    node: str | None = None  # QEMU node holding the disk's bitmaps
     size: int = 0
     granularity: int = BITMAP_GRANULARITY
-    added: bool = False  # this run's bitmap was added to ``node``
-    extents: Sequence[Extent] | None = None  # the changed extents read from the parent's bitmap (raw or fine)
-    fine_parent: bool = False  # qcow2: the parent checkpoint's fine bitmap is usable; read its extents
+    added: bool = False  # this run's bitmap (named as the run) was added to ``node``
+    extents: Sequence[Extent] | None = None  # a raw disk's changed extents, read from the parent's bitmap
     chain: list[dict[str, str]] | None = None  # the image and its backing files as QEMU has them open
-
-    def own_bitmap(self, checkpoint: str) -> str:
-        """The QEMU bitmap Raksha itself adds for a run: the run's name on raw disks, ``<name>~fine`` on qcow2."""
-        return checkpoint + FINE_SUFFIX if self.method == CHECKPOINT else checkpoint
+    legacy: list[str] = field(default_factory=list)  # the parent's and retired runs' ``~fine`` bitmaps here
 
 
 @dataclass
@@ -381,14 +379,10 @@ def _plan_disks(p: DomainPoint) -> None:
                              "(marked in-use: QEMU stopped without saving it)")
             else:
                 plan.incremental = True
-                plan.note = f"checkpoint {parent} dirty bitmap"
-                fine = bitmaps.get(parent + FINE_SUFFIX)
-                if fine is not None and recording(fine):
-                    plan.fine_parent = True
-                    plan.granularity = int(fine.get("granularity", plan.granularity))
-                    plan.note += f", refined by {parent}{FINE_SUFFIX} ({plan.granularity // 1024} KiB granularity)"
-                else:
-                    plan.note += f" ({_checkpoint_granularity(bitmaps.get(parent))}; no usable {FINE_SUFFIX} bitmap)"
+                plan.note = f"checkpoint {parent} dirty bitmap ({_checkpoint_granularity(bitmaps.get(parent))})"
+            olds = {parent, *p.retire} - {None}
+            plan.legacy = sorted(name for name in bitmaps
+                                 if name.endswith(LEGACY_FINE_SUFFIX) and name[:-len(LEGACY_FINE_SUFFIX)] in olds)
             continue
         if node is None:
             why = qmp_error or "QEMU reports no block node for it"
@@ -425,29 +419,32 @@ def _drop_leftovers(p: DomainPoint, plan: DiskPlan, bitmaps: dict[str, dict[str,
     """Only with no backup job on the domain: the bitmaps of a killed run (its ``~read`` copies) and this
     run's own bitmap if the run is being retried."""
     for name, info in bitmaps.items():
-        if (name == plan.own_bitmap(p.checkpoint) or (name.startswith("raksha-") and name.endswith(READ_SUFFIX))) \
+        if ((name == p.checkpoint != p.parent) or (name.startswith("raksha-") and name.endswith(READ_SUFFIX))) \
                 and not info.get("busy"):
             try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
 
 
 def _add_bitmaps(p: DomainPoint) -> None:
-    """This run's own bitmaps, added before ``backupBegin`` so no write after the point is missed: on every
-    raw disk the run's (not persistent), on every qcow2 disk ``<run>~fine`` (persistent, in the image)."""
+    """This run's bitmaps, named as the run, added before ``backupBegin`` so no write after the point is
+    missed: not persistent on raw disks; persistent (in the image) on qcow2 disks, where they become the
+    run's checkpoint's (``_make_checkpoint_after``). All of a kind in one transaction: all or none."""
     raw = [plan for d in p.disks if (plan := p.plans[d.target]).method == QEMU_BITMAP]
-    fine = [plan for d in p.disks if (plan := p.plans[d.target]).method == CHECKPOINT and plan.node is not None]
-    for plans, persistent in ((raw, False), (fine, True)):
+    qcow2 = [p.plans[d.target] for d in p.disks if p.plans[d.target].method == CHECKPOINT]
+    if any(plan.node is None for plan in qcow2):
+        qcow2 = []  # libvirt makes the checkpoint's bitmaps, on every disk, under the run's name: none of Raksha's
+    for plans, persistent in ((raw, False), (qcow2, True)):
         if not plans:
             continue
         actions = [{"type": "block-dirty-bitmap-add",
-                    "data": {"node": plan.node, "name": plan.own_bitmap(p.checkpoint),
+                    "data": {"node": plan.node, "name": p.checkpoint,
                              "granularity": plan.granularity, "persistent": persistent}} for plan in plans]
         try:
             qmp(p.domain, "transaction", actions=actions)
         except QmpError as exc:
             for plan in plans:
-                if persistent:  # the checkpoint still tracks the disk, at its own granularity
-                    plan.note += f" (the next run reads at the checkpoint's granularity: adding {FINE_SUFFIX} " \
-                                 f"bitmap failed: {exc})"
+                if persistent:  # libvirt makes the checkpoint's bitmaps, at its own granularity
+                    plan.note += f" (libvirt makes this run's bitmap, at the 64 KiB cluster's granularity: adding " \
+                                 f"Raksha's failed: {exc})"
                 else:
                     plan.method, plan.incremental = UNTRACKED, False
                     plan.note = f"full read: no changed-block tracking (adding QEMU dirty bitmap failed: {exc})"
@@ -458,25 +455,21 @@ def _add_bitmaps(p: DomainPoint) -> None:
 
 def _read_parent_bitmaps(p: DomainPoint) -> None:
     """After ``backupBegin``: copy each raw disk's parent bitmap, export the copy on the job's NBD server, read it.
+    (A qcow2 disk's comes with its export: libvirt's job copies the parent checkpoint's.)
 
     The parent bitmap itself keeps recording, so a run that fails later leaves a correct base.
     """
     for disk in p.disks:
         plan = p.plans[disk.target]
-        wanted = plan.method == QEMU_BITMAP or (plan.method == CHECKPOINT and plan.fine_parent)
-        if not wanted or not plan.incremental or p.parent is None or plan.node is None:
+        if plan.method != QEMU_BITMAP or not plan.incremental or p.parent is None or plan.node is None:
             continue
-        parent = plan.own_bitmap(p.parent)
         try:
-            plan.extents = read_bitmap(p.domain, p.socket, plan.node, parent, f"raksha-bitmap-{disk.target}",
+            plan.extents = read_bitmap(p.domain, p.socket, plan.node, p.parent, f"raksha-bitmap-{disk.target}",
                                        granularity=plan.granularity, release=p.later)
         except (QmpError, RakshaError) as exc:
             plan.extents = None
-            if plan.method == CHECKPOINT:  # the checkpoint's own bitmap still says what changed
-                plan.note = f"checkpoint {p.parent} dirty bitmap (reading {parent} failed: {exc})"
-            else:
-                plan.incremental = False
-                plan.note = f"full read: reading QEMU dirty bitmap {parent} failed: {exc}"
+            plan.incremental = False
+            plan.note = f"full read: reading QEMU dirty bitmap {p.parent} failed: {exc}"
 
 
 def _settle(p: DomainPoint, ok: bool) -> list[str]:
@@ -490,11 +483,11 @@ def _settle(p: DomainPoint, ok: bool) -> list[str]:
         plan = p.plans.get(disk.target)
         if plan is None or plan.node is None:
             continue
-        if ok:
-            for old in olds:
-                removed &= try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(old))
-        elif plan.added:
-            try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=plan.own_bitmap(p.checkpoint))
+        if ok:  # a qcow2 disk's go with their checkpoints, below
+            for name in plan.legacy if plan.method == CHECKPOINT else olds:
+                removed &= try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
+        elif plan.added and not (plan.method == CHECKPOINT and p.checkpoint_made):
+            try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
     # libvirt checkpoints: deleting one merges its bitmap into its parent checkpoint's, so either way is safe.
     for old in olds if ok else []:
         if _delete_checkpoint(p.domain, old, metadata_fallback=True):
@@ -526,7 +519,7 @@ def _leftovers(p: DomainPoint, olds: list[str]) -> list[str]:
         node = nodes.get(disk.target)
         if plan is None or node is None:
             continue
-        stale = sorted(set(node_bitmaps(node)) & {n for old in olds for n in (old, plan.own_bitmap(old))})
+        stale = sorted(set(node_bitmaps(node)) & {*olds, *plan.legacy})
         if stale:
             busy = [b for b in stale if node_bitmaps(node)[b].get("busy")]
             out.append(f"{name}:{disk.target}: dirty bitmap(s) {', '.join(stale)} could not be removed"
@@ -714,36 +707,39 @@ def _make_checkpoint(p: DomainPoint) -> None:
 
 def _checkpoint_after(p: DomainPoint) -> bool:
     """Whether this run's checkpoint can be made after the window, beside the transfer: every disk it tracks
-    has the run's fine bitmap, recording since before the point in time, to give it the writes in between."""
+    has the run's bitmap, added before the point in time, for libvirt to take as the checkpoint's."""
     plans = [p.plan(d) for d in p.disks if tracked(d)]
     return bool(plans) and all(plan.added for plan in plans)
 
 
+def _redefine_xml(p: DomainPoint) -> str:
+    """This run's checkpoint over the bitmaps the run added (``_add_bitmaps``), named as it; after the
+    parent's checkpoint when the domain has it (``virsh checkpoint-list --tree``)."""
+    parent = f"<parent><name>{p.parent}</name></parent>" if p.parent and p.has_checkpoint(p.parent) else ""
+    disk_xml = "".join(f"<disk name='{d.target}' checkpoint='bitmap' bitmap='{p.checkpoint}'/>" if tracked(d)
+                       else f"<disk name='{d.target}' checkpoint='no'/>" for d in p.disks)
+    disk_xml += "".join(f"<disk name='{d.target}' checkpoint='no'/>" for d in p.excluded)
+    return (f"<domaincheckpoint><name>{p.checkpoint}</name>{parent}<creationTime>{int(time.time())}</creationTime>"
+            f"<disks>{disk_xml}</disks></domaincheckpoint>")
+
+
 def _make_checkpoint_after(p: DomainPoint) -> None:
-    """This run's checkpoint, made while the disks are read (``_checkpoint_after``): libvirt checks its XML
-    against the schema, takes the domain's job and writes its metadata (~20 ms) outside the run's critical
-    path. Its bitmaps start recording after the point in time; the run's fine bitmaps, merged into them,
-    bring the writes since before it, so each marks at least what changed since the point. A checkpoint
-    that cannot take them is deleted (its parent's bitmaps get its bits): the next run reads whole."""
-    _make_checkpoint(p)
-    if not p.checkpoint_made:
-        return
-    plans = [plan for d in p.disks if (plan := p.plan(d)).method == CHECKPOINT]
-    actions = [{"type": "block-dirty-bitmap-merge",
-                "data": {"node": plan.node, "target": p.checkpoint, "bitmaps": [plan.own_bitmap(p.checkpoint)]}}
-               for plan in plans]
+    """This run's checkpoint, made while the disks are read (``_checkpoint_after``, ADR 0028): libvirt takes
+    the run's bitmaps as its own (a redefinition, checked against the images). Its schema check of the XML
+    and its metadata (~20 ms) are then outside the run's critical path, and each disk keeps one bitmap, at
+    4 KiB, which has marked every write since before the point in time. A checkpoint libvirt refuses takes
+    the run's bitmaps with it: the next run reads whole."""
     try:
-        qmp(p.domain, "transaction", actions=actions)
-    except (QmpError, libvirt.libvirtError) as exc:
-        if _delete_checkpoint(p.domain, p.checkpoint, metadata_fallback=True):  # only forgotten: drop its bitmaps
-            for plan in plans:
+        p.domain.checkpointCreateXML(_redefine_xml(p), libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+                                     | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE)
+    except libvirt.libvirtError as exc:
+        for plan in (p.plan(d) for d in p.disks if tracked(d)):
+            if plan.node is not None:  # no checkpoint has them: they would only cost the guest's writes
                 try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
-        p.checkpoint_made = _has_checkpoint(p.domain, p.checkpoint)
-        p.checkpoint_refused = (
-            f"checkpoint {p.checkpoint}'s bitmaps could not be given the writes since the point in time ({exc}); "
-            + ("it was deleted: the next run reads its qcow2 disks whole" if not p.checkpoint_made else
-               "nor could it be deleted: the next run reads what the run's ~fine bitmaps mark, and only they are "
-               f"right (virsh checkpoint-delete {p.domain.name()} {p.checkpoint})"))
+        p.checkpoint_refused = (f"checkpoint {p.checkpoint} could not be made: {exc.get_error_message() or exc}; "
+                                "the next run reads its qcow2 disks whole")
+        return
+    p.checkpoint_made = True
 
 
 def _begin_job(p: DomainPoint, scratch: str) -> None:
@@ -792,8 +788,8 @@ def _clear_attempt(p: DomainPoint) -> None:
 
 def _prepare(points: list[DomainPoint]) -> list[DomainPoint]:
     """Plan each domain's disks and add this run's bitmaps; the domains that could be prepared. A domain
-    whose checkpoint cannot wait for the window to pass (a tracked disk without its fine bitmap) has it
-    made now, so that its bitmaps record from before the point in time."""
+    whose checkpoint cannot wait for the window to pass (a tracked disk without the run's bitmap) has it
+    made now, so that libvirt's bitmaps record from before the point in time."""
     for p in points:
         try:
             _clear_attempt(p)

@@ -1,9 +1,9 @@
 """Restore a disk in place by writing only the chunks that differ from the backup point (a quick rollback).
 
 A qcow2 disk backed up with libvirt checkpoints keeps, in its image, a persistent dirty bitmap per
-checkpoint (and Raksha's finer ``~fine`` one beside it). With the domain shut off, the disk holds what
-the backup taken with checkpoint C (point K) held, except where C's bitmap is set. To bring it to point
-R, only two sets of chunks need writing:
+checkpoint (4 KiB, ADR 0028; beside a checkpoint an older Raksha made, a 4 KiB ``~fine`` one, used when
+present). With the domain shut off, the disk holds what the backup taken with checkpoint C (point K)
+held, except where C's bitmap is set. To bring it to point R, only two sets of chunks need writing:
 
 - those the bitmap touches (written since K, by the guest or by an earlier restore), and
 - those whose content differs between R and K (their manifests compared chunk by chunk: ids and layers).
@@ -39,7 +39,7 @@ from typing import Any
 import libvirt
 
 from raksha.domain.errors import NotFound, RakshaError
-from raksha.hypervisor.pull import FINE_SUFFIX, domain_dir, make_workdir, qemu_owner
+from raksha.hypervisor.pull import LEGACY_FINE_SUFFIX, domain_dir, make_workdir, qemu_owner
 from raksha.hypervisor.qemu_blocks import READ_SUFFIX, QmpError, node_bitmaps, qmp, read_bitmap, recording, top_nodes
 from raksha.vault.engine.changes import Ranges, chunks_to_roll_back
 from raksha.vault.format.manifest import Manifest
@@ -114,7 +114,7 @@ def plan_rollback(vault: Vault, dom: libvirt.virDomain, job: str, disk: BackupId
     bitmaps = image_bitmaps(path)
     why = []
     for checkpoint, run in checkpoints:
-        bitmap = next((b for b in (checkpoint + FINE_SUFFIX, checkpoint) if _usable(bitmaps.get(b))), None)
+        bitmap = next((b for b in (checkpoint + LEGACY_FINE_SUFFIX, checkpoint) if _usable(bitmaps.get(b))), None)
         if bitmap is None:
             why.append(f"{checkpoint}: no enabled, consistent bitmap in {path}")
             continue
