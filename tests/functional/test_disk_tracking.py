@@ -26,9 +26,10 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is installed by 
 
 from libvirt_guests import GuestDomain, build_guest, make_data_disk  # noqa: E402
 
+from raksha.hypervisor import pull  # noqa: E402
 from raksha.hypervisor.group_backup import GroupResult, VmResult, backup_domains  # noqa: E402
 from raksha.hypervisor.lifecycle import undefine_domain  # noqa: E402
-from raksha.hypervisor.qemu_blocks import qmp  # noqa: E402
+from raksha.hypervisor.qemu_blocks import node_bitmaps, qmp, top_nodes  # noqa: E402
 from raksha.vault.backends.local import LocalBackend  # noqa: E402
 from raksha.vault.engine.progress import ProgressEvent  # noqa: E402
 from raksha.vault.engine.restore import restore_backup  # noqa: E402
@@ -220,18 +221,26 @@ def test_raw_disk_incrementals_and_every_lost_base_downgrading_to_full(conn: lib
             raise libvirt.libvirtError("checkpoint refused by the test")
 
         monkeypatch.setattr(libvirt.virDomain, "checkpointCreateXML", refused)
+        # ...and vda's bitmap of the run, which no checkpoint owns now, cannot be removed either.
+        vda_node = top_nodes(vm.dom)["vda"]["node-name"]
+        real_try = pull.try_qmp
+        monkeypatch.setattr(pull, "try_qmp", lambda dom, command, **kw: False if kw.get("name") == "raksha-job-r8b"
+                            and kw.get("node") == vda_node else real_try(dom, command, **kw))
         r8b = run("r8b", "r8", extents=5)
         monkeypatch.setattr(libvirt.virDomain, "checkpointCreateXML", made)
+        monkeypatch.setattr(pull, "try_qmp", real_try)
         assert {d.kind for d in r8b.disks} == {"incremental"}
         assert r8b.error is None and r8b.warnings == [
             f"{vm.name}: checkpoint raksha-job-r8b could not be made: checkpoint refused by the test; "
             "the next run reads its qcow2 disks whole"]
         assert disk(r8b, "vdb").kind == "incremental" and vm.dom.listAllCheckpoints() == []
+        assert "raksha-job-r8b" in node_bitmaps(top_nodes(vm.dom)["vda"])  # a stray, costing vda's writes
         r8c = run("r8c", "r8b", extents=5)
         assert {d.target: d.kind for d in r8c.disks} == {"vda": "full", "vdb": "incremental",
                                                          "vdc": "full", "vdd": "full"}
         assert "checkpoint raksha-job-r8b missing" in disk(r8c, "vda").tracking
         assert [c.getName() for c in vm.dom.listAllCheckpoints()] == ["raksha-job-r8c"]
+        assert set(node_bitmaps(top_nodes(vm.dom)["vda"])) == {"raksha-job-r8c"}  # the good run removed it
 
         # A full run starts a new chain: once it succeeded, the old chain's checkpoint and bitmaps are gone.
         r9 = run("r9", None, extents=5, retire=("r8c",))
@@ -336,8 +345,6 @@ def test_the_checkpoint_made_beside_the_reads_marks_the_writes_made_before_it(
     bitmap the run added before the point (ADR 0028). The guest writes in between: the next run, incremental
     from that checkpoint, reads them, and each point restores exactly what the guest held. A bitmap that is
     gone by then has libvirt refuse the checkpoint: the backup is good, warns, and the next run reads whole."""
-    from raksha.hypervisor import pull
-
     vault = new_vault(tmp_path)
     plain = RawDisk(tmp_path / "vda.qcow2", seed=3, fmt="qcow2")
     made_after = pull._make_checkpoint_after

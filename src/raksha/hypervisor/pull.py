@@ -162,7 +162,9 @@ class DiskPlan:
     added: bool = False  # this run's bitmap (named as the run) was added to ``node``
     extents: Sequence[Extent] | None = None  # a raw disk's changed extents, read from the parent's bitmap
     chain: list[dict[str, str]] | None = None  # the image and its backing files as QEMU has them open
-    legacy: list[str] = field(default_factory=list)  # the parent's and retired runs' ``~fine`` bitmaps here
+    # Bitmaps of the parent's and retired runs that deleting their checkpoints would leave: an older Raksha's
+    # ``~fine``, and one whose checkpoint was never made (libvirt refused it). Removed after a good run.
+    strays: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -381,8 +383,9 @@ def _plan_disks(p: DomainPoint) -> None:
                 plan.incremental = True
                 plan.note = f"checkpoint {parent} dirty bitmap ({_checkpoint_granularity(bitmaps.get(parent))})"
             olds = {parent, *p.retire} - {None}
-            plan.legacy = sorted(name for name in bitmaps
-                                 if name.endswith(LEGACY_FINE_SUFFIX) and name[:-len(LEGACY_FINE_SUFFIX)] in olds)
+            plan.strays = sorted(name for name in bitmaps if name.startswith("raksha-") and (
+                (name.endswith(LEGACY_FINE_SUFFIX) and name[:-len(LEGACY_FINE_SUFFIX)] in olds)
+                or (name in olds and not p.has_checkpoint(name))))
             continue
         if node is None:
             why = qmp_error or "QEMU reports no block node for it"
@@ -484,7 +487,7 @@ def _settle(p: DomainPoint, ok: bool) -> list[str]:
         if plan is None or plan.node is None:
             continue
         if ok:  # a qcow2 disk's go with their checkpoints, below
-            for name in plan.legacy if plan.method == CHECKPOINT else olds:
+            for name in plan.strays if plan.method == CHECKPOINT else olds:
                 removed &= try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=name)
         elif plan.added and not (plan.method == CHECKPOINT and p.checkpoint_made):
             try_qmp(p.domain, "block-dirty-bitmap-remove", node=plan.node, name=p.checkpoint)
@@ -519,7 +522,7 @@ def _leftovers(p: DomainPoint, olds: list[str]) -> list[str]:
         node = nodes.get(disk.target)
         if plan is None or node is None:
             continue
-        stale = sorted(set(node_bitmaps(node)) & {*olds, *plan.legacy})
+        stale = sorted(set(node_bitmaps(node)) & {*olds, *plan.strays})
         if stale:
             busy = [b for b in stale if node_bitmaps(node)[b].get("busy")]
             out.append(f"{name}:{disk.target}: dirty bitmap(s) {', '.join(stale)} could not be removed"
