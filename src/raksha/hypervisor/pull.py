@@ -314,9 +314,17 @@ def _checkpoint_xml(name: str, p: DomainPoint) -> str | None:
     domain schema) and its metadata, made now and deleted by the next run."""
     if not any(tracked(d) for d in p.disks):
         return None
-    disk_xml = "".join(f"<disk name='{d.target}' checkpoint='{'bitmap' if tracked(d) else 'no'}'/>"
-                       for d in p.disks) + "".join(f"<disk name='{d.target}' checkpoint='no'/>" for d in p.excluded)
+    disk_xml = _checkpoint_disks(p)
     return f"<domaincheckpoint><name>{name}</name><disks>{disk_xml}</disks></domaincheckpoint>"
+
+
+def _checkpoint_disks(p: DomainPoint, bitmap: str = "") -> str:
+    """A checkpoint's ``<disks>`` content: the qcow2 disks tracked (by ``bitmap`` if named, else by a bitmap
+    libvirt makes under the checkpoint's name), raw and excluded disks not."""
+    named = f" bitmap='{bitmap}'" if bitmap else ""
+    return "".join(f"<disk name='{d.target}' checkpoint='bitmap'{named}/>" if tracked(d)
+                   else f"<disk name='{d.target}' checkpoint='no'/>" for d in p.disks) \
+        + "".join(f"<disk name='{d.target}' checkpoint='no'/>" for d in p.excluded)
 
 
 def _has_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
@@ -719,11 +727,8 @@ def _redefine_xml(p: DomainPoint) -> str:
     """This run's checkpoint over the bitmaps the run added (``_add_bitmaps``), named as it; after the
     parent's checkpoint when the domain has it (``virsh checkpoint-list --tree``)."""
     parent = f"<parent><name>{p.parent}</name></parent>" if p.parent and p.has_checkpoint(p.parent) else ""
-    disk_xml = "".join(f"<disk name='{d.target}' checkpoint='bitmap' bitmap='{p.checkpoint}'/>" if tracked(d)
-                       else f"<disk name='{d.target}' checkpoint='no'/>" for d in p.disks)
-    disk_xml += "".join(f"<disk name='{d.target}' checkpoint='no'/>" for d in p.excluded)
     return (f"<domaincheckpoint><name>{p.checkpoint}</name>{parent}<creationTime>{int(time.time())}</creationTime>"
-            f"<disks>{disk_xml}</disks></domaincheckpoint>")
+            f"<disks>{_checkpoint_disks(p, p.checkpoint)}</disks></domaincheckpoint>")
 
 
 def _make_checkpoint_after(p: DomainPoint) -> None:
